@@ -1,0 +1,14 @@
+"""glmserve: inference engine and OpenAI-compatible server for GLM-4.5 models."""
+
+from glmserve.types import SamplingParams
+
+__all__ = ["LLM", "SamplingParams"]
+
+
+def __getattr__(name: str):
+    # Imported on first use, so `import glmserve.types` stays free of torch.
+    if name == "LLM":
+        from glmserve.llm import LLM
+
+        return LLM
+    raise AttributeError(name)

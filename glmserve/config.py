@@ -1,0 +1,183 @@
+"""Frozen configs: the model's (parsed from a checkpoint's config.json) and the engine's (from flags).
+
+Validation lives here, once; everything downstream trusts these objects.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SUPPORTED_ARCHITECTURES = ("Glm4MoeForCausalLM",)
+
+
+class ConfigError(ValueError):
+    """A checkpoint or flag value that cannot work; the message says which and why."""
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path} not found: a model directory needs a config.json") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rope_theta: float
+    partial_rotary_factor: float
+    max_position_embeddings: int
+    attention_bias: bool
+    use_qk_norm: bool
+    rms_norm_eps: float
+    first_k_dense_replace: int
+    moe_intermediate_size: int
+    n_routed_experts: int
+    num_experts_per_tok: int
+    n_shared_experts: int
+    routed_scaling_factor: float
+    n_group: int
+    topk_group: int
+    norm_topk_prob: bool
+    num_nextn_predict_layers: int
+    tie_word_embeddings: bool
+    checkpoint_dtype: str  # "bfloat16", "float32", ... as the checkpoint declares it
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+    quantization: dict | None = field(default=None, hash=False, compare=False)
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        return layer_idx >= self.first_k_dense_replace
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "ModelConfig":
+        archs = raw.get("architectures") or []
+        arch = archs[0] if archs else None
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ConfigError(
+                f"unsupported architecture {arch!r}: glmserve serves {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        # transformers 5 nests RoPE settings in rope_parameters; 4.54 (the released checkpoints) keeps them top-level.
+        rope = raw.get("rope_parameters") or {}
+        if (rope.get("rope_type") or "default") != "default" or raw.get("rope_scaling"):
+            raise ConfigError("rope scaling is not supported for Glm4Moe (the released configs have none)")
+        heads = raw["num_attention_heads"]
+        eos = raw.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+        cfg = cls(
+            architecture=arch,
+            vocab_size=raw["vocab_size"],
+            hidden_size=raw["hidden_size"],
+            intermediate_size=raw["intermediate_size"],
+            num_hidden_layers=raw["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=raw.get("num_key_value_heads", heads),
+            head_dim=raw.get("head_dim") or raw["hidden_size"] // heads,
+            rope_theta=float(rope.get("rope_theta", raw.get("rope_theta", 10000.0))),
+            partial_rotary_factor=float(rope.get("partial_rotary_factor", raw.get("partial_rotary_factor", 0.5))),
+            max_position_embeddings=raw.get("max_position_embeddings", 131072),
+            attention_bias=bool(raw.get("attention_bias", False)),
+            use_qk_norm=bool(raw.get("use_qk_norm", False)),
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
+            first_k_dense_replace=raw.get("first_k_dense_replace", 1),
+            moe_intermediate_size=raw["moe_intermediate_size"],
+            n_routed_experts=raw["n_routed_experts"],
+            num_experts_per_tok=raw["num_experts_per_tok"],
+            n_shared_experts=raw.get("n_shared_experts", 1),
+            routed_scaling_factor=float(raw.get("routed_scaling_factor", 1.0)),
+            n_group=raw.get("n_group", 1),
+            topk_group=raw.get("topk_group", 1),
+            norm_topk_prob=bool(raw.get("norm_topk_prob", True)),
+            num_nextn_predict_layers=raw.get("num_nextn_predict_layers", 0),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            checkpoint_dtype=str(raw.get("dtype") or raw.get("torch_dtype") or "bfloat16"),
+            eos_token_ids=eos_ids,
+            pad_token_id=raw.get("pad_token_id"),
+            quantization=raw.get("quantization_config"),
+        )
+        cfg._validate()
+        return cfg
+
+    def _validate(self) -> None:
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError("num_attention_heads must be a multiple of num_key_value_heads")
+        if self.n_routed_experts % self.n_group or not 1 <= self.topk_group <= self.n_group:
+            raise ConfigError("n_routed_experts must split into n_group groups and 1 <= topk_group <= n_group")
+        if self.num_experts_per_tok > self.n_routed_experts:
+            raise ConfigError("num_experts_per_tok exceeds n_routed_experts")
+        if self.rotary_dim % 2:
+            raise ConfigError("head_dim * partial_rotary_factor must be even")
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path) -> "ModelConfig":
+        return cls.from_dict(_read_json(Path(model_dir) / "config.json"))
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationDefaults:
+    """generation_config.json: EOS ids and the checkpoint's default sampling values."""
+
+    eos_token_ids: tuple[int, ...] = ()
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path) -> "GenerationDefaults":
+        path = Path(model_dir) / "generation_config.json"
+        if not path.exists():
+            return cls()
+        raw = _read_json(path)
+        eos = raw.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+        return cls(eos_ids, raw.get("temperature"), raw.get("top_p"), raw.get("top_k"))
+
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """Engine flags, named as vLLM names them."""
+
+    model: str
+    dtype: str = "auto"  # auto: float32 on CPU (no native bf16 here), the checkpoint's dtype on CUDA
+    device: str = "auto"
+    max_model_len: int | None = None
+    block_size: int = 16
+    kv_cache_memory_gb: float = 1.0  # KV pool budget on CPU
+    gpu_memory_utilization: float = 0.9
+    num_kv_blocks: int | None = None  # overrides the memory budget (tests)
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    long_prefill_token_threshold: int = 0
+    enable_prefix_caching: bool = True
+    seed: int = 0
+    tensor_parallel_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ConfigError(f"--block-size must be a power of two, got {self.block_size}")
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
+            raise ConfigError("--max-num-seqs and --max-num-batched-tokens must be positive")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ConfigError("--num-kv-blocks must be positive")
+        if self.tensor_parallel_size < 1:
+            raise ConfigError("--tensor-parallel-size must be positive")

@@ -1,0 +1,70 @@
+"""LLMEngine: requests in, token ids out, one `step()` at a time. Speaks token ids only."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from glmserve.config import ConfigError, EngineConfig, GenerationDefaults, ModelConfig
+from glmserve.engine.kv_cache import KVCacheManager
+from glmserve.engine.model_runner import ModelRunner
+from glmserve.engine.scheduler import Scheduler
+from glmserve.types import ParamError, Request, RequestOutput, SamplingParams
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, progress: bool = True):
+        self.config = config
+        self.model_config = ModelConfig.from_pretrained(config.model)
+        self.generation_defaults = GenerationDefaults.from_pretrained(config.model)
+        self.eos_token_ids = frozenset(self.generation_defaults.eos_token_ids or self.model_config.eos_token_ids)
+        positions = self.model_config.max_position_embeddings
+        if config.max_model_len is not None and config.max_model_len > positions:
+            raise ConfigError(f"--max-model-len {config.max_model_len} exceeds the model's "
+                              f"max_position_embeddings ({positions})")
+        self.runner = ModelRunner(self.model_config, config, progress=progress)
+        self.kv_cache = KVCacheManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        # One sequence must always fit in the pool, or preemption could never make room for it.
+        capacity = self.kv_cache.capacity_tokens
+        if config.max_model_len is not None and config.max_model_len > capacity:
+            raise ConfigError(f"--max-model-len {config.max_model_len} does not fit in the KV cache "
+                              f"({capacity} tokens): raise the KV cache budget or lower --max-model-len")
+        self.max_model_len = config.max_model_len or min(positions, capacity)
+        self.scheduler = Scheduler(self.kv_cache, max_num_seqs=config.max_num_seqs,
+                                   max_num_batched_tokens=config.max_num_batched_tokens,
+                                   long_prefill_token_threshold=config.long_prefill_token_threshold)
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
+        """Queue a request; invalid input raises ParamError before it reaches the scheduler."""
+        vocab = self.model_config.vocab_size
+        if not prompt_token_ids:
+            raise ParamError("The prompt must contain at least one token.", "prompt")
+        if any(t < 0 or t >= vocab for t in prompt_token_ids):
+            raise ParamError(f"Prompt token ids must be in [0, {vocab}).", "prompt")
+        if any(t >= vocab for t in params.stop_token_ids):
+            raise ParamError(f"stop_token_ids must be in [0, {vocab}).", "stop_token_ids")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise ParamError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, your request has "
+                f"{len(prompt_token_ids)} input tokens, which leaves no room for output.", "prompt")
+        request = Request(request_id, list(prompt_token_ids), params, eos_token_ids=self.eos_token_ids,
+                          max_model_len=self.max_model_len)
+        self.scheduler.add_request(request)
+        return request
+
+    def abort(self, request_ids: Iterable[str]) -> None:
+        for request in self.scheduler.abort_requests(list(request_ids)):
+            self.runner.release(request.request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def step(self) -> list[RequestOutput]:
+        scheduler_output = self.scheduler.schedule()
+        if scheduler_output.is_empty:
+            return []
+        step_output = self.runner.execute(scheduler_output)
+        outputs = self.scheduler.update_from_output(scheduler_output, step_output)
+        for out in outputs:
+            if out.finished:
+                self.runner.release(out.request_id)
+        return outputs

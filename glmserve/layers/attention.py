@@ -1,0 +1,70 @@
+"""Paged attention: the torch reference backend (CPU, and CUDA without a fused kernel).
+
+New keys/values are written into flat slot-indexed caches [num_slots, kv_heads, head_dim]; each sequence's keys
+are then gathered through its slot table and all sequences attend in one padded SDPA call. Prefill, chunked
+prefill and decode share the path: a sequence is just (start position, number of new query tokens).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] cache slot of each new token
+    query_index: torch.Tensor  # [B, Q] flat index of each padded query row (0 where padding)
+    query_unpad: torch.Tensor  # [T] position of each real query in the flattened [B*Q] padded rows
+    kv_slots: torch.Tensor  # [B, K] cache slot of each key position (0 where padding)
+    mask: torch.Tensor  # [B, 1, Q, K] True where a query may attend a key
+
+    @classmethod
+    def build(cls, starts: list[int], query_lens: list[int], block_tables: list[list[int]], block_size: int,
+              device: torch.device) -> "AttentionMetadata":
+        """starts[b]: tokens of sequence b already cached; query_lens[b]: new tokens this step."""
+        batch = len(starts)
+        max_q = max(query_lens)
+        kv_lens = [s + q for s, q in zip(starts, query_lens)]
+        max_kv = max(kv_lens)
+        max_blocks = -(-max_kv // block_size)
+        tables = torch.tensor([t[:max_blocks] + [0] * (max_blocks - len(t[:max_blocks])) for t in block_tables],
+                              dtype=torch.long)
+        offsets = torch.arange(max_kv)
+        kv_slots = tables[:, offsets // block_size] * block_size + offsets % block_size  # [B, K]
+
+        starts_t = torch.tensor(starts, dtype=torch.long)
+        qlens_t = torch.tensor(query_lens, dtype=torch.long)
+        cu_q = torch.cumsum(qlens_t, 0) - qlens_t
+        q_offsets = torch.arange(max_q)
+        q_valid = q_offsets[None, :] < qlens_t[:, None]  # [B, Q]
+        query_index = torch.where(q_valid, cu_q[:, None] + q_offsets[None, :], 0)
+        query_unpad = torch.nonzero(q_valid.flatten()).squeeze(1)
+
+        q_pos = starts_t[:, None] + q_offsets[None, :]  # absolute position of each query row
+        q_pos = torch.where(q_valid, q_pos, 0)  # padding rows see key 0 only (no all-masked NaN rows)
+        mask = offsets[None, None, :] <= q_pos[:, :, None]  # causal; also excludes keys past kv_len
+        slot_mapping = torch.cat([kv_slots[b, starts[b] : kv_lens[b]] for b in range(batch)])
+        return cls(
+            slot_mapping=slot_mapping.to(device),
+            query_index=query_index.to(device),
+            query_unpad=query_unpad.to(device),
+            kv_slots=kv_slots.to(device),
+            mask=mask.unsqueeze(1).to(device),
+        )
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                    v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """q: [T, H, D]; k, v: [T, Hk, D]; caches: [num_slots, Hk, D]. Returns [T, H, D]."""
+    k_cache[meta.slot_mapping] = k
+    v_cache[meta.slot_mapping] = v
+    queries = q[meta.query_index].transpose(1, 2)  # [B, H, Q, D]
+    keys = k_cache[meta.kv_slots].transpose(1, 2)  # [B, Hk, K, D]
+    values = v_cache[meta.kv_slots].transpose(1, 2)
+    out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=meta.mask, scale=scale,
+                                         enable_gqa=True)
+    batch, heads, max_q, dim = out.shape
+    return out.transpose(1, 2).reshape(batch * max_q, heads, dim)[meta.query_unpad]

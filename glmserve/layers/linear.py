@@ -1,0 +1,104 @@
+"""Linear layers that own their weight loading, nano-vllm style.
+
+Each parameter carries a `weight_loader(param, loaded, shard_id=None)` that copies this rank's slice of a
+checkpoint tensor into place, so the loader never guesses sharding from names.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from glmserve.distributed import ParallelContext
+
+
+def _copy_checked(param: nn.Parameter, target: torch.Tensor, loaded: torch.Tensor) -> None:
+    if target.shape != loaded.shape:
+        raise ValueError(f"shape mismatch: expected {tuple(target.shape)}, checkpoint has {tuple(loaded.shape)}")
+    target.copy_(loaded)
+
+
+class LinearBase(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool, parallel: ParallelContext):
+        super().__init__()
+        self.parallel = parallel
+        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False)
+            self.bias.weight_loader = self.weight_loader
+        else:
+            self.register_parameter("bias", None)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        _copy_checked(param, param.data, loaded)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class ReplicatedLinear(LinearBase):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__(in_features, out_features, bias, ParallelContext())
+
+
+class ColumnParallelLinear(LinearBase):
+    """Output features split across TP ranks; the output stays sharded."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, parallel: ParallelContext):
+        super().__init__(in_features, parallel.shard(out_features, "output features"), bias, parallel)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        size = param.shape[0]
+        _copy_checked(param, param.data, loaded.narrow(0, self.parallel.tp_rank * size, size))
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel projections stacked on the output dim (gate_proj + up_proj)."""
+
+    def __init__(self, in_features: int, out_sizes: list[int], bias: bool, parallel: ParallelContext):
+        self.out_sizes = [parallel.shard(s, "output features") for s in out_sizes]
+        super().__init__(in_features, sum(out_sizes), bias, parallel)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int = 0) -> None:
+        size = self.out_sizes[shard_id]
+        target = param.data.narrow(0, sum(self.out_sizes[:shard_id]), size)
+        _copy_checked(param, target, loaded.narrow(0, self.parallel.tp_rank * size, size))
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """q, k and v projections in one matmul; heads split across TP ranks (KV heads replicated if fewer)."""
+
+    def __init__(self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool,
+                 parallel: ParallelContext):
+        self.num_heads = parallel.shard(num_heads, "attention heads")
+        self.num_kv_heads = max(1, num_kv_heads // parallel.tp_size)
+        self.kv_replicas = max(1, parallel.tp_size // num_kv_heads)
+        self.head_dim = head_dim
+        out = (self.num_heads + 2 * self.num_kv_heads) * head_dim
+        LinearBase.__init__(self, hidden, out, bias, parallel)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str = "q") -> None:
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        offset, size, rank = {"q": (0, q, self.parallel.tp_rank),
+                              "k": (q, kv, self.parallel.tp_rank // self.kv_replicas),
+                              "v": (q + kv, kv, self.parallel.tp_rank // self.kv_replicas)}[shard_id]
+        _copy_checked(param, param.data.narrow(0, offset, size), loaded.narrow(0, rank * size, size))
+
+
+class RowParallelLinear(LinearBase):
+    """Input features split across TP ranks; partial outputs are summed with an all-reduce."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, parallel: ParallelContext):
+        super().__init__(parallel.shard(in_features, "input features"), out_features, bias, parallel)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        if param.dim() == 1:  # bias: added once, on rank 0
+            _copy_checked(param, param.data, loaded if self.parallel.tp_rank == 0 else torch.zeros_like(loaded))
+            return
+        size = param.shape[1]
+        _copy_checked(param, param.data, loaded.narrow(1, self.parallel.tp_rank * size, size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.parallel.all_reduce(F.linear(x, self.weight, self.bias))

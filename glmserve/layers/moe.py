@@ -1,0 +1,94 @@
+"""Mixture-of-experts: the GLM-4.5 router (DeepSeek-V3 noaux_tc) and the routed experts.
+
+Tokens are grouped by expert and each active expert runs one matmul pair over its tokens: the cost follows
+active experts, never a Python loop over tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from glmserve.distributed import ParallelContext
+
+
+class TopkRouter(nn.Module):
+    """Sigmoid scores in fp32; the correction bias only chooses experts, the unbiased scores weight them."""
+
+    def __init__(self, hidden: int, num_experts: int, top_k: int, n_group: int, topk_group: int,
+                 norm_topk_prob: bool, routed_scaling_factor: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden, dtype=torch.float32), requires_grad=False)
+        self.e_score_correction_bias = nn.Parameter(torch.zeros(num_experts, dtype=torch.float32),
+                                                    requires_grad=False)
+        self.top_k, self.n_group, self.topk_group = top_k, n_group, topk_group
+        self.norm_topk_prob, self.routed_scaling_factor = norm_topk_prob, routed_scaling_factor
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [T, H] → (weights [T, k] fp32, expert ids [T, k])."""
+        scores = F.linear(x.float(), self.weight).sigmoid()
+        choice = scores + self.e_score_correction_bias
+        if self.topk_group < self.n_group:
+            grouped = choice.view(x.shape[0], self.n_group, -1)
+            group_scores = grouped.topk(2, dim=-1).values.sum(-1)
+            keep = torch.zeros_like(group_scores, dtype=torch.bool)
+            keep.scatter_(1, group_scores.topk(self.topk_group, dim=-1).indices, True)
+            choice = grouped.masked_fill(~keep[..., None], float("-inf")).view_as(choice)
+        ids = choice.topk(self.top_k, dim=-1).indices
+        weights = scores.gather(1, ids)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return weights * self.routed_scaling_factor, ids
+
+
+class FusedExperts(nn.Module):
+    """All routed experts' weights stacked: w13 [E, 2*I, H] (gate then up), w2 [E, H, I].
+
+    Under tensor parallelism each rank holds a slice of every expert's intermediate dimension.
+    """
+
+    def __init__(self, num_experts: int, hidden: int, intermediate: int, parallel: ParallelContext):
+        super().__init__()
+        self.parallel = parallel
+        self.num_experts = num_experts
+        self.intermediate = parallel.shard(intermediate, "moe_intermediate_size")
+        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * self.intermediate, hidden), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, self.intermediate), requires_grad=False)
+        self.w13.weight_loader = self.weight_loader
+        self.w2.weight_loader = self.weight_loader
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: tuple[int, str]) -> None:
+        """shard_id = (expert, "gate" | "up" | "down")."""
+        expert, which = shard_id
+        size, rank = self.intermediate, self.parallel.tp_rank
+        if which == "down":
+            target, source = param.data[expert], loaded.narrow(1, rank * size, size)
+        else:
+            offset = 0 if which == "gate" else size
+            target, source = param.data[expert].narrow(0, offset, size), loaded.narrow(0, rank * size, size)
+        if target.shape != source.shape:
+            raise ValueError(f"shape mismatch: expected {tuple(target.shape)}, checkpoint has {tuple(loaded.shape)}")
+        target.copy_(source)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        top_k = ids.shape[1]
+        flat_ids = ids.flatten()
+        order = flat_ids.argsort(stable=True)
+        counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()  # one host sync per layer
+        token_of = order // top_k
+        grouped_x = x[token_of]
+        grouped_out = torch.empty_like(grouped_x)
+        start = 0
+        for expert, count in enumerate(counts):
+            if count == 0:
+                continue
+            end = start + count
+            gate_up = F.linear(grouped_x[start:end], self.w13[expert])
+            gate, up = gate_up.chunk(2, dim=-1)
+            grouped_out[start:end] = F.linear(F.silu(gate) * up, self.w2[expert])
+            start = end
+        grouped_out *= weights.flatten()[order, None].to(x.dtype)
+        out = torch.zeros_like(x)
+        out.index_add_(0, token_of, grouped_out)
+        return self.parallel.all_reduce(out)

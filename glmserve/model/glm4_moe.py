@@ -1,0 +1,177 @@
+"""Glm4MoeForCausalLM (GLM-4.5, GLM-4.5-Air), written with Hugging Face attribute names.
+
+Module paths mirror the checkpoint's tensor names (model.layers.{i}.self_attn.o_proj, ...) so the loader's
+mapping is short: only q/k/v → qkv_proj, gate/up → gate_up_proj and per-expert tensors → stacked experts differ.
+Inputs are flat: all tokens of all sequences in one [T] vector, with their positions.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from glmserve.config import ModelConfig
+from glmserve.distributed import ParallelContext
+from glmserve.layers.attention import AttentionMetadata, paged_attention
+from glmserve.layers.linear import (
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    ReplicatedLinear,
+    RowParallelLinear,
+)
+from glmserve.layers.moe import FusedExperts, TopkRouter
+from glmserve.layers.norm import RMSNorm
+from glmserve.layers.rotary import PartialRotaryEmbedding
+
+
+class Glm4MoeAttention(nn.Module):
+    def __init__(self, config: ModelConfig, parallel: ParallelContext, rotary: PartialRotaryEmbedding):
+        super().__init__()
+        self.head_dim = config.head_dim
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, config.head_dim, config.num_attention_heads,
+                                          config.num_key_value_heads, config.attention_bias, parallel)
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
+        self.o_proj = RowParallelLinear(config.num_attention_heads * config.head_dim, config.hidden_size,
+                                        bias=False, parallel=parallel)
+        self.use_qk_norm = config.use_qk_norm
+        if self.use_qk_norm:
+            self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+        self.rotary = rotary
+        self.scale = config.head_dim**-0.5
+        # Flat slot-indexed caches [num_slots, kv_heads, head_dim], assigned by the model runner.
+        self.k_cache = torch.empty(0)
+        self.v_cache = torch.empty(0)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.use_qk_norm:  # per head, after the bias and before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
+        out = paged_attention(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
+        return self.o_proj(out.reshape(out.shape[0], -1))
+
+
+class Glm4MoeMLP(nn.Module):
+    """Dense SwiGLU (also the shared expert)."""
+
+    def __init__(self, hidden: int, intermediate: int, parallel: ParallelContext):
+        super().__init__()
+        self.gate_up_proj = MergedColumnParallelLinear(hidden, [intermediate] * 2, bias=False, parallel=parallel)
+        self.down_proj = RowParallelLinear(intermediate, hidden, bias=False, parallel=parallel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class Glm4MoeMoE(nn.Module):
+    def __init__(self, config: ModelConfig, parallel: ParallelContext):
+        super().__init__()
+        self.gate = TopkRouter(config.hidden_size, config.n_routed_experts, config.num_experts_per_tok,
+                               config.n_group, config.topk_group, config.norm_topk_prob,
+                               config.routed_scaling_factor)
+        self.experts = FusedExperts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size,
+                                    parallel)
+        self.shared_experts = Glm4MoeMLP(config.hidden_size,
+                                         config.moe_intermediate_size * config.n_shared_experts, parallel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = self.gate(x)
+        return self.experts(x, weights, ids) + self.shared_experts(x)
+
+
+class Glm4MoeDecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int, parallel: ParallelContext,
+                 rotary: PartialRotaryEmbedding):
+        super().__init__()
+        self.self_attn = Glm4MoeAttention(config, parallel, rotary)
+        self.mlp = (Glm4MoeMoE(config, parallel) if config.is_moe_layer(layer_idx)
+                    else Glm4MoeMLP(config.hidden_size, config.intermediate_size, parallel))
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        h = x + self.self_attn(positions, self.input_layernorm(x), meta)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Glm4MoeMTPLayer(Glm4MoeDecoderLayer):
+    """The multi-token-prediction layer stored as model.layers.{num_hidden_layers}: a full MoE decoder layer
+    fed by eh_proj([enorm(embed(next token)), hnorm(target hidden)]), with its own head.
+
+    Its weights are loaded with the model; the speculative-decoding path that drives it builds on this.
+    """
+
+    def __init__(self, config: ModelConfig, parallel: ParallelContext, rotary: PartialRotaryEmbedding):
+        super().__init__(config, config.num_hidden_layers, parallel, rotary)
+        hidden = config.hidden_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, hidden)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.enorm = RMSNorm(hidden, config.rms_norm_eps)
+        self.hnorm = RMSNorm(hidden, config.rms_norm_eps)
+        self.eh_proj = ReplicatedLinear(2 * hidden, hidden)
+        self.shared_head = nn.Module()
+        self.shared_head.norm = RMSNorm(hidden, config.rms_norm_eps)
+        self.shared_head.head = ReplicatedLinear(hidden, config.vocab_size)
+
+    def forward(self, positions: torch.Tensor, token_ids: torch.Tensor, hidden: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        x = self.eh_proj(torch.cat([self.enorm(self.embed_tokens(token_ids)), self.hnorm(hidden)], dim=-1))
+        return super().forward(positions, x, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.shared_head.head(self.shared_head.norm(hidden))
+
+
+class Glm4MoeModel(nn.Module):
+    def __init__(self, config: ModelConfig, parallel: ParallelContext):
+        super().__init__()
+        self.rotary = PartialRotaryEmbedding(config.head_dim, config.rotary_dim, config.max_position_embeddings,
+                                             config.rope_theta)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens.weight.requires_grad_(False)
+        layers: list[nn.Module] = [Glm4MoeDecoderLayer(config, i, parallel, self.rotary)
+                                   for i in range(config.num_hidden_layers)]
+        if config.num_nextn_predict_layers > 0:
+            layers.append(Glm4MoeMTPLayer(config, parallel, self.rotary))
+        self.layers = nn.ModuleList(layers)
+        self.num_hidden_layers = config.num_hidden_layers
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Returns the last decoder layer's hidden states, before the final norm (what the MTP layer reads)."""
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers[: self.num_hidden_layers]:
+            x = layer(positions, x, meta)
+        return x
+
+
+class Glm4MoeForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig, parallel: ParallelContext | None = None):
+        super().__init__()
+        parallel = parallel or ParallelContext()
+        self.config = config
+        self.model = Glm4MoeModel(config, parallel)
+        self.lm_head = ReplicatedLinear(config.hidden_size, config.vocab_size)
+
+    @property
+    def mtp_layer(self) -> Glm4MoeMTPLayer | None:
+        layers = self.model.layers
+        return layers[-1] if len(layers) > self.config.num_hidden_layers else None
+
+    @property
+    def attention_layers(self) -> list[Glm4MoeAttention]:
+        """The main decoder layers' attention (the MTP layer's cache is set up by the speculative path)."""
+        return [layer.self_attn for layer in self.model.layers[: self.config.num_hidden_layers]]
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        return self.model(input_ids, positions, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.model.norm(hidden))

@@ -1,0 +1,127 @@
+"""The checkpoint's tokenizer (`tokenizer.json` + `tokenizer_config.json`) and an incremental detokenizer.
+
+Two ways to encode, because rendered chat templates and raw user text need opposite treatment of added tokens:
+
+* `encode(text)` matches added tokens (`<|user|>`, `[gMASK]`, `<think>`, ...) and maps them to their ids. Use it
+  for a rendered chat template, which writes the control tokens as text. (transformers' `apply_chat_template` does
+  the same, so user text inside a rendered template can still spell a control token, as it can there.)
+* `encode_plain(text)` never produces an added token's id: `<|user|>` typed by a user is encoded as the ordinary
+  text `<`, `|`, `user`, ... Use it for text that must not inject control tokens (e.g. a completion prompt given
+  as text with control tokens disallowed). The `tokenizers` switch `encode_special_tokens` is not enough here: it
+  only splits *special* added tokens and would still turn `<think>` or `<tool_call>` (non-special in GLM-4.5)
+  into their ids. So this uses a copy of the tokenizer without its added tokens, which is what transformers'
+  `_encode_without_added_tokens` computes, without its Python loop over pre-tokenized words.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import tokenizers
+
+# tokenizer_config.json keys that transformers exposes to chat templates as `special_tokens_map`.
+_SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+def _token_content(value) -> str | None:
+    # tokenizer_config.json stores a token either as its string or as a serialized AddedToken dict.
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _select_chat_template(value) -> str | None:
+    # A list of {"name", "template"} is transformers' multi-template form; serving renders the "default" one.
+    if isinstance(value, list):
+        templates = {item.get("name"): item.get("template") for item in value if isinstance(item, dict)}
+        return templates.get("default")
+    return value if isinstance(value, str) else None
+
+
+class Tokenizer:
+    """A checkpoint directory's tokenizer. Ids beyond `vocab_size` (embedding padding rows) decode to nothing."""
+
+    def __init__(self, directory: str | os.PathLike):
+        directory = Path(directory)
+        with open(directory / "tokenizer.json", encoding="utf-8") as f:
+            tokenizer_json = f.read()
+        self._tokenizer = tokenizers.Tokenizer.from_str(tokenizer_json)
+        without_added = json.loads(tokenizer_json)
+        without_added["added_tokens"] = []
+        self._plain = tokenizers.Tokenizer.from_str(json.dumps(without_added))
+
+        config_path = directory / "tokenizer_config.json"
+        config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.exists() else {}
+        template_path = directory / "chat_template.jinja"  # newer checkpoints store it beside the config
+        if template_path.exists():
+            self.chat_template: str | None = template_path.read_text(encoding="utf-8")
+        else:
+            self.chat_template = _select_chat_template(config.get("chat_template"))
+
+        self.special_tokens_map: dict[str, str] = {
+            key: content for key in _SPECIAL_TOKEN_KEYS if (content := _token_content(config.get(key))) is not None
+        }
+        added = self._tokenizer.get_added_tokens_decoder()
+        self.special_token_ids: frozenset[int] = frozenset(i for i, token in added.items() if token.special)
+        self.added_token_ids: frozenset[int] = frozenset(added)
+        eos = self.special_tokens_map.get("eos_token")
+        self.eos_token_id: int | None = self.token_to_id(eos) if eos is not None else None
+        self.vocab_size: int = self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Encode with added tokens matched (for rendered chat templates). `add_special_tokens` runs the
+        post-processor; GLM templates already write `[gMASK]<sop>`, hence the default False."""
+        return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_plain(self, text: str) -> list[int]:
+        """Encode as ordinary text: the strings of added tokens are split like any other text."""
+        return self._plain.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tokenizer.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._tokenizer.id_to_token(token_id)
+
+
+class IncrementalDetokenizer:
+    """Turns a stream of output ids into text deltas (the prefix/read offsets of HF TGI and vLLM).
+
+    `decode(ids[prefix_offset:])` minus `decode(ids[prefix_offset:read_offset])` is the new text; it is held back
+    while it ends in U+FFFD, i.e. while a multi-byte UTF-8 character is split over tokens still to come. Byte-level
+    BPE needs no left context from the prompt (no SentencePiece leading-space rule), so the output is decoded on
+    its own: the pushes plus `flush()` concatenate to exactly `decode(all output ids)`.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, *, skip_special_tokens: bool = True):
+        self._tokenizer = tokenizer
+        self._skip_special_tokens = skip_special_tokens
+        self.token_ids: list[int] = []
+        self._prefix_offset = 0  # start of the window decoded for context
+        self._read_offset = 0  # end of the text already returned
+
+    def _decode(self, start: int, end: int | None = None) -> str:
+        return self._tokenizer.decode(self.token_ids[start:end], skip_special_tokens=self._skip_special_tokens)
+
+    def push(self, new_token_ids: Sequence[int]) -> str:
+        """Append output ids; return the text they complete (possibly "")."""
+        self.token_ids.extend(new_token_ids)
+        prefix_text = self._decode(self._prefix_offset, self._read_offset)
+        new_text = self._decode(self._prefix_offset)
+        if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
+            return ""
+        self._prefix_offset, self._read_offset = self._read_offset, len(self.token_ids)
+        return new_text[len(prefix_text) :]
+
+    def flush(self) -> str:
+        """Return the text still held back (a trailing incomplete character decodes as U+FFFD); call at the end."""
+        prefix_text = self._decode(self._prefix_offset, self._read_offset)
+        new_text = self._decode(self._prefix_offset)
+        self._prefix_offset = self._read_offset = len(self.token_ids)
+        return new_text[len(prefix_text) :]

@@ -1,0 +1,1 @@
+"""Helpers for tests and benchmarks: small random checkpoints in the real GLM-4.5 layout."""
