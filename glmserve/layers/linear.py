@@ -19,6 +19,13 @@ def _copy_checked(param: nn.Parameter, target: torch.Tensor, loaded: torch.Tenso
     target.copy_(loaded)
 
 
+def take_shard(loaded: torch.Tensor, dim: int, index: int, size: int, total: int) -> torch.Tensor:
+    """Slice `index` (of length `size`) along `dim`, after checking the checkpoint's full length there."""
+    if loaded.dim() <= dim or loaded.shape[dim] != total:
+        raise ValueError(f"shape mismatch: expected {total} along dim {dim}, checkpoint has {tuple(loaded.shape)}")
+    return loaded.narrow(dim, index * size, size)
+
+
 class LinearBase(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool, parallel: ParallelContext):
         super().__init__()
@@ -50,8 +57,8 @@ class ColumnParallelLinear(LinearBase):
         super().__init__(in_features, parallel.shard(out_features, "output features"), bias, parallel)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
-        size = param.shape[0]
-        _copy_checked(param, param.data, loaded.narrow(0, self.parallel.tp_rank * size, size))
+        size, tp = param.shape[0], self.parallel
+        _copy_checked(param, param.data, take_shard(loaded, 0, tp.tp_rank, size, size * tp.tp_size))
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -62,9 +69,9 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         super().__init__(in_features, sum(out_sizes), bias, parallel)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int = 0) -> None:
-        size = self.out_sizes[shard_id]
+        size, tp = self.out_sizes[shard_id], self.parallel
         target = param.data.narrow(0, sum(self.out_sizes[:shard_id]), size)
-        _copy_checked(param, target, loaded.narrow(0, self.parallel.tp_rank * size, size))
+        _copy_checked(param, target, take_shard(loaded, 0, tp.tp_rank, size, size * tp.tp_size))
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -73,6 +80,7 @@ class QKVParallelLinear(ColumnParallelLinear):
     def __init__(self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool,
                  parallel: ParallelContext):
         self.num_heads = parallel.shard(num_heads, "attention heads")
+        self.total_kv_heads = num_kv_heads
         self.num_kv_heads = max(1, num_kv_heads // parallel.tp_size)
         self.kv_replicas = max(1, parallel.tp_size // num_kv_heads)
         self.head_dim = head_dim
@@ -80,11 +88,12 @@ class QKVParallelLinear(ColumnParallelLinear):
         LinearBase.__init__(self, hidden, out, bias, parallel)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str = "q") -> None:
-        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        offset, size, rank = {"q": (0, q, self.parallel.tp_rank),
-                              "k": (q, kv, self.parallel.tp_rank // self.kv_replicas),
-                              "v": (q + kv, kv, self.parallel.tp_rank // self.kv_replicas)}[shard_id]
-        _copy_checked(param, param.data.narrow(0, offset, size), loaded.narrow(0, rank * size, size))
+        q, kv, tp = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.parallel
+        kv_rank = tp.tp_rank // self.kv_replicas
+        offset, size, rank, total = {"q": (0, q, tp.tp_rank, q * tp.tp_size),
+                                     "k": (q, kv, kv_rank, self.total_kv_heads * self.head_dim),
+                                     "v": (q + kv, kv, kv_rank, self.total_kv_heads * self.head_dim)}[shard_id]
+        _copy_checked(param, param.data.narrow(0, offset, size), take_shard(loaded, 0, rank, size, total))
 
 
 class RowParallelLinear(LinearBase):
@@ -97,8 +106,8 @@ class RowParallelLinear(LinearBase):
         if param.dim() == 1:  # bias: added once, on rank 0
             _copy_checked(param, param.data, loaded if self.parallel.tp_rank == 0 else torch.zeros_like(loaded))
             return
-        size = param.shape[1]
-        _copy_checked(param, param.data, loaded.narrow(1, self.parallel.tp_rank * size, size))
+        size, tp = param.shape[1], self.parallel
+        _copy_checked(param, param.data, take_shard(loaded, 1, tp.tp_rank, size, size * tp.tp_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.parallel.all_reduce(F.linear(x, self.weight, self.bias))

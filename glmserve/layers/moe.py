@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from glmserve.distributed import ParallelContext
+from glmserve.layers.linear import take_shard
 
 
 class TopkRouter(nn.Module):
@@ -61,12 +62,13 @@ class FusedExperts(nn.Module):
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: tuple[int, str]) -> None:
         """shard_id = (expert, "gate" | "up" | "down")."""
         expert, which = shard_id
-        size, rank = self.intermediate, self.parallel.tp_rank
+        size, tp = self.intermediate, self.parallel
         if which == "down":
-            target, source = param.data[expert], loaded.narrow(1, rank * size, size)
+            target, source = param.data[expert], take_shard(loaded, 1, tp.tp_rank, size, size * tp.tp_size)
         else:
             offset = 0 if which == "gate" else size
-            target, source = param.data[expert].narrow(0, offset, size), loaded.narrow(0, rank * size, size)
+            target = param.data[expert].narrow(0, offset, size)
+            source = take_shard(loaded, 0, tp.tp_rank, size, size * tp.tp_size)
         if target.shape != source.shape:
             raise ValueError(f"shape mismatch: expected {tuple(target.shape)}, checkpoint has {tuple(loaded.shape)}")
         target.copy_(source)

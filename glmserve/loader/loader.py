@@ -67,7 +67,7 @@ def load_model(model: nn.Module, model_dir: str | Path, num_hidden_layers: int, 
                 param.data.copy_(tensor)
             else:
                 loader(param, tensor, shard) if shard is not None else loader(param, tensor)
-        except ValueError as e:
+        except (ValueError, IndexError) as e:  # IndexError: an expert number beyond n_routed_experts
             raise LoaderError(f"tensor {name!r}: {e}") from None
         loaded.add((param_name, shard))
     bar.close()
