@@ -13,7 +13,7 @@ from torch import nn
 
 from glmserve.config import ModelConfig
 from glmserve.distributed import ParallelContext
-from glmserve.layers.attention import AttentionMetadata, paged_attention
+from glmserve.layers.attention import AttentionMetadata, DenseBatch, dense_causal_attention, paged_attention
 from glmserve.layers.linear import (
     MergedColumnParallelLinear,
     QKVParallelLinear,
@@ -44,7 +44,7 @@ class Glm4MoeAttention(nn.Module):
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata | DenseBatch) -> torch.Tensor:
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
@@ -53,7 +53,10 @@ class Glm4MoeAttention(nn.Module):
         if self.use_qk_norm:  # per head, after the bias and before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)
-        out = paged_attention(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
+        if isinstance(meta, DenseBatch):
+            out = dense_causal_attention(q, k, v, meta, self.scale)
+        else:
+            out = paged_attention(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
         return self.o_proj(out.reshape(out.shape[0], -1))
 
 
@@ -96,7 +99,7 @@ class Glm4MoeDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata | DenseBatch) -> torch.Tensor:
         h = x + self.self_attn(positions, self.input_layernorm(x), meta)
         return h + self.mlp(self.post_attention_layernorm(h))
 
@@ -121,7 +124,7 @@ class Glm4MoeMTPLayer(Glm4MoeDecoderLayer):
         self.shared_head.head = ReplicatedLinear(hidden, config.vocab_size)
 
     def forward(self, positions: torch.Tensor, token_ids: torch.Tensor, hidden: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
+                meta: AttentionMetadata | DenseBatch) -> torch.Tensor:
         x = self.eh_proj(torch.cat([self.enorm(self.embed_tokens(token_ids)), self.hnorm(hidden)], dim=-1))
         return super().forward(positions, x, meta)
 
@@ -144,7 +147,7 @@ class Glm4MoeModel(nn.Module):
         self.num_hidden_layers = config.num_hidden_layers
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata | DenseBatch) -> torch.Tensor:
         """Returns the last decoder layer's hidden states, before the final norm (what the MTP layer reads)."""
         x = self.embed_tokens(input_ids)
         for layer in self.layers[: self.num_hidden_layers]:
@@ -170,7 +173,7 @@ class Glm4MoeForCausalLM(nn.Module):
         """The main decoder layers' attention (the MTP layer's cache is set up by the speculative path)."""
         return [layer.self_attn for layer in self.model.layers[: self.config.num_hidden_layers]]
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata | DenseBatch) -> torch.Tensor:
         return self.model(input_ids, positions, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

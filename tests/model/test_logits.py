@@ -70,3 +70,21 @@ def test_grouped_routing_really_limits_groups(checkpoints):
     router.topk_group = router.n_group
     _, plain_ids = router(x)
     assert not torch.equal(grouped_ids.sort(-1).values, plain_ids.sort(-1).values)
+
+
+def test_dense_training_forward_matches_transformers_and_has_gradients(checkpoints, hf_model):
+    from glmserve.layers.attention import DenseBatch
+
+    runner = _runner(checkpoints("glm45"))
+    model = runner.model
+    ids = torch.randint(0, 1024, (2, 12), generator=torch.Generator().manual_seed(3))
+    positions = torch.arange(12).repeat(2)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    logits = model.compute_logits(model(ids.flatten(), positions, DenseBatch(2)))
+    with torch.inference_mode():
+        ref = hf_model("glm45")(ids).logits
+    assert (logits.detach().view(2, 12, -1) - ref).abs().max().item() <= 1e-4
+    logits.logsumexp(-1).mean().backward()
+    assert model.model.layers[4].mlp.experts.w13.grad.abs().sum() > 0
+    assert model.model.layers[0].self_attn.qkv_proj.weight.grad.abs().sum() > 0
