@@ -5,28 +5,34 @@ from torch import nn
 class PartialRotaryEmbedding(nn.Module):
     """NeoX-style (rotate_half) RoPE on the first `rotary_dim` dims of each head; the rest pass through.
 
-    The cos/sin table is computed once with the same fp32 arithmetic transformers uses per forward.
+    Tables are widened to the whole head so one rotation is `x * cos + x[..., partner] * signed_sin`: the
+    pass-through dims get cos 1 and sin 0, and rotate_half's sign is folded into the sin table. The angles are
+    computed once with the same fp32 arithmetic transformers uses per forward, so results are bit-identical.
     """
 
     def __init__(self, head_dim: int, rotary_dim: int, max_positions: int, theta: float):
         super().__init__()
-        self.head_dim = head_dim
-        self.rotary_dim = rotary_dim
+        half = rotary_dim // 2
         inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float) / rotary_dim))
         freqs = torch.arange(max_positions, dtype=torch.float)[:, None] * inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
-        self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
+        cos = torch.ones(max_positions, head_dim)
+        sin = torch.zeros(max_positions, head_dim)
+        cos[:, :rotary_dim] = emb.cos()
+        sin[:, :half] = -emb.sin()[:, :half]
+        sin[:, half:rotary_dim] = emb.sin()[:, half:]
+        partner = torch.arange(head_dim)
+        partner[:half] += half
+        partner[half:rotary_dim] -= half
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+        self.register_buffer("partner", partner, persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """q: [T, Hq, D], k: [T, Hk, D]; returns rotated copies."""
-        cos = self.cos[positions].unsqueeze(1).to(q.dtype)
-        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
-        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+    def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) rows for the positions of this step, shaped [T, 1, D] to broadcast over heads."""
+        return self.cos[positions, None].to(dtype), self.sin[positions, None].to(dtype)
 
-    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        r = self.rotary_dim
-        x_rot, x_pass = x[..., :r], x[..., r:]
-        x1, x2 = x_rot[..., : r // 2], x_rot[..., r // 2 :]
-        rotated = torch.cat((-x2, x1), dim=-1)
-        return torch.cat((x_rot * cos + rotated * sin, x_pass), dim=-1)
+    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """x: [T, heads, D] → rotated copy."""
+        cos, sin = rope
+        return x * cos + x[..., self.partner] * sin

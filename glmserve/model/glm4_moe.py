@@ -24,6 +24,8 @@ from glmserve.layers.moe import FusedExperts, TopkRouter
 from glmserve.layers.norm import RMSNorm
 from glmserve.layers.rotary import PartialRotaryEmbedding
 
+Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin) rows of this step's positions
+
 
 class Glm4MoeAttention(nn.Module):
     def __init__(self, config: ModelConfig, parallel: ParallelContext, rotary: PartialRotaryEmbedding):
@@ -44,15 +46,13 @@ class Glm4MoeAttention(nn.Module):
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata | DenseBatch) -> torch.Tensor:
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
+    def forward(self, rope: Rope, x: torch.Tensor, meta: AttentionMetadata | DenseBatch) -> torch.Tensor:
+        heads = self.num_heads + self.num_kv_heads
+        qkv = self.qkv_proj(x).view(x.shape[0], -1, self.head_dim)
+        qk, v = qkv[:, :heads], qkv[:, heads:]
         if self.use_qk_norm:  # per head, after the bias and before RoPE
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
+            qk = torch.cat([self.q_norm(qk[:, : self.num_heads]), self.k_norm(qk[:, self.num_heads :])], dim=1)
+        q, k = self.rotary(rope, qk).split([self.num_heads, self.num_kv_heads], dim=1)
         if isinstance(meta, DenseBatch):
             out = dense_causal_attention(q, k, v, meta, self.scale)
         else:
@@ -99,8 +99,8 @@ class Glm4MoeDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata | DenseBatch) -> torch.Tensor:
-        h = x + self.self_attn(positions, self.input_layernorm(x), meta)
+    def forward(self, rope: Rope, x: torch.Tensor, meta: AttentionMetadata | DenseBatch) -> torch.Tensor:
+        h = x + self.self_attn(rope, self.input_layernorm(x), meta)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -126,7 +126,7 @@ class Glm4MoeMTPLayer(Glm4MoeDecoderLayer):
     def forward(self, positions: torch.Tensor, token_ids: torch.Tensor, hidden: torch.Tensor,
                 meta: AttentionMetadata | DenseBatch) -> torch.Tensor:
         x = self.eh_proj(torch.cat([self.enorm(self.embed_tokens(token_ids)), self.hnorm(hidden)], dim=-1))
-        return super().forward(positions, x, meta)
+        return super().forward(self.self_attn.rotary.lookup(positions, x.dtype), x, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.shared_head.head(self.shared_head.norm(hidden))
@@ -150,8 +150,9 @@ class Glm4MoeModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata | DenseBatch) -> torch.Tensor:
         """Returns the last decoder layer's hidden states, before the final norm (what the MTP layer reads)."""
         x = self.embed_tokens(input_ids)
+        rope = self.rotary.lookup(positions, x.dtype)  # once per step, shared by every layer
         for layer in self.layers[: self.num_hidden_layers]:
-            x = layer(positions, x, meta)
+            x = layer(rope, x, meta)
         return x
 
 
