@@ -1,0 +1,246 @@
+"""`glmserve serve` (OpenAI-compatible server) and `glmserve generate` (one-shot generation).
+
+Flags carry both spellings where vLLM and SGLang differ, so the model card's commands work with `vllm serve` /
+`python3 -m sglang.launch_server` replaced by `glmserve serve`. A flag value that cannot work is refused before
+anything loads, with a message naming the flag and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import os
+import socket
+import sys
+from pathlib import Path
+
+logger = logging.getLogger("glmserve")
+
+# SGLang's and vLLM's speculative-decoding flags: accepted, refused until MTP speculative decoding lands.
+SPECULATIVE_FLAGS = ("--speculative-algorithm", "--speculative-num-steps", "--speculative-eagle-topk",
+                     "--speculative-num-draft-tokens", "--speculative-config")
+
+
+def default_model_path() -> str | None:
+    """The checkpoint served when MODEL is omitted; None until glmserve ships an embedded model."""
+    return None
+
+
+def _add_engine_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", help="checkpoint directory (config.json, safetensors, tokenizer)")
+    p.add_argument("--model-path", "--model", dest="model_path", help="the same, as SGLang and vLLM spell it")
+    p.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--max-model-len", "--context-length", dest="max_model_len", type=int,
+                   help="context length (prompt + output); default: what the model and the KV cache allow")
+    p.add_argument("--gpu-memory-utilization", "--mem-fraction-static", dest="gpu_memory_utilization", type=float,
+                   default=0.9, help="fraction of free GPU memory for the KV cache")
+    p.add_argument("--kv-cache-memory-gb", type=float, default=1.0, help="KV cache size on CPU, in GiB")
+    p.add_argument("--num-kv-blocks", type=int, help="KV cache size in blocks (overrides the memory budgets)")
+    p.add_argument("--block-size", "--page-size", dest="block_size", type=int, default=16)
+    p.add_argument("--max-num-seqs", "--max-running-requests", dest="max_num_seqs", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--disable-radix-cache", action="store_true", help="SGLang's spelling of --no-enable-prefix-caching")
+    p.add_argument("--seed", "--random-seed", dest="seed", type=int, default=0)
+    p.add_argument("--tensor-parallel-size", "--tp-size", "--tp", dest="tensor_parallel_size", type=int, default=1)
+    p.add_argument("--trust-remote-code", action="store_true", help="accepted; glmserve never runs checkpoint code")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="glmserve", description="Inference engine and OpenAI-compatible server "
+                                                                 "for GLM-4.5 models.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the OpenAI-compatible server", allow_abbrev=False)
+    _add_engine_flags(serve)
+    serve.add_argument("--host", default="0.0.0.0")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--served-model-name", nargs="+", help="model name(s) clients use; default: MODEL as given")
+    serve.add_argument("--api-key", default=os.environ.get("GLMSERVE_API_KEY"),
+                       help="require `Authorization: Bearer KEY` on /v1 (default: $GLMSERVE_API_KEY)")
+    serve.add_argument("--chat-template", help="a chat template file, or the template text itself")
+    serve.add_argument("--reasoning-parser", help="glm45: split <think> reasoning into reasoning_content")
+    serve.add_argument("--tool-call-parser", help="glm45: parse <tool_call> blocks into tool_calls")
+    serve.add_argument("--enable-auto-tool-choice", action="store_true",
+                       help="accepted for vLLM's command line; tool calling is on with --tool-call-parser")
+    serve.add_argument("--disable-shared-experts-fusion", action="store_true",
+                       help="accepted for SGLang's command line; glmserve has no fusion to disable")
+    serve.add_argument("--cpu-offload-gb", type=float, default=0.0)
+    serve.add_argument("--uvicorn-log-level", default="warning", help="uvicorn's own logging (info: access log)")
+    for flag in SPECULATIVE_FLAGS:
+        serve.add_argument(flag, help="not supported yet (speculative decoding with the MTP layer)")
+    # Test-only: a JSON script of outputs (glmserve.testing.scripted); hidden from --help.
+    serve.add_argument("--scripted-output-file", help=argparse.SUPPRESS)
+
+    generate = commands.add_parser("generate", help="generate text for one prompt and print it", allow_abbrev=False)
+    _add_engine_flags(generate)
+    generate.add_argument("--prompt", required=True, help="the prompt; '-' reads it from stdin")
+    generate.add_argument("--chat", action="store_true", help="send the prompt as a user message (chat template)")
+    generate.add_argument("--no-thinking", action="store_true", help="with --chat: thinking mode off")
+    generate.add_argument("--max-tokens", type=int, default=128)
+    generate.add_argument("--temperature", type=float, default=0.0)
+    return parser
+
+
+def _model_path(parser: argparse.ArgumentParser, args) -> str:
+    model = args.model_path or args.model or default_model_path()
+    if model is None:
+        parser.error("no model given: pass a checkpoint directory (glmserve serve PATH or --model-path PATH); "
+                     "an embedded default model is not shipped yet")
+    if not Path(model, "config.json").is_file():
+        parser.error(f"{model} is not a checkpoint directory (no config.json); glmserve loads local checkpoints, "
+                     f"e.g. downloaded with `huggingface-cli download zai-org/GLM-4.5-Air --local-dir DIR`")
+    from glmserve.config import ConfigError, ModelConfig
+
+    try:  # a bad config.json is a start-up error, not a failure after the server is up
+        ModelConfig.from_pretrained(model)
+    except ConfigError as e:
+        parser.error(f"{model}: {e}")
+    return model
+
+
+def _check_devices(parser: argparse.ArgumentParser, command: str, tp: int, device: str) -> None:
+    if tp == 1:
+        return
+    import torch
+
+    cuda = device != "cpu" and torch.cuda.is_available()
+    available = torch.cuda.device_count() if cuda else 1
+    if tp > available:
+        parser.error(f"--tensor-parallel-size {tp} needs {tp} devices, but {available} "
+                     f"{'CUDA device(s) are' if cuda else 'CPU process is'} available")
+    parser.error(f"--tensor-parallel-size {tp}: `glmserve {command}` runs a single process; tensor parallelism "
+                 f"across devices is not supported by it yet")
+
+
+def _engine_config(parser: argparse.ArgumentParser, args, model: str):
+    from glmserve.config import ConfigError, EngineConfig
+
+    _check_devices(parser, args.command, args.tensor_parallel_size, args.device)
+    try:
+        return EngineConfig(
+            model=model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+            block_size=args.block_size, kv_cache_memory_gb=args.kv_cache_memory_gb,
+            gpu_memory_utilization=args.gpu_memory_utilization, num_kv_blocks=args.num_kv_blocks,
+            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+            enable_prefix_caching=args.enable_prefix_caching and not args.disable_radix_cache, seed=args.seed,
+            tensor_parallel_size=args.tensor_parallel_size)
+    except ConfigError as e:
+        parser.error(str(e))
+
+
+def _chat_template(parser: argparse.ArgumentParser, flag: str | None, tokenizer) -> str:
+    from glmserve.serving.templates import glm45_chat_template
+
+    if flag is None:
+        return tokenizer.chat_template or glm45_chat_template()
+    if Path(flag).is_file():
+        return Path(flag).read_text(encoding="utf-8")
+    if "{" not in flag:
+        parser.error(f"--chat-template {flag}: no such file (and not a template)")
+    return flag
+
+
+def serve(parser: argparse.ArgumentParser, args) -> int:
+    given = [flag for flag in SPECULATIVE_FLAGS if getattr(args, flag[2:].replace("-", "_")) is not None]
+    if given:
+        parser.error(f"{given[0]} is not supported yet: speculative decoding with GLM-4.5's MTP layer is still to "
+                     f"come; drop the {', '.join(given)} flag(s) to serve without it")
+    if args.cpu_offload_gb:
+        parser.error("--cpu-offload-gb is not supported")
+    from glmserve.serving.parsers import check_parser_names
+
+    try:
+        check_parser_names(args.reasoning_parser, args.tool_call_parser)
+    except ValueError as e:
+        parser.error(str(e))
+    model = _model_path(parser, args)
+    config = _engine_config(parser, args, model)
+
+    from glmserve.engine.engine_client import AsyncEngineClient
+    from glmserve.engine.llm_engine import LLMEngine
+    from glmserve.serving.app import build_app
+    from glmserve.serving.state import ServerState
+    from glmserve.serving.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(model)
+    template = _chat_template(parser, args.chat_template, tokenizer)
+
+    def load_engine() -> LLMEngine:
+        engine = LLMEngine(config, progress=False)
+        if args.scripted_output_file:
+            from glmserve.testing.scripted import ScriptedRunner
+
+            engine.runner = ScriptedRunner.from_file(engine.runner, args.scripted_output_file, tokenizer)
+        return engine
+
+    client = AsyncEngineClient(load_engine)
+    names = args.served_model_name or [model]
+    state = ServerState(client, tokenizer, template, names, model, args.reasoning_parser, args.tool_call_parser,
+                        args.api_key)
+    try:
+        sock = socket.create_server((args.host, args.port), family=socket.AF_INET6 if ":" in args.host
+                                    else socket.AF_INET)
+    except OSError as e:
+        parser.error(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}")
+    return asyncio.run(_run_server(build_app(state), sock, client, args.uvicorn_log_level, names))
+
+
+async def _run_server(app, sock: socket.socket, client, log_level: str, names: list[str]) -> int:
+    import uvicorn
+
+    host, port = sock.getsockname()[:2]
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_keep_alive=5))
+    client.start()
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    logger.info("listening on %s; loading the model (/health answers 503 until it is ready)", url)
+    ready = asyncio.ensure_future(client.wait_ready())
+    await asyncio.wait({serving, ready}, return_when=asyncio.FIRST_COMPLETED)
+    if not ready.done():
+        ready.cancel()
+    elif ready.exception() is not None:
+        logger.error("the model failed to load: %s", client.error)
+        server.should_exit = True
+        await serving
+        return 1
+    else:
+        info = ready.result()
+        logger.info("ready: serving %s at %s/v1 (max_model_len %d)", ", ".join(names), url, info.max_model_len)
+    await serving
+    return 0
+
+
+def generate(parser: argparse.ArgumentParser, args) -> int:
+    from glmserve.llm import LLM
+    from glmserve.serving.chat_template import render_chat
+    from glmserve.types import SamplingParams
+
+    model = _model_path(parser, args)
+    config = _engine_config(parser, args, model)
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    llm = LLM(model, **{k: v for k, v in dataclasses.asdict(config).items() if k != "model"})
+    if args.chat:
+        template = _chat_template(parser, None, llm.tokenizer)
+        kwargs = {"enable_thinking": False} if args.no_thinking else {}
+        prompt = render_chat(template, [{"role": "user", "content": prompt}], **llm.tokenizer.special_tokens_map,
+                             **kwargs)
+    out = llm.generate(prompt, SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens,
+                                              seed=args.seed))
+    print(out[0].outputs[0].text)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s %(name)s: %(message)s")
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    from glmserve.config import ConfigError
+
+    try:
+        return (serve if args.command == "serve" else generate)(parser, args)
+    except ConfigError as e:
+        parser.error(str(e))

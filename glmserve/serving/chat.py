@@ -1,0 +1,206 @@
+"""POST /v1/chat/completions: chat template, thinking mode, reasoning and tool-call parsing, streaming.
+
+Choices made where the peers disagree or are silent:
+
+* Thinking is on unless `chat_template_kwargs.enable_thinking` is false, or (when that key is absent) a top-level
+  `enable_thinking: false` or `reasoning_effort: "none"` asks for it off.
+* `tool_choice` defaults to "auto" with tools, "none" without. "none" leaves the tools out of the prompt, so the
+  model has no reason to write calls, and parses none. Tool calling needs `--tool-call-parser glm45` (as in SGLang;
+  vLLM's `--enable-auto-tool-choice` is accepted and not needed).
+* "required" and a named function are enforced in GLM's own format: the prompt is made to end with
+  `<think></think>\\n<tool_call>` (plus `NAME\\n` for a named function), so the model writes no reasoning and
+  continues inside the call; the forced text is put back in front of the output before parsing. With thinking on,
+  the empty think block is added, because the model was trained to open its turn with one.
+* `finish_reason` is "tool_calls" when the output holds a call and ended on a stop token (not on "length").
+* `parallel_tool_calls` is accepted and not enforced: every call the model writes is returned.
+* `max_tokens` beyond what the context leaves is not an error: the output stops at the context end ("length").
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+from starlette.background import BackgroundTask
+
+from glmserve.serving.chat_template import normalize_messages, render_chat
+from glmserve.serving.errors import APIError, sse_error
+from glmserve.serving.generation import Generation, sampling_params, unless_disconnected
+from glmserve.serving.parsers import Glm45StreamParser, parse_output
+from glmserve.serving.parsers.glm45 import THINK_OPEN, TOOL_OPEN
+from glmserve.serving.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatMessage,
+    ChatStreamChoice,
+    ChoiceLogprobs,
+    DeltaMessage,
+    NamedToolChoice,
+    random_id,
+)
+from glmserve.serving.state import ServerState
+
+
+class ChatPrompt:
+    """The rendered prompt of a chat request and how its output is to be parsed."""
+
+    def __init__(self, state: ServerState, req: ChatCompletionRequest):
+        tool_choice = req.tool_choice or ("auto" if req.tools else "none")
+        use_tools = bool(req.tools) and tool_choice != "none"
+        if use_tools and state.tool_call_parser is None:
+            raise APIError(400, "tool calling needs the server started with --tool-call-parser glm45", "tools")
+        self.tools = [t.model_dump(exclude_unset=True) for t in req.tools] if use_tools else None
+        self.text = render_prompt(state, req.messages, self.tools, req.add_generation_prompt, _template_kwargs(req))
+        self.forced = ""  # text the output is forced to start with
+        if isinstance(tool_choice, NamedToolChoice):
+            self.forced = f"{TOOL_OPEN}{tool_choice.function.name}\n"
+        elif tool_choice == "required":
+            self.forced = TOOL_OPEN
+        # Thinking mode is whatever the prompt says: with thinking off it ends with an empty think block.
+        self.thinking = not self.text.endswith("</think>")
+        if self.forced:
+            self.text += ("\n<think></think>" if self.thinking else "") + "\n" + self.forced
+            self.thinking = False
+        self.token_ids = state.tokenizer.encode(self.text)
+        self.parse_reasoning = state.reasoning_parser is not None
+        self.parse_tools = use_tools
+
+    def needs_special_tokens(self, state: ServerState) -> bool:
+        """Whether the parsers' markup tokens are special in this tokenizer, and so must not be skipped when
+        decoding (vLLM decodes with special tokens whenever it parses tools, for the same reason)."""
+        markup = ([THINK_OPEN] if self.parse_reasoning else []) + ([TOOL_OPEN] if self.parse_tools else [])
+        ids = {state.tokenizer.token_to_id(tag) for tag in markup}
+        return bool(ids & state.tokenizer.special_token_ids)
+
+    def stream_parser(self) -> Glm45StreamParser | None:
+        if not (self.parse_reasoning or self.parse_tools):
+            return None
+        parser = Glm45StreamParser(self.tools, self.thinking, self.parse_reasoning, self.parse_tools)
+        parser.feed(self.forced)  # held back by the parser until the call closes
+        return parser
+
+    def parse(self, text: str):
+        return parse_output(self.forced + text, self.tools, self.thinking, parse_reasoning=self.parse_reasoning,
+                            parse_tools=self.parse_tools)
+
+
+def render_prompt(state: ServerState, messages: list[ChatMessage], tools: list[dict] | None,
+                  add_generation_prompt: bool, template_kwargs: dict) -> str:
+    """The chat template applied to request messages (GLM45.md §1.5 normalisation first)."""
+    dumped = []
+    for m in messages:
+        message = m.model_dump(exclude_unset=True)
+        if message["role"] == "developer":  # OpenAI's newer name for system; GLM's template knows only system
+            message["role"] = "system"
+        dumped.append(message)
+    return render_chat(state.chat_template, normalize_messages(dumped), tools, add_generation_prompt,
+                       **state.tokenizer.special_tokens_map, **template_kwargs)
+
+
+def _template_kwargs(req: ChatCompletionRequest) -> dict:
+    kwargs = dict(req.chat_template_kwargs or {})
+    if "enable_thinking" not in kwargs:
+        if req.enable_thinking is not None:
+            kwargs["enable_thinking"] = req.enable_thinking
+        elif req.reasoning_effort == "none":
+            kwargs["enable_thinking"] = False
+    return kwargs
+
+
+def _finish_reason(reason: str | None, has_calls: bool) -> str | None:
+    return "tool_calls" if has_calls and reason == "stop" else reason
+
+
+async def create_chat_completion(state: ServerState, req: ChatCompletionRequest, raw: Request):
+    model = state.model_name(req.model)
+    info = state.client.require_info()
+    prompt = ChatPrompt(state, req)
+    params = sampling_params(
+        req, info, max_tokens=req.max_completion_tokens or req.max_tokens,
+        logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+        skip_special_tokens=req.skip_special_tokens and not prompt.needs_special_tokens(state))
+    gen = await Generation.start(state, [prompt.token_ids], params)
+    response_id, created = random_id("chatcmpl"), int(time.time())
+    if req.stream:
+        include_usage = req.stream_options is not None and req.stream_options.include_usage
+        body = _stream(state, req, prompt, gen, response_id, created, model, include_usage)
+        return StreamingResponse(body, media_type="text/event-stream", background=BackgroundTask(gen.close))
+    return await unless_disconnected(raw, _complete(state, req, prompt, gen, response_id, created, model))
+
+
+async def _complete(state, req, prompt: ChatPrompt, gen: Generation, response_id, created, model):
+    texts = {c.index: "" for c in gen.choices}
+    logprobs = {c.index: [] for c in gen.choices} if req.logprobs else None
+    try:
+        async for d in gen.deltas():
+            texts[d.choice.index] += d.text
+            if logprobs is not None and d.logprobs:
+                logprobs[d.choice.index].extend(d.logprobs)
+    finally:
+        gen.close()
+    choices = []
+    for c in gen.choices:
+        reasoning, content, calls = prompt.parse(texts[c.index])
+        empty = content is None and reasoning is None and not calls  # an empty answer is "", not null
+        message = AssistantMessage(content="" if empty else content,
+                                   reasoning_content=reasoning, tool_calls=calls or None)
+        choice_logprobs = None if logprobs is None else ChoiceLogprobs(content=state.logprobs.chat(logprobs[c.index]))
+        finish_reason = _finish_reason(c.finish_reason, bool(calls))
+        choices.append(ChatChoice(index=c.index, message=message, logprobs=choice_logprobs,
+                                  finish_reason=finish_reason, stop_reason=c.stop_reason))
+    return ChatCompletionResponse(id=response_id, created=created, model=model, choices=choices, usage=gen.usage())
+
+
+def _sse(chunk: ChatCompletionChunk) -> str:
+    return f"data: {chunk.model_dump_json(exclude_none=True)}\n\n"
+
+
+def _delta_message(deltas: list[dict]) -> DeltaMessage:
+    """The parser's deltas of one step in one message (a field's pieces keep their order, which is all that
+    reassembly needs)."""
+    reasoning = "".join(d.get("reasoning_content", "") for d in deltas)
+    content = "".join(d.get("content", "") for d in deltas)
+    calls = [call for d in deltas for call in d.get("tool_calls", ())]
+    return DeltaMessage(reasoning_content=reasoning or None, content=content or None, tool_calls=calls or None)
+
+
+async def _stream(state, req, prompt: ChatPrompt, gen: Generation, response_id, created, model,
+                  include_usage: bool) -> AsyncIterator[str]:
+    def chunk(choices, usage=None) -> str:
+        return _sse(ChatCompletionChunk(id=response_id, created=created, model=model, choices=choices, usage=usage))
+
+    try:
+        parsers = {c.index: prompt.stream_parser() for c in gen.choices}
+        for c in gen.choices:
+            yield chunk([ChatStreamChoice(index=c.index, delta=DeltaMessage(role="assistant", content=""))])
+        async for d in gen.deltas():
+            parser = parsers[d.choice.index]
+            if parser is None:
+                deltas = [{"content": d.text}] if d.text else []
+            else:
+                deltas = parser.feed(d.text) if d.text else []
+                if d.finished:
+                    deltas += parser.finish()
+            delta = _delta_message(deltas)
+            if not (delta.content or delta.reasoning_content or delta.tool_calls or d.logprobs or d.finished):
+                continue
+            choice = ChatStreamChoice(index=d.choice.index, delta=delta)
+            if req.logprobs and d.logprobs:
+                choice.logprobs = ChoiceLogprobs(content=state.logprobs.chat(d.logprobs))
+            if d.finished:
+                has_calls = parser is not None and parser.num_tool_calls > 0
+                choice.finish_reason = _finish_reason(d.choice.finish_reason, has_calls)
+                choice.stop_reason = d.choice.stop_reason
+            yield chunk([choice])
+        if include_usage:
+            yield chunk([], gen.usage())
+        yield "data: [DONE]\n\n"
+    except Exception as e:  # noqa: BLE001 - the status line is sent; the error can only go in the stream
+        yield sse_error(e)
+    finally:
+        gen.close()

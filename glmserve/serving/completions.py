@@ -1,0 +1,85 @@
+"""POST /v1/completions: raw prompts (text or token ids, one or several), no template, no parsers.
+
+A text prompt is encoded with added tokens matched and nothing prepended: a GLM prompt writes `[gMASK]<sop>` and
+its role tokens itself, as the chat template does.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+from starlette.background import BackgroundTask
+
+from glmserve.serving.errors import sse_error
+from glmserve.serving.generation import Generation, sampling_params, unless_disconnected
+from glmserve.serving.protocol import CompletionChoice, CompletionRequest, CompletionResponse, random_id
+from glmserve.serving.state import ServerState
+
+
+def _prompts(state: ServerState, prompt) -> list[list[int]]:
+    if isinstance(prompt, str):
+        return [state.tokenizer.encode(prompt)]
+    if all(isinstance(p, int) for p in prompt):
+        return [list(prompt)]
+    return [state.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompt]
+
+
+async def create_completion(state: ServerState, req: CompletionRequest, raw: Request):
+    model = state.model_name(req.model)
+    info = state.client.require_info()
+    params = sampling_params(req, info, max_tokens=req.max_tokens, logprobs=req.logprobs,
+                             skip_special_tokens=req.skip_special_tokens)
+    gen = await Generation.start(state, _prompts(state, req.prompt), params)
+    response_id, created = random_id("cmpl"), int(time.time())
+    if req.stream:
+        include_usage = req.stream_options is not None and req.stream_options.include_usage
+        body = _stream(state, req, gen, response_id, created, model, include_usage)
+        return StreamingResponse(body, media_type="text/event-stream", background=BackgroundTask(gen.close))
+    return await unless_disconnected(raw, _complete(state, req, gen, response_id, created, model))
+
+
+async def _complete(state, req: CompletionRequest, gen: Generation, response_id, created, model):
+    texts = {c.index: "" for c in gen.choices}
+    logprobs = {c.index: [] for c in gen.choices}
+    try:
+        async for d in gen.deltas():
+            texts[d.choice.index] += d.text
+            logprobs[d.choice.index].extend(d.logprobs or ())
+    finally:
+        gen.close()
+    choices = [
+        CompletionChoice(index=c.index, text=texts[c.index], finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                         logprobs=state.logprobs.completion(logprobs[c.index], 0) if req.logprobs is not None else None)
+        for c in gen.choices
+    ]
+    return CompletionResponse(id=response_id, created=created, model=model, choices=choices, usage=gen.usage())
+
+
+async def _stream(state, req: CompletionRequest, gen: Generation, response_id, created, model,
+                  include_usage: bool) -> AsyncIterator[str]:
+    def chunk(choices, usage=None) -> str:
+        response = CompletionResponse(id=response_id, created=created, model=model, choices=choices, usage=usage)
+        return f"data: {response.model_dump_json(exclude_none=True)}\n\n"
+
+    offsets = {c.index: 0 for c in gen.choices}  # text_offset of the next token, per choice
+    try:
+        async for d in gen.deltas():
+            if not (d.text or d.logprobs or d.finished):
+                continue
+            choice = CompletionChoice(index=d.choice.index, text=d.text)
+            if req.logprobs is not None:
+                choice.logprobs = state.logprobs.completion(d.logprobs or [], offsets[d.choice.index])
+                offsets[d.choice.index] += len(d.text)
+            if d.finished:
+                choice.finish_reason, choice.stop_reason = d.choice.finish_reason, d.choice.stop_reason
+            yield chunk([choice])
+        if include_usage:
+            yield chunk([], gen.usage())
+        yield "data: [DONE]\n\n"
+    except Exception as e:  # noqa: BLE001 - the status line is sent; the error can only go in the stream
+        yield sse_error(e)
+    finally:
+        gen.close()

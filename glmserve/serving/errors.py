@@ -1,0 +1,98 @@
+"""Errors in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, for every way a request can fail.
+
+Bad input is always a 4xx: pydantic validation (malformed JSON included: 400, not FastAPI's 422), `ParamError`
+from any layer, a chat template that cannot render the messages. A 500 means a bug in glmserve.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from glmserve.engine.engine_client import EngineDeadError, EngineNotReadyError
+from glmserve.serving.chat_template import ChatTemplateError
+from glmserve.types import ParamError
+
+logger = logging.getLogger(__name__)
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    kind = "server_error" if status >= 500 else "invalid_request_error"
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, param, code), status_code=status)
+
+
+def sse_error(error: Exception) -> str:
+    """An error that happens after a stream has started: one `data:` event in the same shape."""
+    status, message, param, code = describe(error)
+    return f"data: {json.dumps(error_body(status, message, param, code), ensure_ascii=False)}\n\n"
+
+
+def describe(error: Exception) -> tuple[int, str, str | None, str | None]:
+    """(status, message, param, code) for an exception raised while serving a request."""
+    if isinstance(error, APIError):
+        return error.status, error.message, error.param, error.code
+    if isinstance(error, ParamError):
+        return 400, str(error), error.param, None
+    if isinstance(error, ChatTemplateError):
+        return 400, str(error), "messages", None
+    if isinstance(error, EngineNotReadyError):
+        return 503, str(error), None, None
+    if isinstance(error, EngineDeadError):
+        return 503, str(error), None, None
+    logger.error("internal error", exc_info=error)
+    return 500, f"internal error: {type(error).__name__}", None, None
+
+
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    messages, param = [], None
+    for err in exc.errors():
+        cause = (err.get("ctx") or {}).get("error")
+        if err.get("type") == "json_invalid":
+            messages.append(f"Invalid JSON body: {cause or err.get('msg')}")
+            continue
+        if isinstance(cause, ParamError):
+            messages.append(str(cause))
+            param = param or cause.param
+            continue
+        loc = [str(part) for part in err.get("loc", ()) if part != "body"]
+        # A field inside a union reports each branch under the branch's type name; those names only confuse.
+        path = ".".join(p for p in loc if not (p[:1].isupper() or "[" in p or p in _TYPE_TAGS)) or "body"
+        messages.append(f"{path}: {err.get('msg')}")
+        param = param or (loc[0] if loc else None)
+    return "; ".join(dict.fromkeys(messages)), param
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError):
+        message, param = _validation_message(exc)
+        return error_response(400, message, param)
+
+    @app.exception_handler(HTTPException)
+    async def _http(_: Request, exc: HTTPException):
+        return error_response(exc.status_code, str(exc.detail))
+
+    async def _known(_: Request, exc: Exception):
+        return error_response(*describe(exc))
+
+    # Specific classes are answered by the exception middleware; `Exception` (a bug) by the outermost one.
+    for cls in (APIError, ParamError, ChatTemplateError, EngineNotReadyError, EngineDeadError, Exception):
+        app.add_exception_handler(cls, _known)

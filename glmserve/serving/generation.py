@@ -1,0 +1,153 @@
+"""One API request's trip through the engine, shared by chat and completions.
+
+`Generation` submits one engine request per choice (n per prompt), turns their token deltas into text deltas
+(incremental detokenization, stop strings, which abort the engine request), and records the request's metrics
+when it is closed. `close()` also aborts whatever is still running, so every exit path (done, error, client gone)
+frees the KV blocks; it is idempotent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
+
+from fastapi import Request
+from fastapi.responses import Response
+
+from glmserve.engine.engine_client import EngineInfo, EngineRequest, RequestStream
+from glmserve.serving.metrics import RequestTimer
+from glmserve.serving.protocol import SamplingFields, UsageInfo, random_id
+from glmserve.serving.state import ServerState
+from glmserve.serving.text_output import TextOutput
+from glmserve.types import SamplingParams, TokenLogprobs
+
+
+def sampling_params(req: SamplingFields, info: EngineInfo, *, max_tokens: int | None, logprobs: int | None,
+                    skip_special_tokens: bool) -> SamplingParams:
+    """The request's sampling fields, with the checkpoint's generation_config defaults where the request has none
+    (as vLLM applies them). Raises ParamError."""
+    defaults = info.generation_defaults
+
+    def pick(value, default, fallback):
+        return value if value is not None else default if default is not None else fallback
+
+    return SamplingParams(
+        n=req.n, temperature=pick(req.temperature, defaults.temperature, 1.0),
+        top_p=pick(req.top_p, defaults.top_p, 1.0), top_k=pick(req.top_k, defaults.top_k, 0),
+        min_p=pick(req.min_p, None, 0.0), presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty, repetition_penalty=pick(req.repetition_penalty, None, 1.0),
+        seed=req.seed, max_tokens=max_tokens, min_tokens=req.min_tokens, stop=req.stop,
+        stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, logprobs=logprobs,
+        skip_special_tokens=skip_special_tokens, include_stop_str_in_output=req.include_stop_str_in_output,
+    )
+
+
+@dataclass(slots=True, eq=False)
+class Choice:
+    index: int
+    request_id: str
+    num_prompt_tokens: int
+    text: TextOutput
+    num_output_tokens: int = 0
+    num_cached_tokens: int = 0
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+@dataclass(slots=True)
+class ChoiceDelta:
+    choice: Choice
+    text: str
+    logprobs: list[TokenLogprobs] | None
+
+    @property
+    def finished(self) -> bool:
+        return self.choice.finish_reason is not None
+
+
+class Generation:
+    def __init__(self, params: SamplingParams, choices: list[Choice], stream: RequestStream, timer: RequestTimer):
+        self.params = params
+        self.choices = choices
+        self._by_id = {c.request_id: c for c in choices}
+        self._stream = stream
+        self._timer = timer
+        self._closed = False
+
+    @classmethod
+    async def start(cls, state: ServerState, prompts: list[list[int]], params: SamplingParams) -> Generation:
+        """Submit n choices per prompt (choice index = prompt index * n + sample index). Raises ParamError."""
+        timer = RequestTimer(state.metrics)
+        base = random_id("req")
+        choices, requests = [], []
+        for p, prompt in enumerate(prompts):
+            for j in range(params.n):
+                # Parallel samples get distinct seeds derived from the request's, as vLLM does.
+                child = dataclasses.replace(params, n=1, seed=None if params.seed is None else params.seed + j)
+                index = p * params.n + j
+                choices.append(Choice(index, f"{base}-{index}", len(prompt), TextOutput(state.tokenizer, child)))
+                requests.append(EngineRequest(f"{base}-{index}", prompt, child))
+        stream = await state.client.add_requests(requests)
+        return cls(params, choices, stream, timer)
+
+    async def deltas(self) -> AsyncIterator[ChoiceDelta]:
+        hide_stop_token = not self.params.include_stop_str_in_output
+        async for out in self._stream:
+            choice = self._by_id[out.request_id]
+            self._timer.tokens_arrived()
+            choice.num_output_tokens += len(out.new_token_ids)
+            choice.num_cached_tokens = out.num_cached_tokens
+            stopped_by_token = out.finished and out.finish_reason == "stop"
+            text = choice.text.update(out.new_token_ids, out.finished, stopped_by_token)
+            logprobs = out.new_logprobs
+            if logprobs and stopped_by_token and hide_stop_token:
+                logprobs = logprobs[:-1]
+            if choice.text.stop_string is not None:
+                choice.finish_reason, choice.stop_reason = "stop", choice.text.stop_string
+                if not out.finished:
+                    self._stream.abort([out.request_id])
+            elif out.finished:
+                choice.finish_reason, choice.stop_reason = out.finish_reason, out.stop_reason
+            yield ChoiceDelta(choice, text, logprobs)
+
+    def usage(self) -> UsageInfo:
+        prompts = {c.index // self.params.n: c for c in self.choices}.values()  # one choice per prompt
+        prompt_tokens = sum(c.num_prompt_tokens for c in prompts)
+        completion_tokens = sum(c.num_output_tokens for c in self.choices)
+        return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                         total_tokens=prompt_tokens + completion_tokens,
+                         prompt_tokens_details={"cached_tokens": sum(c.num_cached_tokens for c in prompts)})
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._stream.abort()
+        self._timer.finish(self.usage().prompt_tokens, [c.num_output_tokens for c in self.choices],
+                           [c.finish_reason for c in self.choices])
+
+
+async def unless_disconnected(request: Request, work: Awaitable[Response]) -> Response:
+    """Await `work`, cancelling it if the client disconnects first (its cleanup then aborts the engine requests).
+
+    Streaming responses need no such watch: Starlette cancels their body iterator when the client goes away.
+    """
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        gone = not task.done()
+        if gone:  # the client left (or the server is stopping): the work's own cleanup aborts its requests
+            task.cancel()
+    if gone:
+        return Response(status_code=499)  # nobody will read it; nginx's code for "client closed the request"
+    return task.result()

@@ -1,0 +1,45 @@
+"""What every handler shares: the engine client, the tokenizer and template, the server's settings, its metrics."""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass, field
+
+from glmserve.engine.engine_client import AsyncEngineClient
+from glmserve.serving.errors import APIError
+from glmserve.serving.logprobs import LogprobsFormatter
+from glmserve.serving.metrics import Metrics
+from glmserve.serving.parsers import check_parser_names
+from glmserve.serving.tokenizer import Tokenizer
+
+@dataclass
+class ServerState:
+    client: AsyncEngineClient
+    tokenizer: Tokenizer
+    chat_template: str
+    model_names: list[str]  # the first is reported when a request names none
+    model_path: str
+    reasoning_parser: str | None = None
+    tool_call_parser: str | None = None
+    api_key: str | None = None
+    metrics: Metrics = field(init=False)
+    logprobs: LogprobsFormatter = field(init=False)
+
+    def __post_init__(self) -> None:
+        check_parser_names(self.reasoning_parser, self.tool_call_parser)
+        self.metrics = Metrics(self.client)
+        self.logprobs = LogprobsFormatter(self.tokenizer)
+
+    def model_name(self, requested: str | None) -> str:
+        if requested is None or requested == "":
+            return self.model_names[0]
+        if requested not in self.model_names:
+            raise APIError(404, f"The model `{requested}` does not exist.", "model", "model_not_found")
+        return requested
+
+    def authorized(self, authorization: str | None) -> bool:
+        if self.api_key is None:
+            return True
+        scheme, _, key = (authorization or "").partition(" ")
+        # compare_digest: the time taken must not tell how much of a guessed key was right.
+        return scheme.lower() == "bearer" and hmac.compare_digest(key.strip().encode(), self.api_key.encode())

@@ -1,0 +1,89 @@
+"""The model card's commands with `glmserve serve`, start-up errors, `glmserve generate`, examples/api_request.py."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import API_KEY, MODEL_NAME, run_glmserve, start_server
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "api_request.py"
+
+SGLANG_CARD = ["--tp-size", "1", "--tool-call-parser", "glm45", "--reasoning-parser", "glm45",
+               "--mem-fraction-static", "0.7", "--disable-shared-experts-fusion", "--served-model-name", "glm-4.5-air"]
+SPECULATIVE = ["--speculative-algorithm", "EAGLE", "--speculative-num-steps", "3", "--speculative-eagle-topk", "1",
+               "--speculative-num-draft-tokens", "4"]
+
+
+def test_vllm_card_command_prints_where_and_when(server):
+    """The session server runs the model card's vLLM command (see conftest)."""
+    log = server.output()
+    assert f"listening on {server.url}" in log
+    assert f"ready: serving {MODEL_NAME} at {server.url}/v1" in log
+    assert log.index("listening on") < log.index("ready: serving")
+
+
+def test_sglang_card_command_starts_without_speculative_flags(checkpoint, tmp_path):
+    srv = start_server(["--model-path", str(checkpoint), *SGLANG_CARD, "--kv-cache-memory-gb", "0.05"],
+                       tmp_path / "sglang.log", env={"GLMSERVE_API_KEY": "from-env"})
+    try:
+        assert httpx.get(f"{srv.url}/v1/models").status_code == 401
+        response = httpx.post(f"{srv.url}/v1/chat/completions", headers={"Authorization": "Bearer from-env"},
+                              json={"model": "glm-4.5-air", "messages": [{"role": "user", "content": "hi"}],
+                                    "max_tokens": 3})
+        assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] <= 3
+    finally:
+        srv.stop()
+
+
+def _fails(args: list[str], tmp_path: Path, code: int = 2) -> str:
+    log = tmp_path / "fail.log"
+    process = run_glmserve(args, log)
+    assert process.wait(timeout=120) == code, log.read_text()
+    return log.read_text()
+
+
+@pytest.mark.parametrize("extra", [[], ["--disable-shared-experts-fusion"]], ids=["bf16", "fp8"])
+def test_sglang_card_command_stops_on_speculative_flags(checkpoint, tmp_path, extra):
+    out = _fails(["serve", "--model-path", str(checkpoint), *SGLANG_CARD, *SPECULATIVE, *extra, "--host",
+                  "127.0.0.1", "--port", "1"], tmp_path)
+    assert "--speculative-algorithm is not supported yet" in out
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--tool-call-parser", "hermes"], "--tool-call-parser 'hermes' is not supported"),
+    (["--reasoning-parser", "deepseek_r1"], "--reasoning-parser 'deepseek_r1' is not supported"),
+    (["--tensor-parallel-size", "8"], "--tensor-parallel-size 8 needs 8 devices"),
+    (["--dtype", "int3"], "--dtype must be one of"),
+    (["--speculative-config", "{}"], "--speculative-config is not supported yet"),
+])  # fmt: skip
+def test_start_up_errors(checkpoint, tmp_path, args, message):
+    assert message in _fails(["serve", str(checkpoint), *args], tmp_path)
+
+
+def test_model_errors(tmp_path):
+    assert "an embedded default model is not shipped yet" in _fails(["serve"], tmp_path)
+    assert "not a checkpoint directory" in _fails(["serve", str(tmp_path / "nowhere")], tmp_path)
+
+
+def test_failing_to_load_exits_non_zero(checkpoint, tmp_path):
+    out = _fails(["serve", str(checkpoint), "--max-model-len", "100000", "--host", "127.0.0.1", "--port", "0"],
+                 tmp_path, code=1)
+    assert "listening on" in out and "exceeds the model's max_position_embeddings" in out
+
+
+def test_generate(checkpoint):
+    result = subprocess.run([sys.executable, "-m", "glmserve", "generate", str(checkpoint), "--prompt", "Hello",
+                             "--chat", "--max-tokens", "4", "--num-kv-blocks", "16"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+def test_api_request_example(server):
+    result = subprocess.run([sys.executable, str(EXAMPLE), "--base-url", f"{server.url}/v1", "--api-key", API_KEY],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "tool call: get_weather {'location': '北京'}" in result.stdout
+    assert "reasoning: 用户想查询北京的天气。" in result.stdout
+    assert "answer: 北京今天晴，气温26度。" in result.stdout
