@@ -74,23 +74,46 @@ class FusedExperts(nn.Module):
         target.copy_(source)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        top_k = ids.shape[1]
+        """x: [T, H]; weights, ids: [T, k]. Rows are sorted by expert, each expert multiplies its run of rows,
+        then the rows go back to (token, k) order and are summed with the routing weights."""
+        num_tokens, top_k = ids.shape
         flat_ids = ids.flatten()
         order = flat_ids.argsort(stable=True)
-        counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()  # one host sync per layer
-        token_of = order // top_k
-        grouped_x = x[token_of]
+        counts = torch.bincount(flat_ids, minlength=self.num_experts)
+        grouped_x = x[order // top_k]
+        if _use_grouped_mm(x):
+            grouped_out = self._grouped_mm(grouped_x, counts)
+        else:
+            grouped_out = self._expert_loop(grouped_x, counts.tolist())
+        per_choice = torch.empty_like(grouped_out)
+        per_choice[order] = grouped_out
+        out = (per_choice.view(num_tokens, top_k, -1) * weights.to(x.dtype)[..., None]).sum(1)
+        return self.parallel.all_reduce(out)
+
+    def _grouped_mm(self, grouped_x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """All active experts in two grouped GEMMs: each expert's weights are read once per step."""
+        offsets = torch.cumsum(counts, 0, dtype=torch.int32)
+        gate, up = F.grouped_mm(grouped_x, self.w13.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
+        return F.grouped_mm(F.silu(gate) * up, self.w2.transpose(1, 2), offs=offsets)
+
+    def _expert_loop(self, grouped_x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """The plain reference: one matmul pair per active expert."""
         grouped_out = torch.empty_like(grouped_x)
         start = 0
         for expert, count in enumerate(counts):
             if count == 0:
                 continue
             end = start + count
-            gate_up = F.linear(grouped_x[start:end], self.w13[expert])
-            gate, up = gate_up.chunk(2, dim=-1)
+            gate, up = F.linear(grouped_x[start:end], self.w13[expert]).chunk(2, dim=-1)
             grouped_out[start:end] = F.linear(F.silu(gate) * up, self.w2[expert])
             start = end
-        grouped_out *= weights.flatten()[order, None].to(x.dtype)
-        out = torch.zeros_like(x)
-        out.index_add_(0, token_of, grouped_out)
-        return self.parallel.all_reduce(out)
+        return grouped_out
+
+
+def _use_grouped_mm(x: torch.Tensor) -> bool:
+    """torch's grouped GEMM runs on CPU in any float dtype; on CUDA it needs bf16 on Hopper or newer."""
+    if not hasattr(F, "grouped_mm"):
+        return False
+    if x.device.type == "cpu":
+        return True
+    return x.device.type == "cuda" and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9

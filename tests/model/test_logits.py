@@ -88,3 +88,20 @@ def test_dense_training_forward_matches_transformers_and_has_gradients(checkpoin
     logits.logsumexp(-1).mean().backward()
     assert model.model.layers[4].mlp.experts.w13.grad.abs().sum() > 0
     assert model.model.layers[0].self_attn.qkv_proj.weight.grad.abs().sum() > 0
+
+
+def test_grouped_gemm_experts_equal_the_per_expert_loop():
+    from glmserve.distributed import ParallelContext
+    from glmserve.layers.moe import FusedExperts
+
+    gen = torch.Generator().manual_seed(0)
+    experts = FusedExperts(8, 32, 16, ParallelContext())
+    experts.w13.copy_(torch.randn(8, 32, 32, generator=gen))
+    experts.w2.copy_(torch.randn(8, 32, 16, generator=gen))
+    x = torch.randn(11, 32, generator=gen)
+    ids = torch.stack([torch.randperm(8, generator=gen)[:3] for _ in range(11)])
+    order = ids.flatten().argsort(stable=True)
+    counts = torch.bincount(ids.flatten(), minlength=8)
+    grouped_x = x[order // 3]
+    assert torch.allclose(experts._grouped_mm(grouped_x, counts), experts._expert_loop(grouped_x, counts.tolist()),
+                          atol=1e-5)
