@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: test install bench clean
+.PHONY: test install bench clean serve
 
 $(BIN)/activate: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,3 +20,7 @@ bench: install
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# Serves MODEL (a checkpoint directory), or glmserve's built-in default when MODEL is empty.
+serve: install
+	$(BIN)/glmserve serve $(MODEL) --host 127.0.0.1 --port 8000 --reasoning-parser glm45 --tool-call-parser glm45

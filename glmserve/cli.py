@@ -23,9 +23,20 @@ SPECULATIVE_FLAGS = ("--speculative-algorithm", "--speculative-num-steps", "--sp
                      "--speculative-num-draft-tokens", "--speculative-config")
 
 
-def default_model_path() -> str | None:
-    """The checkpoint served when MODEL is omitted; None until glmserve ships an embedded model."""
-    return None
+def default_model_path() -> str:
+    """The checkpoint served when MODEL is omitted.
+
+    Until the trained embedded model ships (issue 4), this is a small random-weight GLM-4.5-shaped checkpoint,
+    written once to the user's cache: every code path works on it, but its text is noise, and it says so.
+    """
+    from glmserve.testing.checkpoint import write_random_checkpoint
+
+    directory = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "glmserve" / "demo-random-glm45"
+    if not (directory / "config.json").is_file():
+        write_random_checkpoint(directory, "glm45")
+    print(f"glmserve: no MODEL given; serving the random-weight demo checkpoint {directory} "
+          "(its output is noise: pass a checkpoint directory to serve a real model)", file=sys.stderr)
+    return str(directory)
 
 
 def _add_engine_flags(p: argparse.ArgumentParser) -> None:
@@ -87,9 +98,6 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def _model_path(parser: argparse.ArgumentParser, args) -> str:
     model = args.model_path or args.model or default_model_path()
-    if model is None:
-        parser.error("no model given: pass a checkpoint directory (glmserve serve PATH or --model-path PATH); "
-                     "an embedded default model is not shipped yet")
     if not Path(model, "config.json").is_file():
         parser.error(f"{model} is not a checkpoint directory (no config.json); glmserve loads local checkpoints, "
                      f"e.g. downloaded with `huggingface-cli download zai-org/GLM-4.5-Air --local-dir DIR`")

@@ -62,8 +62,18 @@ def test_start_up_errors(checkpoint, tmp_path, args, message):
     assert message in _fails(["serve", str(checkpoint), *args], tmp_path)
 
 
+def test_no_model_serves_the_demo_checkpoint(tmp_path):
+    import os
+
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-m", "glmserve", "generate", "--prompt", "Hello", "--max-tokens", "3",
+                             "--num-kv-blocks", "16"], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "random-weight demo checkpoint" in result.stderr
+    assert (tmp_path / "glmserve" / "demo-random-glm45" / "config.json").is_file()
+
+
 def test_model_errors(tmp_path):
-    assert "an embedded default model is not shipped yet" in _fails(["serve"], tmp_path)
     assert "not a checkpoint directory" in _fails(["serve", str(tmp_path / "nowhere")], tmp_path)
 
 
