@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: test install bench clean serve
+.PHONY: test install bench clean serve nano
 
 $(BIN)/activate: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,3 +24,10 @@ clean:
 # Serves MODEL (a checkpoint directory), or glmserve's built-in default when MODEL is empty.
 serve: install
 	$(BIN)/glmserve serve $(MODEL) --host 127.0.0.1 --port 8000 --reasoning-parser glm45 --tool-call-parser glm45
+
+# Trains the embedded nano model (about an hour on 2 cores; run it on a quiet machine), then checks and scores it.
+NANO_DIR ?= build/glm-nano
+nano: install
+	$(BIN)/python -m glmserve.nano.train --out $(NANO_DIR) --minutes 55
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m glmserve.nano.verify $(NANO_DIR)
+	$(BIN)/python -m glmserve.nano.evaluate --model $(NANO_DIR)

@@ -68,18 +68,23 @@ DEFAULT_CORPUS: tuple[str, ...] = (
 )
 
 
-def build_test_tokenizer(vocab_size: int = 1024, corpus: Iterable[str] | None = None) -> Tokenizer:
+def build_test_tokenizer(vocab_size: int = 1024, corpus: Iterable[str] | None = None,
+                         split_digits: bool = False) -> Tokenizer:
     """Train a byte-level BPE and append GLM-4.5's added tokens; the total is at most `vocab_size`.
 
     The result has fewer tokens than `vocab_size` when the corpus runs out of merges; the model's embedding rows
     above the tokenizer's last id are padding, as in the real checkpoint (151365 tokens, 151552 rows).
+    `split_digits` makes every digit its own token (as Llama's and DeepSeek's tokenizers do), which small models
+    need to learn column arithmetic.
     """
     num_bpe = vocab_size - len(GLM45_ADDED_TOKENS)
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     if num_bpe < len(alphabet):
         raise ValueError(f"vocab_size must be at least {len(alphabet) + len(GLM45_ADDED_TOKENS)}, got {vocab_size}")
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                               if split_digits else byte_level)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=num_bpe, initial_alphabet=alphabet, show_progress=False)
     tokenizer.train_from_iterator(list(corpus if corpus is not None else DEFAULT_CORPUS), trainer)
@@ -97,16 +102,19 @@ def build_test_tokenizer(vocab_size: int = 1024, corpus: Iterable[str] | None = 
 
 
 def save_test_tokenizer(
-    directory: str | Path, vocab_size: int = 1024, chat_template: str | None = None
+    directory: str | Path, vocab_size: int = 1024, chat_template: str | None = None,
+    corpus: Iterable[str] | None = None, split_digits: bool = False,
 ) -> dict:
     """Write `tokenizer.json` and `tokenizer_config.json` into `directory` (loadable by `AutoTokenizer`).
+
+    `corpus` and `split_digits` are passed to `build_test_tokenizer` (the default corpus when None).
 
     Returns the values a checkpoint writer needs: `num_tokens` (tokenizer size, <= vocab_size), `eos_token_id`
     (the config.json list: endoftext, user, observation), `pad_token_id`, and `token_ids` (added string -> id).
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_test_tokenizer(vocab_size)
+    tokenizer = build_test_tokenizer(vocab_size, corpus, split_digits)
     tokenizer.save(str(directory / "tokenizer.json"))
 
     token_ids = {text: tokenizer.token_to_id(text) for text in GLM45_ADDED_TOKENS}

@@ -1,0 +1,90 @@
+"""The training objective: next-token loss on completion tokens, plus the MTP layer's next-next-token loss.
+
+MTP follows vLLM's and SGLang's inference semantics: at position i the MTP layer reads
+eh_proj([enorm(embed(token[i+1])), hnorm(h[i])]), where h[i] is the main model's last hidden state before the
+final norm, and predicts token[i+2]. Logits are computed only where there is a loss (a quarter of the tokens).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from glmserve.layers.attention import DenseBatch
+from glmserve.layers.moe import TopkRouter
+from glmserve.model.glm4_moe import Glm4MoeForCausalLM
+from glmserve.nano.data import Batch
+
+
+@dataclass
+class Losses:
+    main: torch.Tensor
+    mtp: torch.Tensor
+    main_correct: int  # greedy next-token hits on target tokens
+    mtp_correct: int  # greedy next-next-token hits
+    main_count: int
+    mtp_count: int
+    mtp_agree: int  # MTP's greedy guess equals the main model's greedy guess for the same token
+
+    def total(self, mtp_weight: float) -> torch.Tensor:
+        return self.main + mtp_weight * self.mtp
+
+
+def _loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    guesses = logits.detach().argmax(-1)
+    return F.cross_entropy(logits, labels), guesses
+
+
+def compute_losses(model: Glm4MoeForCausalLM, batch: Batch) -> Losses:
+    ids, target = batch.ids, batch.target
+    b, s = ids.shape
+    positions = torch.arange(s).repeat(b)
+    hidden = model(ids.flatten(), positions, DenseBatch(b)).view(b, s, -1)
+
+    # Main model: h[i] predicts token[i+1]. Guesses are kept per predicted token to compare with the MTP's.
+    keep = target[:, 1:]
+    labels = ids[:, 1:][keep]
+    main, main_guess = _loss(model.compute_logits(hidden[:, :-1][keep]), labels)
+    main_guesses = torch.full_like(ids, -1)
+    main_guesses[:, 1:][keep] = main_guess
+
+    # MTP: (token[i+1], h[i]) at position i predicts token[i+2]; rows are one token shorter.
+    mtp = model.mtp_layer
+    mtp_positions = torch.arange(s - 1).repeat(b)
+    mtp_hidden = mtp(mtp_positions, ids[:, 1:].flatten(), hidden[:, :-1].flatten(0, 1), DenseBatch(b))
+    keep2 = target[:, 2:]
+    labels2 = ids[:, 2:][keep2]
+    mtp_loss, mtp_guess = _loss(mtp.compute_logits(mtp_hidden.view(b, s - 1, -1)[:, :-1][keep2]), labels2)
+    return Losses(main, mtp_loss, int((main_guess == labels).sum()), int((mtp_guess == labels2).sum()),
+                  len(labels), len(labels2), int((main_guesses[:, 2:][keep2] == mtp_guess).sum()))
+
+
+class LoadBalancer:
+    """DeepSeek-V3's auxiliary-loss-free balancing: after each step, raise the correction bias of experts that
+    got fewer tokens than average and lower it for the others, by a fixed `rate`. The bias only steers selection."""
+
+    def __init__(self, model: Glm4MoeForCausalLM, rate: float = 1e-3):
+        self.rate = rate
+        self.counts: dict[TopkRouter, torch.Tensor] = {}
+        self.routers = [m for m in model.modules() if isinstance(m, TopkRouter)]
+        for router in self.routers:
+            router.register_forward_hook(self._record)
+
+    def _record(self, router: TopkRouter, inputs, output) -> None:
+        _, ids = output
+        counts = torch.bincount(ids.flatten(), minlength=router.weight.shape[0])
+        self.counts[router] = self.counts.get(router, 0) + counts
+
+    def step(self) -> float:
+        """Update the biases from the tokens routed since the last call; returns the worst load imbalance
+        (max expert load / mean load) over the layers."""
+        worst = 1.0
+        with torch.no_grad():
+            for router, counts in self.counts.items():
+                load = counts.float()
+                router.e_score_correction_bias += self.rate * torch.sign(load.mean() - load)
+                worst = max(worst, float(load.max() / load.mean().clamp(min=1)))
+        self.counts.clear()
+        return worst

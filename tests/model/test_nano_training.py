@@ -1,0 +1,77 @@
+"""Training the embedded model, scaled down to seconds: the loss falls, and the checkpoint it writes loads in
+glmserve and in transformers with equal logits. The real (hour-long) run is `python -m glmserve.nano.train`."""
+
+import itertools
+import json
+
+import pytest
+import torch
+
+from glmserve.nano.checkpoint import TINY_SHAPE, init_model, load_checkpoint, nano_config, save_checkpoint
+from glmserve.nano.corpus import conversations
+from glmserve.nano.data import collate, encode
+from glmserve.nano.objective import compute_losses
+from glmserve.nano.train import main as train_main
+from glmserve.nano.verify import max_logit_difference
+from glmserve.serving.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("nano_tiny")
+    train_main(["--out", str(out), "--shape", "tiny", "--max-steps", "40", "--tokens-per-batch", "1024",
+                "--max-len", "384", "--lr", "1e-2", "--warmup-steps", "5", "--tokenizer-conversations", "200",
+                "--dtype", "float32", "--log-seconds", "1000", "--seed", "7"])
+    return out
+
+
+def _heldout_batch(tokenizer: Tokenizer):
+    sequences = [s for conversation in itertools.islice(conversations(11, "heldout"), 12)
+                 for s in encode(tokenizer, conversation) if len(s.ids) <= 384]
+    return collate(sequences, tokenizer.token_to_id("<|endoftext|>"))
+
+
+def test_training_lowers_the_heldout_loss(trained):
+    config = json.loads((trained / "config.json").read_text())
+    batch = _heldout_batch(Tokenizer(trained))
+    with torch.inference_mode():
+        before = compute_losses(init_model(config, seed=7), batch)
+        after = compute_losses(load_checkpoint(trained), batch)
+    assert after.main.item() < before.main.item() - 1.0
+    assert after.mtp.item() < before.mtp.item() - 1.0
+
+
+def test_checkpoint_files_are_a_glm45_checkpoint(trained):
+    config = json.loads((trained / "config.json").read_text())
+    tokenizer = Tokenizer(trained)
+    eos = [tokenizer.token_to_id(t) for t in ("<|endoftext|>", "<|user|>", "<|observation|>")]
+    assert config["architectures"] == ["Glm4MoeForCausalLM"] and config["num_nextn_predict_layers"] == 1
+    assert config["eos_token_id"] == eos
+    assert json.loads((trained / "generation_config.json").read_text())["eos_token_id"] == eos
+    assert "[gMASK]<sop>" in tokenizer.chat_template
+
+
+def test_checkpoint_loads_in_transformers_with_equal_logits(trained):
+    assert max_logit_difference(trained) <= 1e-4
+
+
+def test_checkpoint_generates_in_glmserve(trained):
+    from glmserve import LLM
+    from glmserve.types import SamplingParams
+
+    llm = LLM(trained, num_kv_blocks=64)
+    out = llm.generate("[gMASK]<sop><|user|>\nWhat is 3 + 4?<|assistant|>", SamplingParams(temperature=0, max_tokens=8))
+    assert len(out[0].outputs[0].token_ids) >= 1
+
+
+def test_save_checkpoint_inverts_the_loader(tmp_path):
+    """Every parameter, MTP layer included, comes back exactly through glmserve's loader."""
+    config = nano_config(TINY_SHAPE, [0, 1, 2], 0, dtype="float32")
+    model = init_model(config, seed=3)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param))  # no two tensors alike (norms start at one, biases at zero)
+    save_checkpoint(model, config, tmp_path)
+    loaded = dict(load_checkpoint(tmp_path).named_parameters(remove_duplicate=False))
+    for name, param in model.named_parameters(remove_duplicate=False):
+        assert torch.equal(loaded[name], param.detach()), name
