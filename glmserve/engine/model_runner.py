@@ -10,6 +10,7 @@ from glmserve.config import ConfigError, EngineConfig, ModelConfig
 from glmserve.distributed import init_parallel
 from glmserve.engine.sampler import Sampler, SamplingBatch
 from glmserve.layers.attention import AttentionMetadata
+from glmserve.layers.linear import LinearBase
 from glmserve.loader import load_model
 from glmserve.model import get_model_class
 from glmserve.types import SchedulerOutput, StepOutput
@@ -36,6 +37,10 @@ def resolve_dtype(name: str, model_config: ModelConfig, device: torch.device) ->
     return _DTYPES.get(model_config.checkpoint_dtype, torch.bfloat16)
 
 
+def _onednn_prepack_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
 class ModelRunner:
     def __init__(self, model_config: ModelConfig, engine_config: EngineConfig, progress: bool = True):
         self.model_config = model_config
@@ -56,6 +61,10 @@ class ModelRunner:
         load_model(self.model, engine_config.model, model_config.num_hidden_layers,
                    model_config.num_nextn_predict_layers, progress=progress)
         self.model.eval()
+        if self.device.type == "cpu" and self.dtype == torch.float32 and _onednn_prepack_available():
+            for module in self.model.modules():
+                if isinstance(module, LinearBase):
+                    module.prepack_for_cpu()
         self.num_blocks = self._allocate_kv_cache()
         self.sampler = Sampler()
 

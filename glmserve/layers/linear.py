@@ -37,12 +37,23 @@ class LinearBase(nn.Module):
             self.bias.weight_loader = self.weight_loader
         else:
             self.register_parameter("bias", None)
+        self.packed_weight: torch.Tensor | None = None
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         _copy_checked(param, param.data, loaded)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def prepack_for_cpu(self) -> None:
+        """Keep a oneDNN-blocked copy of the weight (what inductor's CPU weight freezing does): on this class of
+        CPU it is 1.5-2.5x faster than F.linear's MKL path for the decode shapes. Call once, after loading."""
+        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None)
+
+    def _linear(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed_weight is not None and not torch.is_grad_enabled():
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._linear(x)
 
 
 class ReplicatedLinear(LinearBase):
@@ -110,4 +121,4 @@ class RowParallelLinear(LinearBase):
         _copy_checked(param, param.data, take_shard(loaded, 1, tp.tp_rank, size, size * tp.tp_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.parallel.all_reduce(F.linear(x, self.weight, self.bias))
+        return self.parallel.all_reduce(self._linear(x))

@@ -81,7 +81,7 @@ class FusedExperts(nn.Module):
         order = flat_ids.argsort(stable=True)
         counts = torch.bincount(flat_ids, minlength=self.num_experts)
         grouped_x = x[order // top_k]
-        if _use_grouped_mm(x):
+        if self._prefer_grouped_mm(x, counts):
             grouped_out = self._grouped_mm(grouped_x, counts)
         else:
             grouped_out = self._expert_loop(grouped_x, counts.tolist())
@@ -89,6 +89,15 @@ class FusedExperts(nn.Module):
         per_choice[order] = grouped_out
         out = (per_choice.view(num_tokens, top_k, -1) * weights.to(x.dtype)[..., None]).sum(1)
         return self.parallel.all_reduce(out)
+
+    def _prefer_grouped_mm(self, x: torch.Tensor, counts: torch.Tensor) -> bool:
+        """torch's grouped GEMM runs on CPU in any float dtype, on CUDA with bf16 on Hopper or newer. On CPU it
+        visits every expert, empty ones too, so the loop over active experts wins when few are active (decode)."""
+        if not hasattr(F, "grouped_mm"):
+            return False
+        if x.device.type == "cpu":
+            return 2 * int((counts > 0).sum()) >= self.num_experts
+        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
 
     def _grouped_mm(self, grouped_x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """All active experts in two grouped GEMMs: each expert's weights are read once per step."""
@@ -110,10 +119,3 @@ class FusedExperts(nn.Module):
         return grouped_out
 
 
-def _use_grouped_mm(x: torch.Tensor) -> bool:
-    """torch's grouped GEMM runs on CPU in any float dtype; on CUDA it needs bf16 on Hopper or newer."""
-    if not hasattr(F, "grouped_mm"):
-        return False
-    if x.device.type == "cpu":
-        return True
-    return x.device.type == "cuda" and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
