@@ -186,7 +186,9 @@ def serve(parser: argparse.ArgumentParser, args) -> int:
         return engine
 
     client = AsyncEngineClient(load_engine)
-    names = args.served_model_name or [model]
+    # vLLM names a served model by the path it was given; the built-in default goes by its directory's name.
+    given = args.model_path or args.model
+    names = args.served_model_name or [model if given else Path(model).name]
     state = ServerState(client, tokenizer, template, names, model, args.reasoning_parser, args.tool_call_parser,
                         args.api_key)
     try:

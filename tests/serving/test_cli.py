@@ -73,6 +73,15 @@ def test_no_model_serves_the_demo_checkpoint(tmp_path):
     assert (tmp_path / "glmserve" / "demo-random-glm45" / "config.json").is_file()
 
 
+def test_no_model_serves_the_demo_under_its_directory_name(tmp_path):
+    server = start_server(["--num-kv-blocks", "16"], tmp_path / "serve.log", env={"XDG_CACHE_HOME": str(tmp_path)})
+    try:
+        models = httpx.get(f"{server.url}/v1/models", timeout=10).json()
+        assert [m["id"] for m in models["data"]] == ["demo-random-glm45"]
+    finally:
+        server.stop()
+
+
 def test_model_errors(tmp_path):
     assert "not a checkpoint directory" in _fails(["serve", str(tmp_path / "nowhere")], tmp_path)
 
