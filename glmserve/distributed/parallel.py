@@ -29,13 +29,6 @@ class ParallelContext:
             dist.all_reduce(x, group=self.group)
         return x
 
-    def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
-        if self.tp_size == 1:
-            return x
-        parts = [torch.empty_like(x) for _ in range(self.tp_size)]
-        dist.all_gather(parts, x.contiguous(), group=self.group)
-        return torch.cat(parts, dim=dim)
-
 
 def init_parallel(tp_size: int, device: torch.device) -> ParallelContext:
     """Join the process group that torchrun (or a launcher) set up through the environment."""

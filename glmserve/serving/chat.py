@@ -22,12 +22,10 @@ import time
 from collections.abc import AsyncIterator
 
 from fastapi import Request
-from fastapi.responses import StreamingResponse
-from starlette.background import BackgroundTask
 
 from glmserve.serving.chat_template import normalize_messages, render_chat
-from glmserve.serving.errors import APIError, sse_error
-from glmserve.serving.generation import Generation, sampling_params, unless_disconnected
+from glmserve.serving.errors import APIError
+from glmserve.serving.generation import Generation, sampling_params, stream_response, unless_disconnected
 from glmserve.serving.parsers import Glm45StreamParser, parse_output
 from glmserve.serving.parsers.glm45 import THINK_OPEN, TOOL_OPEN
 from glmserve.serving.protocol import (
@@ -128,8 +126,13 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
     response_id, created = random_id("chatcmpl"), int(time.time())
     if req.stream:
         include_usage = req.stream_options is not None and req.stream_options.include_usage
-        body = _stream(state, req, prompt, gen, response_id, created, model, include_usage)
-        return StreamingResponse(body, media_type="text/event-stream", background=BackgroundTask(gen.close))
+
+        def usage_chunk() -> str:
+            return _sse(ChatCompletionChunk(id=response_id, created=created, model=model, choices=[],
+                                            usage=gen.usage()))
+
+        return stream_response(gen, _stream(state, req, prompt, gen, response_id, created, model),
+                               usage_chunk if include_usage else None)
     return await unless_disconnected(raw, _complete(state, req, prompt, gen, response_id, created, model))
 
 
@@ -169,38 +172,30 @@ def _delta_message(deltas: list[dict]) -> DeltaMessage:
     return DeltaMessage(reasoning_content=reasoning or None, content=content or None, tool_calls=calls or None)
 
 
-async def _stream(state, req, prompt: ChatPrompt, gen: Generation, response_id, created, model,
-                  include_usage: bool) -> AsyncIterator[str]:
-    def chunk(choices, usage=None) -> str:
-        return _sse(ChatCompletionChunk(id=response_id, created=created, model=model, choices=choices, usage=usage))
+async def _stream(state, req, prompt: ChatPrompt, gen: Generation, response_id, created,
+                  model) -> AsyncIterator[str]:
+    def chunk(choices) -> str:
+        return _sse(ChatCompletionChunk(id=response_id, created=created, model=model, choices=choices))
 
-    try:
-        parsers = {c.index: prompt.stream_parser() for c in gen.choices}
-        for c in gen.choices:
-            yield chunk([ChatStreamChoice(index=c.index, delta=DeltaMessage(role="assistant", content=""))])
-        async for d in gen.deltas():
-            parser = parsers[d.choice.index]
-            if parser is None:
-                deltas = [{"content": d.text}] if d.text else []
-            else:
-                deltas = parser.feed(d.text) if d.text else []
-                if d.finished:
-                    deltas += parser.finish()
-            delta = _delta_message(deltas)
-            if not (delta.content or delta.reasoning_content or delta.tool_calls or d.logprobs or d.finished):
-                continue
-            choice = ChatStreamChoice(index=d.choice.index, delta=delta)
-            if req.logprobs and d.logprobs:
-                choice.logprobs = ChoiceLogprobs(content=state.logprobs.chat(d.logprobs))
+    parsers = {c.index: prompt.stream_parser() for c in gen.choices}
+    for c in gen.choices:
+        yield chunk([ChatStreamChoice(index=c.index, delta=DeltaMessage(role="assistant", content=""))])
+    async for d in gen.deltas():
+        parser = parsers[d.choice.index]
+        if parser is None:
+            deltas = [{"content": d.text}] if d.text else []
+        else:
+            deltas = parser.feed(d.text) if d.text else []
             if d.finished:
-                has_calls = parser is not None and parser.num_tool_calls > 0
-                choice.finish_reason = _finish_reason(d.choice.finish_reason, has_calls)
-                choice.stop_reason = d.choice.stop_reason
-            yield chunk([choice])
-        if include_usage:
-            yield chunk([], gen.usage())
-        yield "data: [DONE]\n\n"
-    except Exception as e:  # noqa: BLE001 - the status line is sent; the error can only go in the stream
-        yield sse_error(e)
-    finally:
-        gen.close()
+                deltas += parser.finish()
+        delta = _delta_message(deltas)
+        if not (delta.content or delta.reasoning_content or delta.tool_calls or d.logprobs or d.finished):
+            continue
+        choice = ChatStreamChoice(index=d.choice.index, delta=delta)
+        if req.logprobs and d.logprobs:
+            choice.logprobs = ChoiceLogprobs(content=state.logprobs.chat(d.logprobs))
+        if d.finished:
+            has_calls = parser is not None and parser.num_tool_calls > 0
+            choice.finish_reason = _finish_reason(d.choice.finish_reason, has_calls)
+            choice.stop_reason = d.choice.stop_reason
+        yield chunk([choice])

@@ -10,11 +10,8 @@ import time
 from collections.abc import AsyncIterator
 
 from fastapi import Request
-from fastapi.responses import StreamingResponse
-from starlette.background import BackgroundTask
 
-from glmserve.serving.errors import sse_error
-from glmserve.serving.generation import Generation, sampling_params, unless_disconnected
+from glmserve.serving.generation import Generation, sampling_params, stream_response, unless_disconnected
 from glmserve.serving.protocol import CompletionChoice, CompletionRequest, CompletionResponse, random_id
 from glmserve.serving.state import ServerState
 
@@ -36,8 +33,13 @@ async def create_completion(state: ServerState, req: CompletionRequest, raw: Req
     response_id, created = random_id("cmpl"), int(time.time())
     if req.stream:
         include_usage = req.stream_options is not None and req.stream_options.include_usage
-        body = _stream(state, req, gen, response_id, created, model, include_usage)
-        return StreamingResponse(body, media_type="text/event-stream", background=BackgroundTask(gen.close))
+
+        def usage_chunk() -> str:
+            return _sse(CompletionResponse(id=response_id, created=created, model=model, choices=[],
+                                           usage=gen.usage()))
+
+        return stream_response(gen, _stream(state, req, gen, response_id, created, model),
+                               usage_chunk if include_usage else None)
     return await unless_disconnected(raw, _complete(state, req, gen, response_id, created, model))
 
 
@@ -58,28 +60,20 @@ async def _complete(state, req: CompletionRequest, gen: Generation, response_id,
     return CompletionResponse(id=response_id, created=created, model=model, choices=choices, usage=gen.usage())
 
 
-async def _stream(state, req: CompletionRequest, gen: Generation, response_id, created, model,
-                  include_usage: bool) -> AsyncIterator[str]:
-    def chunk(choices, usage=None) -> str:
-        response = CompletionResponse(id=response_id, created=created, model=model, choices=choices, usage=usage)
-        return f"data: {response.model_dump_json(exclude_none=True)}\n\n"
+def _sse(response: CompletionResponse) -> str:
+    return f"data: {response.model_dump_json(exclude_none=True)}\n\n"
 
+
+async def _stream(state, req: CompletionRequest, gen: Generation, response_id, created,
+                  model) -> AsyncIterator[str]:
     offsets = {c.index: 0 for c in gen.choices}  # text_offset of the next token, per choice
-    try:
-        async for d in gen.deltas():
-            if not (d.text or d.logprobs or d.finished):
-                continue
-            choice = CompletionChoice(index=d.choice.index, text=d.text)
-            if req.logprobs is not None:
-                choice.logprobs = state.logprobs.completion(d.logprobs or [], offsets[d.choice.index])
-                offsets[d.choice.index] += len(d.text)
-            if d.finished:
-                choice.finish_reason, choice.stop_reason = d.choice.finish_reason, d.choice.stop_reason
-            yield chunk([choice])
-        if include_usage:
-            yield chunk([], gen.usage())
-        yield "data: [DONE]\n\n"
-    except Exception as e:  # noqa: BLE001 - the status line is sent; the error can only go in the stream
-        yield sse_error(e)
-    finally:
-        gen.close()
+    async for d in gen.deltas():
+        if not (d.text or d.logprobs or d.finished):
+            continue
+        choice = CompletionChoice(index=d.choice.index, text=d.text)
+        if req.logprobs is not None:
+            choice.logprobs = state.logprobs.completion(d.logprobs or [], offsets[d.choice.index])
+            offsets[d.choice.index] += len(d.text)
+        if d.finished:
+            choice.finish_reason, choice.stop_reason = d.choice.finish_reason, d.choice.stop_reason
+        yield _sse(CompletionResponse(id=response_id, created=created, model=model, choices=[choice]))

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from fastapi import Request
-from fastapi.responses import Response
+from fastapi.responses import Response, StreamingResponse
+from starlette.background import BackgroundTask
 
 from glmserve.engine.engine_client import EngineInfo, EngineRequest, RequestStream
+from glmserve.serving.errors import sse_error
 from glmserve.serving.metrics import RequestTimer
 from glmserve.serving.protocol import SamplingFields, UsageInfo, random_id
 from glmserve.serving.state import ServerState
@@ -151,3 +153,24 @@ async def unless_disconnected(request: Request, work: Awaitable[Response]) -> Re
     if gone:
         return Response(status_code=499)  # nobody will read it; nginx's code for "client closed the request"
     return task.result()
+
+
+def stream_response(gen: Generation, chunks: AsyncIterator[str],
+                    usage_chunk: Callable[[], str] | None) -> StreamingResponse:
+    """The SSE framing chat and completions share: their chunks, then the usage chunk when asked for, then
+    `[DONE]`. An error after the status line can only go into the stream; the generation is closed on every
+    exit, a client that went away included."""
+
+    async def body() -> AsyncIterator[str]:
+        try:
+            async for chunk in chunks:
+                yield chunk
+            if usage_chunk is not None:
+                yield usage_chunk()
+            yield "data: [DONE]\n\n"
+        except Exception as e:  # noqa: BLE001 - the status line is sent; the error can only go in the stream
+            yield sse_error(e)
+        finally:
+            gen.close()
+
+    return StreamingResponse(body(), media_type="text/event-stream", background=BackgroundTask(gen.close))
