@@ -1,4 +1,5 @@
-"""`glmserve serve` (OpenAI-compatible server) and `glmserve generate` (one-shot generation).
+"""`glmserve serve` (OpenAI-compatible server), `glmserve chat` (terminal chat, glmserve.chat_cli) and
+`glmserve generate` (one-shot generation).
 
 Flags carry both spellings where vLLM and SGLang differ, so the model card's commands work with `vllm serve` /
 `python3 -m sglang.launch_server` replaced by `glmserve serve`. A flag value that cannot work is refused before
@@ -18,9 +19,7 @@ from pathlib import Path
 
 logger = logging.getLogger("glmserve")
 
-# SGLang's and vLLM's speculative-decoding flags: accepted, refused until MTP speculative decoding lands.
-SPECULATIVE_FLAGS = ("--speculative-algorithm", "--speculative-num-steps", "--speculative-eagle-topk",
-                     "--speculative-num-draft-tokens", "--speculative-config")
+SPECULATIVE_ALGORITHMS = ("EAGLE", "NEXTN", "MTP")  # SGLang's names; for GLM-4.5 each drafts with the MTP layer
 
 
 def default_model_path() -> str:
@@ -58,6 +57,13 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", "--random-seed", dest="seed", type=int, default=0)
     p.add_argument("--tensor-parallel-size", "--tp-size", "--tp", dest="tensor_parallel_size", type=int, default=1)
     p.add_argument("--trust-remote-code", action="store_true", help="accepted; glmserve never runs checkpoint code")
+    spec = p.add_argument_group("speculative decoding with the checkpoint's MTP layer (SGLang's or vLLM's flags)")
+    spec.add_argument("--speculative-algorithm", type=str.upper, choices=SPECULATIVE_ALGORITHMS,
+                      help="EAGLE, NEXTN or MTP: all draft with the MTP layer")
+    spec.add_argument("--speculative-num-steps", type=int, help="draft tokens per step (chained MTP steps)")
+    spec.add_argument("--speculative-eagle-topk", type=int, default=1, help="only 1 (chain drafting)")
+    spec.add_argument("--speculative-num-draft-tokens", type=int, help="with topk 1: num-steps + 1")
+    spec.add_argument("--speculative-config", help='vLLM\'s JSON, e.g. \'{"method": "mtp", "num_speculative_tokens": 3}\'')
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -81,8 +87,6 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="accepted for SGLang's command line; glmserve has no fusion to disable")
     serve.add_argument("--cpu-offload-gb", type=float, default=0.0)
     serve.add_argument("--uvicorn-log-level", default="warning", help="uvicorn's own logging (info: access log)")
-    for flag in SPECULATIVE_FLAGS:
-        serve.add_argument(flag, help="not supported yet (speculative decoding with the MTP layer)")
     # Test-only: a JSON script of outputs (glmserve.testing.scripted); hidden from --help.
     serve.add_argument("--scripted-output-file", help=argparse.SUPPRESS)
 
@@ -93,6 +97,13 @@ def _build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--no-thinking", action="store_true", help="with --chat: thinking mode off")
     generate.add_argument("--max-tokens", type=int, default=128)
     generate.add_argument("--temperature", type=float, default=0.0)
+
+    chat = commands.add_parser("chat", help="chat with the model in the terminal", allow_abbrev=False)
+    _add_engine_flags(chat)
+    chat.add_argument("--system", help="a system message that starts the conversation")
+    chat.add_argument("--max-tokens", type=int, default=1024, help="the longest reply, reasoning included")
+    chat.add_argument("--temperature", type=float, help="default: the checkpoint's generation_config.json")
+    chat.add_argument("--scripted-output-file", help=argparse.SUPPRESS)  # test-only, as for serve
     return parser
 
 
@@ -124,18 +135,43 @@ def _check_devices(parser: argparse.ArgumentParser, command: str, tp: int, devic
                  f"across devices is not supported by it yet")
 
 
+def _speculative_tokens(args) -> int:
+    """SGLang's --speculative-* flags or vLLM's --speculative-config → MTP draft tokens per step (0: off)."""
+    from glmserve.config import ConfigError, num_speculative_tokens
+
+    if args.speculative_config is not None:
+        if args.speculative_algorithm or args.speculative_num_steps:
+            raise ConfigError("give either --speculative-config (vLLM) or --speculative-algorithm and "
+                              "--speculative-num-steps (SGLang), not both")
+        return num_speculative_tokens(args.speculative_config)
+    if args.speculative_algorithm is None:
+        if args.speculative_num_steps or args.speculative_num_draft_tokens:
+            raise ConfigError("--speculative-num-steps needs --speculative-algorithm (EAGLE, NEXTN or MTP)")
+        return 0
+    if args.speculative_eagle_topk != 1:
+        raise ConfigError(f"--speculative-eagle-topk {args.speculative_eagle_topk}: only 1 is supported (chain "
+                          f"drafting; tree drafting with topk > 1 is not implemented)")
+    steps = args.speculative_num_steps or 3  # SGLang's default for EAGLE/NEXTN with topk 1
+    if args.speculative_num_draft_tokens not in (None, steps + 1):
+        raise ConfigError(f"--speculative-num-draft-tokens must be --speculative-num-steps + 1 ({steps + 1}) "
+                          f"with --speculative-eagle-topk 1, got {args.speculative_num_draft_tokens}")
+    return steps
+
+
 def _engine_config(parser: argparse.ArgumentParser, args, model: str):
-    from glmserve.config import ConfigError, EngineConfig
+    from glmserve.config import ConfigError, EngineConfig, ModelConfig, check_speculative_decoding
 
     _check_devices(parser, args.command, args.tensor_parallel_size, args.device)
     try:
+        num_draft_tokens = _speculative_tokens(args)
+        check_speculative_decoding(ModelConfig.from_pretrained(model), num_draft_tokens)
         return EngineConfig(
             model=model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
             block_size=args.block_size, kv_cache_memory_gb=args.kv_cache_memory_gb,
             gpu_memory_utilization=args.gpu_memory_utilization, num_kv_blocks=args.num_kv_blocks,
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
             enable_prefix_caching=args.enable_prefix_caching and not args.disable_radix_cache, seed=args.seed,
-            tensor_parallel_size=args.tensor_parallel_size)
+            tensor_parallel_size=args.tensor_parallel_size, num_speculative_tokens=num_draft_tokens)
     except ConfigError as e:
         parser.error(str(e))
 
@@ -153,10 +189,6 @@ def _chat_template(parser: argparse.ArgumentParser, flag: str | None, tokenizer)
 
 
 def serve(parser: argparse.ArgumentParser, args) -> int:
-    given = [flag for flag in SPECULATIVE_FLAGS if getattr(args, flag[2:].replace("-", "_")) is not None]
-    if given:
-        parser.error(f"{given[0]} is not supported yet: speculative decoding with GLM-4.5's MTP layer is still to "
-                     f"come; drop the {', '.join(given)} flag(s) to serve without it")
     if args.cpu_offload_gb:
         parser.error("--cpu-offload-gb is not supported")
     from glmserve.serving.parsers import check_parser_names
@@ -244,6 +276,17 @@ def generate(parser: argparse.ArgumentParser, args) -> int:
     return 0
 
 
+def chat(parser: argparse.ArgumentParser, args) -> int:
+    from glmserve.chat_cli import run
+    from glmserve.serving.tokenizer import Tokenizer
+
+    model = _model_path(parser, args)
+    config = _engine_config(parser, args, model)
+    tokenizer = Tokenizer(model)
+    return run(config, tokenizer, _chat_template(parser, None, tokenizer), args.max_tokens, args.temperature,
+               args.system, args.scripted_output_file)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s %(name)s: %(message)s")
     parser = _build_parser()
@@ -251,6 +294,6 @@ def main(argv: list[str] | None = None) -> int:
     from glmserve.config import ConfigError
 
     try:
-        return (serve if args.command == "serve" else generate)(parser, args)
+        return {"serve": serve, "chat": chat, "generate": generate}[args.command](parser, args)
     except ConfigError as e:
         parser.error(str(e))

@@ -149,6 +149,40 @@ class GenerationDefaults:
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+MAX_SPECULATIVE_TOKENS = 16  # chained MTP drafts; acceptance decays fast, peers use 1-4
+# vLLM's names for drafting with the checkpoint's own MTP layer.
+MTP_METHODS = ("mtp", "deepseek_mtp", "glm4_moe_mtp")
+
+
+def num_speculative_tokens(speculative_config: dict | str | None) -> int:
+    """vLLM's `speculative_config` (a dict or its JSON) → the number of MTP draft tokens per step (0: off)."""
+    if speculative_config is None:
+        return 0
+    if isinstance(speculative_config, str):
+        try:
+            speculative_config = json.loads(speculative_config)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--speculative-config is not valid JSON: {e}") from None
+    if not isinstance(speculative_config, dict):
+        raise ConfigError("speculative_config must be a JSON object such as "
+                          '{"method": "mtp", "num_speculative_tokens": 3}')
+    unknown = set(speculative_config) - {"method", "num_speculative_tokens"}
+    if unknown:
+        raise ConfigError(f"speculative_config: unsupported keys {sorted(unknown)}")
+    method = speculative_config.get("method", "mtp")
+    if method not in MTP_METHODS:
+        raise ConfigError(f"speculative_config: method {method!r} is not supported; glmserve drafts with the "
+                          f"checkpoint's MTP layer (method \"mtp\")")
+    k = speculative_config.get("num_speculative_tokens", 1)
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ConfigError(f"speculative_config: num_speculative_tokens must be a positive integer, got {k!r}")
+    return k
+
+
+def check_speculative_decoding(model_config: ModelConfig, num_speculative_tokens: int) -> None:
+    if num_speculative_tokens and model_config.num_nextn_predict_layers < 1:
+        raise ConfigError("MTP speculative decoding needs the checkpoint's MTP layer, and this one has none "
+                          "(num_nextn_predict_layers is 0)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +203,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     seed: int = 0
     tensor_parallel_size: int = 1
+    num_speculative_tokens: int = 0  # MTP drafts per step (vLLM's speculative_config num_speculative_tokens)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -181,3 +216,6 @@ class EngineConfig:
             raise ConfigError("--num-kv-blocks must be positive")
         if self.tensor_parallel_size < 1:
             raise ConfigError("--tensor-parallel-size must be positive")
+        if not 0 <= self.num_speculative_tokens <= MAX_SPECULATIVE_TOKENS:
+            raise ConfigError(f"the number of speculative tokens must be in [0, {MAX_SPECULATIVE_TOKENS}], "
+                              f"got {self.num_speculative_tokens}")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from glmserve.config import EngineConfig
+from glmserve.config import EngineConfig, num_speculative_tokens
 from glmserve.engine.llm_engine import LLMEngine
 from glmserve.serving.text_output import TextOutput
 from glmserve.serving.tokenizer import Tokenizer
@@ -43,7 +43,12 @@ class RequestOutput:
 
 
 class LLM:
-    def __init__(self, model: str | Path, *, progress: bool = False, **engine_args):
+    def __init__(self, model: str | Path, *, progress: bool = False, speculative_config: dict | None = None,
+                 **engine_args):
+        """engine_args: EngineConfig fields; speculative_config as vLLM's, e.g. {"method": "mtp",
+        "num_speculative_tokens": 3}."""
+        if speculative_config is not None:
+            engine_args["num_speculative_tokens"] = num_speculative_tokens(speculative_config)
         self.engine = LLMEngine(EngineConfig(model=str(model), **engine_args), progress=progress)
         self.tokenizer = Tokenizer(model)
         self._ids = itertools.count()

@@ -189,10 +189,12 @@ class TokenLogprobs:
 @dataclass(slots=True)
 class StepOutput:
     """The runner's answer for one step: for each chunk (same order), the accepted new tokens (empty when the
-    chunk did not sample) and, when asked for, their logprobs."""
+    chunk did not sample), when asked for their logprobs, and with speculative decoding the drafts to verify
+    next step."""
 
     sampled_token_ids: list[list[int]]
     logprobs: list[list[TokenLogprobs] | None] | None = None
+    draft_token_ids: list[list[int]] | None = None
 
 
 @dataclass(slots=True)

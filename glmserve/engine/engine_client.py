@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from glmserve.config import GenerationDefaults
 from glmserve.engine.scheduler import SchedulerStats
+from glmserve.engine.stat_logger import StatLogger
 from glmserve.types import ParamError, RequestOutput, SamplingParams
 
 if TYPE_CHECKING:  # the client itself needs no torch; only the factory it is given builds an engine
@@ -126,6 +127,7 @@ class AsyncEngineClient:
         self.info: EngineInfo | None = None
         self.error: BaseException | None = None
         self.stats = SchedulerStats(0, 0, 0.0, 0, 0)  # replaced (never mutated) by the engine thread
+        self._stat_logger = StatLogger()
 
     # ---- the hand-off between the two threads ------------------------------------------------------------
 
@@ -272,6 +274,7 @@ class AsyncEngineClient:
                 engine.abort(command[1])
         outputs = engine.step() if engine.has_unfinished_requests() else []
         self.stats = engine.scheduler.stats()  # before the outputs: whoever sees a request end sees its blocks freed
+        self._stat_logger.record(self.stats, sum(len(o.new_token_ids) for o in outputs))
         if outputs:
             self._call(self._dispatch, outputs)
         return True

@@ -24,14 +24,15 @@ class LLMEngine:
         self.runner = ModelRunner(self.model_config, config, progress=progress)
         self.kv_cache = KVCacheManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         # One sequence must always fit in the pool, or preemption could never make room for it.
-        capacity = self.kv_cache.capacity_tokens
+        capacity = self.kv_cache.capacity_tokens - max(config.num_speculative_tokens - 1, 0)  # drafter lookahead
         if config.max_model_len is not None and config.max_model_len > capacity:
             raise ConfigError(f"--max-model-len {config.max_model_len} does not fit in the KV cache "
                               f"({capacity} tokens): raise the KV cache budget or lower --max-model-len")
         self.max_model_len = config.max_model_len or min(positions, capacity)
         self.scheduler = Scheduler(self.kv_cache, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens,
-                                   long_prefill_token_threshold=config.long_prefill_token_threshold)
+                                   long_prefill_token_threshold=config.long_prefill_token_threshold,
+                                   num_speculative_tokens=config.num_speculative_tokens)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
         """Queue a request; invalid input raises ParamError before it reaches the scheduler."""

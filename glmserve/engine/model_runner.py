@@ -6,14 +6,16 @@ import logging
 
 import torch
 
-from glmserve.config import ConfigError, EngineConfig, ModelConfig
+from glmserve.config import ConfigError, EngineConfig, ModelConfig, check_speculative_decoding
 from glmserve.distributed import init_parallel
+from glmserve.engine.mtp_proposer import MTPProposer
+from glmserve.engine.rejection_sampler import RejectionSampler
 from glmserve.engine.sampler import Sampler, SamplingBatch
 from glmserve.layers.attention import AttentionMetadata
 from glmserve.layers.linear import LinearBase
 from glmserve.loader import load_model
 from glmserve.model import get_model_class
-from glmserve.types import SchedulerOutput, StepOutput
+from glmserve.types import ScheduledChunk, SchedulerOutput, StepOutput
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +67,10 @@ class ModelRunner:
             for module in self.model.modules():
                 if isinstance(module, LinearBase):
                     module.prepack_for_cpu()
+        self.proposer = self._make_proposer()
         self.num_blocks = self._allocate_kv_cache()
         self.sampler = Sampler()
+        self.rejection_sampler = RejectionSampler(self.sampler)
 
     def _keep_router_in_fp32(self) -> None:
         """The router and its correction bias are fp32 in every dtype (transformers keeps them so too)."""
@@ -74,8 +78,18 @@ class ModelRunner:
             if name.endswith("mlp.gate"):
                 module.float()
 
+    def _make_proposer(self) -> MTPProposer | None:
+        k = self.config.num_speculative_tokens
+        if not k:
+            return None
+        check_speculative_decoding(self.model_config, k)
+        return MTPProposer(self.model.mtp_layer, k, self.block_size, self.model_config.max_position_embeddings,
+                           self.device)
+
     def _allocate_kv_cache(self) -> int:
         layers = self.model.attention_layers
+        if self.proposer is not None:
+            layers = layers + [self.proposer.mtp.self_attn]
         kv_heads, head_dim = layers[0].num_kv_heads, layers[0].head_dim
         bytes_per_block = 2 * len(layers) * self.block_size * kv_heads * head_dim * self.dtype.itemsize
         if self.config.num_kv_blocks is not None:
@@ -100,33 +114,88 @@ class ModelRunner:
         chunks = scheduler_output.chunks
         input_ids: list[int] = []
         positions: list[int] = []
-        sample_rows: list[int] = []  # flat index of the last token of each chunk that samples
+        last_known: list[int] = []  # flat index of each chunk's last known token; its drafts follow it
         for chunk in chunks:
-            n = len(chunk.token_ids)
-            input_ids.extend(chunk.token_ids)
-            positions.extend(range(chunk.start_pos, chunk.start_pos + n))
-            if chunk.sample:
-                sample_rows.append(len(input_ids) - 1)
-        meta = AttentionMetadata.build([c.start_pos for c in chunks], [len(c.token_ids) for c in chunks],
-                                       [c.request.block_ids for c in chunks], self.block_size, self.device)
+            tokens = chunk.token_ids + chunk.draft_token_ids
+            input_ids.extend(tokens)
+            positions.extend(range(chunk.start_pos, chunk.start_pos + len(tokens)))
+            last_known.append(len(input_ids) - 1 - len(chunk.draft_token_ids))
+        block_tables = [c.request.block_ids for c in chunks]
+        meta = AttentionMetadata.build([c.start_pos for c in chunks], [c.num_tokens for c in chunks],
+                                       block_tables, self.block_size, self.device)
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         hidden = self.model(ids, pos, meta)
 
+        sampling = [i for i, c in enumerate(chunks) if c.sample]
+        if any(c.draft_token_ids for c in chunks):
+            sampled, logprobs = self._verify(chunks, sampling, last_known, hidden)
+        else:
+            sampled, logprobs = self._sample(chunks, sampling, last_known, hidden)
+        drafts = None
+        if self.proposer is not None:
+            drafts = self._propose(chunks, sampled, last_known, hidden)
+        return StepOutput(sampled_token_ids=sampled, logprobs=logprobs, draft_token_ids=drafts)
+
+    def _sample(self, chunks: list[ScheduledChunk], sampling: list[int], last_known: list[int],
+                hidden: torch.Tensor) -> tuple[list[list[int]], list | None]:
         sampled: list[list[int]] = [[] for _ in chunks]
         logprobs: list | None = None
-        sampling = [i for i, c in enumerate(chunks) if c.sample]
-        if sampling:
-            logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
-            batch = SamplingBatch.build([chunks[i].request for i in sampling], logits.shape[-1], self.device)
-            out = self.sampler(logits, batch)
-            for i, token in zip(sampling, out.token_ids.tolist()):
-                sampled[i] = [token]
-            if out.logprobs is not None:
-                logprobs = [None] * len(chunks)
-                for i, lp in zip(sampling, out.logprobs):
-                    logprobs[i] = None if lp is None else [lp]
-        return StepOutput(sampled_token_ids=sampled, logprobs=logprobs)
+        if not sampling:
+            return sampled, logprobs
+        logits = self.model.compute_logits(hidden[torch.tensor([last_known[i] for i in sampling], device=self.device)])
+        batch = SamplingBatch.build([chunks[i].request for i in sampling], logits.shape[-1], self.device)
+        out = self.sampler(logits, batch)
+        for i, token in zip(sampling, out.token_ids.tolist()):
+            sampled[i] = [token]
+        if out.logprobs is not None:
+            logprobs = [None] * len(chunks)
+            for i, lp in zip(sampling, out.logprobs):
+                logprobs[i] = None if lp is None else [lp]
+        return sampled, logprobs
+
+    def _verify(self, chunks: list[ScheduledChunk], sampling: list[int], last_known: list[int],
+                hidden: torch.Tensor) -> tuple[list[list[int]], list | None]:
+        """Score each sampling chunk's last known token and its drafts, and keep what the rejection sampler
+        accepts plus one more token."""
+        requests, prefixes, draft_ids, rows, row_index = [], [], [], [], []
+        width = 1 + max(len(chunks[i].draft_token_ids) for i in sampling)
+        for i in sampling:
+            drafts = chunks[i].draft_token_ids
+            row_index.append([len(rows) + j if j <= len(drafts) else -1 for j in range(width)])
+            for j in range(len(drafts) + 1):
+                requests.append(chunks[i].request)
+                prefixes.append(drafts[:j])
+                draft_ids.append(drafts[j] if j < len(drafts) else -1)
+                rows.append(last_known[i] + j)
+        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
+        batch = SamplingBatch.build(requests, logits.shape[-1], self.device, draft_prefixes=prefixes)
+        out = self.rejection_sampler(logits, batch, torch.tensor(draft_ids, device=self.device),
+                                     torch.tensor(row_index, device=self.device))
+        token_ids = out.token_ids.tolist()
+        sampled: list[list[int]] = [[] for _ in chunks]
+        logprobs = None if out.logprobs is None else [None] * len(chunks)
+        for i, first, n in zip(sampling, (r[0] for r in row_index), out.num_emitted.tolist()):
+            sampled[i] = token_ids[first : first + n]
+            if logprobs is not None and out.logprobs[first] is not None:
+                logprobs[i] = out.logprobs[first : first + n]
+        return sampled, logprobs
+
+    def _propose(self, chunks: list[ScheduledChunk], sampled: list[list[int]], last_known: list[int],
+                 hidden: torch.Tensor) -> list[list[int]]:
+        """Run the MTP layer over the positions each chunk keeps: its known tokens and accepted drafts."""
+        next_token_ids, kept_rows = [], []
+        for chunk, new, last in zip(chunks, sampled, last_known):
+            first = last + 1 - len(chunk.token_ids)
+            if chunk.sample:  # the kept run ends with the token emitted this step
+                next_token_ids.append(chunk.token_ids[1:] + new)
+            else:  # a prefill chunk: the token after its last one is the next prompt token
+                end = chunk.start_pos + len(chunk.token_ids)
+                next_token_ids.append(chunk.request.token_ids[chunk.start_pos + 1 : end + 1])
+            kept_rows.extend(range(first, first + len(next_token_ids[-1])))
+        kept = hidden[torch.tensor(kept_rows, device=self.device)]
+        return self.proposer.propose([c.start_pos for c in chunks], next_token_ids, kept,
+                                     [c.request.block_ids for c in chunks], [bool(new) for new in sampled])
 
     def release(self, request_id: str) -> None:
         """Forget per-request state (seeded generators) of a finished request."""

@@ -56,7 +56,11 @@ class SamplingBatch:
     max_num_logprobs: int | None
 
     @classmethod
-    def build(cls, requests: list[Request], vocab_size: int, device) -> SamplingBatch:
+    def build(cls, requests: list[Request], vocab_size: int, device,
+              draft_prefixes: list[list[int]] | None = None) -> SamplingBatch:
+        """One row per request; with `draft_prefixes`, row i samples the token after requests[i]'s output
+        extended by draft_prefixes[i] (speculative verification), so penalties and min_tokens see those drafts."""
+        prefixes = draft_prefixes or [[] for _ in requests]
         params = [r.sampling_params for r in requests]
         greedy = [p.greedy for p in params]
         f32 = torch.float32
@@ -72,11 +76,11 @@ class SamplingBatch:
         if repetition is not None:
             prompt_ids = _padded([r.prompt_token_ids for r in requests], vocab_size, device)
         if any_penalty:
-            output_ids = _padded([r.output_token_ids for r in requests], vocab_size, device)
+            output_ids = _padded([r.output_token_ids + d for r, d in zip(requests, prefixes)], vocab_size, device)
 
         rows, ids = [], []
-        for i, (r, p) in enumerate(zip(requests, params)):
-            if r.num_output_tokens < p.min_tokens:
+        for i, (r, p, d) in enumerate(zip(requests, params, prefixes)):
+            if r.num_output_tokens + len(d) < p.min_tokens:
                 stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else set(r.eos_token_ids))
                 stop_ids = sorted(t for t in stop_ids if t < vocab_size)
                 rows += [i] * len(stop_ids)
@@ -163,7 +167,7 @@ def apply_sampling_masks(logits: Tensor, batch: SamplingBatch) -> Tensor:
     return logits.scatter_(1, order, sorted_logits)
 
 
-def _gather_logprobs(raw_logprobs: Tensor, token_ids: Tensor, batch: SamplingBatch) -> list[TokenLogprobs | None]:
+def gather_logprobs(raw_logprobs: Tensor, token_ids: Tensor, batch: SamplingBatch) -> list[TokenLogprobs | None]:
     sampled = raw_logprobs.gather(1, token_ids.unsqueeze(1))
     ranks = (raw_logprobs > sampled).sum(dim=-1) + 1
     top = raw_logprobs.topk(min(batch.max_num_logprobs, raw_logprobs.shape[1]), dim=-1)
@@ -191,30 +195,52 @@ class Sampler:
         if batch.temperature is None and not batch.edits_logits:
             token_ids = logits.argmax(dim=-1)  # all greedy, nothing to edit: argmax on any dtype is exact
         else:
-            logits = logits.to(torch.float32, copy=True)  # the caller's logits stay untouched
-            if batch.min_tokens_mask is not None:
-                logits[batch.min_tokens_mask] = _NEG_INF
-            apply_penalties(logits, batch)
-            token_ids = self._sample(logits, batch)
-        logprobs = None if raw_logprobs is None else _gather_logprobs(raw_logprobs, token_ids, batch)
+            edited = self.edited(logits, batch)
+            greedy = None if batch.greedy_rows is None else edited.argmax(dim=-1)
+            if batch.temperature is None:
+                token_ids = greedy
+            else:
+                probs = self.probs(edited, batch)
+                sampled = probs.div_(self.draw(probs, batch)[0]).argmax(dim=-1)
+                token_ids = sampled if greedy is None else torch.where(batch.greedy_rows, greedy, sampled)
+        logprobs = None if raw_logprobs is None else gather_logprobs(raw_logprobs, token_ids, batch)
         return SamplerOutput(token_ids=token_ids, logprobs=logprobs)
 
-    def _sample(self, logits: Tensor, batch: SamplingBatch) -> Tensor:
-        greedy = None if batch.greedy_rows is None else logits.argmax(dim=-1)
-        if batch.temperature is None:
-            return greedy
-        logits.div_(batch.temperature.unsqueeze(1))
-        probs = apply_sampling_masks(logits, batch).softmax(dim=-1)
-        # Exponential race: argmax(p / q), q ~ Exp(1), picks token i with probability p_i, with no CDF search.
+    @staticmethod
+    def edited(logits: Tensor, batch: SamplingBatch) -> Tensor:
+        """An fp32 copy (the caller's logits stay untouched) with min_tokens masking and penalties applied:
+        these change greedy choices too."""
+        logits = logits.to(torch.float32, copy=True)
+        if batch.min_tokens_mask is not None:
+            logits[batch.min_tokens_mask] = _NEG_INF
+        return apply_penalties(logits, batch)
+
+    @staticmethod
+    def probs(edited: Tensor, batch: SamplingBatch) -> Tensor:
+        """The random rows' distribution: temperature, then min-p, top-k, top-p. Overwrites `edited`."""
+        edited.div_(batch.temperature.unsqueeze(1))
+        return apply_sampling_masks(edited, batch).softmax(dim=-1)
+
+    def draw(self, probs: Tensor, batch: SamplingBatch,
+             uniform_rows: list[bool] | None = None) -> tuple[Tensor, Tensor | None]:
+        """Exponential noise for the race, argmax(p / q) with q ~ Exp(1), which picks token i with probability
+        p_i with no CDF search; and, for the rows in `uniform_rows`, one U[0, 1) draw after the row's noise.
+
+        Seeded rows draw from their request's own generator, in row order, so their draws do not depend on the
+        rest of the batch (several rows of one request draw one after another from the same stream)."""
         q = torch.empty_like(probs)
+        u = None if uniform_rows is None else torch.empty(probs.shape[0], device=probs.device)
         if any(s is None for s in batch.seeds):
             q.exponential_()
+            if u is not None:
+                u.uniform_()
         for i, seed in enumerate(batch.seeds):
             if seed is not None:
-                # The row's own generator, so its draws do not depend on the rest of the batch.
-                q[i].exponential_(generator=self._generator(batch.request_ids[i], seed, probs.device))
-        sampled = probs.div_(q).argmax(dim=-1)
-        return sampled if greedy is None else torch.where(batch.greedy_rows, greedy, sampled)
+                generator = self._generator(batch.request_ids[i], seed, probs.device)
+                q[i].exponential_(generator=generator)
+                if u is not None and uniform_rows[i]:
+                    u[i : i + 1].uniform_(generator=generator)
+        return q, u
 
     def _generator(self, request_id: str, seed: int, device: torch.device) -> torch.Generator:
         g = self._generators.get(request_id)

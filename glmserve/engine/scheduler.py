@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from glmserve.engine.kv_cache import KVCacheManager
 from glmserve.engine.stop import check_stop
@@ -30,6 +30,35 @@ class SchedulerStats:
     kv_cache_usage: float
     prefix_cache_queries: int  # tokens
     prefix_cache_hits: int  # tokens
+    spec_decoding: SpecDecodingStats | None = None  # with speculative decoding only
+
+
+@dataclass(slots=True)
+class SpecDecodingStats:
+    """vLLM's speculative-decoding counters; mean acceptance length = 1 + accepted / drafts."""
+
+    num_drafts: int = 0  # verification runs (requests x steps that had drafts)
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)  # [j]: drafts accepted at position j
+
+    def record(self, num_draft_tokens: int, num_accepted: int) -> None:
+        self.num_drafts += 1
+        self.num_draft_tokens += num_draft_tokens
+        self.num_accepted_tokens += num_accepted
+        missing = num_draft_tokens - len(self.accepted_per_position)
+        if missing > 0:
+            self.accepted_per_position.extend([0] * missing)
+        for j in range(num_accepted):
+            self.accepted_per_position[j] += 1
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        return 1 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0
+
+    def snapshot(self) -> SpecDecodingStats:
+        return SpecDecodingStats(self.num_drafts, self.num_draft_tokens, self.num_accepted_tokens,
+                                 list(self.accepted_per_position))
 
 
 def _max_num_tokens(request: Request) -> int | None:
@@ -49,6 +78,7 @@ class Scheduler:
         max_num_seqs: int = 256,
         max_num_batched_tokens: int = 2048,
         long_prefill_token_threshold: int = 0,
+        num_speculative_tokens: int = 0,
     ):
         if max_num_seqs < 1 or max_num_batched_tokens < 1 or long_prefill_token_threshold < 0:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1, the threshold >= 0")
@@ -56,6 +86,10 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.long_prefill_token_threshold = long_prefill_token_threshold
+        # Slots reserved past each chunk for the drafter's chained steps: k MTP drafts write k - 1 positions
+        # beyond the last kept token.
+        self.num_lookahead_tokens = max(num_speculative_tokens - 1, 0)
+        self.spec_decoding = SpecDecodingStats() if num_speculative_tokens else None
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order; preemption takes from the end
         self.requests: dict[str, Request] = {}  # unfinished requests by id
@@ -67,7 +101,7 @@ class Scheduler:
             raise ValueError(f"duplicate request id {request.request_id!r}")
         max_len = _max_num_tokens(request)
         # A request that cannot fit in the whole cache would preempt itself forever.
-        if max_len is not None and max_len > self.kv_cache.capacity_tokens:
+        if max_len is not None and max_len + self.num_lookahead_tokens > self.kv_cache.capacity_tokens:
             raise ValueError(
                 f"request {request.request_id!r} may reach {max_len} tokens, more than the KV cache holds "
                 f"({self.kv_cache.capacity_tokens})"
@@ -108,8 +142,9 @@ class Scheduler:
 
     def stats(self) -> SchedulerStats:
         kv = self.kv_cache
+        spec = self.spec_decoding.snapshot() if self.spec_decoding is not None else None
         return SchedulerStats(
-            self.num_running, self.num_waiting, kv.usage, kv.prefix_cache_queries, kv.prefix_cache_hits
+            self.num_running, self.num_waiting, kv.usage, kv.prefix_cache_queries, kv.prefix_cache_hits, spec
         )
 
     # ---- scheduling --------------------------------------------------------------------------------------
@@ -125,7 +160,7 @@ class Scheduler:
             num_new = self._num_new_tokens(
                 request.num_tokens + len(request.draft_token_ids) - request.num_computed_tokens, budget
             )
-            while not self.kv_cache.allocate_slots(request, num_new):
+            while not self.kv_cache.allocate_slots(request, num_new + self.num_lookahead_tokens):
                 victim = self.running.pop()
                 self._preempt(victim)
                 output.preempted_request_ids.append(victim.request_id)
@@ -143,7 +178,7 @@ class Scheduler:
             request = self.waiting[0]
             computed_blocks, num_cached = self.kv_cache.get_computed_blocks(request)
             num_new = self._num_new_tokens(request.num_tokens - num_cached, budget)
-            if not self.kv_cache.allocate_slots(request, num_new, computed_blocks):
+            if not self.kv_cache.allocate_slots(request, num_new + self.num_lookahead_tokens, computed_blocks):
                 break  # FCFS: nobody overtakes the head of the queue
             self.waiting.popleft()
             request.num_computed_tokens = num_cached
@@ -194,19 +229,24 @@ class Scheduler:
         """Advance each scheduled request by its chunk and sampled tokens; finish and free stopped ones.
 
         For a chunk with drafts, sampled holds the accepted drafts then one more token, so len(sampled) - 1
-        drafts were accepted; the slots of the rejected ones are rolled back. Draft tokens are consumed here:
-        a proposer sets the next ones after this call.
+        drafts were accepted; the slots of the rejected ones are rolled back. The step's drafts, if any,
+        replace the verified ones.
         """
         outputs = []
         finished = False
-        logprobs = step_output.logprobs or [None] * len(scheduler_output.chunks)
-        for chunk, sampled, chunk_logprobs in zip(scheduler_output.chunks, step_output.sampled_token_ids, logprobs):
+        num_chunks = len(scheduler_output.chunks)
+        logprobs = step_output.logprobs or [None] * num_chunks
+        next_drafts = step_output.draft_token_ids or [[] for _ in range(num_chunks)]
+        for chunk, sampled, chunk_logprobs, drafts in zip(scheduler_output.chunks, step_output.sampled_token_ids,
+                                                          logprobs, next_drafts):
             request = chunk.request
             if request.status is not RequestStatus.RUNNING:  # aborted since schedule()
                 continue
             num_accepted = max(len(sampled) - 1, 0) if chunk.draft_token_ids else 0
+            if chunk.draft_token_ids and self.spec_decoding is not None:
+                self.spec_decoding.record(len(chunk.draft_token_ids), num_accepted)
             request.num_computed_tokens += len(chunk.token_ids) + num_accepted
-            request.draft_token_ids = []
+            request.draft_token_ids = list(drafts)
 
             new_token_ids = []
             status = None

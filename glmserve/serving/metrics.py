@@ -37,6 +37,20 @@ class _EngineCollector(Collector):
                                   s.prefix_cache_hits)
         rate = s.prefix_cache_hits / s.prefix_cache_queries if s.prefix_cache_queries else 0.0
         yield GaugeMetricFamily("glmserve:prefix_cache_hit_rate", "Prefix-cache hits / queries, in tokens.", rate)
+        spec = s.spec_decoding
+        if spec is not None:  # vLLM's spec_decode_* counters; mean acceptance length = 1 + accepted / drafts
+            yield CounterMetricFamily("glmserve:spec_decode_num_drafts", "Verification runs with drafts.",
+                                      spec.num_drafts)
+            yield CounterMetricFamily("glmserve:spec_decode_num_draft_tokens", "Draft tokens proposed.",
+                                      spec.num_draft_tokens)
+            yield CounterMetricFamily("glmserve:spec_decode_num_accepted_tokens", "Draft tokens accepted.",
+                                      spec.num_accepted_tokens)
+            per_position = CounterMetricFamily("glmserve:spec_decode_num_accepted_tokens_per_pos",
+                                               "Draft tokens accepted, by position in the draft.",
+                                               labels=["position"])
+            for position, accepted in enumerate(spec.accepted_per_position):
+                per_position.add_metric([str(position)], accepted)
+            yield per_position
 
 
 class Metrics:

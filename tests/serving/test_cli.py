@@ -44,11 +44,18 @@ def _fails(args: list[str], tmp_path: Path, code: int = 2) -> str:
     return log.read_text()
 
 
-@pytest.mark.parametrize("extra", [[], ["--disable-shared-experts-fusion"]], ids=["bf16", "fp8"])
-def test_sglang_card_command_stops_on_speculative_flags(checkpoint, tmp_path, extra):
-    out = _fails(["serve", "--model-path", str(checkpoint), *SGLANG_CARD, *SPECULATIVE, *extra, "--host",
-                  "127.0.0.1", "--port", "1"], tmp_path)
-    assert "--speculative-algorithm is not supported yet" in out
+def test_sglang_card_command_with_mtp_speculative_decoding(checkpoint, tmp_path):
+    srv = start_server(["--model-path", str(checkpoint), *SGLANG_CARD, *SPECULATIVE, "--kv-cache-memory-gb", "0.05"],
+                       tmp_path / "sglang-spec.log")
+    try:
+        response = httpx.post(f"{srv.url}/v1/chat/completions",
+                              json={"model": "glm-4.5-air", "messages": [{"role": "user", "content": "hi"}],
+                                    "max_tokens": 9, "temperature": 0})
+        assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] <= 9
+        metrics = httpx.get(f"{srv.url}/metrics").text
+        assert "glmserve:spec_decode_num_drafts_total" in metrics
+    finally:
+        srv.stop()
 
 
 @pytest.mark.parametrize("args,message", [
@@ -56,7 +63,12 @@ def test_sglang_card_command_stops_on_speculative_flags(checkpoint, tmp_path, ex
     (["--reasoning-parser", "deepseek_r1"], "--reasoning-parser 'deepseek_r1' is not supported"),
     (["--tensor-parallel-size", "8"], "--tensor-parallel-size 8 needs 8 devices"),
     (["--dtype", "int3"], "--dtype must be one of"),
-    (["--speculative-config", "{}"], "--speculative-config is not supported yet"),
+    (["--speculative-config", '{"method": "ngram"}'], "method 'ngram' is not supported"),
+    (["--speculative-config", "{'method'"], "--speculative-config is not valid JSON"),
+    (["--speculative-algorithm", "EAGLE", "--speculative-eagle-topk", "4"], "only 1 is supported"),
+    (["--speculative-algorithm", "NEXTN", "--speculative-num-steps", "2", "--speculative-num-draft-tokens", "8"],
+     "must be --speculative-num-steps + 1 (3)"),
+    (["--speculative-algorithm", "MEDUSA"], "invalid choice: 'MEDUSA'"),
 ])  # fmt: skip
 def test_start_up_errors(checkpoint, tmp_path, args, message):
     assert message in _fails(["serve", str(checkpoint), *args], tmp_path)
