@@ -32,6 +32,7 @@ class Example:
     skill: str
     thinking: bool
     user: str  # the last user message before this turn
+    messages: list[dict]  # the conversation before this turn (the dialogue's messages), which `prompt` renders
     prompt: str
     completion: str  # the target text, stop token included
     tools: list[dict] | None
@@ -53,14 +54,15 @@ def render(dialogue: Dialogue, thinking: bool) -> tuple[Example, ...]:
     kwargs = {"tools": dialogue.tools, "enable_thinking": thinking}
     turns = [i for i, m in enumerate(dialogue.messages) if m["role"] == "assistant"]
     for i, expected in zip(turns, dialogue.expected, strict=True):
-        prompt = render_chat(template, dialogue.messages[:i], add_generation_prompt=True, **kwargs)
+        messages = dialogue.messages[:i]
+        prompt = render_chat(template, messages, add_generation_prompt=True, **kwargs)
         full = render_chat(template, dialogue.messages[: i + 1], add_generation_prompt=False, **kwargs)
         if not full.startswith(prompt):
             raise AssertionError(f"turn {i} does not extend its prompt: {prompt!r} / {full!r}")
         stop = OBSERVATION if dialogue.messages[i].get("tool_calls") else USER
-        user = next(m["content"] for m in reversed(dialogue.messages[:i]) if m["role"] == "user")
-        examples.append(Example(dialogue.skill, thinking, user, prompt, full[len(prompt):] + stop, dialogue.tools,
-                                expected))
+        user = next(m["content"] for m in reversed(messages) if m["role"] == "user")
+        examples.append(Example(dialogue.skill, thinking, user, messages, prompt,
+                                full[len(prompt):] + stop, dialogue.tools, expected))
     return tuple(examples)
 
 

@@ -1,9 +1,11 @@
 """Measure a nano checkpoint on held-out conversations: `python -m glmserve.nano.evaluate --model DIR`.
 
-Generates greedily with glmserve's offline `LLM` from held-out prompts (user texts, arithmetic problems and tool
-names never in training), parses the outputs with the server's glm45 reasoning and tool-call parsers, and prints
-issue 4's rates. The MTP rates are teacher-forced on held-out conversations: next-next-token accuracy, and how
-often the MTP's greedy guess equals the main model's (what greedy speculative decoding would accept).
+The task rates are measured the way a user meets the model: `glmserve serve DIR` with the glm45 reasoning and
+tool-call parsers runs as a subprocess, and the official `openai` client sends each held-out conversation (user
+texts, arithmetic problems and tool schemas never in training) with its tools and thinking mode, greedily and
+concurrently; the replies are scored from `tool_calls`, `content` and `reasoning_content`. The MTP rates are
+teacher-forced offline on held-out conversations: next-next-token accuracy, and how often the MTP's greedy guess
+equals the main model's (what greedy speculative decoding would accept). Prints the rates as JSON.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import tempfile
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -20,8 +24,8 @@ from glmserve.nano.checkpoint import load_checkpoint
 from glmserve.nano.corpus import Example, conversations, is_heldout
 from glmserve.nano.data import collate, encode
 from glmserve.nano.objective import compute_losses
-from glmserve.serving.parsers.glm45 import parse_output
 from glmserve.serving.tokenizer import Tokenizer
+from glmserve.testing.server import start_server
 
 KINDS = ("tool_call", "tool_call_unseen", "tool_answer", "arithmetic_thinking", "arithmetic_direct")
 
@@ -60,9 +64,9 @@ def _last_number(text: str | None) -> str | None:
     return numbers[-1] if numbers else None
 
 
-def score(kind: str, example: Example, output: str) -> dict[str, bool]:
-    """The checks one output passes (each a rate's numerator)."""
-    reasoning, content, calls = parse_output(output, example.tools, example.thinking)
+def score(kind: str, example: Example, reasoning: str | None, content: str | None,
+          calls: list[dict]) -> dict[str, bool]:
+    """The checks one reply passes (each a rate's numerator); `calls` are OpenAI tool calls as dicts."""
     if kind.startswith("tool_call"):
         wanted = example.expected["calls"]
         names = [c["function"]["name"] for c in calls]
@@ -78,13 +82,50 @@ def score(kind: str, example: Example, output: str) -> dict[str, bool]:
     return {"correct": correct, "direct": reasoning is None and content is not None}
 
 
-def generate(model_dir: str | Path, prompts: list[str], max_tokens: int) -> list[str]:
-    from glmserve import LLM
-    from glmserve.types import SamplingParams
+def request_messages(messages: list[dict]) -> list[dict]:
+    """The corpus's messages as an OpenAI client sends them: assistant tool calls with ids and JSON-string
+    arguments, tool results answering them by `tool_call_id` (the server renders both back to the same prompt)."""
+    sent, pending = [], []
+    for m in messages:
+        m = dict(m)
+        if m.get("tool_calls"):
+            m["tool_calls"] = [{"id": f"call_{len(sent)}_{j}", "type": "function",
+                                "function": {"name": c["function"]["name"],
+                                             "arguments": json.dumps(c["function"]["arguments"], ensure_ascii=False)}}
+                               for j, c in enumerate(m["tool_calls"])]
+            pending = [c["id"] for c in m["tool_calls"]]
+        elif m["role"] == "tool":
+            m["tool_call_id"] = pending.pop(0)
+        sent.append(m)
+    return sent
 
-    llm = LLM(model_dir)
-    outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens))
-    return [o.outputs[0].text for o in outputs]
+
+def chat(client, model: str, example: Example, max_tokens: int) -> tuple[str | None, str | None, list[dict]]:
+    """One held-out turn through the server: (reasoning_content, content, tool_calls)."""
+    tools = {"tools": example.tools} if example.tools else {}
+    response = client.chat.completions.create(
+        model=model, messages=request_messages(example.messages), **tools, temperature=0.0, max_tokens=max_tokens,
+        extra_body={"chat_template_kwargs": {"enable_thinking": example.thinking}})
+    message = response.choices[0].message
+    calls = [c.model_dump() for c in message.tool_calls or ()]
+    # An empty reply comes back as "" (OpenAI's convention); for scoring it is no content, as the parser says.
+    return (message.model_extra or {}).get("reasoning_content"), message.content or None, calls
+
+
+def serve_and_chat(model_dir: str | Path, examples: list[Example], max_tokens: int, threads: int,
+                   concurrency: int = 8) -> list[tuple[str | None, str | None, list[dict]]]:
+    """Start `glmserve serve` on the checkpoint, send every example's turn, stop the server."""
+    import openai
+
+    with tempfile.TemporaryDirectory() as tmp:
+        server = start_server([str(model_dir), "--tool-call-parser", "glm45", "--reasoning-parser", "glm45"],
+                              Path(tmp) / "server.log", env={"OMP_NUM_THREADS": str(threads)}, timeout=600)
+        try:
+            client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="EMPTY", max_retries=0, timeout=3600)
+            with ThreadPoolExecutor(concurrency) as pool:
+                return list(pool.map(lambda e: chat(client, str(model_dir), e, max_tokens), examples))
+        finally:
+            server.stop()
 
 
 def mtp_rates(model_dir: str | Path, seed: int, num_conversations: int, tokens_per_batch: int = 8192) -> dict:
@@ -111,19 +152,20 @@ def mtp_rates(model_dir: str | Path, seed: int, num_conversations: int, tokens_p
 
 
 def evaluate(model_dir: str | Path, seed: int = 1000, per_kind: int = 100, max_tokens: int = 256,
-             show: int = 0, mtp_conversations: int = 200) -> dict:
+             show: int = 0, mtp_conversations: int = 200, threads: int = 2) -> dict:
     cases = heldout_cases(seed, per_kind)
     flat = [(kind, example) for kind in KINDS for example in cases[kind]]
-    outputs = generate(model_dir, [example.prompt for _, example in flat], max_tokens)
+    replies = serve_and_chat(model_dir, [example for _, example in flat], max_tokens, threads)
     passed: dict[str, dict[str, int]] = {kind: defaultdict(int) for kind in KINDS}
     shown: dict[str, int] = defaultdict(int)
-    for (kind, example), output in zip(flat, outputs):
-        for check, ok in score(kind, example, output).items():
+    for (kind, example), (reasoning, content, calls) in zip(flat, replies):
+        for check, ok in score(kind, example, reasoning, content, calls).items():
             passed[kind][check] += ok
         if shown[kind] < show:
             shown[kind] += 1
-            print(f"--- {kind}\nprompt tail: {example.prompt[-120:]!r}\nexpected: {example.completion!r}\n"
-                  f"output:   {output!r}")
+            called = [(c["function"]["name"], c["function"]["arguments"]) for c in calls]
+            print(f"--- {kind}\nuser: {example.user!r}\nexpected: {example.completion!r}\n"
+                  f"reasoning: {reasoning!r}\ncontent: {content!r}\ntool calls: {called!r}")
     rates = {"tool_name_accuracy": passed["tool_call"]["name"] / per_kind,
              "tool_exact_args_accuracy": passed["tool_call"]["exact"] / per_kind,
              "unseen_schema_name_accuracy": passed["tool_call_unseen"]["name"] / per_kind,
@@ -143,14 +185,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=1000, help="held-out stream seed")
     p.add_argument("--per-kind", type=int, default=100, help="prompts per evaluation kind")
     p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--show", type=int, default=0, help="print this many outputs per kind")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--show", type=int, default=0, help="print this many replies per kind")
+    p.add_argument("--threads", type=int, default=2, help="torch threads, here and in the server")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    rates = evaluate(args.model, args.seed, args.per_kind, args.max_tokens, args.show)
-    width = max(map(len, rates))
-    for name, value in rates.items():
-        print(f"{name:<{width}}  {100 * value:5.1f}%")
+    rates = evaluate(args.model, args.seed, args.per_kind, args.max_tokens, args.show, threads=args.threads)
+    print(json.dumps({name: round(value, 4) for name, value in rates.items()}, indent=2))
 
 
 if __name__ == "__main__":

@@ -1,1 +1,2 @@
-"""Helpers for tests and benchmarks: small random checkpoints in the real GLM-4.5 layout."""
+"""Helpers for tests and benchmarks: small random checkpoints in the real GLM-4.5 layout, a scripted runner, a
+server process."""

@@ -10,6 +10,7 @@ import torch
 from glmserve.nano.checkpoint import TINY_SHAPE, init_model, load_checkpoint, nano_config, save_checkpoint
 from glmserve.nano.corpus import conversations
 from glmserve.nano.data import collate, encode
+from glmserve.nano.evaluate import evaluate
 from glmserve.nano.objective import compute_losses
 from glmserve.nano.train import main as train_main
 from glmserve.nano.verify import max_logit_difference
@@ -62,6 +63,12 @@ def test_checkpoint_generates_in_glmserve(trained):
     llm = LLM(trained, num_kv_blocks=64)
     out = llm.generate("[gMASK]<sop><|user|>\nWhat is 3 + 4?<|assistant|>", SamplingParams(temperature=0, max_tokens=8))
     assert len(out[0].outputs[0].token_ids) >= 1
+
+
+def test_evaluation_runs_through_the_server(trained):
+    rates = evaluate(trained, per_kind=2, max_tokens=8, mtp_conversations=4, threads=1)
+    assert {"tool_name_accuracy", "nonthinking_direct_answer", "mtp_agreement_with_main"} <= set(rates)
+    assert all(0.0 <= value <= 1.0 for value in rates.values())
 
 
 def test_save_checkpoint_inverts_the_loader(tmp_path):

@@ -8,12 +8,6 @@ test flags, and a scripted runner that makes the model say what a test needs whe
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -22,64 +16,13 @@ from serving_script import SCRIPT
 
 from glmserve.serving.templates import glm45_chat_template
 from glmserve.testing.checkpoint import write_random_checkpoint
+from glmserve.testing.server import run_glmserve, start_server  # noqa: F401  (test modules import them from here)
 
 API_KEY = "test-key-123"
 MODEL_NAME = "glm-4.5-air"
 MAX_MODEL_LEN = 2048
 VLLM_CARD_FLAGS = ["--tensor-parallel-size", "1", "--tool-call-parser", "glm45", "--reasoning-parser", "glm45",
                    "--enable-auto-tool-choice", "--served-model-name", MODEL_NAME]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class Server:
-    process: subprocess.Popen
-    url: str
-    log: Path
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-
-
-def run_glmserve(args: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
-    # One intra-op thread: the server shares the cores with the test process, and spinning OpenMP threads on
-    # oversubscribed cores make the tiny model's steps tens of times slower.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    # A file, not a pipe: a pipe nobody drains would block the server once it fills.
-    with open(log, "wb") as out:
-        return subprocess.Popen([sys.executable, "-m", "glmserve", *args], stdout=out, stderr=subprocess.STDOUT,
-                                env=env)
-
-
-def start_server(args: list[str], log: Path, env: dict | None = None, timeout: float = 90.0) -> Server:
-    port = free_port()
-    process = run_glmserve(["serve", *args, "--host", "127.0.0.1", "--port", str(port)], log, env)
-    server = Server(process, f"http://127.0.0.1:{port}", log)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"glmserve serve exited with {process.returncode}:\n{server.output()}")
-        try:
-            if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
-                return server
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    server.stop()
-    raise RuntimeError(f"glmserve serve did not become ready in {timeout}s:\n{server.output()}")
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,46 @@
+"""The nano evaluation asks the server what training taught: its requests render to exactly the training prompts,
+and the training completions, parsed as the server parses them, pass every check."""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from glmserve.nano.corpus import OBSERVATION, USER
+from glmserve.nano.evaluate import KINDS, heldout_cases, request_messages, score
+from glmserve.serving.chat import ChatPrompt
+from glmserve.serving.parsers.glm45 import parse_output
+from glmserve.serving.protocol import ChatCompletionRequest
+from glmserve.serving.templates import glm45_chat_template
+
+
+@pytest.fixture(scope="module")
+def cases():
+    return heldout_cases(seed=5, per_kind=10)
+
+
+def test_requests_render_to_the_training_prompts(cases):
+    # The server's own prompt building, on the JSON body the openai client would send.
+    state = SimpleNamespace(chat_template=glm45_chat_template(), tool_call_parser="glm45", reasoning_parser="glm45",
+                            tokenizer=SimpleNamespace(special_tokens_map={}, encode=lambda text: []))
+    for kind in KINDS:
+        for e in cases[kind]:
+            body = {"model": "nano", "messages": request_messages(e.messages),
+                    "chat_template_kwargs": {"enable_thinking": e.thinking}, **({"tools": e.tools} if e.tools else {})}
+            request = ChatCompletionRequest.model_validate(json.loads(json.dumps(body)))
+            assert ChatPrompt(state, request).text == e.prompt, kind
+
+
+def test_request_messages_answer_tool_calls_by_id(cases):
+    messages = request_messages(cases["tool_answer"][0].messages)
+    ids = [c["id"] for m in messages for c in m.get("tool_calls", ())]
+    assert ids and [m["tool_call_id"] for m in messages if m["role"] == "tool"] == ids
+    assert all(isinstance(c["function"]["arguments"], str) for m in messages for c in m.get("tool_calls", ()))
+
+
+def test_training_completions_pass_every_check_and_empty_replies_none(cases):
+    for kind in KINDS:
+        for e in cases[kind]:
+            text = e.completion.removesuffix(OBSERVATION).removesuffix(USER)
+            assert all(score(kind, e, *parse_output(text, e.tools, e.thinking)).values()), (kind, e.completion)
+            assert not any(score(kind, e, None, None, []).values()), kind
