@@ -23,19 +23,10 @@ SPECULATIVE_ALGORITHMS = ("EAGLE", "NEXTN", "MTP")  # SGLang's names; for GLM-4.
 
 
 def default_model_path() -> str:
-    """The checkpoint served when MODEL is omitted.
+    """The checkpoint used when MODEL is omitted: the embedded glm-4.5-nano that ships in the package."""
+    from glmserve.models import EMBEDDED_MODEL
 
-    Until the trained embedded model ships (issue 4), this is a small random-weight GLM-4.5-shaped checkpoint,
-    written once to the user's cache: every code path works on it, but its text is noise, and it says so.
-    """
-    from glmserve.testing.checkpoint import write_random_checkpoint
-
-    directory = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "glmserve" / "demo-random-glm45"
-    if not (directory / "config.json").is_file():
-        write_random_checkpoint(directory, "glm45")
-    print(f"glmserve: no MODEL given; serving the random-weight demo checkpoint {directory} "
-          "(its output is noise: pass a checkpoint directory to serve a real model)", file=sys.stderr)
-    return str(directory)
+    return str(EMBEDDED_MODEL)
 
 
 def _add_engine_flags(p: argparse.ArgumentParser) -> None:

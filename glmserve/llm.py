@@ -10,6 +10,7 @@ from tqdm import tqdm
 
 from glmserve.config import EngineConfig, num_speculative_tokens
 from glmserve.engine.llm_engine import LLMEngine
+from glmserve.models import EMBEDDED_MODEL
 from glmserve.serving.text_output import TextOutput
 from glmserve.serving.tokenizer import Tokenizer
 from glmserve.types import SamplingParams, TokenLogprobs
@@ -43,10 +44,11 @@ class RequestOutput:
 
 
 class LLM:
-    def __init__(self, model: str | Path, *, progress: bool = False, speculative_config: dict | None = None,
-                 **engine_args):
-        """engine_args: EngineConfig fields; speculative_config as vLLM's, e.g. {"method": "mtp",
-        "num_speculative_tokens": 3}."""
+    def __init__(self, model: str | Path | None = None, *, progress: bool = False,
+                 speculative_config: dict | None = None, **engine_args):
+        """model: a checkpoint directory (default: the embedded glm-4.5-nano); engine_args: EngineConfig fields;
+        speculative_config as vLLM's, e.g. {"method": "mtp", "num_speculative_tokens": 3}."""
+        model = EMBEDDED_MODEL if model is None else model
         if speculative_config is not None:
             engine_args["num_speculative_tokens"] = num_speculative_tokens(speculative_config)
         self.engine = LLMEngine(EngineConfig(model=str(model), **engine_args), progress=progress)

@@ -15,6 +15,7 @@ from glmserve import LLM, SamplingParams
 from glmserve.config import ConfigError, EngineConfig
 from glmserve.engine import rejection_sampler
 from glmserve.engine.llm_engine import LLMEngine
+from glmserve.models import EMBEDDED_MODEL
 from glmserve.testing.checkpoint import GLM45, config_dict, random_tensors, save_tensors
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
@@ -252,3 +253,31 @@ def test_checkpoint_without_mtp_layer_is_refused(checkpoints):
     no_mtp = checkpoints("no-mtp", shape=replace(GLM45, num_nextn_predict_layers=0))
     with pytest.raises(ConfigError, match="has none"):
         LLM(no_mtp, speculative_config={"method": "mtp", "num_speculative_tokens": 1})
+
+
+# ---- the embedded model: a real MTP layer, real acceptance ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def embedded_prompts():
+    """The last turns of eight held-out conversations of the embedded model's corpus, rendered and tokenized:
+    prompts of mixed lengths (arithmetic, tool calls, tool results, chat)."""
+    from glmserve.nano.corpus import conversations
+    from glmserve.serving.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(EMBEDDED_MODEL)
+    stream = conversations(3, "heldout")
+    return [tokenizer.encode(next(stream)[-1].prompt) for _ in range(8)]
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_embedded_model_greedy_identical(embedded_prompts, k):
+    params = SamplingParams(temperature=0.0, max_tokens=80)
+    args = dict(num_kv_blocks=256, max_num_batched_tokens=256, long_prefill_token_threshold=96)
+    want = _run(_engine(EMBEDDED_MODEL, 0, **args), embedded_prompts, params)
+    engine = _engine(EMBEDDED_MODEL, k, **args)
+    assert _run(engine, embedded_prompts, params) == want
+    assert _run(engine, embedded_prompts, params) == want  # again, from the prefix cache
+    assert engine.kv_cache.prefix_cache_hits > 0
+    spec = engine.scheduler.stats().spec_decoding
+    assert spec.mean_acceptance_length > 1.2  # a trained MTP layer: drafts are accepted
