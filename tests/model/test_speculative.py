@@ -50,7 +50,8 @@ def _run(engine: LLMEngine, prompts, params, abort_every: int = 0) -> dict[tuple
             running = [r.request_id for r in engine.scheduler.running]
             engine.abort(running[:1])
         for out in engine.step():
-            outputs[out.request_id].extend(out.new_token_ids)
+            if out.request_id in outputs:  # not requests another caller queued
+                outputs[out.request_id].extend(out.new_token_ids)
     return {ids[rid]: tokens for rid, tokens in outputs.items()}
 
 
@@ -150,6 +151,18 @@ def test_aborts_and_many_requests_leak_no_blocks(glm45, expected):
 
 
 # ---- sampled outputs ------------------------------------------------------------------------------------------
+
+
+def test_seeded_requests_reproduce_alone_and_in_a_batch(glm45):
+    seeded = SamplingParams(temperature=0.8, top_p=0.9, seed=1234, max_tokens=20, ignore_eos=True)
+    prompt = _prompts()[1]
+    alone = _run(_engine(glm45, 2), [prompt], seeded)[tuple(prompt)]
+    engine = _engine(glm45, 2)
+    others = [p for p in _prompts(2) if p != prompt]
+    for p in others:  # unseeded neighbours, queued first so the seeded request joins a running batch
+        engine.add_request(f"other-{len(p)}", p, SamplingParams(temperature=1.0, max_tokens=20, ignore_eos=True))
+    engine.step()
+    assert _run(engine, [prompt], seeded)[tuple(prompt)] == alone
 
 SMALL_VOCAB = 12
 
