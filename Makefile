@@ -16,7 +16,7 @@ test: install
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q
 
 bench: install
-	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/offline_throughput.py
+	HF_HUB_OFFLINE=1 $(BIN)/glmserve bench offline bench-57m --engines glmserve transformers --threads 2 --retries 3 --quiet-wait 60
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,71 @@
+"""The machine a benchmark runs on: what it is, which glmserve it runs, and how much CPU other processes take
+meanwhile (on a shared machine, the difference between a measurement and noise)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+
+def busy_cpu_s() -> float:
+    """Machine-wide non-idle CPU seconds since boot (/proc/stat); 0 where unavailable."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0.0
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+class OtherLoad:
+    """Cores other processes used from construction until `cores()`: 0 on a quiet machine."""
+
+    def __init__(self):
+        self.busy, self.own, self.start = busy_cpu_s(), own_cpu_s(), time.perf_counter()
+
+    def cores(self) -> float:
+        other = (busy_cpu_s() - self.busy) - (own_cpu_s() - self.own)
+        return max(other / (time.perf_counter() - self.start), 0.0)
+
+
+def wait_quiet(max_other: float, max_wait_s: float) -> None:
+    """Sleep in 1 s windows until other processes use at most max_other cores (or max_wait_s has passed)."""
+    deadline = time.perf_counter() + max_wait_s
+    while time.perf_counter() < deadline:
+        load = OtherLoad()
+        time.sleep(1.0)
+        if load.cores() <= max_other:
+            return
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def glmserve_revision() -> dict:
+    """The commit this glmserve was imported from and its locally modified files (read-only git queries)."""
+    import glmserve
+
+    root = Path(glmserve.__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "glmserve"], cwd=root, capture_output=True,
+                               text=True, timeout=10).stdout.splitlines()
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"commit": head or None, "modified": [line[3:] for line in dirty]}

@@ -1,0 +1,89 @@
+"""The memory-bandwidth roofline of decode: a decode step reads the weights it uses once, so no engine can decode
+faster than (measured bandwidth) / (bytes of weights one step reads) steps per second. KV-cache reads are left
+out (small beside the weights at the lengths these benchmarks use), which keeps the bound an upper one."""
+
+from __future__ import annotations
+
+import gc
+import json
+import time
+from pathlib import Path
+
+import torch
+
+GIB = 2**30
+
+
+def weight_params(directory: Path) -> dict:
+    """Parameter counts from the safetensors headers. `per_decode_token` is what one decode token reads: the
+    embedding table is a row lookup, so it is left out, and routed experts count top_k / n_experts of theirs."""
+    from safetensors import safe_open
+
+    config = json.loads((directory / "config.json").read_text())
+    mtp_prefix = f"model.layers.{config['num_hidden_layers']}."
+    total = embedding = routed = mtp = 0
+    for file in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(file), "pt") as f:
+            for name in f.keys():
+                n = 1
+                for d in f.get_slice(name).get_shape():
+                    n *= d
+                total += n
+                if name.startswith(mtp_prefix):
+                    mtp += n
+                elif name == "model.embed_tokens.weight":
+                    embedding += n
+                elif ".mlp.experts." in name:
+                    routed += n
+    experts, top_k = config["n_routed_experts"], config["num_experts_per_tok"]
+    lm_head = config["vocab_size"] * config["hidden_size"]
+    return {"total": total, "embedding": embedding, "lm_head": lm_head, "mtp": mtp,
+            "non_embedding": total - mtp - embedding - (0 if config.get("tie_word_embeddings") else lm_head),
+            "routed_experts": routed, "n_routed_experts": experts, "num_experts_per_tok": top_k,
+            "per_decode_token": total - mtp - embedding - routed + routed * top_k // experts}
+
+
+def params_per_decode_step(params: dict, batch: int) -> float:
+    """Weights a decode step of `batch` sequences reads: everything but the routed experts once, and of each MoE
+    layer's experts those at least one token picks, E·(1 − (1 − k/E)^b) in expectation under uniform routing."""
+    experts, top_k, routed = params["n_routed_experts"], params["num_experts_per_tok"], params["routed_experts"]
+    shared = params["per_decode_token"] - routed * top_k // experts
+    return shared + routed * (1 - (1 - top_k / experts) ** batch)
+
+
+def _best_time(fn, reps: int, sync) -> float:
+    """Fastest of reps: what the hardware does when no other process competes for memory."""
+    fn()
+    sync()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def measure_bandwidth(device: torch.device, size_bytes: int = GIB, reps: int = 5) -> dict:
+    """GB/s (1e9 bytes/s) on fp32 tensors of `size_bytes`, best of `reps`: `sum` (read), `copy_` (read + write,
+    both counted) and a GEMV over a square matrix (batch-1 decode's access pattern). The roofline takes the faster
+    read rate, so that it is the strict bound."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    n = size_bytes // 4
+    x = torch.ones(n, device=device)
+    read = size_bytes / _best_time(lambda: x.sum(), reps, sync) / 1e9
+    y = torch.empty_like(x)
+    copy = 2 * size_bytes / _best_time(lambda: y.copy_(x), reps, sync) / 1e9
+    del y
+    side = int(n**0.5)
+    w, v = x[: side * side].view(side, side), torch.ones(side, device=device)
+    gemv = side * side * 4 / _best_time(lambda: torch.mv(w, v), reps, sync) / 1e9
+    del x, w
+    gc.collect()
+    return {"sum_read_GBps": read, "copy_read_write_GBps": copy, "gemv_read_GBps": gemv,
+            "roofline_GBps": max(read, gemv)}
+
+
+def roofline_tps(params: dict, batch: int, bytes_per_param: int, bandwidth_GBps: float) -> float:
+    """The decode tokens/s at `batch` that reading the weights alone allows."""
+    return batch * bandwidth_GBps * 1e9 / (params_per_decode_step(params, batch) * bytes_per_param)

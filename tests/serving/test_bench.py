@@ -1,0 +1,98 @@
+"""`glmserve bench serve` against the session server, and `glmserve bench offline` on a tiny checkpoint.
+
+These check what the benchmarks report and that the numbers hang together, never how fast anything is.
+"""
+
+import json
+
+import pytest
+from conftest import API_KEY, MODEL_NAME, run_glmserve
+
+from glmserve.bench.roofline import params_per_decode_step
+from glmserve.testing.checkpoint import write_random_checkpoint
+
+
+def bench(args: list[str], tmp_path, name: str) -> str:
+    log = tmp_path / f"{name}.log"
+    returncode = run_glmserve(["bench", *args], log).wait(timeout=300)
+    output = log.read_text(errors="replace")
+    assert returncode == 0, output
+    return output
+
+
+def serve_args(server, tmp_path, *args: str) -> list[str]:
+    return ["serve", "--base-url", server.url, "--api-key", API_KEY, "--num-prompts", "8", "--disable-tqdm",
+            "--result-file", str(tmp_path / "result.json"), *args]
+
+
+def check_level(r: dict, num_prompts: int, output_len: int) -> None:
+    assert (r["completed"], r["failed"]) == (num_prompts, 0) and not any(r["errors"])
+    assert r["output_lens"] == [output_len] * num_prompts
+    assert r["total_output_tokens"] == num_prompts * output_len
+    assert r["total_input_tokens"] == sum(r["input_lens"])
+    assert r["request_throughput"] == pytest.approx(num_prompts / r["duration"])
+    assert r["output_throughput"] == pytest.approx(r["total_output_tokens"] / r["duration"])
+    assert r["total_token_throughput"] == pytest.approx(
+        (r["total_input_tokens"] + r["total_output_tokens"]) / r["duration"])
+    for ttft, itl, e2el in zip(r["ttfts"], r["itls"], r["e2els"]):
+        assert 0 < ttft <= e2el <= r["duration"]
+        assert len(itl) <= output_len - 1 and ttft + sum(itl) <= e2el
+    for name in ("ttft", "tpot", "itl", "e2el"):
+        assert 0 < r[f"median_{name}_ms"] <= r[f"p90_{name}_ms"] <= r[f"p99_{name}_ms"]
+    assert r["mean_ttft_ms"] <= r["mean_e2el_ms"]
+    assert r["median_tpot_ms"] <= r["median_e2el_ms"]
+
+
+def test_serve_random_dataset_sweeps_concurrency(server, checkpoint, tmp_path):
+    output = bench(serve_args(server, tmp_path, "--endpoint", "/v1/completions", "--random-input-len", "16",
+                              "--random-output-len", "8", "--ignore-eos", "--max-concurrency", "1", "4",
+                              "--goodput", "e2el:600000", "--plot", str(tmp_path / "sweep.png")), tmp_path, "random")
+    assert output.count("Serving Benchmark Result") == 2 and "(medians)" in output
+    result = json.loads((tmp_path / "result.json").read_text())
+    # The model and, through the model card's root, its tokenizer come from the server.
+    assert (result["model_id"], result["tokenizer_id"]) == (MODEL_NAME, str(checkpoint))
+    assert [r["max_concurrency"] for r in result["results"]] == [1, 4]
+    for r in result["results"]:
+        check_level(r, 8, 8)
+        assert r["input_lens"] == [16] * 8  # token-id prompts: exact lengths
+        assert r["request_goodput"] == r["request_throughput"]  # a 10-minute SLO every request meets
+    assert (tmp_path / "sweep.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_serve_chat_dataset(server, tmp_path):
+    bench(serve_args(server, tmp_path, "--dataset-name", "chat", "--chat-output-len", "8", "--ignore-eos"),
+          tmp_path, "chat")
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["endpoint"] == "/v1/chat/completions" and result["backend"] == "openai-chat"
+    (r,) = result["results"]
+    check_level(r, 8, 8)
+    assert min(r["input_lens"]) > 16 and len(set(r["input_lens"])) > 1  # whole conversations, of varied length
+
+
+def test_serve_refuses_a_malformed_goodput_slo(tmp_path):
+    log = tmp_path / "goodput.log"
+    assert run_glmserve(["bench", "serve", "--goodput", "latency:5"], log).wait(timeout=60) == 2
+    assert "the metric must be ttft, tpot or e2el" in log.read_text()
+
+
+def test_offline_reports_prefill_decode_and_roofline(tmp_path):
+    directory = write_random_checkpoint(tmp_path / "tiny", "glm45")
+    out = tmp_path / "offline.json"
+    output = bench(["offline", str(directory), "--batch-size", "1", "2", "--input-len", "8", "--output-len", "4",
+                    "--num-iters", "1", "--threads", "1", "--bandwidth-gib", "0.01", "--output-json", str(out)],
+                   tmp_path, "offline")
+    assert "roofline tok/s" in output
+    report = json.loads(out.read_text())
+    assert report["workload"] | {"input_len": 8, "output_len": 4, "ignore_eos": True} == report["workload"]
+    assert report["bandwidth"]["roofline_GBps"] > 0
+    params = report["checkpoint"]["params"]
+    assert params_per_decode_step(params, 1) == pytest.approx(params["per_decode_token"])
+    assert params_per_decode_step(params, 10_000) == pytest.approx(  # every routed expert is read
+        params["per_decode_token"] + params["routed_experts"] * (1 - 4 / 16))
+    assert [e["batch"] for e in report["results"]] == [1, 2]
+    for entry in report["results"]:
+        glm = entry["glmserve"]
+        assert glm["median_prefill_tps"] == pytest.approx(entry["batch"] * 8 / glm["median_prefill_s"])
+        assert glm["median_decode_tps"] > 0 and len(glm["decode_tps"]) == 1
+    one, two = (e["roofline_tps"] for e in report["results"])
+    assert one < two < 2 * one  # batch 2 reads more experts per step, but not twice the weights
