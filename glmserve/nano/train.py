@@ -12,13 +12,21 @@ import argparse
 import itertools
 import json
 import math
+import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from glmserve.nano.checkpoint import NANO_SHAPE, TINY_SHAPE, init_model, nano_config, save_checkpoint
+from glmserve.nano.checkpoint import (
+    NANO_SHAPE,
+    TINY_SHAPE,
+    init_model,
+    load_checkpoint,
+    nano_config,
+    save_checkpoint,
+)
 from glmserve.nano.corpus import chat_template, conversations
 from glmserve.nano.data import batches, tokenizer_texts
 from glmserve.nano.objective import LoadBalancer, Losses, compute_losses
@@ -35,6 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="training time; the tokenizer and the final save come on top")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (schedule by steps)")
     p.add_argument("--shape", choices=sorted(SHAPES), default="nano")
+    p.add_argument("--init-from", help="continue training this checkpoint (its tokenizer, config and weights; a "
+                                       "fresh optimizer and schedule); pass a new --seed for new conversations")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vocab-size", type=int, default=None, help="tokenizer size (default: the shape's)")
     p.add_argument("--tokenizer-conversations", type=int, default=3000, help="conversations BPE is trained on")
@@ -104,20 +114,39 @@ def write_tokenizer(out: Path, args: argparse.Namespace, vocab_size: int) -> dic
     return save_test_tokenizer(out, vocab_size, chat_template=chat_template(), corpus=corpus, split_digits=True)
 
 
+def _continue_from(source: Path, out: Path) -> tuple[dict, torch.nn.Module]:
+    """The config and weights of a written checkpoint, as a trainable model (MTP embedding and head tied to the
+    main ones again, as init_model ties them); its tokenizer files are copied into `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    if source.resolve() != out.resolve():
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copyfile(source / name, out / name)
+    config = json.loads((source / "config.json").read_text())
+    model = load_checkpoint(source)
+    mtp = model.mtp_layer
+    mtp.embed_tokens.weight = model.model.embed_tokens.weight
+    mtp.shared_head.head.weight = model.lm_head.weight
+    for name, param in model.named_parameters():
+        param.requires_grad_(not name.endswith("e_score_correction_bias"))
+    return config, model
+
+
 def train(args: argparse.Namespace) -> Path:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
-    shape = SHAPES[args.shape]
-    if args.vocab_size:
-        shape = replace(shape, vocab_size=args.vocab_size)
-    info = write_tokenizer(out, args, shape.vocab_size)
-    config = nano_config(shape, info["eos_token_id"], info["pad_token_id"], args.dtype)
+    if args.init_from:
+        config, model = _continue_from(Path(args.init_from), out)
+    else:
+        shape = SHAPES[args.shape]
+        if args.vocab_size:
+            shape = replace(shape, vocab_size=args.vocab_size)
+        info = write_tokenizer(out, args, shape.vocab_size)
+        config = nano_config(shape, info["eos_token_id"], info["pad_token_id"], args.dtype)
+        model = init_model(config, args.seed)
     tokenizer = Tokenizer(out)
-    model = init_model(config, args.seed)
     model.train()
     num_params = sum(p.numel() for p in model.parameters())
-    print(f"model: {num_params / 1e6:.2f}M parameters ({args.shape}), tokenizer: {info['num_tokens']} tokens",
-          flush=True)
+    print(f"model: {num_params / 1e6:.2f}M parameters, tokenizer: {tokenizer.vocab_size} tokens", flush=True)
 
     optimizer = torch.optim.AdamW(_param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95),
                                   eps=1e-8)

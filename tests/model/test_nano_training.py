@@ -42,6 +42,19 @@ def test_training_lowers_the_heldout_loss(trained):
     assert after.mtp.item() < before.mtp.item() - 1.0
 
 
+def test_training_continues_from_a_checkpoint(trained, tmp_path):
+    """--init-from keeps the tokenizer and the weights: the continued model starts where the first run ended."""
+    train_main(["--out", str(tmp_path), "--init-from", str(trained), "--max-steps", "3", "--tokens-per-batch",
+                "1024", "--max-len", "384", "--lr", "1e-3", "--warmup-steps", "1", "--dtype", "float32",
+                "--log-seconds", "1000", "--seed", "8"])
+    assert (tmp_path / "tokenizer.json").read_bytes() == (trained / "tokenizer.json").read_bytes()
+    batch = _heldout_batch(Tokenizer(trained))
+    with torch.inference_mode():
+        before = compute_losses(load_checkpoint(trained), batch).main.item()
+        after = compute_losses(load_checkpoint(tmp_path), batch).main.item()
+    assert abs(after - before) < 0.3 and after != before
+
+
 def test_checkpoint_files_are_a_glm45_checkpoint(trained):
     config = json.loads((trained / "config.json").read_text())
     tokenizer = Tokenizer(trained)
