@@ -294,3 +294,18 @@ def test_embedded_model_greedy_identical(embedded_prompts, k):
     assert engine.kv_cache.prefix_cache_hits > 0
     spec = engine.scheduler.stats().spec_decoding
     assert spec.mean_acceptance_length > 1.2  # a trained MTP layer: drafts are accepted
+
+
+def test_logprobs_of_accepted_drafts_match_plain_decoding(glm45, expected):
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=2)
+    prompts = [{"prompt_token_ids": p} for p in _prompts()[:3]]
+    plain = LLM(glm45, num_kv_blocks=96).generate(prompts, params)
+    llm = LLM(glm45, num_kv_blocks=96, num_speculative_tokens=3)
+    _use_oracle_drafts(llm.engine, expected)
+    spec = llm.generate(prompts, params)
+    assert llm.engine.scheduler.stats().spec_decoding.num_accepted_tokens > 10
+    for a, b in zip(plain, spec):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs, strict=True):
+            assert (x.token_id, x.rank, [t for t, _ in x.top]) == (y.token_id, y.rank, [t for t, _ in y.top])
+            assert x.logprob == pytest.approx(y.logprob, abs=1e-4)
