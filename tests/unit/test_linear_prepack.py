@@ -1,0 +1,33 @@
+"""oneDNN-prepacked linears: used for large weights only, and equal to F.linear."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from glmserve.layers.linear import PREPACK_MIN_ELEMENTS, ReplicatedLinear
+
+pytestmark = pytest.mark.skipif(not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"), reason="no oneDNN")
+
+
+def _linear(out_features: int, in_features: int, bias: bool) -> ReplicatedLinear:
+    layer = ReplicatedLinear(in_features, out_features, bias=bias)
+    torch.nn.init.normal_(layer.weight, std=0.02)
+    if bias:
+        torch.nn.init.normal_(layer.bias)
+    return layer
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_large_weights_are_prepacked_and_equal_f_linear(bias):
+    layer = _linear(PREPACK_MIN_ELEMENTS // 256, 256, bias)
+    layer.prepack_for_cpu()
+    assert layer.packed_weight is not None
+    x = torch.randn(5, 256)
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+
+
+def test_small_weights_stay_unpacked():
+    layer = _linear(PREPACK_MIN_ELEMENTS // 256 - 1, 256, False)
+    layer.prepack_for_cpu()
+    assert layer.packed_weight is None
