@@ -78,8 +78,24 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="accepted for SGLang's command line; glmserve has no fusion to disable")
     serve.add_argument("--cpu-offload-gb", type=float, default=0.0)
     serve.add_argument("--uvicorn-log-level", default="warning", help="uvicorn's own logging (info: access log)")
-    # Test-only: a JSON script of outputs (glmserve.testing.scripted); hidden from --help.
+    limits = serve.add_argument_group("limits and lifecycle (glmserve.serving.limits, glmserve.serving.lifecycle)")
+    limits.add_argument("--max-queued-requests", type=int, default=1024,
+                        help="sequences that may wait beyond --max-num-seqs; more get 503 with Retry-After (SGLang)")
+    limits.add_argument("--max-request-body-mb", type=float, default=16.0, help="larger request bodies get 413")
+    limits.add_argument("--max-output-tokens", type=int,
+                        help="the largest max_tokens a request may ask for (400 beyond); default: the context length")
+    limits.add_argument("--request-timeout", type=float,
+                        help="seconds a request may run in the engine before it is ended with 408; default: none")
+    limits.add_argument("--shutdown-timeout", type=float, default=30.0,
+                        help="on SIGTERM, seconds that requests in flight may take to finish (vLLM)")
+    limits.add_argument("--enable-log-requests", action="store_true",
+                        help="log each request's prompt and parameters (vLLM); prompts are never logged otherwise")
+    limits.add_argument("--max-log-len", type=int, help="with --enable-log-requests: characters (and token ids) of a "
+                                                        "prompt to log (vLLM); default: all")
+    # Test-only, hidden from --help: a JSON script of outputs (glmserve.testing.scripted); an engine step that
+    # raises after N steps (glmserve.testing.faults).
     serve.add_argument("--scripted-output-file", help=argparse.SUPPRESS)
+    serve.add_argument("--inject-fault-after-steps", type=int, help=argparse.SUPPRESS)
 
     generate = commands.add_parser("generate", help="generate text for one prompt and print it", allow_abbrev=False)
     _add_engine_flags(generate)
@@ -190,10 +206,12 @@ def serve(parser: argparse.ArgumentParser, args) -> int:
         parser.error(str(e))
     model = _model_path(parser, args)
     config = _engine_config(parser, args, model)
+    limits = _serving_limits(parser, args)
 
     from glmserve.engine.engine_client import AsyncEngineClient
     from glmserve.engine.llm_engine import LLMEngine
     from glmserve.serving.app import build_app
+    from glmserve.serving.lifecycle import run_server
     from glmserve.serving.state import ServerState
     from glmserve.serving.tokenizer import Tokenizer
 
@@ -206,6 +224,10 @@ def serve(parser: argparse.ArgumentParser, args) -> int:
             from glmserve.testing.scripted import ScriptedRunner
 
             engine.runner = ScriptedRunner.from_file(engine.runner, args.scripted_output_file, tokenizer)
+        if args.inject_fault_after_steps is not None:
+            from glmserve.testing.faults import FaultyRunner
+
+            engine.runner = FaultyRunner(engine.runner, args.inject_fault_after_steps)
         return engine
 
     client = AsyncEngineClient(load_engine)
@@ -213,38 +235,33 @@ def serve(parser: argparse.ArgumentParser, args) -> int:
     given = args.model_path or args.model
     names = args.served_model_name or [model if given else Path(model).name]
     state = ServerState(client, tokenizer, template, names, model, args.reasoning_parser, args.tool_call_parser,
-                        args.api_key)
+                        args.api_key, limits, args.enable_log_requests, args.max_log_len)
     try:
         sock = socket.create_server((args.host, args.port), family=socket.AF_INET6 if ":" in args.host
                                     else socket.AF_INET)
     except OSError as e:
         parser.error(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}")
-    return asyncio.run(_run_server(build_app(state), sock, client, args.uvicorn_log_level, names))
+    keep_alive = os.environ.get("GLMSERVE_KEEP_ALIVE_ON_ENGINE_DEATH", "") not in ("", "0")
+    return asyncio.run(run_server(build_app(state), sock, client, names, log_level=args.uvicorn_log_level,
+                                  shutdown_timeout=args.shutdown_timeout, keep_alive_on_engine_death=keep_alive))
 
 
-async def _run_server(app, sock: socket.socket, client, log_level: str, names: list[str]) -> int:
-    import uvicorn
+def _serving_limits(parser: argparse.ArgumentParser, args):
+    from glmserve.serving.limits import ServingLimits
 
-    host, port = sock.getsockname()[:2]
-    url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
-    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_keep_alive=5))
-    client.start()
-    serving = asyncio.create_task(server.serve(sockets=[sock]))
-    logger.info("listening on %s; loading the model (/health answers 503 until it is ready)", url)
-    ready = asyncio.ensure_future(client.wait_ready())
-    await asyncio.wait({serving, ready}, return_when=asyncio.FIRST_COMPLETED)
-    if not ready.done():
-        ready.cancel()
-    elif ready.exception() is not None:
-        logger.error("the model failed to load: %s", client.error)
-        server.should_exit = True
-        await serving
-        return 1
-    else:
-        info = ready.result()
-        logger.info("ready: serving %s at %s/v1 (max_model_len %d)", ", ".join(names), url, info.max_model_len)
-    await serving
-    return 0
+    for flag, value, low in (("--max-queued-requests", args.max_queued_requests, 0),
+                             ("--max-output-tokens", args.max_output_tokens, 1),
+                             ("--shutdown-timeout", args.shutdown_timeout, 0),
+                             ("--max-log-len", args.max_log_len, 0)):
+        if value is not None and value < low:
+            parser.error(f"{flag} must be at least {low}, got {value}")
+    for flag, value in (("--max-request-body-mb", args.max_request_body_mb),
+                        ("--request-timeout", args.request_timeout)):
+        if value is not None and not value > 0:
+            parser.error(f"{flag} must be positive, got {value}")
+    return ServingLimits(max_num_seqs=args.max_num_seqs, max_queued_requests=args.max_queued_requests,
+                         max_request_body_bytes=int(args.max_request_body_mb * 2**20),
+                         request_timeout=args.request_timeout, max_output_tokens=args.max_output_tokens)
 
 
 def generate(parser: argparse.ArgumentParser, args) -> int:

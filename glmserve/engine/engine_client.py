@@ -127,6 +127,8 @@ class AsyncEngineClient:
         self.info: EngineInfo | None = None
         self.error: BaseException | None = None
         self.stats = SchedulerStats(0, 0, 0.0, 0, 0)  # replaced (never mutated) by the engine thread
+        self.num_steps = 0  # engine steps run; only the engine thread writes it
+        self._dead: asyncio.Event | None = None
         self._stat_logger = StatLogger()
 
     # ---- the hand-off between the two threads ------------------------------------------------------------
@@ -156,12 +158,23 @@ class AsyncEngineClient:
             return
         self._loop = asyncio.get_running_loop()
         self._ready = self._loop.create_future()
+        self._dead = asyncio.Event()
         self._thread = threading.Thread(target=self._run, name="glmserve-engine", daemon=True)
         self._thread.start()
 
     async def wait_ready(self) -> EngineInfo:
         """The engine's info once it has loaded; raises EngineDeadError if loading failed."""
         return await asyncio.shield(self._ready)
+
+    async def wait_dead(self) -> BaseException:
+        """Wait until the engine has failed (while loading or stepping); returns its error."""
+        await self._dead.wait()
+        return self.error
+
+    @property
+    def num_unfinished(self) -> int:
+        """Engine requests handed over and not yet finished or aborted (event-loop side)."""
+        return len(self._streams)
 
     @property
     def ready(self) -> bool:
@@ -212,6 +225,12 @@ class AsyncEngineClient:
             self._stopping = True
             self._cond.notify()
 
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the engine thread to end after `shutdown` (it finishes its step first): a process that exits
+        while the thread is inside a torch op is aborted by the C++ runtime."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         for output in outputs:
             stream = self._streams.get(output.request_id)
@@ -227,6 +246,7 @@ class AsyncEngineClient:
 
     def _on_dead(self, error: BaseException) -> None:
         self.error = error
+        self._dead.set()
         dead = EngineDeadError(f"the engine has failed: {error!r}")
         if not self._ready.done():
             self._ready.set_exception(dead)
@@ -272,7 +292,10 @@ class AsyncEngineClient:
                 self._call(self._settle, command[2], self._add(engine, command[1]))
             else:
                 engine.abort(command[1])
-        outputs = engine.step() if engine.has_unfinished_requests() else []
+        outputs = []
+        if engine.has_unfinished_requests():
+            outputs = engine.step()
+            self.num_steps += 1
         self.stats = engine.scheduler.stats()  # before the outputs: whoever sees a request end sees its blocks freed
         self._stat_logger.record(self.stats, sum(len(o.new_token_ids) for o in outputs))
         if outputs:

@@ -1,17 +1,23 @@
 """The FastAPI app: OpenAI routes under /v1 (behind the API key when one is set), vLLM's /tokenize and
-/detokenize, /health and /metrics."""
+/detokenize, /health and /metrics.
+
+Two plain ASGI middlewares run before any route (not Starlette's BaseHTTPMiddleware, which would get between a
+streaming response and the client's disconnect): the API key for every path under /v1, unknown ones included, as
+vLLM checks it; and the request body limit.
+"""
 
 from __future__ import annotations
 
 from contextlib import asynccontextmanager
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from glmserve.serving.chat import create_chat_completion, render_prompt
 from glmserve.serving.completions import create_completion
-from glmserve.serving.errors import APIError, error_response, install_error_handlers
+from glmserve.serving.errors import error_response, install_error_handlers
+from glmserve.serving.limits import BodySizeLimit
 from glmserve.serving.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -34,13 +40,10 @@ def build_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="glmserve", lifespan=lifespan)
     app.state.server = state
     install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=state.limits.max_request_body_bytes)
+    app.add_middleware(_APIKeyCheck, state=state)  # added last: runs first
 
-    async def require_api_key(request: Request) -> None:
-        if not state.authorized(request.headers.get("authorization")):
-            raise APIError(401, "Incorrect or missing API key: send it as `Authorization: Bearer <key>`.",
-                           code="invalid_api_key")
-
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+    v1 = APIRouter(prefix="/v1")
 
     @v1.get("/models")
     async def models() -> ModelList:
@@ -78,9 +81,9 @@ def build_app(state: ServerState) -> FastAPI:
         if req.messages is not None:
             tools = [t.model_dump(exclude_unset=True) for t in req.tools] if req.tools else None
             text = render_prompt(state, req.messages, tools, req.add_generation_prompt, req.chat_template_kwargs or {})
+            tokens = state.tokenizer.encode_marked(text, add_special_tokens=req.add_special_tokens)
         else:
-            text = req.prompt
-        tokens = state.tokenizer.encode(text, add_special_tokens=req.add_special_tokens)
+            tokens = state.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
         strs = [state.tokenizer.id_to_token(t) for t in tokens] if req.return_token_strs else None
         return JSONResponse({"count": len(tokens), "max_model_len": info.max_model_len, "tokens": tokens,
                              "token_strs": strs})
@@ -94,3 +97,18 @@ def build_app(state: ServerState) -> FastAPI:
         return JSONResponse({"prompt": state.tokenizer.decode(req.tokens, skip_special_tokens=False)})
 
     return app
+
+
+class _APIKeyCheck:
+    def __init__(self, app, state: ServerState):
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and (scope["path"] == "/v1" or scope["path"].startswith("/v1/")):
+            authorization = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            if not self.state.authorized(authorization):
+                response = error_response(401, "Incorrect or missing API key: send it as `Authorization: Bearer "
+                                               "<key>`.", code="invalid_api_key")
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)

@@ -42,6 +42,7 @@ from glmserve.serving.protocol import (
     random_id,
 )
 from glmserve.serving.state import ServerState
+from glmserve.types import ParamError
 
 
 class ChatPrompt:
@@ -61,10 +62,11 @@ class ChatPrompt:
             self.forced = TOOL_OPEN
         # Thinking mode is whatever the prompt says: with thinking off it ends with an empty think block.
         self.thinking = not self.text.endswith("</think>")
-        if self.forced:
-            self.text += ("\n<think></think>" if self.thinking else "") + "\n" + self.forced
+        if self.forced:  # the function name is the client's text, like the messages
+            forced = TOOL_OPEN + state.tokenizer.mark_literal(self.forced[len(TOOL_OPEN):])
+            self.text += ("\n<think></think>" if self.thinking else "") + "\n" + forced
             self.thinking = False
-        self.token_ids = state.tokenizer.encode(self.text)
+        self.token_ids = state.tokenizer.encode_marked(self.text)
         self.parse_reasoning = state.reasoning_parser is not None
         self.parse_tools = use_tools
 
@@ -87,17 +89,40 @@ class ChatPrompt:
                             parse_tools=self.parse_tools)
 
 
+_RENDER_ARGUMENTS = frozenset({"template", "messages", "tools", "add_generation_prompt"})  # set by render_chat
+
+
 def render_prompt(state: ServerState, messages: list[ChatMessage], tools: list[dict] | None,
                   add_generation_prompt: bool, template_kwargs: dict) -> str:
-    """The chat template applied to request messages (GLM45.md §1.5 normalisation first)."""
+    """The chat template applied to request messages (GLM45.md §1.5 normalisation first), with the client's text
+    marked for `Tokenizer.encode_marked`: control-token strings typed in messages or tools stay text. Assistant
+    turns are the model's own output, whose <think> and <tool_call> markup the template reads, so only the marker
+    character is escaped in them."""
     dumped = []
     for m in messages:
         message = m.model_dump(exclude_unset=True)
         if message["role"] == "developer":  # OpenAI's newer name for system; GLM's template knows only system
             message["role"] = "system"
-        dumped.append(message)
-    return render_chat(state.chat_template, normalize_messages(dumped), tools, add_generation_prompt,
-                       **state.tokenizer.special_tokens_map, **template_kwargs)
+        dumped.append(_mark_literal(state, message, control_tokens=message["role"] != "assistant"))
+    reserved = set(template_kwargs) & _RENDER_ARGUMENTS
+    if reserved:
+        raise ParamError(f"chat_template_kwargs cannot set {', '.join(sorted(reserved))}", "chat_template_kwargs")
+    # The request's kwargs may override the tokenizer's special tokens, as in vLLM.
+    kwargs = {**state.tokenizer.special_tokens_map, **template_kwargs}
+    return render_chat(state.chat_template, normalize_messages(dumped), _mark_literal(state, tools),
+                       add_generation_prompt, **kwargs)
+
+
+def _mark_literal(state: ServerState, value, control_tokens: bool = True):
+    """Every string in a JSON value (keys included) through `Tokenizer.mark_literal`."""
+    if isinstance(value, str):
+        return state.tokenizer.mark_literal(value, control_tokens)
+    if isinstance(value, dict):
+        return {_mark_literal(state, k, control_tokens): _mark_literal(state, v, control_tokens)
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [_mark_literal(state, v, control_tokens) for v in value]
+    return value
 
 
 def _template_kwargs(req: ChatCompletionRequest) -> dict:
@@ -117,9 +142,11 @@ def _finish_reason(reason: str | None, has_calls: bool) -> str | None:
 async def create_chat_completion(state: ServerState, req: ChatCompletionRequest, raw: Request):
     model = state.model_name(req.model)
     info = state.client.require_info()
+    max_tokens = req.max_completion_tokens or req.max_tokens
+    state.limits.check_max_tokens(max_tokens, "max_completion_tokens" if req.max_completion_tokens else "max_tokens")
     prompt = ChatPrompt(state, req)
     params = sampling_params(
-        req, info, max_tokens=req.max_completion_tokens or req.max_tokens,
+        req, info, max_tokens=max_tokens,
         logprobs=(req.top_logprobs or 0) if req.logprobs else None,
         skip_special_tokens=req.skip_special_tokens and not prompt.needs_special_tokens(state))
     gen = await Generation.start(state, [prompt.token_ids], params)

@@ -27,6 +27,7 @@ def _prompts(state: ServerState, prompt) -> list[list[int]]:
 async def create_completion(state: ServerState, req: CompletionRequest, raw: Request):
     model = state.model_name(req.model)
     info = state.client.require_info()
+    state.limits.check_max_tokens(req.max_tokens, "max_tokens")
     params = sampling_params(req, info, max_tokens=req.max_tokens, logprobs=req.logprobs,
                              skip_special_tokens=req.skip_special_tokens)
     gen = await Generation.start(state, _prompts(state, req.prompt), params)

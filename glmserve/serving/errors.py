@@ -1,13 +1,16 @@
 """Errors in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, for every way a request can fail.
 
 Bad input is always a 4xx: pydantic validation (malformed JSON included: 400, not FastAPI's 422), `ParamError`
-from any layer, a chat template that cannot render the messages. A 500 means a bug in glmserve.
+from any layer, a chat template that cannot render the messages. A 503 means the server cannot take the request
+now (loading, overloaded, the engine has failed); a 500 means a bug in glmserve. A bug is logged with its
+traceback but not its message, which may quote the request: logs carry no prompt unless --enable-log-requests.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import traceback
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -22,9 +25,11 @@ logger = logging.getLogger(__name__)
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers
 
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
@@ -54,7 +59,8 @@ def describe(error: Exception) -> tuple[int, str, str | None, str | None]:
         return 503, str(error), None, None
     if isinstance(error, EngineDeadError):
         return 503, str(error), None, None
-    logger.error("internal error", exc_info=error)
+    frames = "".join(traceback.format_tb(error.__traceback__))
+    logger.error("internal error: %s (message withheld: it may quote the request)\n%s", type(error).__name__, frames)
     return 500, f"internal error: {type(error).__name__}", None, None
 
 
@@ -91,7 +97,10 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(exc.status_code, str(exc.detail))
 
     async def _known(_: Request, exc: Exception):
-        return error_response(*describe(exc))
+        response = error_response(*describe(exc))
+        if isinstance(exc, APIError) and exc.headers:
+            response.headers.update(exc.headers)
+        return response
 
     # Specific classes are answered by the exception middleware; `Exception` (a bug) by the outermost one.
     for cls in (APIError, ParamError, ChatTemplateError, EngineNotReadyError, EngineDeadError, Exception):

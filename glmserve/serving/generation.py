@@ -2,14 +2,16 @@
 
 `Generation` submits one engine request per choice (n per prompt), turns their token deltas into text deltas
 (incremental detokenization, stop strings, which abort the engine request), and records the request's metrics
-when it is closed. `close()` also aborts whatever is still running, so every exit path (done, error, client gone)
-frees the KV blocks; it is idempotent.
+when it is closed. `close()` also aborts whatever is still running, so every exit path (done, error, client gone,
+deadline passed) frees the KV blocks; it is idempotent. Before submitting, it asks the server's limits to admit
+the request's sequences (503 when the queue is full) and logs the prompt only with --enable-log-requests.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
@@ -18,12 +20,14 @@ from fastapi.responses import Response, StreamingResponse
 from starlette.background import BackgroundTask
 
 from glmserve.engine.engine_client import EngineInfo, EngineRequest, RequestStream
-from glmserve.serving.errors import sse_error
+from glmserve.serving.errors import APIError, sse_error
 from glmserve.serving.metrics import RequestTimer
 from glmserve.serving.protocol import SamplingFields, UsageInfo, random_id
 from glmserve.serving.state import ServerState
 from glmserve.serving.text_output import TextOutput
 from glmserve.types import SamplingParams, TokenLogprobs
+
+logger = logging.getLogger(__name__)
 
 
 def sampling_params(req: SamplingFields, info: EngineInfo, *, max_tokens: int | None, logprobs: int | None,
@@ -70,19 +74,26 @@ class ChoiceDelta:
 
 
 class Generation:
-    def __init__(self, params: SamplingParams, choices: list[Choice], stream: RequestStream, timer: RequestTimer):
+    def __init__(self, params: SamplingParams, choices: list[Choice], stream: RequestStream, timer: RequestTimer,
+                 timeout: float | None):
         self.params = params
         self.choices = choices
         self._by_id = {c.request_id: c for c in choices}
         self._stream = stream
         self._timer = timer
+        self._timeout = timeout
+        self._deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
         self._closed = False
 
     @classmethod
     async def start(cls, state: ServerState, prompts: list[list[int]], params: SamplingParams) -> Generation:
-        """Submit n choices per prompt (choice index = prompt index * n + sample index). Raises ParamError."""
+        """Submit n choices per prompt (choice index = prompt index * n + sample index). Raises ParamError, or
+        APIError 503 when the waiting queue is full."""
         timer = RequestTimer(state.metrics)
+        state.limits.admit(state.client, len(prompts) * params.n)
         base = random_id("req")
+        if state.log_requests:
+            _log_request(state, base, prompts, params)
         choices, requests = [], []
         for p, prompt in enumerate(prompts):
             for j in range(params.n):
@@ -92,11 +103,24 @@ class Generation:
                 choices.append(Choice(index, f"{base}-{index}", len(prompt), TextOutput(state.tokenizer, child)))
                 requests.append(EngineRequest(f"{base}-{index}", prompt, child))
         stream = await state.client.add_requests(requests)
-        return cls(params, choices, stream, timer)
+        return cls(params, choices, stream, timer, state.limits.request_timeout)
+
+    async def _outputs(self):
+        """The engine's outputs, ending with APIError 408 at the deadline (the caller's close() aborts the rest)."""
+        while True:
+            try:
+                async with asyncio.timeout_at(self._deadline):
+                    out = await anext(self._stream)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise APIError(408, f"The request did not finish within the server's deadline of {self._timeout:g} s "
+                                    f"(--request-timeout).", code="request_timeout") from None
+            yield out
 
     async def deltas(self) -> AsyncIterator[ChoiceDelta]:
         hide_stop_token = not self.params.include_stop_str_in_output
-        async for out in self._stream:
+        async for out in self._outputs():
             choice = self._by_id[out.request_id]
             self._timer.tokens_arrived()
             choice.num_output_tokens += len(out.new_token_ids)
@@ -129,6 +153,15 @@ class Generation:
         self._stream.abort()
         self._timer.finish(self.usage().prompt_tokens, [c.num_output_tokens for c in self.choices],
                            [c.finish_reason for c in self.choices])
+
+
+def _log_request(state: ServerState, request_id: str, prompts: list[list[int]], params: SamplingParams) -> None:
+    # vLLM's "Received request" line: the prompt as text and ids, cut to --max-log-len.
+    cut = slice(state.max_log_len)
+    for i, ids in enumerate(prompts):
+        text = state.tokenizer.decode(ids[cut], skip_special_tokens=False)[cut]
+        logger.info("Received request %s (prompt %d): prompt: %r, prompt_token_ids: %s, params: %s", request_id, i,
+                    text, ids[cut], params)
 
 
 async def unless_disconnected(request: Request, work: Awaitable[Response]) -> Response:

@@ -2,14 +2,15 @@
 
 Request counters and latency histograms are recorded by the handlers through `RequestTimer`; engine gauges
 (running and waiting requests, KV-cache usage, prefix-cache hits) are read from the engine client's latest stats
-snapshot when /metrics is scraped, so the engine thread does no metrics work per step.
+snapshot when /metrics is scraped, so the engine thread does no metrics work per step. The process's own metrics
+(`process_resident_memory_bytes`, open fds, CPU time) come from prometheus_client, as in vLLM.
 """
 
 from __future__ import annotations
 
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -27,6 +28,7 @@ class _EngineCollector(Collector):
 
     def collect(self):
         s = self._client.stats
+        yield CounterMetricFamily("glmserve:engine_steps", "Engine steps run.", self._client.num_steps)
         yield GaugeMetricFamily("glmserve:num_requests_running", "Requests in the running batch.", s.num_running)
         yield GaugeMetricFamily("glmserve:num_requests_waiting", "Requests waiting to be scheduled.", s.num_waiting)
         yield GaugeMetricFamily("glmserve:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0 to 1).",
@@ -68,6 +70,7 @@ class Metrics:
         self.e2e = Histogram("glmserve:e2e_request_latency_seconds", "Request latency, arrival to last token.",
                              buckets=_LATENCY_BUCKETS, registry=r)
         r.register(_EngineCollector(client))
+        ProcessCollector(registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

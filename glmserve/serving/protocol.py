@@ -4,10 +4,16 @@ Ranges are checked here so that a bad value is a 400 naming its field before any
 `ParamError`, whose `param` the error handler reports); the rest of the sampling checks live in `SamplingParams`.
 Unknown request fields are ignored, as OpenAI's own server does. Responses are built from these models too: whole
 responses keep their null fields (as vLLM's do), stream chunks drop them to stay small.
+
+Sizes are bounded here too (OpenAI's limits where it has them: n and tools at most 128), so that no field can make
+the server do unbounded work: floats must be finite, a seed fits the sampler's 64-bit generator, and the number of
+messages and stop strings is capped. What depends on the engine (max_tokens against the context length, sequences
+against the queue) is checked when the request is served.
 """
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Annotated, Any, Literal
@@ -18,13 +24,38 @@ from glmserve.types import ParamError
 
 NonNegInt = Annotated[int, Field(ge=0)]
 
+MAX_N = 128  # OpenAI's own limit
+MAX_MESSAGES = 2048
+MAX_TOOLS = 128  # OpenAI's own limit
+MAX_STOP = 64  # stop strings or stop token ids
+MAX_PROMPTS = 1024  # prompts in one /v1/completions batch (each still counts against the queue)
+
 
 def random_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
 class OpenAIModel(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # NaN and Infinity are valid JSON to Python, and a NaN slips through every range check.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+
+class RequestBody(OpenAIModel):
+    """A whole request body."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_text(cls, data: Any) -> Any:
+        # JSON may spell a lone UTF-16 surrogate ("\ud800"), which Python keeps in a str but no tokenizer, and no
+        # UTF-8 response quoting it, can encode.
+        try:
+            json.dumps(data, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise ParamError("the request holds an unpaired UTF-16 surrogate escape (\\ud800-\\udfff), which is "
+                             "not text") from None
+        except (TypeError, ValueError):  # not JSON-shaped: the field validators say what is wrong
+            pass
+        return data
 
 
 # ---- shared request parts ---------------------------------------------------------------------------------------
@@ -34,17 +65,19 @@ class StreamOptions(OpenAIModel):
     include_usage: bool = False
 
 
-class SamplingFields(OpenAIModel):
+class SamplingFields(RequestBody):
     """The sampling fields chat and completions share (OpenAI's, then vLLM's extras)."""
 
     model: str | None = None
-    n: int = Field(1, ge=1, le=128)
+    n: int = Field(1, ge=1, le=MAX_N)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    seed: int | None = None
-    stop: str | list[str] | None = None
+    # int64, as vLLM: torch's generators refuse more than 64 bits (and killed the engine); seed + sample index
+    # for parallel samples still fits their unsigned range.
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     logit_bias: dict[str, float] | None = None
@@ -54,7 +87,7 @@ class SamplingFields(OpenAIModel):
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(None, gt=0.0)
     min_tokens: NonNegInt = 0
-    stop_token_ids: list[NonNegInt] | None = None
+    stop_token_ids: list[NonNegInt] | None = Field(None, max_length=MAX_STOP)
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
@@ -105,12 +138,12 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    tools: list[Tool] | None = None
+    tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
     response_format: dict[str, Any] | None = None
@@ -141,7 +174,8 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | Annotated[list[str], Field(max_length=MAX_PROMPTS)] | list[int] | Annotated[
+        list[list[int]], Field(max_length=MAX_PROMPTS)]
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
@@ -164,11 +198,11 @@ class CompletionRequest(SamplingFields):
 # ---- tokenizer endpoints (vLLM's shapes) ------------------------------------------------------------------------
 
 
-class TokenizeRequest(OpenAIModel):
+class TokenizeRequest(RequestBody):
     model: str | None = None
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
-    tools: list[Tool] | None = None
+    messages: list[ChatMessage] | None = Field(None, max_length=MAX_MESSAGES)
+    tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = True
     add_special_tokens: bool = False
@@ -181,7 +215,7 @@ class TokenizeRequest(OpenAIModel):
         return self
 
 
-class DetokenizeRequest(OpenAIModel):
+class DetokenizeRequest(RequestBody):
     model: str | None = None
     tokens: list[NonNegInt]
 

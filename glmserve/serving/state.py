@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from dataclasses import dataclass, field
 
 from glmserve.engine.engine_client import AsyncEngineClient
 from glmserve.serving.errors import APIError
+from glmserve.serving.limits import ServingLimits
 from glmserve.serving.logprobs import LogprobsFormatter
 from glmserve.serving.metrics import Metrics
 from glmserve.serving.parsers import check_parser_names
@@ -22,6 +24,9 @@ class ServerState:
     reasoning_parser: str | None = None
     tool_call_parser: str | None = None
     api_key: str | None = None
+    limits: ServingLimits = field(default_factory=ServingLimits)
+    log_requests: bool = False  # --enable-log-requests: log each request's prompt (vLLM's flag)
+    max_log_len: int | None = None  # --max-log-len: characters and token ids of a prompt to log
     metrics: Metrics = field(init=False)
     logprobs: LogprobsFormatter = field(init=False)
 
@@ -41,5 +46,7 @@ class ServerState:
         if self.api_key is None:
             return True
         scheme, _, key = (authorization or "").partition(" ")
-        # compare_digest: the time taken must not tell how much of a guessed key was right.
-        return scheme.lower() == "bearer" and hmac.compare_digest(key.strip().encode(), self.api_key.encode())
+        # compare_digest of fixed-length digests: the time taken tells neither how much of a guessed key was right
+        # nor the key's length.
+        given, expected = (hashlib.sha256(k.encode()).digest() for k in (key.strip(), self.api_key))
+        return hmac.compare_digest(given, expected) & (scheme.lower() == "bearer")

@@ -11,16 +11,28 @@ Two ways to encode, because rendered chat templates and raw user text need oppos
   only splits *special* added tokens and would still turn `<think>` or `<tool_call>` (non-special in GLM-4.5)
   into their ids. So this uses a copy of the tokenizer without its added tokens, which is what transformers'
   `_encode_without_added_tokens` computes, without its Python loop over pre-tokenized words.
+
+A rendered chat prompt mixes both: the template's control tokens, and text a client sent. `mark_literal` marks the
+added-token strings in client text before rendering (as private-use markers, which templates pass through
+untouched), and `encode_marked` encodes the rendered prompt with those spans as plain text: `<|user|>` or `<think>`
+typed in a message is never a control token. Only token ids (/v1/completions) reach the model's control tokens
+directly. GLM's `/nothink` is left alone: it is the switch users are meant to type.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
 import tokenizers
+
+# Added tokens that users type on purpose: GLM-4.5's soft switch to turn thinking off for one turn.
+_USER_TYPED = frozenset({"/nothink"})
+_MARK, _MARK_END = "\ue000", "\ue001"  # private-use characters: no tokenizer or template gives them a meaning
+_MARKED = re.compile(f"{_MARK}(\\d+){_MARK_END}")
 
 # tokenizer_config.json keys that transformers exposes to chat templates as `special_tokens_map`.
 _SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -70,6 +82,31 @@ class Tokenizer:
         eos = self.special_tokens_map.get("eos_token")
         self.eos_token_id: int | None = self.token_to_id(eos) if eos is not None else None
         self.vocab_size: int = self._tokenizer.get_vocab_size(with_added_tokens=True)
+        # Longest first, so that no token's string is matched as part of a longer one; the marker character itself
+        # is marked too, so client text can never spell a marker.
+        literals = sorted({t.content for t in added.values()} - _USER_TYPED, key=len, reverse=True) + [_MARK]
+        self._literal_index = {text: i for i, text in enumerate(literals)}
+        self._literals = literals
+        self._literal_pattern = re.compile("|".join(map(re.escape, literals)))
+
+    def mark_literal(self, text: str, control_tokens: bool = True) -> str:
+        """`text` with each added token's string (or with `control_tokens=False`, only the marker character) marked
+        for `encode_marked` to encode as plain text."""
+        pattern = self._literal_pattern if control_tokens else _MARK
+        return re.sub(pattern, lambda m: f"{_MARK}{self._literal_index[m.group()]}{_MARK_END}", text)
+
+    def encode_marked(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """`encode`, except that spans marked by `mark_literal` are encoded as plain text."""
+        if _MARK not in text:
+            return self.encode(text, add_special_tokens)
+        parts, start = [], 0
+        for m in _MARKED.finditer(text):
+            parts.append(self._tokenizer.encode(text[start:m.start()], add_special_tokens=False))
+            parts.append(self._plain.encode(self._literals[int(m.group(1))], add_special_tokens=False))
+            start = m.end()
+        parts.append(self._tokenizer.encode(text[start:], add_special_tokens=False))
+        merged = tokenizers.Encoding.merge(parts, growing_offsets=True)
+        return (self._tokenizer.post_process(merged) if add_special_tokens else merged).ids
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """Encode with added tokens matched (for rendered chat templates). `add_special_tokens` runs the

@@ -1,0 +1,84 @@
+"""The server process from start to exit: load, serve, drain on SIGTERM, stop when the engine fails.
+
+* SIGTERM or SIGINT drains: the listening socket closes at once (no new connection is accepted, idle keep-alive
+  connections are closed), requests in flight run to their end for up to `--shutdown-timeout` seconds and are
+  then cancelled (which aborts them in the engine); the process exits 0. A second SIGINT stops at once.
+* If the engine fails (loading or stepping), every request in flight gets an OpenAI error at once (503, with the
+  engine's error), /health answers 503, and the server shuts down the same way and exits 1, as vLLM does, so that
+  a supervisor restarts it. With GLMSERVE_KEEP_ALIVE_ON_ENGINE_DEATH=1 (vLLM's VLLM_KEEP_ALIVE_ON_ENGINE_DEATH)
+  it stays up instead, answering 503, for whoever wants to inspect it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+
+import uvicorn
+
+from glmserve.engine.engine_client import AsyncEngineClient
+
+logger = logging.getLogger("glmserve")
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self):
+        # uvicorn's own version raises a caught SIGTERM again after its graceful shutdown, so the process would
+        # end by the signal; a server that drained cleanly should exit 0.
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+async def run_server(app, sock: socket.socket, client: AsyncEngineClient, names: list[str], *, log_level: str,
+                     shutdown_timeout: float, keep_alive_on_engine_death: bool = False) -> int:
+    """Serve `app` on `sock` until a signal or an engine failure; the process's exit status."""
+    host, port = sock.getsockname()[:2]
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+    server = _Server(uvicorn.Config(app, log_level=log_level, timeout_keep_alive=5,
+                                    timeout_graceful_shutdown=shutdown_timeout))
+    client.start()
+    try:
+        return await _serve(server, sock, client, names, url, keep_alive_on_engine_death)
+    finally:
+        client.shutdown()
+        await asyncio.to_thread(client.join, 60)
+
+
+async def _serve(server: uvicorn.Server, sock: socket.socket, client: AsyncEngineClient, names: list[str], url: str,
+                 keep_alive_on_engine_death: bool) -> int:
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    logger.info("listening on %s; loading the model (/health answers 503 until it is ready)", url)
+    ready = asyncio.ensure_future(client.wait_ready())
+    await asyncio.wait({serving, ready}, return_when=asyncio.FIRST_COMPLETED)
+    if not ready.done():  # stopped while loading
+        ready.cancel()
+        await serving
+        return 0
+    if ready.exception() is not None:
+        logger.error("the model failed to load: %s", client.error)
+        server.should_exit = True
+        await serving
+        return 1
+    logger.info("ready: serving %s at %s/v1 (max_model_len %d)", ", ".join(names), url, ready.result().max_model_len)
+    dead = asyncio.ensure_future(client.wait_dead())
+    await asyncio.wait({serving, dead}, return_when=asyncio.FIRST_COMPLETED)
+    if not dead.done():
+        dead.cancel()
+        return 0
+    if keep_alive_on_engine_death:
+        logger.error("the engine failed: %r; staying up (GLMSERVE_KEEP_ALIVE_ON_ENGINE_DEATH), answering 503",
+                     client.error)
+        await serving
+        return 1
+    logger.error("the engine failed: %r; shutting down", client.error)
+    server.should_exit = True
+    await serving
+    return 1

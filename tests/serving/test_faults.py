@@ -1,0 +1,91 @@
+"""An engine that raises, and SIGTERM, against real servers (RELIABILITY.md item 5; glmserve.serving.lifecycle)."""
+
+import json
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from conftest import start_server
+
+ENDLESS = {"max_tokens": 1900, "ignore_eos": True}  # ~10 s of output on the test model
+CHAT = {"messages": [{"role": "user", "content": "hi"}], **ENDLESS}
+
+
+def _events(http: httpx.Client, path: str, body: dict) -> list[str]:
+    """A stream's `data:` payloads, read to its end (or to the connection's end)."""
+    events = []
+    try:
+        with http.stream("POST", path, json={**body, "stream": True}) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:])
+    except httpx.RemoteProtocolError:  # the server closed the connection mid-stream
+        events.append("<connection closed>")
+    return events
+
+
+def _wait_exit(server, timeout: float) -> int:
+    server.process.wait(timeout=timeout)
+    return server.process.returncode
+
+
+def test_engine_failure_fails_requests_in_flight_and_exits_1(checkpoint, tmp_path):
+    server = start_server([str(checkpoint), "--inject-fault-after-steps", "40"], tmp_path / "server.log")
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as http, ThreadPoolExecutor(2) as pool:
+            start = time.monotonic()
+            streamed = pool.submit(_events, http, "/v1/chat/completions", CHAT)
+            whole = pool.submit(http.post, "/v1/chat/completions", json=CHAT)
+            events, response = streamed.result(timeout=20), whole.result(timeout=20)
+            elapsed = time.monotonic() - start
+        error = json.loads(events[-1])["error"]
+        assert error["type"] == "server_error" and "InjectedFault" in error["message"]
+        assert response.status_code == 503 and "InjectedFault" in response.json()["error"]["message"]
+        assert elapsed < 5  # 40 steps of two requests, then the error at once, not at some timeout
+        assert _wait_exit(server, 15) == 1
+        assert "the engine failed" in server.output()
+    finally:
+        server.stop()
+
+
+def test_keep_alive_on_engine_death(checkpoint, tmp_path):
+    server = start_server([str(checkpoint), "--inject-fault-after-steps", "0"], tmp_path / "server.log",
+                          env={"GLMSERVE_KEEP_ALIVE_ON_ENGINE_DEATH": "1"})
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            assert http.post("/v1/chat/completions", json=CHAT).status_code == 503
+            health = http.get("/health")
+            assert health.status_code == 503 and "InjectedFault" in health.json()["error"]["message"]
+            start = time.monotonic()
+            assert http.post("/v1/completions", json={"prompt": "a"}).status_code == 503
+            assert time.monotonic() - start < 1
+        time.sleep(0.5)
+        assert server.process.poll() is None
+    finally:
+        server.stop()
+
+
+def test_sigterm_drains_then_exits_0(checkpoint, tmp_path):
+    grace = 5
+    server = start_server([str(checkpoint), "--shutdown-timeout", str(grace)], tmp_path / "server.log")
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as http, ThreadPoolExecutor(2) as pool:
+            short = pool.submit(_events, http, "/v1/completions", {"prompt": "a", "max_tokens": 300,
+                                                                      "ignore_eos": True})
+            endless = pool.submit(_events, http, "/v1/completions", {"prompt": "b", **ENDLESS})
+            time.sleep(0.5)  # both are generating
+            server.process.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            time.sleep(0.3)
+            with pytest.raises(httpx.ConnectError):  # the listening socket is closed at once
+                httpx.get(f"{server.url}/health", timeout=2)
+            short_events, endless_events = short.result(timeout=30), endless.result(timeout=30)
+        assert short_events[-1] == "[DONE]"
+        assert json.loads(short_events[-2])["choices"][0]["finish_reason"] == "length"
+        assert endless_events[-1] == "<connection closed>"  # cut at the end of the grace period
+        assert _wait_exit(server, 10) == 0
+        assert grace <= time.monotonic() - signalled < grace + 5
+    finally:
+        server.stop()
