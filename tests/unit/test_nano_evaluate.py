@@ -6,12 +6,14 @@ from types import SimpleNamespace
 
 import pytest
 
+from glmserve.models import EMBEDDED_MODEL
 from glmserve.nano.corpus import OBSERVATION, USER
 from glmserve.nano.evaluate import KINDS, heldout_cases, request_messages, score
 from glmserve.serving.chat import ChatPrompt
 from glmserve.serving.parsers.glm45 import parse_output
 from glmserve.serving.protocol import ChatCompletionRequest
 from glmserve.serving.templates import glm45_chat_template
+from glmserve.serving.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +24,7 @@ def cases():
 def test_requests_render_to_the_training_prompts(cases):
     # The server's own prompt building, on the JSON body the openai client would send.
     state = SimpleNamespace(chat_template=glm45_chat_template(), tool_call_parser="glm45", reasoning_parser="glm45",
-                            tokenizer=SimpleNamespace(special_tokens_map={}, encode=lambda text: []))
+                            tokenizer=Tokenizer(EMBEDDED_MODEL))
     for kind in KINDS:
         for e in cases[kind]:
             body = {"model": "nano", "messages": request_messages(e.messages),
