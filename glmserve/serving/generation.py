@@ -188,21 +188,26 @@ async def unless_disconnected(request: Request, work: Awaitable[Response]) -> Re
     return task.result()
 
 
+# JSON leaves these unescaped, and SSE ends lines only at CR and LF, but Python's str.splitlines (and so httpx's
+# iter_lines) also splits at them: a model that writes one would cut such a client's event in two.
+_LINE_BREAKS_OUTSIDE_SSE = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def stream_response(gen: Generation, chunks: AsyncIterator[str],
                     usage_chunk: Callable[[], str] | None) -> StreamingResponse:
     """The SSE framing chat and completions share: their chunks, then the usage chunk when asked for, then
     `[DONE]`. An error after the status line can only go into the stream; the generation is closed on every
-    exit, a client that went away included."""
+    exit, a client that went away included. Unicode line separators in a chunk's JSON are escaped."""
 
     async def body() -> AsyncIterator[str]:
         try:
             async for chunk in chunks:
-                yield chunk
+                yield chunk.translate(_LINE_BREAKS_OUTSIDE_SSE)
             if usage_chunk is not None:
                 yield usage_chunk()
             yield "data: [DONE]\n\n"
         except Exception as e:  # noqa: BLE001 - the status line is sent; the error can only go in the stream
-            yield sse_error(e)
+            yield sse_error(e).translate(_LINE_BREAKS_OUTSIDE_SSE)
         finally:
             gen.close()
 

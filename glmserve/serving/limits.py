@@ -1,7 +1,7 @@
 """What the server takes on: the size of a request body, the sequences in the engine (its running batch plus a
 bounded waiting queue), and how long a request may run.
 
-A request beyond a limit is answered at once, before it costs anything: 413 for a body over
+A request beyond a limit is answered at once, before it reaches the engine: 413 for a body over
 `--max-request-body-mb`, 503 with `Retry-After` when the waiting queue is full (`--max-queued-requests`, SGLang's
 flag), 400 for a request that could never fit or asks for more than `--max-output-tokens`, 408 when a request
 outlives `--request-timeout`. Without `--max-output-tokens`, a max_tokens beyond the context is not an error: the

@@ -15,8 +15,8 @@ Two ways to encode, because rendered chat templates and raw user text need oppos
 A rendered chat prompt mixes both: the template's control tokens, and text a client sent. `mark_literal` marks the
 added-token strings in client text before rendering (as private-use markers, which templates pass through
 untouched), and `encode_marked` encodes the rendered prompt with those spans as plain text: `<|user|>` or `<think>`
-typed in a message is never a control token. Only token ids (/v1/completions) reach the model's control tokens
-directly. GLM's `/nothink` is left alone: it is the switch users are meant to type.
+typed in a message is never a control token. Only a /v1/completions prompt, the client's whole raw prompt (ids or
+text, as in vLLM), reaches control tokens directly. GLM's `/nothink` is left alone: users are meant to type it.
 """
 
 from __future__ import annotations

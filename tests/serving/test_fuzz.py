@@ -27,11 +27,13 @@ def fuzzed(checkpoint, tmp_path_factory):
     flags = ["--max-model-len", "64", "--max-output-tokens", "16", "--max-num-seqs", "4", "--max-queued-requests",
              "4", "--num-kv-blocks", "64", "--reasoning-parser", "glm45", "--tool-call-parser", "glm45"]
     server = start_server([str(checkpoint), *flags], tmp_path_factory.mktemp("fuzz") / "server.log")
-    yield server
-    assert server.process.poll() is None, server.output()
-    assert httpx.get(f"{server.url}/health", timeout=5).status_code == 200
-    assert "Traceback" not in server.output() and "internal error" not in server.output()
-    server.stop()
+    try:
+        yield server
+        assert server.process.poll() is None, server.output()
+        assert httpx.get(f"{server.url}/health", timeout=5).status_code == 200
+        assert "Traceback" not in server.output() and "internal error" not in server.output()
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="module")

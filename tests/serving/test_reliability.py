@@ -16,6 +16,7 @@ from conftest import metric, start_server
 from glmserve.config import GenerationDefaults
 from glmserve.engine.engine_client import AsyncEngineClient
 from glmserve.engine.scheduler import SchedulerStats
+from glmserve.serving.generation import stream_response
 from glmserve.types import RequestOutput, SamplingParams
 
 LOAD_SCRIPT = Path(__file__).parents[2] / "scripts" / "load_disconnects.py"
@@ -96,6 +97,25 @@ def test_an_abort_reaches_the_engine_before_its_next_step():
 
     asyncio.run(asyncio.wait_for(main(), 10))
     assert [s for s in engine.steps if "a" in s] == [{"a"}] * 4 and not engine.requests
+
+
+def test_stream_events_survive_naive_line_splitting():
+    """The full-size load run found a stream event cut in two: the model wrote U+2028, which JSON leaves as is and
+    httpx's iter_lines (like str.splitlines) takes for a line end. Such characters are escaped in SSE chunks."""
+
+    class Finished:
+        def close(self):
+            pass
+
+    async def chunks():
+        yield "data: " + json.dumps({"text": "a\x85b\u2028c\u2029d"}, ensure_ascii=False) + "\n\n"
+
+    async def main():
+        return [chunk async for chunk in stream_response(Finished(), chunks(), None).body_iterator]
+
+    lines = [line for line in "".join(asyncio.run(main())).splitlines() if line]
+    assert lines == ['data: {"text": "a\\u0085b\\u2028c\\u2029d"}', "data: [DONE]"]
+    assert json.loads(lines[0][6:])["text"] == "a\x85b\u2028c\u2029d"
 
 
 @pytest.fixture(scope="module")
