@@ -1,5 +1,5 @@
-"""`glmserve serve` (OpenAI-compatible server), `glmserve chat` (terminal chat, glmserve.chat_cli) and
-`glmserve generate` (one-shot generation).
+"""`glmserve serve` (OpenAI-compatible server), `glmserve chat` (terminal chat, glmserve.chat_cli),
+`glmserve generate` (one-shot generation) and `glmserve bench serve|offline` (benchmarks, glmserve.bench).
 
 Flags carry both spellings where vLLM and SGLang differ, so the model card's commands work with `vllm serve` /
 `python3 -m sglang.launch_server` replaced by `glmserve serve`. A flag value that cannot work is refused before
@@ -111,6 +111,11 @@ def _build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-tokens", type=int, default=1024, help="the longest reply, reasoning included")
     chat.add_argument("--temperature", type=float, help="default: the checkpoint's generation_config.json")
     chat.add_argument("--scripted-output-file", help=argparse.SUPPRESS)  # test-only, as for serve
+
+    from glmserve.bench import add_parsers  # flag definitions only; the benchmarks import their code when run
+
+    add_parsers(commands.add_parser("bench", help="benchmark a server (serve) or a checkpoint in-process (offline)",
+                                    allow_abbrev=False))
     return parser
 
 
@@ -295,6 +300,12 @@ def chat(parser: argparse.ArgumentParser, args) -> int:
                args.system, args.scripted_output_file)
 
 
+def bench(parser: argparse.ArgumentParser, args) -> int:
+    from glmserve.bench import main as run_bench
+
+    return run_bench(args, parser)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s %(name)s: %(message)s")
     parser = _build_parser()
@@ -302,6 +313,6 @@ def main(argv: list[str] | None = None) -> int:
     from glmserve.config import ConfigError
 
     try:
-        return {"serve": serve, "chat": chat, "generate": generate}[args.command](parser, args)
+        return {"serve": serve, "chat": chat, "generate": generate, "bench": bench}[args.command](parser, args)
     except ConfigError as e:
         parser.error(str(e))
