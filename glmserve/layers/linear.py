@@ -27,6 +27,11 @@ def take_shard(loaded: torch.Tensor, dim: int, index: int, size: int, total: int
 
 
 PREPACK_MIN_ELEMENTS = 1 << 19  # 2 MiB of fp32: below it F.linear wins at every batch size measured
+# oneDNN keeps memory for every distinct row count it has seen (measured: +2.2 GiB after 2,000 distinct counts on
+# one [4096, 512] weight, and it outlives ONEDNN_PRIMITIVE_CACHE_CAPACITY), so a server whose prefill chunks vary
+# would grow without bound. Up to 128 rows (decode steps) the packed path is 1.1-2.5x faster and its memory
+# plateaus (+40 MiB); above, F.linear is within 15% and keeps nothing.
+PACKED_MAX_ROWS = 128
 
 
 class LinearBase(nn.Module):
@@ -54,7 +59,7 @@ class LinearBase(nn.Module):
             self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None)
 
     def _linear(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed_weight is not None and not torch.is_grad_enabled():
+        if self.packed_weight is not None and x.shape[0] <= PACKED_MAX_ROWS and not torch.is_grad_enabled():
             return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 

@@ -102,8 +102,10 @@ def save_checkpoint(model: Glm4MoeForCausalLM, config: dict, directory: str | Pa
                for name, t in checkpoint_tensors(model).items()}
     save_tensors(tensors, directory)
     (directory / "config.json").write_text(json.dumps(config, indent=2))
-    generation = {"_from_model_config": True, "eos_token_id": config["eos_token_id"],
-                  "pad_token_id": config["pad_token_id"], "transformers_version": config["transformers_version"]}
+    # Sampling defaults of the GLM-4.5 series (Z.ai's API documentation): temperature 0.6, top_p 0.95.
+    generation = {"_from_model_config": True, "do_sample": True, "temperature": 0.6, "top_p": 0.95,
+                  "eos_token_id": config["eos_token_id"], "pad_token_id": config["pad_token_id"],
+                  "transformers_version": config["transformers_version"]}
     (directory / "generation_config.json").write_text(json.dumps(generation, indent=2))
     return directory
 

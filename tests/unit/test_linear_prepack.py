@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from glmserve.layers.linear import PREPACK_MIN_ELEMENTS, ReplicatedLinear
+from glmserve.layers.linear import PACKED_MAX_ROWS, PREPACK_MIN_ELEMENTS, ReplicatedLinear
 
 pytestmark = pytest.mark.skipif(not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"), reason="no oneDNN")
 
@@ -17,14 +17,19 @@ def _linear(out_features: int, in_features: int, bias: bool) -> ReplicatedLinear
     return layer
 
 
+@pytest.mark.parametrize("rows", [1, 5, PACKED_MAX_ROWS, PACKED_MAX_ROWS + 1])
 @pytest.mark.parametrize("bias", [False, True])
-def test_large_weights_are_prepacked_and_equal_f_linear(bias):
+def test_large_weights_are_prepacked_and_equal_f_linear(bias, rows, monkeypatch):
     layer = _linear(PREPACK_MIN_ELEMENTS // 256, 256, bias)
     layer.prepack_for_cpu()
     assert layer.packed_weight is not None
-    x = torch.randn(5, 256)
+    calls = []
+    packed_op = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(1) or packed_op(*a))
+    x = torch.randn(rows, 256)
     with torch.inference_mode():
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+    assert len(calls) == (rows <= PACKED_MAX_ROWS)  # bigger batches take F.linear: oneDNN's memory stays bounded
 
 
 def test_small_weights_stay_unpacked():
