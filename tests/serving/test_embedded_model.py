@@ -10,7 +10,10 @@ calls must equal the non-streamed ones.
 
 import json
 import re
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -142,3 +145,13 @@ def scrape_metrics(url: str) -> dict[str, float]:
             name, value = line.rsplit(" ", 1)
             values[name] = float(value)
     return values
+
+
+def test_transcript_example_runs(default_server):
+    """examples/nano_transcript.py, whose output README.md shows."""
+    server, _ = default_server
+    script = Path(__file__).resolve().parents[2] / "examples" / "nano_transcript.py"
+    result = subprocess.run([sys.executable, str(script), "--base-url", f"{server.url}/v1"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("user (") == 3 and "reasoning_content: " in result.stdout
