@@ -20,6 +20,7 @@ import pytest
 from openai import OpenAI
 
 from glmserve.nano.corpus import conversations
+from glmserve.nano.evaluate import kind_of
 from glmserve.testing.server import start_server
 
 SPECULATIVE = ["--speculative-algorithm", "EAGLE", "--speculative-num-steps", "3", "--speculative-eagle-topk", "1",
@@ -28,14 +29,12 @@ PARSERS = ["--reasoning-parser", "glm45", "--tool-call-parser", "glm45"]
 
 
 def heldout(kind: str, count: int):
-    """The first `count` held-out turns of a kind: "thinking_sum", "direct_sum" or "tool_call"."""
+    """The first `count` held-out turns of one of glmserve.nano.evaluate's kinds ("tool_call": a tool from the
+    realistic pool, requested in words never trained on; "arithmetic_thinking"; "arithmetic_direct")."""
     found = []
     for conversation in conversations(0, "heldout"):
         for example in conversation:
-            e = example.expected
-            if kind == "tool_call" and "calls" in e and len(e["calls"]) == 1:
-                found.append(example)
-            elif kind.endswith("_sum") and e.get("two_digit") and example.thinking == (kind == "thinking_sum"):
+            if kind_of(example) == kind and len(example.expected.get("calls", ())) <= 1:
                 found.append(example)
             if len(found) == count:
                 return found
@@ -96,7 +95,7 @@ def test_serves_the_embedded_model_under_its_name(default_server):
 
 def test_thinking_answer(default_server):
     _, client = default_server
-    example = heldout("thinking_sum", 1)[0]
+    example = heldout("arithmetic_thinking", 1)[0]
     reasoning, content, calls, _ = ask(client, example)
     assert reasoning.strip() and content.strip() and not calls
     first_operand = re.match(r"\d+", example.expected["problem"]).group()
@@ -106,7 +105,7 @@ def test_thinking_answer(default_server):
 
 def test_direct_answer_without_thinking(default_server):
     _, client = default_server
-    example = heldout("direct_sum", 1)[0]
+    example = heldout("arithmetic_direct", 1)[0]
     reasoning, content, _, _ = ask(client, example)
     assert reasoning == "" and content.strip()
 
@@ -123,7 +122,7 @@ def test_streaming_with_speculative_decoding_equals_non_streaming(tmp_path):
     server = start_server([*PARSERS, *SPECULATIVE], tmp_path / "spec.log")
     try:
         client = OpenAI(base_url=f"{server.url}/v1", api_key="none")
-        examples = heldout("thinking_sum", 2) + heldout("direct_sum", 1) + heldout("tool_call", 3)
+        examples = heldout("arithmetic_thinking", 2) + heldout("arithmetic_direct", 1) + heldout("tool_call", 3)
         total_chunks = total_tokens = 0
         for example in examples:
             *whole, num_tokens = ask(client, example)
