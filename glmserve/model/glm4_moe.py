@@ -108,7 +108,7 @@ class Glm4MoeMTPLayer(Glm4MoeDecoderLayer):
     """The multi-token-prediction layer stored as model.layers.{num_hidden_layers}: a full MoE decoder layer
     fed by eh_proj([enorm(embed(next token)), hnorm(target hidden)]), with its own head.
 
-    Its weights are loaded with the model; the speculative-decoding path that drives it builds on this.
+    Its weights are loaded with the model; engine/mtp_proposer.py drives it for speculative decoding.
     """
 
     def __init__(self, config: ModelConfig, parallel: ParallelContext, rotary: PartialRotaryEmbedding):

@@ -5,7 +5,6 @@ speculation, no KV leak with aborts, flags and errors."""
 import itertools
 import json
 import random
-from collections import Counter
 from dataclasses import replace
 
 import pytest
@@ -61,12 +60,12 @@ def _engine(checkpoint, k: int, **overrides) -> LLMEngine:
                      progress=False)
 
 
-def _use_oracle_drafts(engine: LLMEngine, expected: dict[tuple, list[int]], wrong_every: int = 5) -> Counter:
+def _use_oracle_drafts(engine: LLMEngine, expected: dict[tuple, list[int]], wrong_every: int = 5) -> None:
     """Replace the MTP's drafts by the known greedy continuation, every `wrong_every`-th draft corrupted, so most
     are accepted and some rejected mid-run. The MTP layer still runs (its KV is still written)."""
     runner = engine.runner
     propose = runner._propose
-    counter = Counter()
+    numbered = itertools.count(1)
 
     def oracle(chunks, sampled, last_known, hidden):
         drafts = propose(chunks, sampled, last_known, hidden)
@@ -77,14 +76,12 @@ def _use_oracle_drafts(engine: LLMEngine, expected: dict[tuple, list[int]], wron
             truth = expected[tuple(chunk.request.prompt_token_ids)][done : done + len(drafts[i])]
             truth += [7] * (len(drafts[i]) - len(truth))
             for j in range(len(truth)):
-                counter["drafts"] += 1
-                if counter["drafts"] % wrong_every == 0:
+                if next(numbered) % wrong_every == 0:
                     truth[j] = (truth[j] + 1) % 1000
             drafts[i] = truth
         return drafts
 
     runner._propose = oracle
-    return counter
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +91,7 @@ def glm45(checkpoints):
 
 @pytest.fixture(scope="module")
 def expected(glm45):
-    """Plain greedy outputs: once alone, then again on a warm prefix cache."""
+    """Plain greedy outputs of _prompts(), no drafts."""
     return _run(_engine(glm45, 0), _prompts(), GREEDY)
 
 
