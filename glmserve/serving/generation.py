@@ -122,6 +122,9 @@ class Generation:
         hide_stop_token = not self.params.include_stop_str_in_output
         async for out in self._outputs():
             choice = self._by_id[out.request_id]
+            if choice.finish_reason is not None:
+                # A step the engine ran before it saw the stop-string abort: those tokens are not part of the output.
+                continue
             self._timer.tokens_arrived()
             choice.num_output_tokens += len(out.new_token_ids)
             choice.num_cached_tokens = out.num_cached_tokens
