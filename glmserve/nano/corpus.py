@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -66,12 +66,18 @@ def render(dialogue: Dialogue, thinking: bool) -> tuple[Example, ...]:
     return tuple(examples)
 
 
-def conversations(seed: int, split: str = "train") -> Iterator[tuple[Example, ...]]:
-    """An endless, reproducible stream of rendered conversations of one split."""
+def conversations(seed: int, split: str = "train", skill_weights: Mapping[str, float] | None = None,
+                  ) -> Iterator[tuple[Example, ...]]:
+    """An endless, reproducible stream of rendered conversations of one split; `skill_weights` overrides the
+    default mix of SKILLS by name."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    unknown = set(skill_weights or ()) - SKILLS.keys()
+    if unknown:
+        raise ValueError(f"unknown skills {sorted(unknown)}; the skills are {sorted(SKILLS)}")
     rng = random.Random(f"nano-corpus-{seed}")
-    builders, weights = zip(*SKILLS)
+    builders = [builder for builder, _ in SKILLS.values()]
+    weights = [(skill_weights or {}).get(name, weight) for name, (_, weight) in SKILLS.items()]
     while True:
         builder = rng.choices(builders, weights)[0]
         thinking = rng.random() < 0.5

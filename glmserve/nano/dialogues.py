@@ -176,15 +176,20 @@ def two_turn_dialogue(rng: random.Random, thinking: bool) -> Dialogue:
                     first.expected + second.expected)
 
 
+def multi_tool_dialogue(rng: random.Random, thinking: bool) -> Dialogue:
+    return tool_dialogue(rng, thinking, rng.choice((2, 2, 3)))
+
+
 # Skill mix, by conversation. Tool use dominates the tokens (its prompts are long); repeats are short, so a
 # quarter of the conversations costs ~5% of the compute and gives the dense copying signal that makes the
-# model's copy (induction) heads form early, which tool arguments and answers then reuse.
-SKILLS: tuple[tuple[Callable[[random.Random, bool], Dialogue], float], ...] = (
-    (tool_dialogue, 0.28),
-    (lambda rng, thinking: tool_dialogue(rng, thinking, rng.choice((2, 2, 3))), 0.07),
-    (arithmetic_dialogue, 0.23),
-    (repeat_dialogue, 0.25),
-    (smalltalk_dialogue, 0.05),
-    (missing_tool_dialogue, 0.04),
-    (two_turn_dialogue, 0.08),
-)
+# model's copy (induction) heads form early, which tool arguments and answers then reuse. Training may override
+# the weights by name (`train --skill-weight`); evaluation always draws from this default mix.
+SKILLS: dict[str, tuple[Callable[[random.Random, bool], Dialogue], float]] = {
+    "tool": (tool_dialogue, 0.28),
+    "multi_tool": (multi_tool_dialogue, 0.07),
+    "arithmetic": (arithmetic_dialogue, 0.23),
+    "repeat": (repeat_dialogue, 0.25),
+    "smalltalk": (smalltalk_dialogue, 0.05),
+    "missing_tool": (missing_tool_dialogue, 0.04),
+    "two_turn": (two_turn_dialogue, 0.08),
+}

@@ -29,6 +29,7 @@ from glmserve.nano.checkpoint import (
 )
 from glmserve.nano.corpus import chat_template, conversations
 from glmserve.nano.data import batches, tokenizer_texts
+from glmserve.nano.dialogues import SKILLS
 from glmserve.nano.objective import LoadBalancer, Losses, compute_losses
 from glmserve.serving.tokenizer import Tokenizer
 from glmserve.testing.tokenizer import save_test_tokenizer
@@ -50,6 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tokenizer-conversations", type=int, default=3000, help="conversations BPE is trained on")
     p.add_argument("--tokens-per-batch", type=int, default=4096, help="padded tokens per optimizer step")
     p.add_argument("--max-len", type=int, default=1024, help="longer sequences are skipped")
+    p.add_argument("--skill-weight", action="append", default=[], metavar="SKILL=WEIGHT", type=_skill_weight,
+                   help=f"override one skill's share of the conversations (skills: {', '.join(SKILLS)}); "
+                        "repeatable, e.g. to focus a continuation on what the evaluation finds weak")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--min-lr-ratio", type=float, default=0.05)
     p.add_argument("--warmup-steps", type=int, default=30)
@@ -61,6 +65,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log-seconds", type=float, default=30.0)
     p.add_argument("--save-minutes", type=float, default=10.0, help="also save every this many minutes")
     return p.parse_args(argv)
+
+
+def _skill_weight(text: str) -> tuple[str, float]:
+    name, sep, weight = text.partition("=")
+    if not sep or name not in SKILLS:
+        raise argparse.ArgumentTypeError(f"expected SKILL=WEIGHT with SKILL one of {', '.join(SKILLS)}")
+    return name, float(weight)
 
 
 class _Meter:
@@ -151,8 +162,8 @@ def train(args: argparse.Namespace) -> Path:
     optimizer = torch.optim.AdamW(_param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95),
                                   eps=1e-8)
     balancer = LoadBalancer(model, args.balance_rate)
-    data = batches(tokenizer, conversations(args.seed + 1, "train"), args.tokens_per_batch, args.max_len,
-                   args.seed)
+    stream = conversations(args.seed + 1, "train", dict(args.skill_weight))
+    data = batches(tokenizer, stream, args.tokens_per_batch, args.max_len, args.seed)
     budget = args.minutes * 60
     start = last_save = time.monotonic()
     meter = _Meter()

@@ -11,6 +11,7 @@ import pytest
 from glmserve.nano import arithmetic
 from glmserve.nano.corpus import OBSERVATION, USER, conversations, examples, is_heldout
 from glmserve.nano.data import encode, tokenizer_texts
+from glmserve.nano.dialogues import SKILLS
 from glmserve.nano.evaluate import heldout_cases
 from glmserve.nano.tools import REALISTIC_TOOLS, random_tool, slots
 from glmserve.serving.parsers.glm45 import parse_output
@@ -142,3 +143,11 @@ def test_piecewise_encoding_equals_whole_text_and_masks_the_completions(tokenize
         trained = "".join(tokenizer.decode([i for i, t in zip(s.ids, s.target) if t], skip_special_tokens=False)
                           for s in sequences)
         assert trained == completions
+
+
+def test_skill_weights_override_the_mix_by_name():
+    only_arithmetic = {name: 0.0 for name in SKILLS} | {"arithmetic": 1.0}
+    skills = {c[0].skill for c in itertools.islice(conversations(2, "train", only_arithmetic), 50)}
+    assert skills == {"arithmetic"}
+    with pytest.raises(ValueError, match="unknown skills"):
+        next(conversations(2, "train", {"poetry": 1.0}))
