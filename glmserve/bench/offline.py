@@ -64,7 +64,9 @@ def _timed(engine, prompts: list[list[int]], max_tokens: int) -> tuple[float, li
     return time.perf_counter() - t0, tokens
 
 
-def _measure_batch(args, engines: list, prompts: list[list[int]]) -> dict:
+def measure_batch(args, engines: list, prompts: list[list[int]]) -> dict:
+    """Time every engine on one batch (`args`: num_iters, retries, max_other_load, quiet_wait, output_len,
+    input_len), alternating their order; medians per engine, and each later engine compared with the first."""
     from glmserve.bench.engines import first_divergence
     from glmserve.bench.host import OtherLoad, wait_quiet
 
@@ -107,13 +109,15 @@ def _measure_batch(args, engines: list, prompts: list[list[int]]) -> dict:
                        "median_prefill_tps": b * args.input_len / prefill,
                        "median_decode_tps": statistics.median(decode[i] for i in clean),
                        "measurements_in_median": len(clean)}
-    if len(tokens) == 2:
-        g, t = tokens["glmserve"], tokens["transformers"]
+    reference, *others = [e.name for e in engines]
+    for name in others:  # each engine against the first (glmserve): decode ratio and greedy agreement
+        g, t = tokens[reference], tokens[name]
         diverge = [first_divergence(x, y) for x, y in zip(g, t)]
-        entry |= {"greedy_mismatched_sequences": sum(d is not None for d in diverge),
-                  "greedy_mismatched_tokens": sum(x != y for gs, ts in zip(g, t) for x, y in zip(gs, ts)),
-                  "first_divergence": diverge,
-                  "ratio": entry["glmserve"]["median_decode_tps"] / entry["transformers"]["median_decode_tps"]}
+        entry.setdefault("comparisons", {})[name] = {
+            "greedy_mismatched_sequences": sum(d is not None for d in diverge),
+            "greedy_mismatched_tokens": sum(x != y for gs, ts in zip(g, t) for x, y in zip(gs, ts)),
+            "first_divergence": diverge,
+            "ratio": entry[reference]["median_decode_tps"] / entry[name]["median_decode_tps"]}
     return entry
 
 
@@ -129,9 +133,9 @@ def _report(args, names: list[str], results: list[dict], bandwidth: dict | None,
             lines.append(f"{entry['batch']:5d} | {n:12s} | {e['median_prefill_s'] * 1e3:10.1f} | "
                          f"{e['median_prefill_tps']:13.1f} | {e['median_decode_tps']:12.1f} | "
                          + (f"{roof:14.1f} | {e['median_decode_tps'] / roof:10.0%}" if roof else f"{'-':>14} | -"))
-        if "ratio" in entry:
-            lines.append(f"        glmserve / transformers decode: {entry['ratio']:.2f}x; greedy mismatches "
-                         f"{entry['greedy_mismatched_sequences']}/{entry['batch']} sequences")
+        for name, c in entry.get("comparisons", {}).items():
+            lines.append(f"        {names[0]} / {name} decode: {c['ratio']:.2f}x; greedy mismatches "
+                         f"{c['greedy_mismatched_sequences']}/{entry['batch']} sequences")
         disturbed = sum(sum(entry[n]["contended"]) for n in names)
         if any(all(entry[n]["contended"]) for n in names):
             lines.append("        (WARNING: every measurement of an engine was disturbed by other processes)")
@@ -193,7 +197,7 @@ def main(args, parser: argparse.ArgumentParser) -> int:
           f"{torch.get_num_threads()} threads; engines loaded in {load_s:.1f}s", flush=True)
 
     load = OtherLoad()
-    results = [_measure_batch(args, engines, all_prompts[:b]) for b in args.batch_size]
+    results = [measure_batch(args, engines, all_prompts[:b]) for b in args.batch_size]
     other_cores = load.cores()
     bandwidth = None
     if not args.no_bandwidth:  # again after the engines ran; the host's bandwidth varies: keep the best of each
