@@ -47,17 +47,22 @@ async def create_completion(state: ServerState, req: CompletionRequest, raw: Req
 async def _complete(state, req: CompletionRequest, gen: Generation, response_id, created, model):
     texts = {c.index: "" for c in gen.choices}
     logprobs = {c.index: [] for c in gen.choices}
+    token_ids = {c.index: [] for c in gen.choices}
     try:
         async for d in gen.deltas():
             texts[d.choice.index] += d.text
             logprobs[d.choice.index].extend(d.logprobs or ())
+            token_ids[d.choice.index].extend(d.token_ids)
     finally:
         gen.close()
-    choices = [
-        CompletionChoice(index=c.index, text=texts[c.index], finish_reason=c.finish_reason, stop_reason=c.stop_reason,
-                         logprobs=state.logprobs.completion(logprobs[c.index], 0) if req.logprobs is not None else None)
-        for c in gen.choices
-    ]
+    choices = []
+    for c in gen.choices:
+        choice = CompletionChoice(
+            index=c.index, text=texts[c.index], finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+            logprobs=state.logprobs.completion(logprobs[c.index], 0) if req.logprobs is not None else None)
+        if req.return_token_ids:
+            choice.prompt_token_ids, choice.token_ids = c.prompt_token_ids, token_ids[c.index]
+        choices.append(choice)
     return CompletionResponse(id=response_id, created=created, model=model, choices=choices, usage=gen.usage())
 
 
@@ -68,13 +73,19 @@ def _sse(response: CompletionResponse) -> str:
 async def _stream(state, req: CompletionRequest, gen: Generation, response_id, created,
                   model) -> AsyncIterator[str]:
     offsets = {c.index: 0 for c in gen.choices}  # text_offset of the next token, per choice
+    unsent_prompt = {c.index for c in gen.choices} if req.return_token_ids else set()
     async for d in gen.deltas():
-        if not (d.text or d.logprobs or d.finished):
+        if not (d.text or d.logprobs or d.finished or (req.return_token_ids and d.token_ids)):
             continue
         choice = CompletionChoice(index=d.choice.index, text=d.text)
         if req.logprobs is not None:
             choice.logprobs = state.logprobs.completion(d.logprobs or [], offsets[d.choice.index])
             offsets[d.choice.index] += len(d.text)
+        if req.return_token_ids:
+            choice.token_ids = d.token_ids
+            if d.choice.index in unsent_prompt:
+                unsent_prompt.discard(d.choice.index)
+                choice.prompt_token_ids = d.choice.prompt_token_ids
         if d.finished:
             choice.finish_reason, choice.stop_reason = d.choice.finish_reason, d.choice.stop_reason
         yield _sse(CompletionResponse(id=response_id, created=created, model=model, choices=[choice]))

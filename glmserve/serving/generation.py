@@ -54,12 +54,16 @@ def sampling_params(req: SamplingFields, info: EngineInfo, *, max_tokens: int | 
 class Choice:
     index: int
     request_id: str
-    num_prompt_tokens: int
+    prompt_token_ids: list[int]
     text: TextOutput
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
 
 
 @dataclass(slots=True)
@@ -67,6 +71,7 @@ class ChoiceDelta:
     choice: Choice
     text: str
     logprobs: list[TokenLogprobs] | None
+    token_ids: list[int]  # the engine's new tokens (a stop string cuts the text, not these)
 
     @property
     def finished(self) -> bool:
@@ -100,7 +105,7 @@ class Generation:
                 # Parallel samples get distinct seeds derived from the request's, as vLLM does.
                 child = dataclasses.replace(params, n=1, seed=None if params.seed is None else params.seed + j)
                 index = p * params.n + j
-                choices.append(Choice(index, f"{base}-{index}", len(prompt), TextOutput(state.tokenizer, child)))
+                choices.append(Choice(index, f"{base}-{index}", prompt, TextOutput(state.tokenizer, child)))
                 requests.append(EngineRequest(f"{base}-{index}", prompt, child))
         stream = await state.client.add_requests(requests)
         return cls(params, choices, stream, timer, state.limits.request_timeout)
@@ -139,7 +144,7 @@ class Generation:
                     self._stream.abort([out.request_id])
             elif out.finished:
                 choice.finish_reason, choice.stop_reason = out.finish_reason, out.stop_reason
-            yield ChoiceDelta(choice, text, logprobs)
+            yield ChoiceDelta(choice, text, logprobs, out.new_token_ids)
 
     def usage(self) -> UsageInfo:
         prompts = {c.index // self.params.n: c for c in self.choices}.values()  # one choice per prompt

@@ -181,6 +181,7 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
+    return_token_ids: bool = False  # vLLM's extension: prompt and output token ids in the choices
 
     @model_validator(mode="after")
     def _check_completion(self):
@@ -316,6 +317,8 @@ class CompletionChoice(BaseModel):
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_token_ids: list[int] | None = None  # with return_token_ids (a stream sends them in its first chunk)
+    token_ids: list[int] | None = None  # with return_token_ids (a stream: this chunk's new tokens)
 
 
 class CompletionResponse(BaseModel):

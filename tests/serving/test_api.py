@@ -32,6 +32,23 @@ def test_completion_text_and_token_prompts(client, http):
     assert chunks[-1].usage.completion_tokens == 8
 
 
+def test_completion_return_token_ids(client, http):
+    """vLLM's return_token_ids: the prompt's and the output's token ids, whole and streamed."""
+    ids = http.post("/tokenize", json={"prompt": "The quick brown fox"}).json()["tokens"]
+    kwargs = dict(model=MODEL_NAME, prompt=ids, max_tokens=6, temperature=0,
+                  extra_body={"ignore_eos": True, "return_token_ids": True})
+    (choice,) = client.completions.create(**kwargs).choices
+    assert choice.model_extra["prompt_token_ids"] == ids and len(choice.model_extra["token_ids"]) == 6
+    text = http.post("/detokenize", json={"tokens": choice.model_extra["token_ids"]}).json()["prompt"]
+    assert text == choice.text
+    chunks = [c.choices[0] for c in client.completions.create(stream=True, **kwargs) if c.choices]
+    assert chunks[0].model_extra["prompt_token_ids"] == ids
+    assert all("prompt_token_ids" not in c.model_extra for c in chunks[1:])
+    assert [t for c in chunks for t in c.model_extra["token_ids"]] == choice.model_extra["token_ids"]
+    (plain,) = client.completions.create(model=MODEL_NAME, prompt=ids, max_tokens=2).choices
+    assert plain.model_extra.get("token_ids") is None
+
+
 def test_completion_batch_n_and_logprobs(client):
     response = client.completions.create(model=MODEL_NAME, prompt=["Hello", "The model"], n=2, max_tokens=4,
                                          logprobs=2, extra_body={"ignore_eos": True})

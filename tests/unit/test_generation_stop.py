@@ -39,7 +39,7 @@ def test_outputs_after_a_stop_string_are_dropped():
                RequestOutput("r", ids[3], False), RequestOutput("r", ids[4], True, "length")]
 
     async def run():
-        choice = Choice(0, "r", 3, TextOutput(tokenizer, params))
+        choice = Choice(0, "r", [1, 2, 3], TextOutput(tokenizer, params))
         stream = LateStream(outputs)
         generation = Generation(params, [choice], stream, RequestTimer(Metrics(client=None)), timeout=None)
         text = "".join([d.text async for d in generation.deltas()])
