@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
@@ -73,8 +73,7 @@ class LLM:
             out = RequestOutput(str(next(self._ids)), text, ids, [])
             results.append(out)
             for index in range(p.n):
-                # Parallel samples get distinct seeds derived from the request's, as vLLM does.
-                child = replace(p, n=1, seed=None if p.seed is None else p.seed + index)
+                child = p.for_sample(index)
                 child_id = f"{out.request_id}-{index}"
                 self.engine.add_request(child_id, ids, child)
                 completion = CompletionOutput(index, logprobs=[] if p.logprobs is not None else None)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 # Temperatures below this are greedy (vLLM's _SAMPLING_EPS).
 SAMPLING_EPS = 1e-5
@@ -53,6 +53,11 @@ class SamplingParams:
         if self.top_k == -1:
             self.top_k = 0
         self._validate()
+
+    def for_sample(self, index: int) -> SamplingParams:
+        """The parameters of parallel sample `index` of n: one sequence, and a distinct seed derived from the
+        request's, as vLLM derives them."""
+        return replace(self, n=1, seed=None if self.seed is None else self.seed + index)
 
     def _validate(self) -> None:
         checks = [

@@ -10,7 +10,6 @@ the request's sequences (503 when the queue is full) and logs the prompt only wi
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -102,8 +101,7 @@ class Generation:
         choices, requests = [], []
         for p, prompt in enumerate(prompts):
             for j in range(params.n):
-                # Parallel samples get distinct seeds derived from the request's, as vLLM does.
-                child = dataclasses.replace(params, n=1, seed=None if params.seed is None else params.seed + j)
+                child = params.for_sample(j)
                 index = p * params.n + j
                 choices.append(Choice(index, f"{base}-{index}", prompt, TextOutput(state.tokenizer, child)))
                 requests.append(EngineRequest(f"{base}-{index}", prompt, child))
