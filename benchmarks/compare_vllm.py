@@ -50,6 +50,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-other-load", type=float, default=0.25)
     p.add_argument("--retries", type=int, default=0)
     p.add_argument("--quiet-wait", type=float, default=0.0)
+    p.add_argument("--vllm-memory-fraction", type=float, default=0.3,
+                   help="vLLM's --gpu-memory-utilization, which on CPU is the share of the NUMA node's memory it "
+                        "reserves (its default 0.92 fails when anything else holds memory)")
     p.add_argument("--startup-timeout", type=float, default=600.0, help="vLLM takes minutes to start here")
     p.add_argument("--output-json", type=Path)
     return p.parse_args(argv)
@@ -69,9 +72,11 @@ def start_vllm(args, directory: Path, log: Path) -> Server:
     command = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(directory),
                "--dtype", args.dtype, "--max-model-len", str(args.input_len + args.output_len + 16),
                "--max-num-seqs", str(max(args.batch_size)), "--no-enable-prefix-caching",
+               "--gpu-memory-utilization", str(args.vllm_memory_fraction),
                "--served-model-name", SERVED_NAME, "--host", "127.0.0.1", "--port", str(port)]
-    # Without the binding vLLM keeps a core for its front end (BENCH.md).
-    env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": f"0-{args.threads - 1}", "HF_HUB_OFFLINE": "1"}
+    # Without the binding vLLM keeps a core for its front end (BENCH.md). Bind to the CPUs this script may use.
+    cpus = sorted(os.sched_getaffinity(0))[: args.threads]
+    env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": f"{cpus[0]}-{cpus[-1]}", "HF_HUB_OFFLINE": "1"}
     return start_peer_server(command, port, log, env, args.startup_timeout, "vLLM")
 
 
