@@ -1,7 +1,9 @@
 """Arithmetic problems and their written working: column addition and subtraction, short multiplication.
 
 The working goes one digit column at a time (the tokenizer splits digits), so each step is a small lookup a small
-model can learn; the answer then collects the written digits.
+model can learn; the answer then collects the written digits. Every `=` has exactly two operands: a carry or a
+borrow is its own step ("12 + 1 = 13", "6 - 1 = 5"), so no prefix reads two ways (the earlier "6 - 1 - 4" made
+"8 - 1 = " ambiguous between a borrow and the digit 1, and the trained model was off by one there).
 """
 
 from __future__ import annotations
@@ -58,9 +60,11 @@ def _add_steps(a: int, b: int) -> list[str]:
     steps, carry = [], 0
     for i in range(max(len(da), len(db))):
         x, y = (da[i] if i < len(da) else 0), (db[i] if i < len(db) else 0)
+        step = f"{_PLACES[i]}: {x} + {y} = {x + y}"
         total = x + y + carry
-        step = f"{_PLACES[i]}: {x} + {y}{' + 1' if carry else ''} = {total}"
-        steps.append(step + (f", write {total % 10} carry 1" if total >= 10 else ""))
+        if carry:
+            step += f", {x + y} + 1 = {total}"
+        steps.append(step + (f", write {total % 10}, carry 1" if total >= 10 else ""))
         carry = total // 10
     if carry:
         steps.append(f"{_PLACES[len(steps)]}: 1")
@@ -73,13 +77,16 @@ def _subtract_steps(a: int, b: int) -> list[str]:
     steps, borrow = [], 0
     for i in range(len(da)):
         x, y = da[i], (db[i] if i < len(db) else 0)
-        top = f"{x} - 1" if borrow else f"{x}"
-        x -= borrow
+        step = f"{_PLACES[i]}: "
+        if borrow:
+            step += f"{x} - 1 = {x - 1}, "
+            x -= 1
+        # Both digits are written before the comparison, so it looks at two neighbours, not back at the question.
         if x < y:
-            steps.append(f"{_PLACES[i]}: {top} is less than {y}, borrow: {x + 10} - {y} = {x + 10 - y}")
+            steps.append(step + f"{x} - {y}: {x} is less than {y}, borrow: {x + 10} - {y} = {x + 10 - y}")
             borrow = 1
         else:
-            steps.append(f"{_PLACES[i]}: {top} - {y} = {x - y}")
+            steps.append(step + f"{x} - {y} = {x - y}")
             borrow = 0
     return steps
 
@@ -89,9 +96,11 @@ def _multiply_steps(a: int, b: int) -> list[str]:
         return [f"{a} × {b} = {a * b}"]
     steps, carry = [], 0
     for i, x in enumerate(_digits(a)):
+        step = f"{_PLACES[i]}: {x} × {b} = {x * b}"
         total = x * b + carry
-        step = f"{_PLACES[i]}: {x} × {b}{f' + {carry}' if carry else ''} = {total}"
-        steps.append(step + (f", write {total % 10} carry {total // 10}" if total >= 10 else ""))
+        if carry:
+            step += f", {x * b} + {carry} = {total}"
+        steps.append(step + (f", write {total % 10}, carry {total // 10}" if total >= 10 else ""))
         carry = total // 10
     if carry:
         steps.append(f"{_PLACES[len(steps)]}: {carry}")

@@ -89,8 +89,10 @@ def test_arithmetic_working_is_right_at_every_step(seed):
         p = arithmetic.random_problem(rng)
         working = arithmetic.working(p)
         assert working.endswith(f"= {p.answer}.")
-        for expression, result in re.findall(r"(\d+(?: [-+×] \d+)+) = (-?\d+)", working):
+        for expression, result in re.findall(r"(-?\d+(?: [-+×] \d+)+) = (-?\d+)", working):
             assert eval(expression.replace("×", "*")) == int(result), working
+        # One operation per "=": no prefix of a step reads two ways (a borrow "- 1" vs a digit 1).
+        assert not re.search(r"\d [-+×] \d+ [-+×] \d", working), working
 
 
 def test_tool_specs_are_consistent():
