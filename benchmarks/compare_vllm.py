@@ -8,7 +8,8 @@ it installs here); without it the script says so and exits 0. Both servers start
 measurement sends a batch of b requests at once (`/v1/completions`, random token-id prompts, greedy, EOS ignored,
 prefix caching off in both) and takes BENCH.md's decode rate b * (output_len - 1) / (full run - max_tokens=1 run).
 The engines alternate per repetition; medians of the undisturbed runs; both servers' greedy tokens are compared
-(vLLM's `return_token_ids`, which glmserve also serves).
+(vLLM's `return_token_ids`, which glmserve also serves). Then `glmserve bench serve` drives each server with
+--serve-prompts requests at --serve-concurrency (TPOT, TTFT, throughput; the same prompts for both).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import json
 import os
 import platform
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -54,6 +56,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="vLLM's --gpu-memory-utilization, which on CPU is the share of the NUMA node's memory it "
                         "reserves (its default 0.92 fails when anything else holds memory)")
     p.add_argument("--startup-timeout", type=float, default=600.0, help="vLLM takes minutes to start here")
+    p.add_argument("--serve-concurrency", type=int, default=16,
+                   help="then `glmserve bench serve` against each server at this concurrency (0: skip)")
+    p.add_argument("--serve-prompts", type=int, default=64)
+    p.add_argument("--serve-reps", type=int, default=2, help="serving runs per server, alternating")
     p.add_argument("--output-json", type=Path)
     return p.parse_args(argv)
 
@@ -107,17 +113,47 @@ def main(argv=None) -> int:
                    for name, s in zip(("glmserve", "vllm"), servers)]
         load = OtherLoad([e.pids[0] for e in engines])
         results = [measure_batch(args, engines, prompts[:b]) for b in args.batch_size]
+        serving = serving_runs(args, directory, [e.name for e in engines], servers, logs)
         other_cores = load.cores()
     finally:
         for server in servers:
             server.stop()
-    print(report(args, results, other_cores))
+    print(report(args, results, serving, other_cores))
     if args.output_json:
-        write_json(args, directory, version, results, other_cores)
+        write_json(args, directory, version, results, serving, other_cores)
     return 0
 
 
-def report(args, results: list[dict], other_cores: float) -> str:
+def serving_runs(args, directory: Path, names: list[str], servers: list[Server], logs: Path) -> dict:
+    """`glmserve bench serve` (random token-id prompts of input_len, output_len tokens, EOS ignored) against each
+    server at --serve-concurrency, the servers alternating; the same prompts for both (same seed)."""
+    if not args.serve_concurrency:
+        return {}
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    for rep in range(args.serve_reps):
+        order = list(zip(names, servers))
+        for name, server in order if rep % 2 == 0 else order[::-1]:
+            out = logs / f"serve-{name}-{rep}.json"
+            command = [sys.executable, "-m", "glmserve", "bench", "serve", "--base-url", server.url, "--model",
+                       SERVED_NAME, "--tokenizer", str(directory), "--endpoint", "/v1/completions",
+                       "--random-input-len", str(args.input_len), "--random-output-len", str(args.output_len),
+                       "--ignore-eos", "--extra-body", '{"return_token_ids": true}', "--num-prompts",
+                       str(args.serve_prompts), "--max-concurrency", str(args.serve_concurrency), "--disable-tqdm",
+                       "--result-file", str(out)]
+            subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+            (level,) = json.loads(out.read_text())["results"]
+            runs[name].append({k: level[k] for k in ("completed", "failed", "output_throughput", "median_tpot_ms",
+                                                     "p99_tpot_ms", "median_ttft_ms", "p99_ttft_ms",
+                                                     "median_e2el_ms")})
+            print(f"  serving rep {rep + 1}/{args.serve_reps} {name:8s} output {level['output_throughput']:7.1f} "
+                  f"tok/s, median TPOT {level['median_tpot_ms']:6.1f} ms, p99 TTFT {level['p99_ttft_ms']:7.1f} ms",
+                  flush=True)
+    return {name: {"runs": r, **{f"median_of_runs_{k}": statistics.median(x[k] for x in r)
+                                  for k in ("output_throughput", "median_tpot_ms", "p99_ttft_ms")}}
+            for name, r in runs.items()}
+
+
+def report(args, results: list[dict], serving: dict, other_cores: float) -> str:
     lines = ["", f"== {args.input_len}-token prompts, {args.output_len} new tokens, greedy, {args.dtype}, "
                  f"{args.threads} threads, median of {args.num_iters} ==",
              "batch | glmserve decode tok/s | vllm decode tok/s | glmserve / vllm | prefill ms glmserve / vllm | "
@@ -127,11 +163,18 @@ def report(args, results: list[dict], other_cores: float) -> str:
         lines.append(f"{e['batch']:5d} | {g['median_decode_tps']:21.1f} | {v['median_decode_tps']:17.1f} | "
                      f"{c['ratio']:14.2f}x | {g['median_prefill_s'] * 1e3:12.1f} / {v['median_prefill_s'] * 1e3:9.1f} | "
                      f"{c['greedy_mismatched_sequences']}/{e['batch']}")
+    if serving:
+        lines += ["", f"== serving: {args.serve_prompts} requests at concurrency {args.serve_concurrency}, "
+                      f"median of {args.serve_reps} runs ==",
+                  "server   | output tok/s | median TPOT ms | p99 TTFT ms"]
+        for name, s in serving.items():
+            lines.append(f"{name:8s} | {s['median_of_runs_output_throughput']:12.1f} | "
+                         f"{s['median_of_runs_median_tpot_ms']:14.1f} | {s['median_of_runs_p99_ttft_ms']:11.1f}")
     lines.append(f"other processes used {other_cores:.2f} cores during the measurement")
     return "\n".join(lines)
 
 
-def write_json(args, directory: Path, version: str, results: list[dict], other_cores: float) -> None:
+def write_json(args, directory: Path, version: str, results: list[dict], serving: dict, other_cores: float) -> None:
     import torch
 
     report_ = {
@@ -143,7 +186,7 @@ def write_json(args, directory: Path, version: str, results: list[dict], other_c
         "workload": {"input_len": args.input_len, "output_len": args.output_len, "greedy": True, "ignore_eos": True,
                      "num_iters": args.num_iters, "prompt_seed": args.seed, "dtype": args.dtype,
                      "threads": args.threads, "prefix_caching": False, "endpoint": "/v1/completions"},
-        "other_processes_cores": other_cores, "results": results,
+        "other_processes_cores": other_cores, "results": results, "serving": serving,
     }
     args.output_json.parent.mkdir(parents=True, exist_ok=True)
     args.output_json.write_text(json.dumps(report_, indent=2) + "\n")

@@ -1,7 +1,7 @@
 """One streamed request to an OpenAI-compatible server, timed as vLLM's benchmark times it.
 
-The time to first token is taken at the first chunk that carries output (text, content, reasoning, tool calls or
-a finish reason): a chat stream's opening role-only chunk does not count, since a server may send it before the
+The time to first token is taken at the first chunk that carries output (text, content, reasoning, tool calls,
+token ids or a finish reason): a chat stream's opening role-only chunk does not count, since a server may send it before the
 prompt is even scheduled. Token counts come from the `usage` of the final chunk (`stream_options.include_usage`),
 so the per-chunk work is one JSON parse and a timestamp.
 """
@@ -39,8 +39,8 @@ def request_body(sample: SampleRequest, model: str, chat: bool, ignore_eos: bool
 
 def _has_output(choice: dict) -> bool:
     delta = choice.get("delta") or {}
-    return bool(choice.get("text") or choice.get("finish_reason") or delta.get("content")
-                or delta.get("reasoning_content") or delta.get("tool_calls"))
+    return bool(choice.get("text") or choice.get("finish_reason") or choice.get("token_ids")
+                or delta.get("content") or delta.get("reasoning_content") or delta.get("tool_calls"))
 
 
 async def send_request(client: httpx.AsyncClient, url: str, body: dict) -> RequestFuncOutput:

@@ -47,6 +47,9 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
                    help="most requests in flight; several values sweep them (default: no limit)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ignore-eos", action="store_true", help="generate every requested token (vLLM extension)")
+    p.add_argument("--extra-body", type=json.loads, default={}, metavar="JSON",
+                   help='fields added to every request, e.g. \'{"return_token_ids": true}\' so that tokens with no '
+                        'text yet (random weights, partial characters) still count as arrivals')
     p.add_argument("--goodput", nargs="+", metavar="METRIC:MS",
                    help="service-level objectives for goodput, e.g. ttft:500 tpot:50 e2el:5000")
     p.add_argument("--save-result", action="store_true", help="write the results as JSON")
@@ -154,7 +157,7 @@ async def _run(args, parser: argparse.ArgumentParser) -> int:
         results = []
         for i, level in enumerate(args.max_concurrency):
             # Each level gets prompts of its own, so that a prefix cache cannot reuse an earlier level's.
-            bodies = [request_body(s, model, chat, args.ignore_eos)
+            bodies = [request_body(s, model, chat, args.ignore_eos) | args.extra_body
                       for s in _samples(args, chat, tokenizer, args.num_prompts, args.seed + i)]
             outputs, duration = await benchmark(client, base_url + args.endpoint, bodies, args.request_rate, level,
                                                 args.seed, args.disable_tqdm)

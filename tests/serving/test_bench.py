@@ -59,6 +59,18 @@ def test_serve_random_dataset_sweeps_concurrency(server, checkpoint, tmp_path):
     assert (tmp_path / "sweep.png").read_bytes().startswith(b"\x89PNG")
 
 
+def test_serve_counts_token_ids_as_arrivals_with_extra_body(server, tmp_path):
+    """With return_token_ids (through --extra-body) every chunk of tokens counts as it arrives, text or not (random
+    weights on a small tokenizer often produce no text until the end); a chunk may carry two tokens when the
+    stream's reader lags a step."""
+    bench(serve_args(server, tmp_path, "--endpoint", "/v1/completions", "--random-input-len", "16",
+                     "--random-output-len", "8", "--ignore-eos", "--max-concurrency", "1",
+                     "--extra-body", '{"return_token_ids": true}'), tmp_path, "token-ids")
+    (r,) = json.loads((tmp_path / "result.json").read_text())["results"]
+    check_level(r, 8, 8)
+    assert all(3 <= len(itl) <= 7 for itl in r["itls"])
+
+
 def test_serve_chat_dataset(server, tmp_path):
     bench(serve_args(server, tmp_path, "--dataset-name", "chat", "--chat-output-len", "8", "--ignore-eos"),
           tmp_path, "chat")
