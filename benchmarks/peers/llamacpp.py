@@ -1,0 +1,81 @@
+"""llama.cpp as a `glmserve.bench.offline.measure_batch` engine: a long-lived worker process (llamacpp_worker.py,
+run by the Python that has llama-cpp-python) and the GGUF files it loads, converted once per checkpoint and type."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from pathlib import Path
+
+HERE = Path(__file__).parent
+WORKER = HERE / "llamacpp_worker.py"
+CONVERT = HERE / "convert_gguf.py"
+
+
+def llama_cpp_version(python: Path) -> str | None:
+    """llama_cpp.__version__ as `python` imports it; None when that Python is missing or has no llama_cpp."""
+    if not Path(python).is_file():
+        return None
+    probe = subprocess.run([str(python), "-c", "import llama_cpp; print(llama_cpp.__version__)"],
+                           capture_output=True, text=True)
+    return probe.stdout.strip() if probe.returncode == 0 else None
+
+
+def checkpoint_key(directory: Path) -> str:
+    """Changes whenever the checkpoint's config or weight files do (a named shape is rewritten when it changes)."""
+    h = hashlib.sha256((directory / "config.json").read_bytes())
+    for f in sorted(directory.glob("*.safetensors")):
+        st = f.stat()
+        h.update(f"{f.name} {st.st_size} {st.st_mtime_ns}".encode())
+    return h.hexdigest()[:12]
+
+
+def ensure_gguf(python: Path, converter: Path, directory: Path, outtype: str, gguf_dir: Path) -> tuple[Path, list[str] | None]:
+    """The checkpoint as a GGUF of `outtype`, converted unless already cached; and the command (None if cached)."""
+    path = gguf_dir / f"{directory.name}-{checkpoint_key(directory)}-{outtype}.gguf"
+    if path.is_file():
+        return path, None
+    if not converter.is_file():
+        raise SystemExit(f"llama.cpp's converter not found at {converter}: it is in the llama-cpp-python sdist "
+                         f"(pip download --no-deps --no-binary :all: llama-cpp-python==VERSION, unpack, "
+                         f"vendor/llama.cpp/convert_hf_to_gguf.py); pass it with --converter")
+    gguf_dir.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")  # an interrupted conversion is never taken for a cached one
+    command = [str(python), str(CONVERT), "--converter", str(converter), str(directory), "--outtype", outtype,
+               "--outfile", str(partial)]
+    print(f"converting {directory} to {outtype} GGUF ...", flush=True)
+    subprocess.run(command, check=True)
+    partial.rename(path)
+    return path, command
+
+
+class LlamaCppEngine:
+    """Greedy batched decoding in a llama.cpp worker; `generate` sends one request and waits for its reply."""
+
+    def __init__(self, name: str, python: Path, gguf: Path, threads: int, max_batch: int, ctx_per_seq: int,
+                 n_batch: int, worker: Path = WORKER):
+        self.name = name
+        self.command = [str(python), str(worker), str(gguf), "--threads", str(threads), "--max-batch",
+                        str(max_batch), "--ctx-per-seq", str(ctx_per_seq), "--n-batch", str(n_batch)]
+        self.proc = subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.info = self._reply()
+
+    def _reply(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{self.name}: the llama.cpp worker exited (status {self.proc.wait()}); "
+                               f"its stderr is above. Command: {' '.join(self.command)}")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise RuntimeError(f"{self.name}: {reply['error']}")
+        return reply
+
+    def generate(self, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+        self.proc.stdin.write(json.dumps({"prompts": prompts, "max_tokens": max_tokens}) + "\n")
+        self.proc.stdin.flush()
+        return self._reply()["tokens"]
+
+    def close(self) -> None:
+        self.proc.stdin.close()  # the worker's loop ends at EOF
+        self.proc.wait()

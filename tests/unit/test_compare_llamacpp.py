@@ -1,0 +1,80 @@
+"""benchmarks/compare_llamacpp.py without llama.cpp: the skip when llama-cpp-python is missing, and the worker pipe
+(LlamaCppEngine talking to the worker's own request loop, over a fake decoder)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+SCRIPT = BENCHMARKS / "compare_llamacpp.py"
+
+FAKE_WORKER = f"""
+import json, sys
+sys.path.insert(0, {str(BENCHMARKS / "peers")!r})
+from llamacpp_worker import serve
+
+def generate(prompts, max_tokens):
+    if max_tokens < 1:
+        raise ValueError("max_tokens must be positive")
+    return [[p[-1] + i for i in range(max_tokens)] for p in prompts]
+
+print(json.dumps({{"ready": True, "argv": sys.argv[1:]}}), flush=True)
+serve(sys.stdin, sys.stdout, generate)
+"""
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), "bench-57m", *args], capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_skips_without_llama_python(tmp_path):
+    missing = tmp_path / "nowhere" / "python"
+    done = _run("--llama-python", str(missing))
+    assert done.returncode == 0, done.stderr
+    assert f"llama-cpp-python not installed at {missing}: skipping" in done.stdout
+
+
+def test_skips_when_llama_cpp_does_not_import(tmp_path):
+    python = tmp_path / "python"  # a "Python" on which `import llama_cpp` fails
+    python.write_text("#!/bin/sh\necho \"ModuleNotFoundError: No module named 'llama_cpp'\" >&2\nexit 1\n")
+    python.chmod(0o755)
+    done = _run("--llama-python", str(python))
+    assert done.returncode == 0, done.stderr
+    assert "skipping" in done.stdout
+
+
+@pytest.fixture
+def engine(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from peers.llamacpp import LlamaCppEngine
+
+    worker = tmp_path / "fake_worker.py"
+    worker.write_text(FAKE_WORKER)
+    e = LlamaCppEngine("llama.cpp-f32", Path(sys.executable), Path("model.gguf"), threads=2, max_batch=4,
+                       ctx_per_seq=64, n_batch=512, worker=worker)
+    yield e
+    e.close()
+
+
+def test_engine_round_trip(engine):
+    assert engine.info["argv"] == ["model.gguf", "--threads", "2", "--max-batch", "4", "--ctx-per-seq", "64",
+                                   "--n-batch", "512"]
+    assert engine.generate([[1, 2], [3, 10]], 3) == [[2, 3, 4], [10, 11, 12]]
+    with pytest.raises(RuntimeError, match="ValueError: max_tokens must be positive"):
+        engine.generate([[1]], 0)
+    assert engine.generate([[5]], 1) == [[5]]  # a failed request leaves the worker usable
+    engine.close()
+    assert engine.proc.returncode == 0
+
+
+def test_engine_reports_a_dead_worker(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from peers.llamacpp import LlamaCppEngine
+
+    worker = tmp_path / "dying_worker.py"
+    worker.write_text("import sys\nsys.exit(3)\n")
+    with pytest.raises(RuntimeError, match=r"worker exited \(status 3\)"):
+        LlamaCppEngine("llama.cpp-bf16", Path(sys.executable), Path("m.gguf"), 1, 1, 8, 8, worker=worker)
