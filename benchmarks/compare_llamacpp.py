@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import platform
-import random
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from peers.llamacpp import LlamaCppEngine, ensure_gguf, llama_cpp_version  # noqa: E402
 
-CACHE = Path(os.environ.get("GLMSERVE_BENCH_CACHE", Path.home() / ".cache" / "glmserve-bench"))
+from glmserve.bench.offline import BENCH_CACHE, add_measurement_args  # noqa: E402
+
 LLAMA_PYTHON = Path("/work/peers/llama-venv/bin/python")
 
 
@@ -42,21 +42,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--converter", type=Path,
                    help="llama.cpp's convert_hf_to_gguf.py (default: SRC/llama_cpp_python-VERSION/vendor/llama.cpp/, "
                         "SRC being src/ beside the --llama-python venv)")
-    p.add_argument("--cache-dir", type=Path, default=CACHE, help="where named shapes are written")
-    p.add_argument("--gguf-dir", type=Path, default=CACHE / "gguf", help="where converted GGUF files are cached")
+    p.add_argument("--cache-dir", type=Path, default=BENCH_CACHE, help="where named shapes are written")
+    p.add_argument("--gguf-dir", type=Path, default=BENCH_CACHE / "gguf", help="where converted GGUF files are cached")
     p.add_argument("--outtypes", nargs="+", default=["f32", "bf16", "q8_0"], choices=["f32", "f16", "bf16", "q8_0"],
                    help="GGUF types, one llama.cpp engine each")
     p.add_argument("--batch-size", type=int, nargs="+", default=[1, 8, 16])
-    p.add_argument("--input-len", type=int, default=128, help="prompt tokens per sequence")
-    p.add_argument("--output-len", type=int, default=128, help="generated tokens per sequence")
-    p.add_argument("--num-iters", type=int, default=5, help="repetitions per engine and batch size (medians)")
     p.add_argument("--threads", type=int, default=2, help="threads of every engine")
-    p.add_argument("--seed", type=int, default=1234, help="seed of the random prompts")
-    p.add_argument("--max-other-load", type=float, default=0.25,
-                   help="a measurement during which other processes used more cores is disturbed")
-    p.add_argument("--retries", type=int, default=0, help="remeasurements of a disturbed measurement")
-    p.add_argument("--quiet-wait", type=float, default=0.0,
-                   help="before each measurement, wait up to this many seconds for other processes to go quiet")
+    add_measurement_args(p, num_iters=5)
     p.add_argument("--output-json", type=Path, help="write the results here")
     args = p.parse_args(argv)
     if args.output_len < 2:
@@ -94,9 +86,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from glmserve.bench.checkpoints import plain_token_ids, prepare_checkpoint
+    from glmserve.bench.checkpoints import prepare_checkpoint
     from glmserve.bench.engines import GlmserveEngine
-    from glmserve.bench.offline import measure_batch
+    from glmserve.bench.offline import measure_batch, random_prompts
 
     torch.set_num_threads(args.threads)
     directory = prepare_checkpoint(args.model, args.cache_dir)
@@ -112,9 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                                args.input_len + args.output_len, max(512, max_batch * args.input_len))
                 for t in args.outtypes]
     try:
-        rng = random.Random(args.seed)
-        plain = plain_token_ids(directory)
-        prompts = [[rng.choice(plain) for _ in range(args.input_len)] for _ in range(max_batch)]
+        prompts = random_prompts(directory, max_batch, args.input_len, args.seed)
         print(f"checkpoint {directory}; llama-cpp-python {version}; {args.threads} threads", flush=True)
         results = [measure_batch(args, engines, prompts[:b]) for b in args.batch_size]
     finally:

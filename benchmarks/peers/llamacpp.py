@@ -59,6 +59,7 @@ class LlamaCppEngine:
         self.command = [str(python), str(worker), str(gguf), "--threads", str(threads), "--max-batch",
                         str(max_batch), "--ctx-per-seq", str(ctx_per_seq), "--n-batch", str(n_batch)]
         self.proc = subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.pids = (self.proc.pid,)  # measure_batch: the worker's CPU is the measured work, not noise
         self.info = self._reply()
 
     def _reply(self) -> dict:

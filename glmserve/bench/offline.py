@@ -34,27 +34,43 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", help="checkpoint directory or named shape (default: glmserve serve's model)")
     p.add_argument("--model", dest="model_path", help="the same, as vLLM spells it")
     p.add_argument("--batch-size", type=int, nargs="+", default=[1, 16], help="batch sizes (default: 1 16)")
-    p.add_argument("--input-len", type=int, default=128, help="prompt tokens per sequence")
-    p.add_argument("--output-len", type=int, default=128, help="generated tokens per sequence")
-    p.add_argument("--num-iters", type=int, default=3, help="repetitions per engine and batch size (medians)")
+    add_measurement_args(p, num_iters=3)
     p.add_argument("--engines", nargs="+", default=["glmserve"], choices=["glmserve", "transformers"],
                    help="add transformers to compare (greedy outputs are compared too)")
     p.add_argument("--dtype", default="auto", help="auto (float32 on CPU), bfloat16, float16 or float32")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
-    p.add_argument("--seed", type=int, default=1234, help="seed of the random prompts")
-    p.add_argument("--cache-dir", type=Path, default=Path(os.environ.get(
-        "GLMSERVE_BENCH_CACHE", Path.home() / ".cache" / "glmserve-bench")), help="where named shapes are written")
+    p.add_argument("--cache-dir", type=Path, default=BENCH_CACHE, help="where named shapes are written")
     p.add_argument("--no-bandwidth", action="store_true", help="skip the bandwidth measurement and the roofline")
     p.add_argument("--bandwidth-gib", type=float, default=1.0, help="size of the bandwidth test tensors")
+    p.add_argument("--profile", action="store_true",
+                   help="afterwards, profile one glmserve run per batch size (torch.profiler + cProfile)")
+    p.add_argument("--output-json", type=Path, help="write the results here")
+
+
+BENCH_CACHE = Path(os.environ.get("GLMSERVE_BENCH_CACHE", Path.home() / ".cache" / "glmserve-bench"))
+
+
+def add_measurement_args(p: argparse.ArgumentParser, num_iters: int) -> None:
+    """The workload and noise-control flags `measure_batch` reads (shared with benchmarks/compare_*.py)."""
+    p.add_argument("--input-len", type=int, default=128, help="prompt tokens per sequence")
+    p.add_argument("--output-len", type=int, default=128, help="generated tokens per sequence")
+    p.add_argument("--num-iters", type=int, default=num_iters, help="repetitions per engine and batch size (medians)")
+    p.add_argument("--seed", type=int, default=1234, help="seed of the random prompts")
     p.add_argument("--max-other-load", type=float, default=0.25,
                    help="a measurement during which other processes used more cores is disturbed (default 0.25)")
     p.add_argument("--retries", type=int, default=0, help="remeasurements of a disturbed measurement")
     p.add_argument("--quiet-wait", type=float, default=0.0,
                    help="before each measurement, wait up to this many seconds for other processes to go quiet")
-    p.add_argument("--profile", action="store_true",
-                   help="afterwards, profile one glmserve run per batch size (torch.profiler + cProfile)")
-    p.add_argument("--output-json", type=Path, help="write the results here")
+
+
+def random_prompts(directory: Path, count: int, length: int, seed: int) -> list[list[int]]:
+    """`count` prompts of `length` random plain token ids of the checkpoint's tokenizer."""
+    from glmserve.bench.checkpoints import plain_token_ids
+
+    rng = random.Random(seed)
+    plain = plain_token_ids(directory)
+    return [[rng.choice(plain) for _ in range(length)] for _ in range(count)]
 
 
 def _timed(engine, prompts: list[list[int]], max_tokens: int) -> tuple[float, list[list[int]]]:
@@ -159,7 +175,7 @@ def main(args, parser: argparse.ArgumentParser) -> int:
         parser.error("--output-len must be at least 2 (decode time is a full run minus a max_tokens=1 run)")
     import torch
 
-    from glmserve.bench.checkpoints import plain_token_ids, prepare_checkpoint
+    from glmserve.bench.checkpoints import prepare_checkpoint
     from glmserve.bench.engines import GlmserveEngine, TransformersEngine, profile_glmserve
     from glmserve.bench.host import OtherLoad
     from glmserve.bench.roofline import GIB, measure_bandwidth, roofline_tps, weight_params
@@ -191,9 +207,7 @@ def main(args, parser: argparse.ArgumentParser) -> int:
     bandwidth_size = int(args.bandwidth_gib * GIB)
     bandwidth_runs = [] if args.no_bandwidth else [measure_bandwidth(device, bandwidth_size)]
 
-    rng = random.Random(args.seed)
-    plain = plain_token_ids(directory)
-    all_prompts = [[rng.choice(plain) for _ in range(args.input_len)] for _ in range(max(args.batch_size))]
+    all_prompts = random_prompts(directory, max(args.batch_size), args.input_len, args.seed)
     dtype_name = str(dtype).removeprefix("torch.")
     print(f"checkpoint {directory}\n  params {params['total'] / 1e6:.1f}M total, "
           f"{params['per_decode_token'] / 1e6:.1f}M read per batch-1 decode step ({dtype_name}); {device}, "
