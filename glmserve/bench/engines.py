@@ -4,6 +4,7 @@ length; `generate(prompts, max_tokens)` returns the new token ids of each prompt
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 
@@ -68,13 +69,9 @@ class ServerEngine:
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
     def generate(self, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
-        import asyncio
-
         return asyncio.run(self._generate(prompts, max_tokens))
 
     async def _generate(self, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
-        import asyncio
-
         import httpx
 
         limits = httpx.Limits(max_connections=len(prompts))

@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+BENCH_CACHE = Path(os.environ.get("GLMSERVE_BENCH_CACHE", Path.home() / ".cache" / "glmserve-bench"))
+
 
 def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", help="checkpoint directory or named shape (default: glmserve serve's model)")
@@ -46,9 +48,6 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", action="store_true",
                    help="afterwards, profile one glmserve run per batch size (torch.profiler + cProfile)")
     p.add_argument("--output-json", type=Path, help="write the results here")
-
-
-BENCH_CACHE = Path(os.environ.get("GLMSERVE_BENCH_CACHE", Path.home() / ".cache" / "glmserve-bench"))
 
 
 def add_measurement_args(p: argparse.ArgumentParser, num_iters: int) -> None:

@@ -91,7 +91,8 @@ def test_offline_reports_prefill_decode_and_roofline(tmp_path):
     directory = write_random_checkpoint(tmp_path / "tiny", "glm45")
     out = tmp_path / "offline.json"
     output = bench(["offline", str(directory), "--batch-size", "1", "2", "--input-len", "8", "--output-len", "4",
-                    "--num-iters", "1", "--threads", "1", "--engines", "glmserve", "transformers", "--bandwidth-gib", "0.01", "--output-json", str(out)],
+                    "--num-iters", "1", "--threads", "1", "--engines", "glmserve", "transformers",
+                    "--bandwidth-gib", "0.01", "--output-json", str(out)],
                    tmp_path, "offline")
     assert "roofline tok/s" in output
     report = json.loads(out.read_text())
@@ -129,7 +130,8 @@ def test_server_engines_are_measured_and_compared(server):
     # Timings only exist and are counted here: with 5 tokens, full minus prefill run is noise, not a rate.
     assert all(len(entry[n]["decode_tps"]) == len(entry[n]["total_s"]) == 2 for n in ("a", "b"))
     assert all(min(entry[n]["prefill_s"] + entry[n]["total_s"]) > 0 for n in ("a", "b"))
-    versus = entry["comparisons"]["b"]  # (token equality is not asserted: batch composition may differ per run)
-    assert 0 <= versus["greedy_mismatched_sequences"] <= 3 and len(versus["first_divergence"]) == 3
+    # The second engine is compared with the first, sequence by sequence. Token equality is not asserted: the two
+    # runs' batch composition may differ, and with it a near-tie on random weights.
+    assert len(entry["comparisons"]["b"]["first_divergence"]) == 3 and "a" not in entry["comparisons"]
     tokens = engines[0].generate(prompts, 5)
     assert [len(t) for t in tokens] == [5, 5, 5]
