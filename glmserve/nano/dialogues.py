@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from glmserve.nano import arithmetic, words
-from glmserve.nano.tools import REALISTIC_TOOLS, ToolSpec, draw, random_tool, slots, text
+from glmserve.nano.tools import ToolSpec, draw, random_tool, realistic_tool, slots, text
 
 CAPABILITIES = "I can add, subtract and multiply numbers, and I can call the tools you give me."
 
@@ -95,7 +95,7 @@ def repeat_dialogue(rng: random.Random, thinking: bool) -> Dialogue:
 
 
 def _pick_tool(rng: random.Random) -> ToolSpec:
-    return rng.choice(REALISTIC_TOOLS) if rng.random() < 0.55 else random_tool(rng)
+    return realistic_tool(rng) if rng.random() < 0.55 else random_tool(rng)
 
 
 def _request(rng: random.Random, spec: ToolSpec) -> tuple[str, dict]:
@@ -106,11 +106,11 @@ def _request(rng: random.Random, spec: ToolSpec) -> tuple[str, dict]:
 
 
 def _tool_list(rng: random.Random, targets: list[ToolSpec], keys: list[str]) -> list[dict]:
-    """The targets plus distractors, 1 to 4 tools in all, in random order, no name twice."""
-    specs = {t.name: t for t in targets}
+    """The targets plus distractors, 1 to 4 tools in all, in random order, no tool twice (under any name)."""
+    specs = {t.family: t for t in targets}
     for _ in range(rng.choice((0, 1, 1, 2, 2, 3))):
         distractor = _pick_tool(rng)
-        specs.setdefault(distractor.name, distractor)
+        specs.setdefault(distractor.family, distractor)
     order = list(specs.values())
     rng.shuffle(order)
     keys.extend(f"tool:{spec.name}" for spec in order)
@@ -121,7 +121,10 @@ def tool_dialogue(rng: random.Random, thinking: bool, num_calls: int = 1) -> Dia
     """A request needing `num_calls` tool calls, the calls, their results and an answer that uses them."""
     keys: list[str] = []
     first = _pick_tool(rng)
-    targets = [first] + [first if rng.random() < 0.3 else _pick_tool(rng) for _ in range(num_calls - 1)]
+    targets, by_family = [first], {first.family: first}
+    for _ in range(num_calls - 1):
+        spec = first if rng.random() < 0.3 else _pick_tool(rng)
+        targets.append(by_family.setdefault(spec.family, spec))  # a tool drawn twice keeps its first name
     requests, calls, results = [], [], []
     for spec in targets:
         request, args = _request(rng, spec)
@@ -159,7 +162,7 @@ def missing_tool_dialogue(rng: random.Random, thinking: bool) -> Dialogue:
     request, args = _request(rng, wanted)
     tools = None
     if rng.random() < 0.5:
-        others = [t for t in (_pick_tool(rng) for _ in range(rng.randint(1, 3))) if t.name != wanted.name]
+        others = [t for t in (_pick_tool(rng) for _ in range(rng.randint(1, 3))) if t.family != wanted.family]
         tools = _tool_list(rng, others, keys) if others else None
     topic = wanted.topic.format(**{k: text(v) for k, v in args.items()})
     reply = f"Sorry, I have no tool for {topic}. " + CAPABILITIES

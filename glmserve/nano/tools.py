@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import random
 import string
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from glmserve.nano import words
 
@@ -34,6 +34,7 @@ class ToolSpec:
     result: tuple[tuple[str, str], ...]  # (result key, value source)
     answer: str  # the final answer; slots: argument keys and result keys
     topic: str  # what the user wants, for the reasoning ("the weather in {city}")
+    family: str = ""  # tools that do the same thing under other names share it (a list never holds two)
 
     def schema(self) -> dict:
         """The OpenAI tool object a request lists (and the template prints as one JSON line)."""
@@ -90,7 +91,7 @@ def _p(key: str, type_: str, description: str, source: str, enum: tuple[str, ...
 
 def _tool(name, description, params, requests, result, answer, topic, required=None) -> ToolSpec:
     required = tuple(required if required is not None else (p.key for p in params))
-    return ToolSpec(name, description, tuple(params), required, tuple(requests), tuple(result), answer, topic)
+    return ToolSpec(name, description, tuple(params), required, tuple(requests), tuple(result), answer, topic, name)
 
 
 # fmt: off
@@ -264,6 +265,44 @@ REALISTIC_TOOLS: tuple[ToolSpec, ...] = (
           "Now playing {song} (track {track_id}).", "to hear {song}"),
 )
 # fmt: on
+
+# Verbs a realistic tool's name may start with instead of its own: each tool is served under about ten names
+# (`fetch_weather`, `getWeather`, `lookupWeather`, ...), so the held-out split can hold out names without holding
+# out what a request for the tool looks like, and the model must read the name from the schema.
+_VERB_SYNONYMS = {
+    "get": ("fetch", "lookup", "query", "retrieve", "check", "read"),
+    "search": ("find", "lookup", "query", "browse", "list"),
+    "create": ("add", "new", "make", "insert", "schedule"),
+    "add": ("create", "new", "make", "insert", "save"),
+    "send": ("post", "deliver", "compose", "dispatch"),
+    "set": ("start", "create", "schedule", "new"),
+    "convert": ("transform", "calc", "compute"),
+    "book": ("reserve", "make", "request", "hold"),
+    "reserve": ("book", "make", "request", "hold"),
+    "check": ("get", "lookup", "query", "fetch"),
+    "track": ("trace", "locate", "follow", "find"),
+    "play": ("start", "queue", "stream", "open"),
+    "translate": ("localize", "interpret"),
+    "calculate": ("compute", "calc", "estimate"),
+}
+
+
+def name_variants(name: str) -> tuple[str, ...]:
+    """A realistic tool's names: its first word (a verb) or a synonym, then the rest, in snake_case or camelCase;
+    `name` itself comes first."""
+    verb, *rest = name.split("_")
+    variants = dict.fromkeys([name])
+    for v in (verb, *_VERB_SYNONYMS[verb]):
+        variants[f"{v}_{'_'.join(rest)}"] = None
+        variants[v + "".join(w.capitalize() for w in rest)] = None
+    return tuple(variants)
+
+
+def realistic_tool(rng: random.Random) -> ToolSpec:
+    """A realistic tool under one of its names."""
+    spec = rng.choice(REALISTIC_TOOLS)
+    return replace(spec, name=rng.choice(name_variants(spec.name)))
+
 
 _TYPES = ("string", "string", "string", "integer", "integer", "number", "boolean")
 _STRING_SOURCES = ("word", "cities", "people", "code:AA-###", "code:###A", "date", "time")
