@@ -149,6 +149,7 @@ class GenerationDefaults:
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+WEIGHT_DTYPES = ("auto", "float32", "float16")
 MAX_SPECULATIVE_TOKENS = 16  # chained MTP drafts; acceptance decays fast, peers use 1-4
 # vLLM's names for drafting with the checkpoint's own MTP layer.
 MTP_METHODS = ("mtp", "deepseek_mtp", "glm4_moe_mtp")
@@ -191,6 +192,7 @@ class EngineConfig:
 
     model: str
     dtype: str = "auto"  # auto: float32 on CPU (no native bf16 here), the checkpoint's dtype on CUDA
+    weight_dtype: str = "auto"  # CPU, fp32 compute: float16 stores large linear weights in half precision
     device: str = "auto"
     max_model_len: int | None = None
     block_size: int = 16
@@ -208,6 +210,10 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.weight_dtype not in WEIGHT_DTYPES:
+            raise ConfigError(f"--weight-dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {self.weight_dtype!r}")
+        if self.weight_dtype == "float16" and (self.dtype not in ("auto", "float32") or self.device == "cuda"):
+            raise ConfigError("--weight-dtype float16 is for fp32 compute on CPU; on CUDA choose --dtype")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ConfigError(f"--block-size must be a power of two, got {self.block_size}")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:

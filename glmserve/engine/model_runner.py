@@ -63,14 +63,28 @@ class ModelRunner:
         load_model(self.model, engine_config.model, model_config.num_hidden_layers,
                    model_config.num_nextn_predict_layers, progress=progress)
         self.model.eval()
-        if self.device.type == "cpu" and self.dtype == torch.float32 and _onednn_prepack_available():
-            for module in self.model.modules():
-                if isinstance(module, LinearBase):
-                    module.prepack_for_cpu()
+        self._prepack_linears()
         self.proposer = self._make_proposer()
         self.num_blocks = self._allocate_kv_cache()
         self.sampler = Sampler()
         self.rejection_sampler = RejectionSampler(self.sampler)
+
+    def _prepack_linears(self) -> None:
+        """Large linear weights in the fastest form for fp32 compute on CPU (oneDNN-blocked, or fp16 storage
+        with --weight-dtype float16)."""
+        cpu_fp32 = self.device.type == "cpu" and self.dtype == torch.float32
+        if self.config.weight_dtype == "float16":
+            if not cpu_fp32 or "fbgemm" not in torch.backends.quantized.supported_engines:
+                raise ConfigError("--weight-dtype float16 stores weights for fp32 compute on a CPU with fbgemm; "
+                                  "elsewhere choose the compute dtype with --dtype")
+            weight_dtype = torch.float16
+        elif cpu_fp32 and _onednn_prepack_available():
+            weight_dtype = torch.float32
+        else:
+            return
+        for module in self.model.modules():
+            if isinstance(module, LinearBase):
+                module.prepack_for_cpu(weight_dtype)
 
     def _keep_router_in_fp32(self) -> None:
         """The router and its correction bias are fp32 in every dtype (transformers keeps them so too)."""

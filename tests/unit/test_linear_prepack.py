@@ -1,4 +1,5 @@
-"""oneDNN-prepacked linears: used for large weights only, and equal to F.linear."""
+"""Large linear weights kept for fast fp32 compute on CPU: oneDNN-prepacked (equal to F.linear) or stored in fp16
+(equal to F.linear with the rounded weight); small weights stay as they are."""
 
 import pytest
 import torch
@@ -36,3 +37,26 @@ def test_small_weights_stay_unpacked():
     layer = _linear(PREPACK_MIN_ELEMENTS // 256 - 1, 256, False)
     layer.prepack_for_cpu()
     assert layer.packed_weight is None
+
+
+fbgemm = pytest.mark.skipif("fbgemm" not in torch.backends.quantized.supported_engines, reason="no fbgemm")
+
+
+@fbgemm
+@pytest.mark.parametrize("rows", [1, 7, PACKED_MAX_ROWS + 1])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fp16_storage_computes_with_the_rounded_weight_in_fp32(bias, rows):
+    layer = _linear(PREPACK_MIN_ELEMENTS // 256, 256, bias)
+    weight16 = layer.weight.detach().half().float()
+    layer.prepack_for_cpu(torch.float16)
+    assert layer.fp16_weight is not None and layer.weight.numel() == 0  # the fp32 copy is dropped
+    x = torch.randn(rows, 256)
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), F.linear(x, weight16, layer.bias), rtol=1e-5, atol=1e-5)
+
+
+@fbgemm
+def test_fp16_storage_leaves_small_weights_in_fp32():
+    layer = _linear(PREPACK_MIN_ELEMENTS // 256 - 1, 256, False)
+    layer.prepack_for_cpu(torch.float16)
+    assert layer.fp16_weight is None and layer.weight.dtype == torch.float32 and layer.weight.numel() > 0
