@@ -47,6 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--outtypes", nargs="+", default=["f32", "bf16", "q8_0"], choices=["f32", "f16", "bf16", "q8_0"],
                    help="GGUF types, one llama.cpp engine each")
     p.add_argument("--batch-size", type=int, nargs="+", default=[1, 8, 16])
+    p.add_argument("--glmserve-weight-dtypes", nargs="+", default=["auto", "float16"], choices=["auto", "float16"],
+                   help="glmserve engines to run: fp32 weights (auto) and fp16-stored weights (--weight-dtype)")
     p.add_argument("--threads", type=int, default=2, help="threads of every engine")
     add_measurement_args(p, num_iters=5)
     p.add_argument("--output-json", type=Path, help="write the results here")
@@ -99,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
             conversions.append(command)
 
     max_batch = max(args.batch_size)
-    engines = [GlmserveEngine(directory, max_batch, args.input_len, args.output_len, "auto", "cpu")]
+    engines = [GlmserveEngine(directory, max_batch, args.input_len, args.output_len, "auto", "cpu", weight_dtype)
+               for weight_dtype in args.glmserve_weight_dtypes]
+    glmserve_engines = len(engines)
     engines += [LlamaCppEngine(f"llama.cpp-{t}", args.llama_python, ggufs[t], args.threads, max_batch,
                                args.input_len + args.output_len, max(512, max_batch * args.input_len))
                 for t in args.outtypes]
@@ -108,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"checkpoint {directory}; llama-cpp-python {version}; {args.threads} threads", flush=True)
         results = [measure_batch(args, engines, prompts[:b]) for b in args.batch_size]
     finally:
-        for engine in engines[1:]:
+        for engine in engines[glmserve_engines:]:
             engine.close()
     print(report(args, [e.name for e in engines], results))
     if args.output_json:
@@ -123,7 +127,7 @@ def write_json(args, directory: Path, engines: list, ggufs: dict, conversions: l
 
     from glmserve.bench.host import cpu_name, glmserve_revision
 
-    llama = engines[1:]
+    llama = [e for e in engines if e.name.startswith("llama.cpp")]
     report = {
         "command": " ".join(sys.argv),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -140,6 +144,7 @@ def write_json(args, directory: Path, engines: list, ggufs: dict, conversions: l
         "llama_cpp_context": {e.name: e.info["context_params"] for e in llama},
         "workload": {"input_len": args.input_len, "output_len": args.output_len, "greedy": True, "ignore_eos": True,
                      "num_iters": args.num_iters, "prompt_seed": args.seed, "glmserve_dtype": "auto",
+                     "glmserve_weight_dtypes": args.glmserve_weight_dtypes,
                      "glmserve_prefix_caching": False, "llama_cpp_bos_added": False},
         "results": results,
     }

@@ -12,16 +12,15 @@ import torch
 
 
 class GlmserveEngine:
-    name = "glmserve"
-
     def __init__(self, directory: Path, max_batch: int, prompt_len: int, max_new_tokens: int, dtype: str,
-                 device: str):
+                 device: str, weight_dtype: str = "auto"):
         from glmserve import LLM
 
+        self.name = "glmserve" if weight_dtype == "auto" else f"glmserve-{weight_dtype.replace('float', 'fp')}"
         block = 16
         blocks_per_seq = -(-(prompt_len + max_new_tokens) // block)
         # Prefix caching off: every repetition sends the same prompts, and a cache hit would skip the prefill.
-        self.llm = LLM(model=str(directory), dtype=dtype, device=device, block_size=block,
+        self.llm = LLM(model=str(directory), dtype=dtype, weight_dtype=weight_dtype, device=device, block_size=block,
                        num_kv_blocks=max_batch * blocks_per_seq + 16, max_num_seqs=max_batch,
                        max_num_batched_tokens=max(2048, max_batch * prompt_len), enable_prefix_caching=False)
 

@@ -37,8 +37,9 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", dest="model_path", help="the same, as vLLM spells it")
     p.add_argument("--batch-size", type=int, nargs="+", default=[1, 16], help="batch sizes (default: 1 16)")
     add_measurement_args(p, num_iters=3)
-    p.add_argument("--engines", nargs="+", default=["glmserve"], choices=["glmserve", "transformers"],
-                   help="add transformers to compare (greedy outputs are compared too)")
+    p.add_argument("--engines", nargs="+", default=["glmserve"], choices=["glmserve", "glmserve-fp16", "transformers"],
+                   help="add transformers, or glmserve with --weight-dtype float16, to compare (greedy outputs are "
+                        "compared with the first engine's too)")
     p.add_argument("--dtype", default="auto", help="auto (float32 on CPU), bfloat16, float16 or float32")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
@@ -199,8 +200,9 @@ def main(args, parser: argparse.ArgumentParser) -> int:
             print("transformers is not installed: measuring glmserve only", file=sys.stderr)
             args.engines = ["glmserve"]
     t0 = time.perf_counter()
-    engines = [GlmserveEngine(directory, max(args.batch_size), args.input_len, args.output_len, args.dtype,
-                              args.device) if name == "glmserve" else TransformersEngine(directory, dtype, device)
+    engines = [TransformersEngine(directory, dtype, device) if name == "transformers" else
+               GlmserveEngine(directory, max(args.batch_size), args.input_len, args.output_len, args.dtype,
+                              args.device, "float16" if name == "glmserve-fp16" else "auto")
                for name in args.engines]
     load_s = time.perf_counter() - t0
     bandwidth_size = int(args.bandwidth_gib * GIB)

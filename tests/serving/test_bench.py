@@ -92,7 +92,7 @@ def test_offline_reports_prefill_decode_and_roofline(tmp_path):
     out = tmp_path / "offline.json"
     output = bench(["offline", str(directory), "--batch-size", "1", "2", "--input-len", "8", "--output-len", "4",
                     "--num-iters", "1", "--threads", "1", "--engines", "glmserve", "transformers",
-                    "--bandwidth-gib", "0.01", "--output-json", str(out)],
+                    "glmserve-fp16", "--bandwidth-gib", "0.01", "--output-json", str(out)],
                    tmp_path, "offline")
     assert "roofline tok/s" in output
     report = json.loads(out.read_text())
@@ -110,6 +110,7 @@ def test_offline_reports_prefill_decode_and_roofline(tmp_path):
         versus = entry["comparisons"]["transformers"]
         assert versus["ratio"] == pytest.approx(glm["median_decode_tps"] / entry["transformers"]["median_decode_tps"])
         assert versus["greedy_mismatched_sequences"] == 0  # the same checkpoint, greedy: the same tokens
+        assert entry["glmserve-fp16"]["median_decode_tps"] > 0 and "glmserve-fp16" in entry["comparisons"]
     one, two = (e["roofline_tps"] for e in report["results"])
     assert one < two < 2 * one  # batch 2 reads more experts per step, but not twice the weights
 

@@ -63,6 +63,7 @@ def test_sglang_card_command_with_mtp_speculative_decoding(checkpoint, tmp_path)
     (["--reasoning-parser", "deepseek_r1"], "--reasoning-parser 'deepseek_r1' is not supported"),
     (["--tensor-parallel-size", "8"], "--tensor-parallel-size 8 needs 8 devices"),
     (["--dtype", "int3"], "--dtype must be one of"),
+    (["--weight-dtype", "float16", "--dtype", "bfloat16"], "--weight-dtype float16 is for fp32 compute on CPU"),
     (["--speculative-config", '{"method": "ngram"}'], "method 'ngram' is not supported"),
     (["--speculative-config", "{'method'"], "--speculative-config is not valid JSON"),
     (["--speculative-algorithm", "EAGLE", "--speculative-eagle-topk", "4"], "only 1 is supported"),
