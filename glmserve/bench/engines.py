@@ -23,6 +23,7 @@ class GlmserveEngine:
         self.llm = LLM(model=str(directory), dtype=dtype, weight_dtype=weight_dtype, device=device, block_size=block,
                        num_kv_blocks=max_batch * blocks_per_seq + 16, max_num_seqs=max_batch,
                        max_num_batched_tokens=max(2048, max_batch * prompt_len), enable_prefix_caching=False)
+        self.fp16_params = _fp16_stored_params(self.llm.engine.runner.model)
 
     def generate(self, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
         from glmserve import SamplingParams
@@ -30,6 +31,14 @@ class GlmserveEngine:
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
         outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params)
         return [list(o.outputs[0].token_ids) for o in outputs]
+
+
+def _fp16_stored_params(model: torch.nn.Module) -> int:
+    """Weights of the linear layers that --weight-dtype float16 keeps in half precision (for the roofline)."""
+    from glmserve.layers.linear import LinearBase
+
+    return sum(torch.ops.quantized.linear_unpack_fp16(m.fp16_weight)[0].numel()
+               for m in model.modules() if isinstance(m, LinearBase) and m.fp16_weight is not None)
 
 
 class TransformersEngine:

@@ -148,7 +148,7 @@ def _report(args, names: list[str], results: list[dict], bandwidth: dict | None,
     for entry in results:
         for n in names:
             e = entry[n]
-            roof = entry.get("roofline_tps")
+            roof = e.get("roofline_tps", entry.get("roofline_tps"))
             lines.append(f"{entry['batch']:5d} | {n:12s} | {e['median_prefill_s'] * 1e3:10.1f} | "
                          f"{e['median_prefill_tps']:13.1f} | {e['median_decode_tps']:12.1f} | "
                          + (f"{roof:14.1f} | {e['median_decode_tps'] / roof:10.0%}" if roof else f"{'-':>14} | -"))
@@ -223,6 +223,10 @@ def main(args, parser: argparse.ArgumentParser) -> int:
         bandwidth = {k: max(run[k] for run in bandwidth_runs) for k in bandwidth_runs[0]} | {"runs": bandwidth_runs}
         for entry in results:
             entry["roofline_tps"] = roofline_tps(params, entry["batch"], dtype.itemsize, bandwidth["roofline_GBps"])
+            for engine in engines:  # fewer bytes per step for an engine that keeps weights in fp16
+                if getattr(engine, "fp16_params", 0):
+                    entry[engine.name]["roofline_tps"] = roofline_tps(params, entry["batch"], dtype.itemsize,
+                                                                      bandwidth["roofline_GBps"], engine.fp16_params)
     print(_report(args, [e.name for e in engines], results, bandwidth, params, dtype.itemsize, other_cores))
 
     if args.output_json:

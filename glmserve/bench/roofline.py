@@ -84,6 +84,9 @@ def measure_bandwidth(device: torch.device, size_bytes: int = GIB, reps: int = 5
             "roofline_GBps": max(read, gemv)}
 
 
-def roofline_tps(params: dict, batch: int, bytes_per_param: int, bandwidth_GBps: float) -> float:
-    """The decode tokens/s at `batch` that reading the weights alone allows."""
-    return batch * bandwidth_GBps * 1e9 / (params_per_decode_step(params, batch) * bytes_per_param)
+def roofline_tps(params: dict, batch: int, bytes_per_param: int, bandwidth_GBps: float,
+                 fp16_params: int = 0) -> float:
+    """The decode tokens/s at `batch` that reading the weights alone allows; `fp16_params` of the weights every
+    step reads are stored in 2 bytes (--weight-dtype float16)."""
+    step_bytes = params_per_decode_step(params, batch) * bytes_per_param - fp16_params * (bytes_per_param - 2)
+    return batch * bandwidth_GBps * 1e9 / step_bytes
