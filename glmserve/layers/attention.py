@@ -24,29 +24,33 @@ class AttentionMetadata:
     @classmethod
     def build(cls, starts: list[int], query_lens: list[int], block_tables: list[list[int]], block_size: int,
               device: torch.device) -> "AttentionMetadata":
-        """starts[b]: tokens of sequence b already cached; query_lens[b]: new tokens this step."""
+        """starts[b]: tokens of sequence b already cached; query_lens[b]: new tokens this step.
+
+        Built in a few tensor ops (each costs microseconds of dispatch on CPU, and this runs once per step and
+        once per MTP draft), with a shorter path for the common decode step of one new token per sequence."""
         batch = len(starts)
-        max_q = max(query_lens)
         kv_lens = [s + q for s, q in zip(starts, query_lens)]
-        max_kv = max(kv_lens)
+        max_q, max_kv = max(query_lens), max(kv_lens)
         max_blocks = -(-max_kv // block_size)
-        tables = torch.tensor([t[:max_blocks] + [0] * (max_blocks - len(t[:max_blocks])) for t in block_tables],
-                              dtype=torch.long)
-        offsets = torch.arange(max_kv)
-        kv_slots = tables[:, offsets // block_size] * block_size + offsets % block_size  # [B, K]
-
-        starts_t = torch.tensor(starts, dtype=torch.long)
-        qlens_t = torch.tensor(query_lens, dtype=torch.long)
-        cu_q = torch.cumsum(qlens_t, 0) - qlens_t
-        q_offsets = torch.arange(max_q)
-        q_valid = q_offsets[None, :] < qlens_t[:, None]  # [B, Q]
-        query_index = torch.where(q_valid, cu_q[:, None] + q_offsets[None, :], 0)
-        query_unpad = torch.nonzero(q_valid.flatten()).squeeze(1)
-
-        q_pos = starts_t[:, None] + q_offsets[None, :]  # absolute position of each query row
-        q_pos = torch.where(q_valid, q_pos, 0)  # padding rows see key 0 only (no all-masked NaN rows)
-        mask = offsets[None, None, :] <= q_pos[:, :, None]  # causal; also excludes keys past kv_len
-        slot_mapping = torch.cat([kv_slots[b, starts[b] : kv_lens[b]] for b in range(batch)])
+        tables = torch.tensor([t[:max_blocks] + [0] * (max_blocks - len(t)) for t in block_tables], dtype=torch.long)
+        kv_slots = (tables[:, :, None] * block_size + torch.arange(block_size)).view(batch, -1)[:, :max_kv]  # [B, K]
+        if max_q == 1:  # decode: one query per sequence, at its last position
+            q_pos = torch.tensor(kv_lens, dtype=torch.long)[:, None] - 1  # [B, 1]
+            rows = torch.arange(batch)
+            query_index, query_unpad = rows[:, None], rows
+            slot_mapping = kv_slots.gather(1, q_pos).view(batch)
+        else:
+            lens = torch.tensor([starts, query_lens], dtype=torch.long)
+            q_offsets = torch.arange(max_q)
+            q_valid = q_offsets < lens[1, :, None]  # [B, Q]
+            # Padding rows get position 0: they see key 0 only (no all-masked NaN rows).
+            q_pos = torch.where(q_valid, lens[0, :, None] + q_offsets, 0)
+            query_unpad = q_valid.view(-1).nonzero().view(-1)
+            query_index = torch.zeros(batch * max_q, dtype=torch.long)
+            query_index[query_unpad] = torch.arange(query_unpad.shape[0])
+            query_index = query_index.view(batch, max_q)
+            slot_mapping = kv_slots.gather(1, q_pos).view(-1)[query_unpad]
+        mask = torch.arange(max_kv) <= q_pos[:, :, None]  # causal; also excludes keys past kv_len
         return cls(
             slot_mapping=slot_mapping.to(device),
             query_index=query_index.to(device),
