@@ -14,6 +14,8 @@ KV was made with that request's next token, which can differ. This only changes 
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from glmserve.layers.attention import AttentionMetadata
@@ -38,26 +40,28 @@ class MTPProposer:
         drafts for each request with `drafting` set, [] for the others (prefill chunks that did not finish).
         """
         lengths = [len(t) for t in next_token_ids]
-        positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lengths)]).to(self.device)
+        # Positions and row indices in Python lists (one tensor each): this runs k times a step, and each small
+        # tensor op costs microseconds of dispatch.
+        positions = [p for s, n in zip(starts, lengths) for p in range(s, s + n)]
         token_ids = torch.tensor([t for ids in next_token_ids for t in ids], dtype=torch.long, device=self.device)
         meta = AttentionMetadata.build(starts, lengths, block_tables, self.block_size, self.device)
-        out = self.mtp(positions, token_ids, hidden, meta)
+        out = self.mtp(torch.tensor(positions, device=self.device), token_ids, hidden, meta)
 
         rows = [b for b, d in enumerate(drafting) if d]
         if not rows:
             return [[] for _ in starts]
-        ends = torch.tensor(lengths, device=self.device).cumsum(0) - 1
-        rows_t = torch.tensor(rows, device=self.device)
-        h = out[ends[rows_t]]
-        pos = positions[ends[rows_t]]
+        ends = list(itertools.accumulate(lengths))
+        last = [ends[b] - 1 for b in rows]  # each drafting request's last kept row
+        h = out[torch.tensor(last, device=self.device)]
+        pos = [positions[i] for i in last]
         draft = self.mtp.compute_logits(h).argmax(dim=-1)
         drafts = [draft]
         tables = [block_tables[b] for b in rows]
         for _ in range(self.k - 1):
             # Past the model's last position the drafts are capped away anyway; clamp to stay in the RoPE table.
-            pos = (pos + 1).clamp(max=self.max_position)
-            step_meta = AttentionMetadata.build(pos.tolist(), [1] * len(rows), tables, self.block_size, self.device)
-            h = self.mtp(pos, draft, h, step_meta)
+            pos = [min(p + 1, self.max_position) for p in pos]
+            step_meta = AttentionMetadata.build(pos, [1] * len(rows), tables, self.block_size, self.device)
+            h = self.mtp(torch.tensor(pos, device=self.device), draft, h, step_meta)
             draft = self.mtp.compute_logits(h).argmax(dim=-1)
             drafts.append(draft)
         per_row = torch.stack(drafts, dim=1).tolist()

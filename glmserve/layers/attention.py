@@ -65,9 +65,13 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     """q: [T, H, D]; k, v: [T, Hk, D]; caches: [num_slots, Hk, D]. Returns [T, H, D]."""
     k_cache[meta.slot_mapping] = k
     v_cache[meta.slot_mapping] = v
-    queries = q[meta.query_index].transpose(1, 2)  # [B, H, Q, D]
     keys = k_cache[meta.kv_slots].transpose(1, 2)  # [B, Hk, K, D]
     values = v_cache[meta.kv_slots].transpose(1, 2)
+    if meta.query_index.shape[1] == 1:  # decode: query t is sequence t's only one, no padding to add or drop
+        out = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=meta.mask, scale=scale,
+                                             enable_gqa=True)
+        return out.squeeze(2)
+    queries = q[meta.query_index].transpose(1, 2)  # [B, H, Q, D]
     out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=meta.mask, scale=scale,
                                          enable_gqa=True)
     batch, heads, max_q, dim = out.shape

@@ -40,7 +40,9 @@ class TopkRouter(nn.Module):
         weights = scores.gather(1, ids)
         if self.norm_topk_prob:
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-        return weights * self.routed_scaling_factor, ids
+        if self.routed_scaling_factor != 1.0:  # (GLM-4.5: 2.5; Air and most small shapes: 1.0, a wasted op)
+            weights = weights * self.routed_scaling_factor
+        return weights, ids
 
 
 class FusedExperts(nn.Module):
@@ -81,7 +83,7 @@ class FusedExperts(nn.Module):
         order = flat_ids.argsort(stable=True)
         counts = torch.bincount(flat_ids, minlength=self.num_experts)
         grouped_x = x[order // top_k]
-        if self._prefer_grouped_mm(x, counts):
+        if self._prefer_grouped_mm(x, counts, flat_ids.numel()):
             grouped_out = self._grouped_mm(grouped_x, counts)
         else:
             grouped_out = self._expert_loop(grouped_x, counts.tolist())
@@ -90,14 +92,14 @@ class FusedExperts(nn.Module):
         out = (per_choice.view(num_tokens, top_k, -1) * weights.to(x.dtype)[..., None]).sum(1)
         return self.parallel.all_reduce(out)
 
-    def _prefer_grouped_mm(self, x: torch.Tensor, counts: torch.Tensor) -> bool:
+    def _prefer_grouped_mm(self, x: torch.Tensor, counts: torch.Tensor, num_choices: int) -> bool:
         """torch's grouped GEMM runs on CPU in any float dtype, on CUDA with bf16 on Hopper or newer. On CPU it
         visits every expert, empty ones too (~20 us each), while the Python loop costs ~100 us of dispatch per
         active expert: the loop wins only when fewer than a quarter of the experts are active (small decodes)."""
         if not hasattr(F, "grouped_mm"):
             return False
-        if x.device.type == "cpu":
-            return 4 * int((counts > 0).sum()) >= self.num_experts
+        if x.device.type == "cpu":  # at most num_choices experts are active: small decodes need not count them
+            return 4 * num_choices >= self.num_experts and 4 * int((counts > 0).sum()) >= self.num_experts
         return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
 
     def _grouped_mm(self, grouped_x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

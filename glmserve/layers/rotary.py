@@ -35,4 +35,4 @@ class PartialRotaryEmbedding(nn.Module):
     def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """x: [T, heads, D] → rotated copy."""
         cos, sin = rope
-        return x * cos + x[..., self.partner] * sin
+        return torch.addcmul(x * cos, x[..., self.partner], sin)
