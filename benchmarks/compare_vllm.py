@@ -43,6 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, nargs="+", default=[1, 8, 16])
     p.add_argument("--threads", type=int, default=2, help="intra-op threads of each server")
     p.add_argument("--dtype", default="float32", help="both servers' dtype (vLLM's bf16 is slow on AVX2)")
+    p.add_argument("--glmserve-weight-dtype", default="auto", choices=("auto", "float16"),
+                   help="glmserve's --weight-dtype (float16: large weights stored in half precision, fp32 compute)")
     add_measurement_args(p, num_iters=5)
     p.add_argument("--vllm-memory-fraction", type=float, default=0.3,
                    help="vLLM's --gpu-memory-utilization, which on CPU is the share of the NUMA node's memory it "
@@ -79,7 +81,8 @@ def start_vllm(args, directory: Path, log: Path) -> Server:
 
 
 def start_glmserve(args, directory: Path, log: Path) -> Server:
-    return start_server([str(directory), "--dtype", args.dtype, "--max-num-seqs", str(max(args.batch_size)),
+    return start_server([str(directory), "--dtype", args.dtype, "--weight-dtype", args.glmserve_weight_dtype,
+                         "--max-num-seqs", str(max(args.batch_size)),
                          "--no-enable-prefix-caching", "--served-model-name", SERVED_NAME], log,
                         env={"OMP_NUM_THREADS": str(args.threads)}, timeout=args.startup_timeout)
 
@@ -175,6 +178,7 @@ def write_json(args, directory: Path, version: str, results: list[dict], serving
         "checkpoint": {"path": str(directory), "config": json.loads((directory / "config.json").read_text())},
         "workload": {"input_len": args.input_len, "output_len": args.output_len, "greedy": True, "ignore_eos": True,
                      "num_iters": args.num_iters, "prompt_seed": args.seed, "dtype": args.dtype,
+                     "glmserve_weight_dtype": args.glmserve_weight_dtype,
                      "threads": args.threads, "prefix_caching": False, "endpoint": "/v1/completions"},
         "other_processes_cores": other_cores, "results": results, "serving": serving,
     }
