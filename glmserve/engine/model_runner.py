@@ -157,7 +157,8 @@ class ModelRunner:
         logprobs: list | None = None
         if not sampling:
             return sampled, logprobs
-        logits = self.model.compute_logits(hidden[torch.tensor([last_known[i] for i in sampling], device=self.device)])
+        rows = torch.tensor([last_known[i] for i in sampling], device=self.device)
+        logits = self.model.compute_logits(hidden.index_select(0, rows))
         batch = SamplingBatch.build([chunks[i].request for i in sampling], logits.shape[-1], self.device)
         out = self.sampler(logits, batch)
         for i, token in zip(sampling, out.token_ids.tolist()):
@@ -182,7 +183,7 @@ class ModelRunner:
                 prefixes.append(drafts[:j])
                 draft_ids.append(drafts[j] if j < len(drafts) else -1)
                 rows.append(last_known[i] + j)
-        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
+        logits = self.model.compute_logits(hidden.index_select(0, torch.tensor(rows, device=self.device)))
         batch = SamplingBatch.build(requests, logits.shape[-1], self.device, draft_prefixes=prefixes)
         out = self.rejection_sampler(logits, batch, torch.tensor(draft_ids, device=self.device),
                                      torch.tensor(row_index, device=self.device))
@@ -207,7 +208,7 @@ class ModelRunner:
                 end = chunk.start_pos + len(chunk.token_ids)
                 next_token_ids.append(chunk.request.token_ids[chunk.start_pos + 1 : end + 1])
             kept_rows.extend(range(first, first + len(next_token_ids[-1])))
-        kept = hidden[torch.tensor(kept_rows, device=self.device)]
+        kept = hidden.index_select(0, torch.tensor(kept_rows, device=self.device))
         return self.proposer.propose([c.start_pos for c in chunks], next_token_ids, kept,
                                      [c.request.block_ids for c in chunks], [bool(new) for new in sampled])
 

@@ -52,7 +52,7 @@ class MTPProposer:
             return [[] for _ in starts]
         ends = list(itertools.accumulate(lengths))
         last = [ends[b] - 1 for b in rows]  # each drafting request's last kept row
-        h = out[torch.tensor(last, device=self.device)]
+        h = out.index_select(0, torch.tensor(last, device=self.device))
         pos = [positions[i] for i in last]
         draft = self.mtp.compute_logits(h).argmax(dim=-1)
         drafts = [draft]
