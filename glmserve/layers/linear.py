@@ -57,9 +57,9 @@ class LinearBase(nn.Module):
         float32: a oneDNN-blocked copy (what inductor's CPU weight freezing does), 1.5-2.5x faster than F.linear's
         MKL path for the decode shapes. float16: the weight stored in half precision and widened to fp32 inside
         fbgemm's GEMM, which reads half the bytes (decode on CPU is bound by weight reads): measured 2x faster at
-        1 row on the [32000, 512] lm_head, 1.6x at 8; its fp32 copy is dropped. Each such call costs ~35 us more
+        1 row on the [32000, 512] lm_head, 1.6x at 8; its fp32 copy is dropped. A oneDNN call costs ~35 us more
         than F.linear, though, which is 2-10x F.linear's whole time on a small weight (measured on
-        [128-512, 128-512]), so small weights stay as they are."""
+        [128-512, 128-512]), and fbgemm's fp16 gains nothing there, so small weights stay as they are."""
         if self.weight.numel() < PREPACK_MIN_ELEMENTS:
             return
         if weight_dtype == torch.float16:
