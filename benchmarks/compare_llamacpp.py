@@ -101,33 +101,32 @@ def main(argv: list[str] | None = None) -> int:
             conversions.append(command)
 
     max_batch = max(args.batch_size)
-    engines = [GlmserveEngine(directory, max_batch, args.input_len, args.output_len, "auto", "cpu", weight_dtype)
-               for weight_dtype in args.glmserve_weight_dtypes]
-    glmserve_engines = len(engines)
-    engines += [LlamaCppEngine(f"llama.cpp-{t}", args.llama_python, ggufs[t], args.threads, max_batch,
-                               args.input_len + args.output_len, max(512, max_batch * args.input_len))
-                for t in args.outtypes]
+    glmserve = [GlmserveEngine(directory, max_batch, args.input_len, args.output_len, "auto", "cpu", weight_dtype)
+                for weight_dtype in args.glmserve_weight_dtypes]
+    llama = [LlamaCppEngine(f"llama.cpp-{t}", args.llama_python, ggufs[t], args.threads, max_batch,
+                            args.input_len + args.output_len, max(512, max_batch * args.input_len))
+             for t in args.outtypes]
+    engines = glmserve + llama
     try:
         prompts = random_prompts(directory, max_batch, args.input_len, args.seed)
         print(f"checkpoint {directory}; llama-cpp-python {version}; {args.threads} threads", flush=True)
         results = [measure_batch(args, engines, prompts[:b]) for b in args.batch_size]
     finally:
-        for engine in engines[glmserve_engines:]:
+        for engine in llama:
             engine.close()
     print(report(args, [e.name for e in engines], results))
     if args.output_json:
-        write_json(args, directory, engines, ggufs, conversions, version, results)
+        write_json(args, directory, llama, ggufs, conversions, version, results)
     return 0
 
 
-def write_json(args, directory: Path, engines: list, ggufs: dict, conversions: list, version: str,
+def write_json(args, directory: Path, llama: list, ggufs: dict, conversions: list, version: str,
                results: list[dict]) -> None:
     import tokenizers
     import torch
 
     from glmserve.bench.host import cpu_name, glmserve_revision
 
-    llama = [e for e in engines if e.name.startswith("llama.cpp")]
     report = {
         "command": " ".join(sys.argv),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

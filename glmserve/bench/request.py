@@ -2,8 +2,8 @@
 
 The time to first token is taken at the first chunk that carries output (text, content, reasoning, tool calls,
 token ids or a finish reason): a chat stream's opening role-only chunk does not count, since a server may send it
-before the prompt is even scheduled. Token counts come from the `usage` of the final chunk (`stream_options.include_usage`),
-so the per-chunk work is one JSON parse and a timestamp.
+before the prompt is even scheduled. Token counts come from the `usage` of the final chunk
+(`stream_options.include_usage`), so the per-chunk work is one JSON parse and a timestamp.
 """
 
 from __future__ import annotations

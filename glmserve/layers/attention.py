@@ -50,7 +50,7 @@ class AttentionMetadata:
             query_index = torch.zeros(batch * max_q, dtype=torch.long)
             query_index[query_unpad] = torch.arange(query_unpad.shape[0])
             query_index = query_index.view(batch, max_q)
-            slot_mapping = kv_slots.gather(1, q_pos).view(-1)[query_unpad]
+            slot_mapping = kv_slots.gather(1, q_pos).view(-1).index_select(0, query_unpad)
         mask = torch.arange(max_kv) <= q_pos[:, :, None]  # causal; also excludes keys past kv_len
         return cls(
             slot_mapping=slot_mapping.to(device),

@@ -8,7 +8,7 @@ import json
 import pytest
 from conftest import API_KEY, MODEL_NAME, run_glmserve
 
-from glmserve.bench.roofline import params_per_decode_step
+from glmserve.bench.roofline import params_per_decode_step, roofline_tps
 from glmserve.testing.checkpoint import write_random_checkpoint
 
 
@@ -113,6 +113,10 @@ def test_offline_reports_prefill_decode_and_roofline(tmp_path):
         assert entry["glmserve-fp16"]["median_decode_tps"] > 0 and "glmserve-fp16" in entry["comparisons"]
     one, two = (e["roofline_tps"] for e in report["results"])
     assert one < two < 2 * one  # batch 2 reads more experts per step, but not twice the weights
+    # With every weight a step reads stored in fp16, the step reads half the bytes of fp32.
+    everything = params_per_decode_step(params, 1)
+    half = roofline_tps(params, 1, 4, 10.0, fp16_params=everything)
+    assert half == pytest.approx(2 * roofline_tps(params, 1, 4, 10.0))
 
 
 def test_server_engines_are_measured_and_compared(server):
