@@ -148,7 +148,7 @@ class ModelRunner:
             sampled, logprobs = self._sample(chunks, sampling, last_known, hidden)
         drafts = None
         if self.proposer is not None:
-            drafts = self._propose(chunks, sampled, last_known, hidden)
+            drafts = self._propose(chunks, sampled, last_known, hidden, pos, meta)
         return StepOutput(sampled_token_ids=sampled, logprobs=logprobs, draft_token_ids=drafts)
 
     def _sample(self, chunks: list[ScheduledChunk], sampling: list[int], last_known: list[int],
@@ -197,20 +197,24 @@ class ModelRunner:
         return sampled, logprobs
 
     def _propose(self, chunks: list[ScheduledChunk], sampled: list[list[int]], last_known: list[int],
-                 hidden: torch.Tensor) -> list[list[int]]:
-        """Run the MTP layer over the positions each chunk keeps: its known tokens and accepted drafts."""
-        next_token_ids, kept_rows = [], []
+                 hidden: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> list[list[int]]:
+        """Run the MTP layer over the target's rows (each with the token after it) and draft for every chunk
+        that emitted tokens; rows past a chunk's accepted drafts get a placeholder token."""
+        next_token_ids: list[int] = []
+        last_rows, last_positions, tables = [], [], []
         for chunk, new, last in zip(chunks, sampled, last_known):
-            first = last + 1 - len(chunk.token_ids)
             if chunk.sample:  # the kept run ends with the token emitted this step
-                next_token_ids.append(chunk.token_ids[1:] + new)
+                unverified = len(chunk.draft_token_ids) + 1 - len(new)
+                next_token_ids += chunk.token_ids[1:] + new + [new[-1]] * unverified
+                last_rows.append(last + len(new) - 1)
+                last_positions.append(chunk.start_pos + len(chunk.token_ids) + len(new) - 2)
+                tables.append(chunk.request.block_ids)
             else:  # a prefill chunk: the token after its last one is the next prompt token
                 end = chunk.start_pos + len(chunk.token_ids)
-                next_token_ids.append(chunk.request.token_ids[chunk.start_pos + 1 : end + 1])
-            kept_rows.extend(range(first, first + len(next_token_ids[-1])))
-        kept = hidden.index_select(0, torch.tensor(kept_rows, device=self.device))
-        return self.proposer.propose([c.start_pos for c in chunks], next_token_ids, kept,
-                                     [c.request.block_ids for c in chunks], [bool(new) for new in sampled])
+                next_token_ids += chunk.request.token_ids[chunk.start_pos + 1 : end + 1]
+        drafts = iter(self.proposer.propose(positions, next_token_ids, hidden, meta, last_rows, last_positions,
+                                            tables))
+        return [next(drafts) if chunk.sample else [] for chunk in chunks]
 
     def release(self, request_id: str) -> None:
         """Forget per-request state (seeded generators) of a finished request."""

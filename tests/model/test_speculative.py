@@ -14,6 +14,7 @@ from glmserve import LLM, SamplingParams
 from glmserve.config import ConfigError, EngineConfig
 from glmserve.engine import rejection_sampler
 from glmserve.engine.llm_engine import LLMEngine
+from glmserve.layers.attention import DenseBatch
 from glmserve.models import EMBEDDED_MODEL
 from glmserve.testing.checkpoint import GLM45, config_dict, random_tensors, save_tensors
 
@@ -67,8 +68,8 @@ def _use_oracle_drafts(engine: LLMEngine, expected: dict[tuple, list[int]], wron
     propose = runner._propose
     numbered = itertools.count(1)
 
-    def oracle(chunks, sampled, last_known, hidden):
-        drafts = propose(chunks, sampled, last_known, hidden)
+    def oracle(chunks, sampled, last_known, hidden, *target):
+        drafts = propose(chunks, sampled, last_known, hidden, *target)
         for i, (chunk, new) in enumerate(zip(chunks, sampled)):
             if not drafts[i]:
                 continue
@@ -117,6 +118,49 @@ def test_greedy_identical_with_mostly_accepted_drafts(glm45, expected, k):
     assert engine.kv_cache.num_free_blocks == engine.kv_cache.num_blocks
     # Fewer steps than tokens: 2 * 8 requests x 24 tokens in far fewer verification runs.
     assert spec.mean_acceptance_length > 1.5
+
+
+def _dense_mtp_drafts(model, context: list[int], k: int) -> list[int]:
+    """The reference chain without a KV cache: the target over context[:-1], the MTP layer over (h[i],
+    context[i + 1]), then each draft appended as a row fed the MTP's own last output, re-run causally."""
+    mtp, batch = model.mtp_layer, DenseBatch(1)
+    with torch.inference_mode():
+        hidden = model(torch.tensor(context[:-1]), torch.arange(len(context) - 1), batch)
+        rows, tokens, drafts = list(hidden), context[1:], []
+        for _ in range(k):
+            out = mtp(torch.arange(len(rows)), torch.tensor(tokens), torch.stack(rows), batch)
+            drafts.append(int(mtp.compute_logits(out[-1:]).argmax()))
+            rows.append(out[-1])
+            tokens = tokens + drafts[-1:]
+    return drafts
+
+
+def test_drafts_equal_a_dense_mtp_chain(glm45, expected):
+    """The engine's MTP drafts (chunked prefills, runs of accepted and rejected drafts, placeholder tokens on
+    rejected rows, lookahead slots) equal the chain computed without a cache from the same tokens."""
+    rng = random.Random(3)
+    prompts = [[rng.randrange(1, 1000) for _ in range(n)] for n in (5, 61, 17, 40)]  # no shared prefixes
+    want = _run(_engine(glm45, 0), prompts, GREEDY)
+    engine = _engine(glm45, 3)
+    recorded = []
+    propose = engine.runner._propose
+
+    def record(chunks, sampled, last_known, hidden, *target):
+        drafts = propose(chunks, sampled, last_known, hidden, *target)
+        for chunk, new, made in zip(chunks, sampled, drafts):
+            if made:
+                recorded.append((chunk.request.prompt_token_ids + chunk.request.output_token_ids + new, made))
+        return drafts
+
+    engine.runner._propose = record
+    _use_oracle_drafts(engine, want, wrong_every=4)
+    assert _run(engine, prompts, GREEDY) == want
+    spec = engine.scheduler.stats().spec_decoding
+    assert 0 < spec.num_accepted_tokens < spec.num_draft_tokens  # both kinds of rows were exercised
+    assert len(recorded) > 20
+    model = engine.runner.model
+    for context, drafts in recorded[::3]:
+        assert drafts == _dense_mtp_drafts(model, context, 3), len(context)
 
 
 @pytest.mark.parametrize("params", [
@@ -183,8 +227,8 @@ def _histograms(checkpoint, k: int, num_requests: int, mode_drafts: list[int] | 
     if mode_drafts is not None:  # always draft the most common token at each position: accepted often
         propose = engine.runner._propose
 
-        def mode(chunks, sampled, last_known, hidden):
-            drafts = propose(chunks, sampled, last_known, hidden)
+        def mode(chunks, sampled, last_known, hidden, *target):
+            drafts = propose(chunks, sampled, last_known, hidden, *target)
             for i, (chunk, new) in enumerate(zip(chunks, sampled)):
                 done = len(chunk.request.output_token_ids) + len(new)
                 if drafts[i]:
