@@ -26,8 +26,10 @@ def _reference(starts, query_lens, tables, block_size):
                 slot_mapping.append(kv_slots[b][position])
             rows.append([k <= position for k in range(max_kv)])
         mask.append([rows])
-    return {"slot_mapping": slot_mapping, "query_index": query_index, "query_unpad": query_unpad,
-            "kv_slots": kv_slots, "mask": mask}
+    if all(q == max_q for q in query_lens):  # no padding: the query rows need no gather
+        query_index = query_unpad = None
+    return {"slot_mapping": slot_mapping, "max_query_len": max_q, "query_index": query_index,
+            "query_unpad": query_unpad, "kv_slots": kv_slots, "mask": mask}
 
 
 @pytest.mark.parametrize("seed", range(40))
@@ -36,8 +38,12 @@ def test_build_matches_a_per_token_reference(seed):
     batch = rng.randint(1, 5)
     starts = [rng.randint(0, 50) for _ in range(batch)]
     decode = seed % 2 == 0
-    query_lens = [1] * batch if decode else [rng.choice((1, 2, 4, rng.randint(1, 30))) for _ in range(batch)]
+    if decode:  # one query each, or (verification) as many each
+        query_lens = [rng.choice((1, 1, 2, 4))] * batch
+    else:
+        query_lens = [rng.choice((1, 2, 4, rng.randint(1, 30))) for _ in range(batch)]
     tables = [rng.sample(range(100), -(-(s + q) // 4) + rng.randint(0, 2)) for s, q in zip(starts, query_lens)]
     meta = AttentionMetadata.build(starts, query_lens, tables, 4, torch.device("cpu"))
     for field, expected in _reference(starts, query_lens, tables, 4).items():
-        assert getattr(meta, field).tolist() == expected, field
+        got = getattr(meta, field)
+        assert (got.tolist() if isinstance(got, torch.Tensor) else got) == expected, field
