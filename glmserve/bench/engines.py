@@ -24,6 +24,7 @@ class GlmserveEngine:
                        num_kv_blocks=max_batch * blocks_per_seq + 16, max_num_seqs=max_batch,
                        max_num_batched_tokens=max(2048, max_batch * prompt_len), enable_prefix_caching=False)
         self.fp16_params = _fp16_stored_params(self.llm.engine.runner.model)
+        self.fp16_experts = _experts_in_fp16(self.llm.engine.runner.model)
 
     def generate(self, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
         from glmserve import SamplingParams
@@ -39,6 +40,13 @@ def _fp16_stored_params(model: torch.nn.Module) -> int:
 
     return sum(torch.ops.quantized.linear_unpack_fp16(m.fp16_weight)[0].numel()
                for m in model.modules() if isinstance(m, LinearBase) and m.fp16_weight is not None)
+
+
+def _experts_in_fp16(model: torch.nn.Module) -> bool:
+    """Whether --weight-dtype float16 keeps the routed experts in half precision (for the roofline)."""
+    from glmserve.layers.moe import FusedExperts
+
+    return any(isinstance(m, FusedExperts) and m.fp16_experts is not None for m in model.modules())
 
 
 class TransformersEngine:

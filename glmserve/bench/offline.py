@@ -226,7 +226,8 @@ def main(args, parser: argparse.ArgumentParser) -> int:
             for engine in engines:  # fewer bytes per step for an engine that keeps weights in fp16
                 if getattr(engine, "fp16_params", 0):
                     entry[engine.name]["roofline_tps"] = roofline_tps(params, entry["batch"], dtype.itemsize,
-                                                                      bandwidth["roofline_GBps"], engine.fp16_params)
+                                                                      bandwidth["roofline_GBps"], engine.fp16_params,
+                                                                      engine.fp16_experts)
     print(_report(args, [e.name for e in engines], results, bandwidth, params, dtype.itemsize, other_cores))
 
     if args.output_json:

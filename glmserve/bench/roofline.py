@@ -46,9 +46,16 @@ def weight_params(directory: Path) -> dict:
 def params_per_decode_step(params: dict, batch: int) -> float:
     """Weights a decode step of `batch` sequences reads: everything but the routed experts once, and of each MoE
     layer's experts those at least one token picks, E·(1 − (1 − k/E)^b) in expectation under uniform routing."""
-    experts, top_k, routed = params["n_routed_experts"], params["num_experts_per_tok"], params["routed_experts"]
-    shared = params["per_decode_token"] - routed * top_k // experts
-    return shared + routed * (1 - (1 - top_k / experts) ** batch)
+    return _shared_params(params) + _routed_params_read(params, batch)
+
+
+def _shared_params(params: dict) -> float:
+    return params["per_decode_token"] - params["routed_experts"] * params["num_experts_per_tok"] // params["n_routed_experts"]
+
+
+def _routed_params_read(params: dict, batch: int) -> float:
+    experts, top_k = params["n_routed_experts"], params["num_experts_per_tok"]
+    return params["routed_experts"] * (1 - (1 - top_k / experts) ** batch)
 
 
 def _best_time(fn, reps: int, sync) -> float:
@@ -85,8 +92,10 @@ def measure_bandwidth(device: torch.device, size_bytes: int = GIB, reps: int = 5
 
 
 def roofline_tps(params: dict, batch: int, bytes_per_param: int, bandwidth_GBps: float,
-                 fp16_params: int = 0) -> float:
-    """The decode tokens/s at `batch` that reading the weights alone allows; `fp16_params` of the weights every
-    step reads are stored in 2 bytes (--weight-dtype float16)."""
-    step_bytes = params_per_decode_step(params, batch) * bytes_per_param - fp16_params * (bytes_per_param - 2)
+                 fp16_params: int = 0, fp16_experts: bool = False) -> float:
+    """The decode tokens/s at `batch` that reading the weights alone allows. With --weight-dtype float16,
+    `fp16_params` of the weights every step reads (linear layers) are stored in 2 bytes, and so are the routed
+    experts' when `fp16_experts`."""
+    saved = fp16_params + (_routed_params_read(params, batch) if fp16_experts else 0)
+    step_bytes = params_per_decode_step(params, batch) * bytes_per_param - saved * (bytes_per_param - 2)
     return batch * bandwidth_GBps * 1e9 / step_bytes

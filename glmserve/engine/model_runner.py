@@ -13,6 +13,7 @@ from glmserve.engine.rejection_sampler import RejectionSampler
 from glmserve.engine.sampler import Sampler, SamplingBatch
 from glmserve.layers.attention import AttentionMetadata
 from glmserve.layers.linear import LinearBase
+from glmserve.layers.moe import FusedExperts
 from glmserve.loader import load_model
 from glmserve.model import get_model_class
 from glmserve.types import ScheduledChunk, SchedulerOutput, StepOutput
@@ -71,7 +72,7 @@ class ModelRunner:
 
     def _prepack_linears(self) -> None:
         """Large linear weights in the fastest form for fp32 compute on CPU (oneDNN-blocked, or fp16 storage
-        with --weight-dtype float16)."""
+        with --weight-dtype float16, which also covers large routed experts)."""
         cpu_fp32 = self.device.type == "cpu" and self.dtype == torch.float32
         if self.config.weight_dtype == "float16":
             if not cpu_fp32 or "fbgemm" not in torch.backends.quantized.supported_engines:
@@ -83,7 +84,7 @@ class ModelRunner:
         else:
             return
         for module in self.model.modules():
-            if isinstance(module, LinearBase):
+            if isinstance(module, LinearBase) or (isinstance(module, FusedExperts) and weight_dtype == torch.float16):
                 module.prepack_for_cpu(weight_dtype)
 
     def _keep_router_in_fp32(self) -> None:

@@ -133,21 +133,30 @@ def test_small_decodes_one_choice_at_a_time_equal_the_sorted_path(num_tokens):
 
 @pytest.mark.parametrize("shape", ["glm45", "air"])
 def test_fp16_weight_storage_stays_close_to_transformers(shape, checkpoints, hf_model, monkeypatch):
-    """--weight-dtype float16 on every linear layer (the threshold lowered so the small test shapes take it):
-    the logits move by fp16's rounding of the weights (measured: 0.24% of their spread, where the same weights
-    rounded to bf16 moved them by 44%, far past the bound), and the top token stays the same."""
+    """--weight-dtype float16 on every linear layer and routed expert (the thresholds lowered so the small test
+    shapes take it): the logits move by fp16's rounding of the weights (measured: 0.24% of their spread, where the
+    same weights rounded to bf16 moved them by 44%, far past the bound), and the top token stays the same; in a
+    prefill (experts sorted by row) and in a batch-1 decode (each expert choice on its own)."""
     import glmserve.layers.linear as linear
+    import glmserve.layers.moe as moe
 
     monkeypatch.setattr(linear, "PREPACK_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(moe, "EXPERT_FP16_MIN_ELEMENTS", 0)
     directory = checkpoints(shape)
     runner = ModelRunner(ModelConfig.from_pretrained(directory),
                          EngineConfig(model=str(directory), num_kv_blocks=32, weight_dtype="float16"), progress=False)
     assert runner.model.lm_head.fp16_weight is not None
     assert runner.model.model.layers[0].self_attn.qkv_proj.fp16_weight is not None
+    experts = runner.model.model.layers[-1].mlp.experts
+    assert experts.fp16_experts is not None and experts.w13.numel() == 0  # the fp32 stack is dropped
     prompt = torch.randint(0, 1024, (40,), generator=torch.Generator().manual_seed(5)).tolist()
     logits = _forward(runner, [(prompt, 0, [0, 1, 2])])
+    decoded = _forward(runner, [([9], len(prompt), [0, 1, 2])])
     with torch.inference_mode():
-        ref = hf_model(shape)(torch.tensor([prompt])).logits[0]
-    error = (logits - ref).abs().max().item()
-    assert 0 < error <= 1e-2 * ref.std().item()
+        hf = hf_model(shape)
+        ref = hf(torch.tensor([prompt])).logits[0]
+        ref_decoded = hf(torch.tensor([prompt + [9]])).logits[0, -1:]
+    for ours, theirs in ((logits, ref), (decoded, ref_decoded)):
+        error = (ours - theirs).abs().max().item()
+        assert 0 < error <= 1e-2 * theirs.std().item()
     assert (logits.argmax(-1) == ref.argmax(-1)).float().mean().item() >= 0.95

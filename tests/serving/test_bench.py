@@ -117,6 +117,12 @@ def test_offline_reports_prefill_decode_and_roofline(tmp_path):
     everything = params_per_decode_step(params, 1)
     half = roofline_tps(params, 1, 4, 10.0, fp16_params=everything)
     assert half == pytest.approx(2 * roofline_tps(params, 1, 4, 10.0))
+    # The same with the routed experts counted apart, at any batch: the experts a step reads, in fp16 too.
+    for batch in (1, 5):
+        per_token_routed = params["routed_experts"] * params["num_experts_per_tok"] // params["n_routed_experts"]
+        not_routed = params["per_decode_token"] - per_token_routed
+        assert roofline_tps(params, batch, 4, 10.0, fp16_params=not_routed, fp16_experts=True) == pytest.approx(
+            2 * roofline_tps(params, batch, 4, 10.0))
 
 
 def test_server_engines_are_measured_and_compared(server):
