@@ -100,7 +100,8 @@ class FusedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x: [T, H]; weights, ids: [T, k]. Rows are sorted by expert, each expert multiplies its run of rows,
-        then the rows go back to (token, k) order and are summed with the routing weights."""
+        then the rows go back to (token, k) order and are summed with the routing weights (small decodes on CPU
+        skip the sorting)."""
         num_tokens, top_k = ids.shape
         if x.device.type == "cpu" and ids.numel() <= self.MAX_CHOICES_ONE_BY_ONE:
             return self.parallel.all_reduce(self._one_by_one(x, weights, ids))
