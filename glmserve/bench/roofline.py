@@ -50,10 +50,13 @@ def params_per_decode_step(params: dict, batch: int) -> float:
 
 
 def _shared_params(params: dict) -> float:
-    return params["per_decode_token"] - params["routed_experts"] * params["num_experts_per_tok"] // params["n_routed_experts"]
+    """What every decode token reads besides the routed experts."""
+    routed_per_token = params["routed_experts"] * params["num_experts_per_tok"] // params["n_routed_experts"]
+    return params["per_decode_token"] - routed_per_token
 
 
 def _routed_params_read(params: dict, batch: int) -> float:
+    """The routed experts' weights a step of `batch` sequences reads, in expectation under uniform routing."""
     experts, top_k = params["n_routed_experts"], params["num_experts_per_tok"]
     return params["routed_experts"] * (1 - (1 - top_k / experts) ** batch)
 
