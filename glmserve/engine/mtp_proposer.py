@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from glmserve.engine.sampler import argmax_rows
 from glmserve.layers.attention import AttentionMetadata
 from glmserve.model.glm4_moe import Glm4MoeMTPLayer
 
@@ -44,7 +45,7 @@ class MTPProposer:
         if not last_rows:
             return []
         h = out.index_select(0, torch.tensor(last_rows, device=self.device))
-        draft = self.mtp.compute_logits(h).argmax(dim=-1)
+        draft = argmax_rows(self.mtp.compute_logits(h))
         drafts = [draft]
         # Positions stay in a Python list: each small tensor op costs microseconds of dispatch, k times a step.
         pos = last_positions
@@ -53,6 +54,6 @@ class MTPProposer:
             pos = [min(p + 1, self.max_position) for p in pos]
             step_meta = AttentionMetadata.build(pos, [1] * len(pos), block_tables, self.block_size, self.device)
             h = self.mtp(torch.tensor(pos, device=self.device), draft, h, step_meta)
-            draft = self.mtp.compute_logits(h).argmax(dim=-1)
+            draft = argmax_rows(self.mtp.compute_logits(h))
             drafts.append(draft)
         return torch.stack(drafts, dim=1).tolist()

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from glmserve.engine.sampler import Sampler, SamplingBatch, gather_logprobs
+from glmserve.engine.sampler import Sampler, SamplingBatch, argmax_rows, gather_logprobs
 from glmserve.types import TokenLogprobs
 
 
@@ -51,18 +51,18 @@ class RejectionSampler:
         is_draft = draft_ids >= 0
         drafts = draft_ids.clamp(min=0).unsqueeze(1)
         if batch.temperature is None and not batch.edits_logits:
-            target = logits.argmax(dim=-1)
+            target = argmax_rows(logits)
             accept, emitted = target == draft_ids, target
         else:
             edited = self.sampler.edited(logits, batch)
-            target = edited.argmax(dim=-1)
+            target = argmax_rows(edited)
             accept, emitted = target == draft_ids, target
             if batch.temperature is not None:
                 probs = self.sampler.probs(edited, batch)
                 p_draft = probs.gather(1, drafts).squeeze(1)
                 residual = residual_distribution(probs, drafts, is_draft)
                 noise, uniform = self.sampler.draw(residual, batch, is_draft.tolist())
-                recovered = residual.div_(noise).argmax(dim=-1)
+                recovered = argmax_rows(residual.div_(noise))
                 random_rows = ~batch.greedy_rows if batch.greedy_rows is not None else torch.ones_like(is_draft)
                 accept = torch.where(random_rows, uniform < p_draft, accept)
                 emitted = torch.where(random_rows, recovered, target)

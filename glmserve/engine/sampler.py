@@ -34,6 +34,23 @@ def _padded(rows: list[list[int]], pad: int, device) -> Tensor:
     return _long([r + [pad] * (width - len(r)) for r in rows], device)
 
 
+# torch's CPU argmax along a row is not vectorised: 580 us for [16, 32000] here and 2.8 ms for GLM-4.5's
+# [16, 151552], where amax takes tens of us. With a large vocabulary the row's first block holding the maximum is
+# found by amax, then the index within that block.
+_ARGMAX_BLOCK = 256
+
+
+def argmax_rows(x: Tensor) -> Tensor:
+    """x.argmax(dim=-1) of a [B, V] tensor, the same index (the first maximum), faster on CPU for large V."""
+    batch, vocab = x.shape
+    if x.device.type != "cpu" or vocab % _ARGMAX_BLOCK or vocab < 16 * _ARGMAX_BLOCK:
+        return x.argmax(dim=-1)
+    blocks = x.reshape(batch, -1, _ARGMAX_BLOCK)
+    best = blocks.amax(dim=-1).argmax(dim=-1)
+    within = blocks.gather(1, best.view(batch, 1, 1).expand(batch, 1, _ARGMAX_BLOCK)).view(batch, -1)
+    return best * _ARGMAX_BLOCK + within.argmax(dim=-1)
+
+
 @dataclass(slots=True)
 class SamplingBatch:
     """Per-row sampling parameters as tensors. A None field means no row uses that operation."""
@@ -193,15 +210,15 @@ class Sampler:
         # vLLM's default logprobs mode: from the raw logits, before penalties and masks.
         raw_logprobs = logits.float().log_softmax(dim=-1) if batch.max_num_logprobs is not None else None
         if batch.temperature is None and not batch.edits_logits:
-            token_ids = logits.argmax(dim=-1)  # all greedy, nothing to edit: argmax on any dtype is exact
+            token_ids = argmax_rows(logits)  # all greedy, nothing to edit: argmax on any dtype is exact
         else:
             edited = self.edited(logits, batch)
-            greedy = None if batch.greedy_rows is None else edited.argmax(dim=-1)
+            greedy = None if batch.greedy_rows is None else argmax_rows(edited)
             if batch.temperature is None:
                 token_ids = greedy
             else:
                 probs = self.probs(edited, batch)
-                sampled = probs.div_(self.draw(probs, batch)[0]).argmax(dim=-1)
+                sampled = argmax_rows(probs.div_(self.draw(probs, batch)[0]))
                 token_ids = sampled if greedy is None else torch.where(batch.greedy_rows, greedy, sampled)
         logprobs = None if raw_logprobs is None else gather_logprobs(raw_logprobs, token_ids, batch)
         return SamplerOutput(token_ids=token_ids, logprobs=logprobs)

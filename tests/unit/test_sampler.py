@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from glmserve.engine.sampler import Sampler, SamplingBatch, apply_penalties, apply_sampling_masks
+from glmserve.engine.sampler import Sampler, SamplingBatch, apply_penalties, apply_sampling_masks, argmax_rows
 from glmserve.types import Request, SamplingParams
 
 CPU = torch.device("cpu")
@@ -280,3 +280,19 @@ def test_logprobs_are_raw_with_ranks_and_top_n():
     assert [t for t, _ in out.logprobs[0].top] == order
     assert [v for _, v in out.logprobs[0].top] == pytest.approx(raw[0, order].tolist())
     assert out.logprobs[2].top == []
+
+
+@pytest.mark.parametrize("vocab", [2048, 4096, 32000, 32001, 151552])
+def test_argmax_rows_equals_torch_argmax(vocab):
+    gen = torch.Generator().manual_seed(vocab)
+    x = torch.randn(9, vocab, generator=gen)
+    top = x.max() + 1
+    x[0, [7, vocab - 3]] = top  # a tie across blocks: the first index wins
+    x[1, [300, 301]] = top  # a tie inside one block
+    x[2] = float("-inf")  # every token masked
+    x[3, vocab // 2] = float("nan")
+    x[4, [vocab - 1, 0]] = top  # the maximum at both ends
+    x[5] = x[5].to(torch.bfloat16).float()  # rounded logits: more ties
+    assert torch.equal(argmax_rows(x), x.argmax(dim=-1))
+    strided = x.t().contiguous().t()  # the same values, not row-contiguous
+    assert torch.equal(argmax_rows(strided), x.argmax(dim=-1))
