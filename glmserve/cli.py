@@ -34,8 +34,8 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-path", "--model", dest="model_path", help="the same, as SGLang and vLLM spell it")
     p.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32")
     p.add_argument("--weight-dtype", default="auto", choices=("auto", "float32", "float16"),
-                   help="CPU with fp32 compute: float16 keeps large linear weights (lm_head, dense MLPs) in half "
-                        "precision, halving the bytes a decode step reads")
+                   help="CPU with fp32 compute: float16 keeps large linear weights (lm_head, dense MLPs) and large "
+                        "routed experts in half precision, halving the bytes a decode step reads")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--max-model-len", "--context-length", dest="max_model_len", type=int,
                    help="context length (prompt + output); default: what the model and the KV cache allow")

@@ -192,7 +192,7 @@ class EngineConfig:
 
     model: str
     dtype: str = "auto"  # auto: float32 on CPU (no native bf16 here), the checkpoint's dtype on CUDA
-    weight_dtype: str = "auto"  # CPU, fp32 compute: float16 stores large linear weights in half precision
+    weight_dtype: str = "auto"  # CPU, fp32 compute: float16 stores large linear weights and experts in fp16
     device: str = "auto"
     max_model_len: int | None = None
     block_size: int = 16
