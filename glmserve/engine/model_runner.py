@@ -84,7 +84,7 @@ class ModelRunner:
         else:
             return
         for module in self.model.modules():
-            if isinstance(module, LinearBase) or (isinstance(module, FusedExperts) and weight_dtype == torch.float16):
+            if isinstance(module, (LinearBase, FusedExperts)):  # experts pack only for float16
                 module.prepack_for_cpu(weight_dtype)
 
     def _keep_router_in_fp32(self) -> None:
