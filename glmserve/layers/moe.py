@@ -100,9 +100,8 @@ class FusedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x: [T, H]; weights, ids: [T, k]. Rows are sorted by expert, each expert multiplies its run of rows,
-        then the rows go back to (token, k) order and are summed with the routing weights (small decodes on CPU
-        skip the sorting)."""
-        num_tokens, top_k = ids.shape
+        then each token's rows are summed with its routing weights (small decodes on CPU skip the sorting)."""
+        top_k = ids.shape[1]
         if x.device.type == "cpu" and ids.numel() <= self.MAX_CHOICES_ONE_BY_ONE:
             return self.parallel.all_reduce(self._one_by_one(x, weights, ids))
         flat_ids = ids.flatten()
@@ -113,9 +112,24 @@ class FusedExperts(nn.Module):
             grouped_out = self._grouped_mm(grouped_x, counts)
         else:
             grouped_out = self._expert_loop(grouped_x, counts.tolist())
-        per_choice = torch.empty_like(grouped_out).index_copy_(0, order, grouped_out)
-        out = (per_choice.view(num_tokens, top_k, -1) * weights.to(x.dtype)[..., None]).sum(1)
-        return self.parallel.all_reduce(out)
+        return self.parallel.all_reduce(self._combine(grouped_out, order, weights))
+
+    @staticmethod
+    def _combine(grouped_out: torch.Tensor, order: torch.Tensor, weights: torch.Tensor,
+                 add_in_place: bool | None = None) -> torch.Tensor:
+        """Sum each token's expert rows (grouped_out: [T * k, H], in `order`) with its routing weights [T, k].
+
+        add_in_place (the default on CPU): each row is scaled in place and added into its token's row. Copying
+        the rows back to (token, k) order, multiplying and summing over k took 4-6x as long on CPU for a prefill
+        chunk (2048 tokens x 4 choices x 512: 36 ms). CUDA's index_add_ adds with atomics in no fixed order, so
+        there the rows go back to (token, k) order and one batched [1, k] x [k, H] product per token sums them."""
+        num_tokens, top_k = weights.shape
+        weights = weights.to(grouped_out.dtype)
+        if add_in_place if add_in_place is not None else grouped_out.device.type == "cpu":
+            grouped_out.mul_(weights.view(-1).index_select(0, order).unsqueeze(1))
+            return grouped_out.new_zeros(num_tokens, grouped_out.shape[1]).index_add_(0, order // top_k, grouped_out)
+        per_choice = grouped_out.index_select(0, order.argsort()).view(num_tokens, top_k, -1)
+        return torch.bmm(weights.unsqueeze(1), per_choice).squeeze(1)
 
     def _prefer_grouped_mm(self, x: torch.Tensor, counts: torch.Tensor, num_choices: int) -> bool:
         """torch's grouped GEMM runs on CPU in any float dtype, on CUDA with bf16 on Hopper or newer. On CPU it

@@ -113,6 +113,25 @@ def test_grouped_gemm_experts_equal_the_per_expert_loop():
                           atol=1e-5)
 
 
+@pytest.mark.parametrize("add_in_place", [True, False])
+def test_expert_rows_combine_into_each_tokens_weighted_sum(add_in_place):
+    """Both ways of summing the expert rows (CPU's in-place add, CUDA's (token, k) order) against a per-token loop,
+    with a token whose choices sit at both ends of the expert order."""
+    from glmserve.layers.moe import FusedExperts
+
+    gen = torch.Generator().manual_seed(3)
+    num_tokens, top_k, hidden = 9, 3, 16
+    ids = torch.stack([torch.randperm(8, generator=gen)[:top_k] for _ in range(num_tokens)])
+    ids[0] = torch.tensor([0, 7, 3])
+    weights = torch.rand(num_tokens, top_k, generator=gen)
+    order = ids.flatten().argsort(stable=True)
+    per_choice = torch.randn(num_tokens * top_k, hidden, generator=gen)  # rows in (token, k) order
+    expected = torch.stack([sum(weights[t, j] * per_choice[t * top_k + j] for j in range(top_k))
+                            for t in range(num_tokens)])
+    got = FusedExperts._combine(per_choice[order].clone(), order, weights, add_in_place)
+    assert torch.allclose(got, expected, atol=1e-6)
+
+
 @pytest.mark.parametrize("num_tokens", [1, 2])
 def test_small_decodes_one_choice_at_a_time_equal_the_sorted_path(num_tokens):
     from glmserve.distributed import ParallelContext
