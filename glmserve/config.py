@@ -16,6 +16,23 @@ class ConfigError(ValueError):
     """A checkpoint or flag value that cannot work; the message says which and why."""
 
 
+def _check_fp8(quantization: dict) -> None:
+    """The quantization_configs whose checkpoints load (dequantized, glmserve/loader/fp8.py): FP8 weights as
+    compressed-tensors (GLM-4.5-FP8, GLM-4.5-Air-FP8) or DeepSeek-style block FP8 (quant_method "fp8")."""
+    method = quantization.get("quant_method")
+    if method == "fp8":
+        return
+    if method != "compressed-tensors":
+        raise ConfigError(f"quantization_config: quant_method {method!r} is not supported (FP8 checkpoints: "
+                          "'compressed-tensors' or 'fp8')")
+    groups = list((quantization.get("config_groups") or {}).values())
+    formats = {(g.get("weights") or {}).get(k) for g in groups for k in ("type", "num_bits")}
+    strategies = {(g.get("weights") or {}).get("strategy") for g in groups}
+    if not groups or formats != {"float", 8} or len(strategies) != 1:
+        raise ConfigError("quantization_config: only compressed-tensors with 8-bit float weights, one strategy "
+                          f"for every group, is supported (FP8); got config_groups {quantization.get('config_groups')}")
+
+
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -122,6 +139,8 @@ class ModelConfig:
             raise ConfigError("num_experts_per_tok exceeds n_routed_experts")
         if self.rotary_dim % 2:
             raise ConfigError("head_dim * partial_rotary_factor must be even")
+        if self.quantization is not None:
+            _check_fp8(self.quantization)
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path) -> "ModelConfig":

@@ -62,7 +62,7 @@ class ModelRunner:
             torch.set_default_dtype(default_dtype)
         self._keep_router_in_fp32()
         load_model(self.model, engine_config.model, model_config.num_hidden_layers,
-                   model_config.num_nextn_predict_layers, progress=progress)
+                   model_config.num_nextn_predict_layers, progress=progress, quantization=model_config.quantization)
         self.model.eval()
         self._prepack_linears()
         self.proposer = self._make_proposer()

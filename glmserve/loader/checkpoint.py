@@ -56,3 +56,23 @@ def count_tensors(files: list[Path]) -> int:
         except SafetensorError as e:
             raise LoaderError(f"cannot read {path}: {e}") from None
     return total
+
+
+class TensorLookup:
+    """Any tensor of the checkpoint by name, wherever it is stored (an fp8 weight's scale can sit in another
+    shard); each file is opened once and stays open while the lookup lives."""
+
+    def __init__(self, files: list[Path]):
+        self._where: dict[str, Path] = {}
+        for path in files:
+            with safe_open(str(path), framework="pt") as f:
+                self._where.update(dict.fromkeys(f.keys(), path))
+        self._open: dict[Path, object] = {}
+
+    def get(self, name: str) -> torch.Tensor | None:
+        path = self._where.get(name)
+        if path is None:
+            return None
+        if path not in self._open:
+            self._open[path] = safe_open(str(path), framework="pt")
+        return self._open[path].get_tensor(name)

@@ -7,12 +7,21 @@ projections (q/k/v → qkv_proj, gate/up → gate_up_proj) and the per-expert te
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
+import torch
 from torch import nn
 from tqdm import tqdm
 
-from glmserve.loader.checkpoint import LoaderError, checkpoint_files, count_tensors, iterate_tensors
+from glmserve.loader.checkpoint import (
+    LoaderError,
+    TensorLookup,
+    checkpoint_files,
+    count_tensors,
+    iterate_tensors,
+)
+from glmserve.loader.fp8 import Fp8Scheme, dequantized
 
 _EXPERT = re.compile(r"(.*\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
 _STACKED = [  # (checkpoint piece, parameter piece, shard id)
@@ -38,7 +47,8 @@ def _target(name: str) -> tuple[str, object] | None:
 
 
 def load_model(model: nn.Module, model_dir: str | Path, num_hidden_layers: int, num_mtp_layers: int,
-               progress: bool = True) -> None:
+               progress: bool = True, quantization: dict | None = None) -> None:
+    """quantization: config.json's quantization_config (an FP8 checkpoint's weights are dequantized)."""
     model_dir = Path(model_dir)
     files = checkpoint_files(model_dir)
     params = dict(model.named_parameters())
@@ -47,8 +57,10 @@ def load_model(model: nn.Module, model_dir: str | Path, num_hidden_layers: int, 
     unexpected: list[str] = []
     bar = tqdm(total=count_tensors(files), desc="Loading weights", unit="tensor", disable=not progress,
                leave=False)
-    for name, tensor in iterate_tensors(files):
-        bar.update()
+    tensors = _counted(iterate_tensors(files), bar)
+    if quantization is not None:
+        tensors = dequantized(tensors, Fp8Scheme.from_config(quantization), TensorLookup(files).get)
+    for name, tensor in tensors:
         layer = _LAYER.match(name)
         if layer and int(layer.group(1)) >= num_hidden_layers + num_mtp_layers:
             continue  # an MTP layer the config does not ask for (num_nextn_predict_layers = 0)
@@ -72,6 +84,12 @@ def load_model(model: nn.Module, model_dir: str | Path, num_hidden_layers: int, 
         loaded.add((param_name, shard))
     bar.close()
     _check_complete(model, params, loaded, unexpected, model_dir)
+
+
+def _counted(tensors: Iterator[tuple[str, torch.Tensor]], bar: tqdm) -> Iterator[tuple[str, torch.Tensor]]:
+    for item in tensors:
+        bar.update()
+        yield item
 
 
 def _required(model: nn.Module, params: dict) -> set[tuple[str, object]]:

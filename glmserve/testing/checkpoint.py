@@ -176,3 +176,60 @@ def write_random_checkpoint(directory: str | Path, shape: TinyShape | str = "glm
     tensors = {k: v.to(dtype) for k, v in random_tensors(shape, seed).items()}
     save_tensors(tensors, directory, num_shards)
     return directory
+
+
+FP8_MAX = 448.0  # largest float8_e4m3fn
+
+
+def _is_quantized_linear(name: str) -> bool:
+    """What FP8 releases quantize: the projections; embeddings, norms, the router and the heads stay as they are."""
+    return name.endswith("_proj.weight")
+
+
+def write_fp8_checkpoint(directory: str | Path, source: str | Path, block: tuple[int, int] | None = None,
+                         num_shards: int = 2) -> tuple[Path, dict[str, torch.Tensor]]:
+    """An FP8 copy of the checkpoint at `source`: every projection as float8_e4m3fn with its scales (compressed-tensors
+    with one scale per output row, or DeepSeek-style block FP8 when `block` is given), the scales stored in the last
+    shard, away from their weights. Returns the directory and the dequantized weights a loader must produce."""
+    from safetensors.torch import load_file
+
+    source, directory = Path(source), Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.float() for f in sorted(source.glob("*.safetensors")) for k, v in load_file(f).items()}
+    weights, scales, expected = {}, {}, {}
+    for name, w in tensors.items():
+        if not _is_quantized_linear(name):
+            weights[name] = expected[name] = w
+            continue
+        if block is None:
+            scale = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / FP8_MAX
+            full = scale
+            scales[name + "_scale"] = scale
+        else:
+            rows, cols = block
+            blocks = torch.nn.functional.pad(w.abs(), (0, -w.shape[1] % cols, 0, -w.shape[0] % rows))
+            blocks = blocks.view(blocks.shape[0] // rows, rows, blocks.shape[1] // cols, cols)
+            scale = blocks.amax(dim=(1, 3)).clamp(min=1e-12) / FP8_MAX
+            full = scale.repeat_interleave(rows, 0)[: w.shape[0]].repeat_interleave(cols, 1)[:, : w.shape[1]]
+            scales[name + "_scale_inv"] = scale
+        weights[name] = (w / full).to(torch.float8_e4m3fn)
+        expected[name] = weights[name].float() * full
+    save_tensors({**weights, **scales}, directory, num_shards)
+    config = json.loads((source / "config.json").read_text())
+    if block is None:
+        config["quantization_config"] = {
+            "quant_method": "compressed-tensors", "format": "float-quantized",
+            "config_groups": {"group_0": {
+                "targets": ["Linear"],
+                "weights": {"num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True,
+                            "dynamic": False, "group_size": None, "block_structure": None},
+                "input_activations": {"num_bits": 8, "type": "float", "strategy": "token", "dynamic": True}}},
+            "ignore": ["lm_head"]}
+    else:
+        config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic",
+                                         "weight_block_size": list(block)}
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    for extra in ("generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        if (source / extra).exists():
+            (directory / extra).write_bytes((source / extra).read_bytes())
+    return directory, expected

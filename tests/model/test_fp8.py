@@ -1,0 +1,108 @@
+"""FP8 checkpoints: float8 weights with per-row (compressed-tensors, as GLM-4.5-FP8) or per-block (DeepSeek-style)
+scales load as their dequantized weights, run like any checkpoint, and broken ones fail clearly."""
+
+import json
+
+import pytest
+import torch
+
+from glmserve.config import ConfigError, EngineConfig, ModelConfig
+from glmserve.engine.model_runner import ModelRunner
+from glmserve.layers.attention import AttentionMetadata
+from glmserve.loader import LoaderError
+from glmserve.testing.checkpoint import write_fp8_checkpoint
+
+
+def _load(directory) -> ModelRunner:
+    return ModelRunner(ModelConfig.from_pretrained(directory), EngineConfig(model=str(directory), num_kv_blocks=8),
+                       progress=False)
+
+
+def _checkpoint_names(runner: ModelRunner) -> dict[str, torch.Tensor]:
+    """The loaded parameters under their checkpoint names (the fused and stacked ones split back)."""
+    model, out = runner.model, {}
+    config = runner.model_config
+    for name, param in model.state_dict().items():
+        if ".qkv_proj." in name:
+            q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+            for piece, part in zip("qkv", param.split([q, kv, kv])):
+                out[name.replace("qkv_proj", f"{piece}_proj")] = part
+        elif name.endswith("gate_up_proj.weight"):
+            gate, up = param.chunk(2)
+            out[name.replace("gate_up_proj", "gate_proj")], out[name.replace("gate_up_proj", "up_proj")] = gate, up
+        elif name.endswith("experts.w13"):
+            for e, stacked in enumerate(param):
+                gate, up = stacked.chunk(2)
+                out[name.replace("w13", f"{e}.gate_proj.weight")] = gate
+                out[name.replace("w13", f"{e}.up_proj.weight")] = up
+        elif name.endswith("experts.w2"):
+            for e, stacked in enumerate(param):
+                out[name.replace("w2", f"{e}.down_proj.weight")] = stacked
+        else:
+            out[name] = param
+    return out
+
+
+@pytest.mark.parametrize("block", [None, (24, 16)], ids=["compressed-tensors-per-row", "block-fp8"])
+def test_fp8_checkpoint_loads_as_its_dequantized_weights(block, checkpoints, tmp_path):
+    """Every projection (attention, dense MLP, experts, shared experts, the MTP layer's) equals its fp8 values times
+    its scales, exactly; the rest is untouched. Blocks of 24 x 16 leave partial blocks at the edges."""
+    directory, expected = write_fp8_checkpoint(tmp_path / "fp8", checkpoints("glm45"), block)
+    assert any(t.dtype == torch.float8_e4m3fn for t in _stored_tensors(directory))
+    got = _checkpoint_names(_load(directory))
+    for name, want in expected.items():
+        assert torch.equal(got[name].float(), want), name
+    # fp8's rounding is real: the weights differ from the source checkpoint's.
+    source = _checkpoint_names(_load(checkpoints("glm45")))
+    name = "model.layers.3.mlp.experts.5.down_proj.weight"
+    assert not torch.equal(source[name], got[name])
+
+
+def test_fp8_checkpoint_logits_match_transformers_on_the_dequantized_weights(checkpoints, tmp_path):
+    import transformers
+    from safetensors.torch import save_file
+
+    directory, expected = write_fp8_checkpoint(tmp_path / "fp8", checkpoints("glm45"))
+    runner = _load(directory)
+    dequantized = tmp_path / "dequantized"
+    dequantized.mkdir()
+    config = json.loads((directory / "config.json").read_text())
+    del config["quantization_config"]
+    (dequantized / "config.json").write_text(json.dumps(config))
+    save_file({k: v.contiguous() for k, v in expected.items()}, str(dequantized / "model.safetensors"))
+    hf = transformers.Glm4MoeForCausalLM.from_pretrained(dequantized, dtype=torch.float32).eval()
+
+    prompt = list(range(3, 40))
+    meta = AttentionMetadata.build([0], [len(prompt)], [[0, 1, 2]], runner.block_size, runner.device)
+    with torch.inference_mode():
+        ours = runner.model.compute_logits(runner.model(torch.tensor(prompt), torch.arange(len(prompt)), meta))
+        ref = hf(torch.tensor([prompt])).logits[0]
+    assert (ours - ref).abs().max().item() <= 1e-4
+
+
+def _stored_tensors(directory):
+    from safetensors.torch import load_file
+
+    return [t for f in directory.glob("*.safetensors") for t in load_file(f).values()]
+
+
+def test_fp8_weight_without_its_scale_is_a_clear_error(checkpoints, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    directory, _ = write_fp8_checkpoint(tmp_path / "fp8", checkpoints("glm45"), num_shards=1)
+    tensors = load_file(directory / "model.safetensors")
+    del tensors["model.layers.0.self_attn.o_proj.weight_scale"]
+    save_file(tensors, str(directory / "model.safetensors"))
+    with pytest.raises(LoaderError, match="o_proj.weight.*no.*weight_scale"):
+        _load(directory)
+
+
+@pytest.mark.parametrize("quantization", [
+    {"quant_method": "awq", "bits": 4},
+    {"quant_method": "compressed-tensors", "config_groups": {"g": {"weights": {"num_bits": 4, "type": "int"}}}},
+])
+def test_other_quantization_methods_are_refused_by_name(quantization, checkpoints, tmp_path):
+    config = json.loads((checkpoints("glm45") / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "quantization_config": quantization}))
+    with pytest.raises(ConfigError, match="quantization_config"):
+        ModelConfig.from_pretrained(tmp_path)
