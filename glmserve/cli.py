@@ -136,18 +136,16 @@ def _model_path(parser: argparse.ArgumentParser, args) -> str:
     return model
 
 
-def _check_devices(parser: argparse.ArgumentParser, command: str, tp: int, device: str) -> None:
+def _check_devices(parser: argparse.ArgumentParser, tp: int, device: str) -> None:
     if tp == 1:
         return
     import torch
 
     cuda = device != "cpu" and torch.cuda.is_available()
-    available = torch.cuda.device_count() if cuda else 1
-    if tp > available:
-        parser.error(f"--tensor-parallel-size {tp} needs {tp} devices, but {available} "
-                     f"{'CUDA device(s) are' if cuda else 'CPU process is'} available")
-    parser.error(f"--tensor-parallel-size {tp}: `glmserve {command}` runs a single process; tensor parallelism "
-                 f"across devices is not supported by it yet")
+    available = torch.cuda.device_count() if cuda else len(os.sched_getaffinity(0))
+    if tp > available:  # one process per rank, each on its own GPU or CPU core at least
+        parser.error(f"--tensor-parallel-size {tp} needs {tp} devices (one process each), but {available} "
+                     f"{'CUDA devices are' if cuda else 'CPU cores are'} available")
 
 
 def _speculative_tokens(args) -> int:
@@ -176,7 +174,7 @@ def _speculative_tokens(args) -> int:
 def _engine_config(parser: argparse.ArgumentParser, args, model: str):
     from glmserve.config import ConfigError, EngineConfig, ModelConfig, check_speculative_decoding
 
-    _check_devices(parser, args.command, args.tensor_parallel_size, args.device)
+    _check_devices(parser, args.tensor_parallel_size, args.device)
     try:
         num_draft_tokens = _speculative_tokens(args)
         check_speculative_decoding(ModelConfig.from_pretrained(model), num_draft_tokens)

@@ -6,6 +6,7 @@ Gloo on CPU, NCCL on CUDA. With tp_size 1 every collective is a no-op, so single
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -29,14 +30,38 @@ class ParallelContext:
             dist.all_reduce(x, group=self.group)
         return x
 
+    def smallest(self, value: int, device: torch.device) -> int:
+        """The smallest of every rank's value (what all ranks can agree on, e.g. a KV cache size)."""
+        if self.tp_size == 1:
+            return value
+        t = torch.tensor([value], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
+        return int(t.item())
 
-def init_parallel(tp_size: int, device: torch.device) -> ParallelContext:
-    """Join the process group that torchrun (or a launcher) set up through the environment."""
+    def broadcast(self, message: Any = None) -> Any:
+        """Rank 0's message, on every rank (pickled through the group: step inputs, commands)."""
+        box = [message]
+        dist.broadcast_object_list(box, src=0, group=self.group)
+        return box[0]
+
+
+# How long a collective may wait for the other ranks (gloo and NCCL): a dead rank fails the others after this.
+COLLECTIVE_TIMEOUT = timedelta(minutes=10)
+
+
+def init_parallel(tp_size: int, device: torch.device, rank: int | None = None,
+                  init_method: str | None = None) -> ParallelContext:
+    """Join the TP process group: the one torchrun (or a launcher) describes in the environment, or, given rank
+    and init_method, the one glmserve's own workers meet at (engine/tensor_parallel.py)."""
     if tp_size == 1:
         return ParallelContext()
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend)
+        if rank is None:
+            dist.init_process_group(backend=backend, timeout=COLLECTIVE_TIMEOUT)
+        else:
+            dist.init_process_group(backend=backend, init_method=init_method, rank=rank, world_size=tp_size,
+                                    timeout=COLLECTIVE_TIMEOUT)
     world = dist.get_world_size()
     if world != tp_size:
         raise ValueError(f"--tensor-parallel-size {tp_size} needs {tp_size} processes, found {world}")

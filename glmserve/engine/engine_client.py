@@ -277,6 +277,7 @@ class AsyncEngineClient:
             self._call(self._on_ready, info)
             while self._serve_once(engine):
                 pass
+            engine.close()
         except BaseException as e:  # noqa: BLE001 - any failure kills the engine; report it, don't lose it
             logger.exception("engine failed")
             self._call(self._on_dead, e)

@@ -8,6 +8,7 @@ from glmserve.config import ConfigError, EngineConfig, GenerationDefaults, Model
 from glmserve.engine.kv_cache import KVCacheManager
 from glmserve.engine.model_runner import ModelRunner
 from glmserve.engine.scheduler import Scheduler
+from glmserve.engine.tensor_parallel import TensorParallelRunner
 from glmserve.types import ParamError, Request, RequestOutput, SamplingParams
 
 
@@ -21,7 +22,9 @@ class LLMEngine:
         if config.max_model_len is not None and config.max_model_len > positions:
             raise ConfigError(f"--max-model-len {config.max_model_len} exceeds the model's "
                               f"max_position_embeddings ({positions})")
-        self.runner = ModelRunner(self.model_config, config, progress=progress)
+        # Tensor parallel: this process is rank 0 and starts the others (they step in lockstep with it).
+        self.runner = (TensorParallelRunner(self.model_config, config, progress) if config.tensor_parallel_size > 1
+                       else ModelRunner(self.model_config, config, progress=progress))
         self.kv_cache = KVCacheManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         # One sequence must always fit in the pool, or preemption could never make room for it.
         capacity = self.kv_cache.capacity_tokens - max(config.num_speculative_tokens - 1, 0)  # drafter lookahead
@@ -58,6 +61,11 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
+
+    def close(self) -> None:
+        """Stop a tensor-parallel engine's other processes (nothing to do with one process)."""
+        if isinstance(self.runner, TensorParallelRunner):
+            self.runner.close()
 
     def step(self) -> list[RequestOutput]:
         scheduler_output = self.scheduler.schedule()

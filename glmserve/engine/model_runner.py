@@ -45,12 +45,18 @@ def _onednn_prepack_available() -> bool:
 
 
 class ModelRunner:
-    def __init__(self, model_config: ModelConfig, engine_config: EngineConfig, progress: bool = True):
+    def __init__(self, model_config: ModelConfig, engine_config: EngineConfig, progress: bool = True,
+                 rank: int | None = None, init_method: str | None = None):
+        """rank, init_method: this process's place in a tensor-parallel group (engine/tensor_parallel.py);
+        None with tensor_parallel_size > 1: the group torchrun describes in the environment."""
         self.model_config = model_config
         self.config = engine_config
         self.device = resolve_device(engine_config.device)
+        self.parallel = init_parallel(engine_config.tensor_parallel_size, self.device, rank, init_method)
+        if self.device.type == "cuda" and self.parallel.tp_size > 1:  # one GPU per rank
+            self.device = torch.device("cuda", self.parallel.tp_rank)
+            torch.cuda.set_device(self.device)
         self.dtype = resolve_dtype(engine_config.dtype, model_config, self.device)
-        self.parallel = init_parallel(engine_config.tensor_parallel_size, self.device)
         self.block_size = engine_config.block_size
 
         default_dtype = torch.get_default_dtype()
@@ -114,6 +120,7 @@ class ModelRunner:
             num_blocks = int(free * self.config.gpu_memory_utilization) // bytes_per_block
         else:
             num_blocks = int(self.config.kv_cache_memory_gb * 2**30) // bytes_per_block
+        num_blocks = self.parallel.smallest(num_blocks, self.device)  # every rank must hold the same blocks
         if num_blocks < 1:
             raise ConfigError("the KV cache budget is too small for a single block")
         for layer in layers:

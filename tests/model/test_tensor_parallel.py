@@ -2,6 +2,7 @@
 
 import socket
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -49,3 +50,44 @@ def test_tp2_logits_equal_tp1(checkpoints):
         assert all(p.exitcode == 0 for p in procs)
         for rank in range(2):
             assert (results[rank] - expected).abs().max().item() <= 1e-4
+
+
+def _generate(directory: str, tp: int, k: int) -> dict[str, list[int]]:
+    """Greedy and seeded requests through the whole engine, with chunked prefill, MTP drafts and an abort."""
+    from glmserve.engine.llm_engine import LLMEngine
+    from glmserve.types import SamplingParams
+
+    engine = LLMEngine(EngineConfig(model=directory, num_kv_blocks=64, max_num_batched_tokens=24,
+                                    tensor_parallel_size=tp, num_speculative_tokens=k), progress=False)
+    try:
+        if tp > 1:  # really several processes
+            assert len(engine.runner.workers) == tp - 1 and all(w.is_alive() for w in engine.runner.workers)
+        prompts = {"a": list(range(5, 40)), "b": list(range(100, 109)), "c": list(range(300, 350))}
+        for name, prompt in prompts.items():
+            seeded = name == "c"
+            engine.add_request(name, prompt, SamplingParams(temperature=1.0 if seeded else 0.0, seed=7 if seeded else None,
+                                                            max_tokens=12, ignore_eos=True))
+        engine.add_request("gone", list(range(50, 60)), SamplingParams(temperature=0.0, max_tokens=50))
+        out: dict[str, list[int]] = {name: [] for name in prompts}
+        steps = 0
+        while engine.has_unfinished_requests():
+            for o in engine.step():
+                out.setdefault(o.request_id, []).extend(o.new_token_ids)
+            steps += 1
+            if steps == 3:
+                engine.abort(["gone"])
+        assert engine.kv_cache.num_free_blocks == engine.kv_cache.num_blocks  # nothing leaked on any path
+        return out
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("k", [0, 2])
+def test_tp2_engine_generates_what_tp1_does(checkpoints, k):
+    """The engine's own tensor parallelism (rank 0 starts rank 1 and broadcasts every step): the same greedy and
+    seeded tokens as one process, through chunked prefill, MTP drafts (k=2) and an abort."""
+    directory = str(checkpoints("glm45"))
+    torch.set_num_threads(2)
+    expected = _generate(directory, tp=1, k=k)
+    got = _generate(directory, tp=2, k=k)
+    assert got == expected and all(len(v) == 12 for name, v in got.items() if name != "gone")

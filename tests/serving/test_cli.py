@@ -37,6 +37,24 @@ def test_sglang_card_command_starts_without_speculative_flags(checkpoint, tmp_pa
         srv.stop()
 
 
+def test_sglang_card_command_with_two_tensor_parallel_processes(server, checkpoint, tmp_path):
+    """--tp-size 2: the same greedy answer as the one-process session server, and a clean exit on SIGTERM."""
+    body = {"messages": [{"role": "user", "content": "What is 2 + 3?"}], "max_tokens": 12, "temperature": 0}
+    one = httpx.post(f"{server.url}/v1/chat/completions", headers={"Authorization": f"Bearer {API_KEY}"},
+                     json={**body, "model": MODEL_NAME}, timeout=60)
+    card = [*SGLANG_CARD[:1], "2", *SGLANG_CARD[2:]]
+    srv = start_server(["--model-path", str(checkpoint), *card, "--kv-cache-memory-gb", "0.05"], tmp_path / "tp2.log")
+    try:
+        two = httpx.post(f"{srv.url}/v1/chat/completions", json={**body, "model": "glm-4.5-air"}, timeout=60)
+        assert "tensor parallel: 2 processes" in srv.output()
+    finally:
+        srv.stop()
+    assert two.status_code == 200 and one.status_code == 200
+    message = one.json()["choices"][0]["message"]
+    assert two.json()["choices"][0]["message"] == message and (message["content"] or message["reasoning_content"])
+    assert srv.process.returncode == 0, srv.output()
+
+
 def _fails(args: list[str], tmp_path: Path, code: int = 2) -> str:
     log = tmp_path / "fail.log"
     process = run_glmserve(args, log)
@@ -61,7 +79,7 @@ def test_sglang_card_command_with_mtp_speculative_decoding(checkpoint, tmp_path)
 @pytest.mark.parametrize("args,message", [
     (["--tool-call-parser", "hermes"], "--tool-call-parser 'hermes' is not supported"),
     (["--reasoning-parser", "deepseek_r1"], "--reasoning-parser 'deepseek_r1' is not supported"),
-    (["--tensor-parallel-size", "8"], "--tensor-parallel-size 8 needs 8 devices"),
+    (["--tensor-parallel-size", "4096"], "--tensor-parallel-size 4096 needs 4096 devices (one process each)"),
     (["--dtype", "int3"], "--dtype must be one of"),
     (["--weight-dtype", "float16", "--dtype", "bfloat16"], "--weight-dtype float16 is for fp32 compute on CPU"),
     (["--speculative-config", '{"method": "ngram"}'], "method 'ngram' is not supported"),
