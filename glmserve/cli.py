@@ -50,6 +50,10 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--disable-radix-cache", action="store_true", help="SGLang's spelling of --no-enable-prefix-caching")
     p.add_argument("--seed", "--random-seed", dest="seed", type=int, default=0)
     p.add_argument("--tensor-parallel-size", "--tp-size", "--tp", dest="tensor_parallel_size", type=int, default=1)
+    p.add_argument("--enable-expert-parallel", action="store_true",
+                   help="split the routed experts whole across the tensor-parallel ranks instead of slicing each")
+    p.add_argument("--ep-size", "--expert-parallel-size", dest="ep_size", type=int, default=1,
+                   help="SGLang's spelling: the same as --enable-expert-parallel when it equals --tp-size")
     p.add_argument("--trust-remote-code", action="store_true", help="accepted; glmserve never runs checkpoint code")
     spec = p.add_argument_group("speculative decoding with the checkpoint's MTP layer (SGLang's or vLLM's flags)")
     spec.add_argument("--speculative-algorithm", type=str.upper, choices=SPECULATIVE_ALGORITHMS,
@@ -148,6 +152,15 @@ def _check_devices(parser: argparse.ArgumentParser, tp: int, device: str) -> Non
                      f"{'CUDA devices are' if cuda else 'CPU cores are'} available")
 
 
+def _expert_parallel(args) -> bool:
+    from glmserve.config import ConfigError
+
+    if args.ep_size not in (1, args.tensor_parallel_size):
+        raise ConfigError(f"--ep-size {args.ep_size} must be 1 or the tensor-parallel size "
+                          f"({args.tensor_parallel_size}): expert parallelism splits the experts across those ranks")
+    return args.enable_expert_parallel or args.ep_size > 1
+
+
 def _speculative_tokens(args) -> int:
     """SGLang's --speculative-* flags or vLLM's --speculative-config → MTP draft tokens per step (0: off)."""
     from glmserve.config import ConfigError, num_speculative_tokens
@@ -185,7 +198,8 @@ def _engine_config(parser: argparse.ArgumentParser, args, model: str):
             gpu_memory_utilization=args.gpu_memory_utilization, num_kv_blocks=args.num_kv_blocks,
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
             enable_prefix_caching=args.enable_prefix_caching and not args.disable_radix_cache, seed=args.seed,
-            tensor_parallel_size=args.tensor_parallel_size, num_speculative_tokens=num_draft_tokens)
+            tensor_parallel_size=args.tensor_parallel_size, enable_expert_parallel=_expert_parallel(args),
+            num_speculative_tokens=num_draft_tokens)
     except ConfigError as e:
         parser.error(str(e))
 

@@ -224,6 +224,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     seed: int = 0
     tensor_parallel_size: int = 1
+    enable_expert_parallel: bool = False  # routed experts split whole across the tensor-parallel ranks
     num_speculative_tokens: int = 0  # MTP drafts per step (vLLM's speculative_config num_speculative_tokens)
 
     def __post_init__(self) -> None:

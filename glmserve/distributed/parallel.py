@@ -18,6 +18,9 @@ class ParallelContext:
     tp_rank: int = 0
     tp_size: int = 1
     group: Any = None  # a torch.distributed ProcessGroup when tp_size > 1
+    # Expert parallel: each rank holds whole routed experts (n_routed_experts / tp_size of them) instead of a
+    # slice of every expert; the rest of the model stays tensor-parallel.
+    expert_parallel: bool = False
 
     def shard(self, size: int, what: str) -> int:
         """This rank's part of a dimension of `size` that is split across the TP group."""
@@ -50,7 +53,7 @@ COLLECTIVE_TIMEOUT = timedelta(minutes=10)
 
 
 def init_parallel(tp_size: int, device: torch.device, rank: int | None = None,
-                  init_method: str | None = None) -> ParallelContext:
+                  init_method: str | None = None, expert_parallel: bool = False) -> ParallelContext:
     """Join the TP process group: the one torchrun (or a launcher) describes in the environment, or, given rank
     and init_method, the one glmserve's own workers meet at (engine/tensor_parallel.py)."""
     if tp_size == 1:
@@ -65,5 +68,6 @@ def init_parallel(tp_size: int, device: torch.device, rank: int | None = None,
     world = dist.get_world_size()
     if world != tp_size:
         raise ValueError(f"--tensor-parallel-size {tp_size} needs {tp_size} processes, found {world}")
-    return ParallelContext(tp_rank=dist.get_rank(), tp_size=tp_size, group=dist.group.WORLD)
+    return ParallelContext(tp_rank=dist.get_rank(), tp_size=tp_size, group=dist.group.WORLD,
+                           expert_parallel=expert_parallel)
 

@@ -52,7 +52,8 @@ class ModelRunner:
         self.model_config = model_config
         self.config = engine_config
         self.device = resolve_device(engine_config.device)
-        self.parallel = init_parallel(engine_config.tensor_parallel_size, self.device, rank, init_method)
+        self.parallel = init_parallel(engine_config.tensor_parallel_size, self.device, rank, init_method,
+                                      engine_config.enable_expert_parallel)
         if self.device.type == "cuda" and self.parallel.tp_size > 1:  # one GPU per rank
             self.device = torch.device("cuda", self.parallel.tp_rank)
             torch.cuda.set_device(self.device)

@@ -53,18 +53,28 @@ EXPERT_FP16_MIN_ELEMENTS = 1 << 17
 
 
 class FusedExperts(nn.Module):
-    """All routed experts' weights stacked: w13 [E, 2*I, H] (gate then up), w2 [E, H, I].
+    """The routed experts this rank holds, stacked: w13 [E, 2*I, H] (gate then up), w2 [E, H, I].
 
-    Under tensor parallelism each rank holds a slice of every expert's intermediate dimension.
+    Tensor parallel: every expert, each rank with a slice of its intermediate dimension. Expert parallel: whole
+    experts, a contiguous share of them per rank (expert_ids); choices of other ranks' experts are skipped here.
+    Either way each rank's output is partial and the all-reduce sums it.
     """
 
     def __init__(self, num_experts: int, hidden: int, intermediate: int, parallel: ParallelContext):
         super().__init__()
         self.parallel = parallel
-        self.num_experts = num_experts
-        self.intermediate = parallel.shard(intermediate, "moe_intermediate_size")
-        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * self.intermediate, hidden), requires_grad=False)
-        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, self.intermediate), requires_grad=False)
+        self.num_experts = num_experts  # in the model; this rank holds expert_ids
+        if parallel.expert_parallel and parallel.tp_size > 1:
+            local = parallel.shard(num_experts, "n_routed_experts (expert parallel)")
+            self.expert_ids = range(parallel.tp_rank * local, (parallel.tp_rank + 1) * local)
+            self.intermediate, self.intermediate_shards = intermediate, 1
+        else:
+            self.expert_ids = range(num_experts)
+            self.intermediate = parallel.shard(intermediate, "moe_intermediate_size")
+            self.intermediate_shards = parallel.tp_size
+        held = len(self.expert_ids)
+        self.w13 = nn.Parameter(torch.empty(held, 2 * self.intermediate, hidden), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(held, hidden, self.intermediate), requires_grad=False)
         self.w13.weight_loader = self.weight_loader
         self.w2.weight_loader = self.weight_loader
         self.fp16_experts: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per expert (w13, w2), packed
@@ -76,20 +86,26 @@ class FusedExperts(nn.Module):
             return
         pack = torch.ops.quantized.linear_prepack_fp16
         self.fp16_experts = [(pack(self.w13[e].contiguous(), None), pack(self.w2[e].contiguous(), None))
-                             for e in range(self.num_experts)]
+                             for e in range(self.w13.shape[0])]
         self.w13.data = torch.empty(0)
         self.w2.data = torch.empty(0)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: tuple[int, str]) -> None:
-        """shard_id = (expert, "gate" | "up" | "down")."""
+        """shard_id = (expert, "gate" | "up" | "down"), the expert numbered in the model; other ranks' experts
+        are skipped."""
         expert, which = shard_id
-        size, tp = self.intermediate, self.parallel
+        if not 0 <= expert < self.num_experts:
+            raise ValueError(f"expert {expert} is beyond n_routed_experts ({self.num_experts})")
+        if expert not in self.expert_ids:
+            return
+        expert -= self.expert_ids.start
+        size, shards, rank = self.intermediate, self.intermediate_shards, self.parallel.tp_rank % self.intermediate_shards
         if which == "down":
-            target, source = param.data[expert], take_shard(loaded, 1, tp.tp_rank, size, size * tp.tp_size)
+            target, source = param.data[expert], take_shard(loaded, 1, rank, size, size * shards)
         else:
             offset = 0 if which == "gate" else size
             target = param.data[expert].narrow(0, offset, size)
-            source = take_shard(loaded, 0, tp.tp_rank, size, size * tp.tp_size)
+            source = take_shard(loaded, 0, rank, size, size * shards)
         if target.shape != source.shape:
             raise ValueError(f"shape mismatch: expected {tuple(target.shape)}, checkpoint has {tuple(loaded.shape)}")
         target.copy_(source)
@@ -104,20 +120,30 @@ class FusedExperts(nn.Module):
         top_k = ids.shape[1]
         if x.device.type == "cpu" and ids.numel() <= self.MAX_CHOICES_ONE_BY_ONE:
             return self.parallel.all_reduce(self._one_by_one(x, weights, ids))
-        flat_ids = ids.flatten()
-        order = flat_ids.argsort(stable=True)
-        counts = torch.bincount(flat_ids, minlength=self.num_experts)
-        grouped_x = x.index_select(0, order // top_k)  # (index_select: ~5x faster than x[...] on CPU)
-        if self._prefer_grouped_mm(x, counts, flat_ids.numel()):
+        choices, counts = self._sort_choices(ids.flatten())
+        grouped_x = x.index_select(0, choices // top_k)  # (index_select: ~5x faster than x[...] on CPU)
+        if self._prefer_grouped_mm(x, counts, choices.numel()):
             grouped_out = self._grouped_mm(grouped_x, counts)
         else:
             grouped_out = self._expert_loop(grouped_x, counts.tolist())
-        return self.parallel.all_reduce(self._combine(grouped_out, order, weights))
+        return self.parallel.all_reduce(self._combine(grouped_out, choices, weights))
+
+    def _sort_choices(self, flat_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (token, k) choices this rank computes, as flat indices sorted by expert, and how many rows each
+        of its experts gets."""
+        held = len(self.expert_ids)
+        if held == self.num_experts:
+            return flat_ids.argsort(stable=True), torch.bincount(flat_ids, minlength=held)
+        first = self.expert_ids.start  # expert parallel: only the choices of this rank's experts
+        mine = ((flat_ids >= first) & (flat_ids < first + held)).nonzero().squeeze(1)
+        local_ids = flat_ids.index_select(0, mine) - first
+        return mine.index_select(0, local_ids.argsort(stable=True)), torch.bincount(local_ids, minlength=held)
 
     @staticmethod
-    def _combine(grouped_out: torch.Tensor, order: torch.Tensor, weights: torch.Tensor,
+    def _combine(grouped_out: torch.Tensor, choices: torch.Tensor, weights: torch.Tensor,
                  add_in_place: bool | None = None) -> torch.Tensor:
-        """Sum each token's expert rows (grouped_out: [T * k, H], in `order`) with its routing weights [T, k].
+        """Sum each token's expert rows with its routing weights [T, k]: row i of grouped_out is flat choice
+        choices[i] (token choices[i] // k); choices a rank does not compute add nothing.
 
         add_in_place (the default on CPU): each row is scaled in place and added into its token's row. Copying
         the rows back to (token, k) order, multiplying and summing over k took 4-6x as long on CPU for a prefill
@@ -125,11 +151,12 @@ class FusedExperts(nn.Module):
         there the rows go back to (token, k) order and one batched [1, k] x [k, H] product per token sums them."""
         num_tokens, top_k = weights.shape
         weights = weights.to(grouped_out.dtype)
+        hidden = grouped_out.shape[1]
         if add_in_place if add_in_place is not None else grouped_out.device.type == "cpu":
-            grouped_out.mul_(weights.view(-1).index_select(0, order).unsqueeze(1))
-            return grouped_out.new_zeros(num_tokens, grouped_out.shape[1]).index_add_(0, order // top_k, grouped_out)
-        per_choice = grouped_out.index_select(0, order.argsort()).view(num_tokens, top_k, -1)
-        return torch.bmm(weights.unsqueeze(1), per_choice).squeeze(1)
+            grouped_out.mul_(weights.view(-1).index_select(0, choices).unsqueeze(1))
+            return grouped_out.new_zeros(num_tokens, hidden).index_add_(0, choices // top_k, grouped_out)
+        per_choice = grouped_out.new_zeros(num_tokens * top_k, hidden).index_copy_(0, choices, grouped_out)
+        return torch.bmm(weights.unsqueeze(1), per_choice.view(num_tokens, top_k, hidden)).squeeze(1)
 
     def _prefer_grouped_mm(self, x: torch.Tensor, counts: torch.Tensor, num_choices: int) -> bool:
         """torch's grouped GEMM runs on CPU in any float dtype, on CUDA with bf16 on Hopper or newer. On CPU it
@@ -137,8 +164,9 @@ class FusedExperts(nn.Module):
         active expert: the loop wins only when fewer than a quarter of the experts are active (small decodes)."""
         if not hasattr(F, "grouped_mm") or self.fp16_experts is not None:
             return False
+        held = len(self.expert_ids)
         if x.device.type == "cpu":  # at most num_choices experts are active: small decodes need not count them
-            return 4 * num_choices >= self.num_experts and 4 * int((counts > 0).sum()) >= self.num_experts
+            return 4 * num_choices >= held and 4 * int((counts > 0).sum()) >= held
         return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
 
     def _grouped_mm(self, grouped_x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -151,8 +179,9 @@ class FusedExperts(nn.Module):
         """Small decodes: each token's row through each of its experts, no sorting or regrouping."""
         outs = []
         for row, experts in zip(x.split(1), ids.tolist()):
-            for expert in experts:
-                outs.append(self._expert(row, expert))
+            for expert in experts:  # (expert parallel: another rank's expert adds nothing here)
+                outs.append(self._expert(row, expert - self.expert_ids.start) if expert in self.expert_ids
+                            else row.new_zeros(row.shape))
         return (torch.cat(outs).view(*ids.shape, -1) * weights.to(x.dtype)[..., None]).sum(1)
 
     def _expert_loop(self, grouped_x: torch.Tensor, counts: list[int]) -> torch.Tensor:

@@ -97,7 +97,8 @@ def _required(model: nn.Module, params: dict) -> set[tuple[str, object]]:
     for name, param in params.items():
         if name.endswith(".w13") or name.endswith(".w2"):
             parts = ("gate", "up") if name.endswith(".w13") else ("down",)
-            required.update((name, (e, p)) for e in range(param.shape[0]) for p in parts)
+            experts = model.get_submodule(name.rsplit(".", 1)[0]).expert_ids  # this rank's, numbered in the model
+            required.update((name, (e, p)) for e in experts for p in parts)
         elif ".qkv_proj." in name:
             required.update((name, s) for s in ("q", "k", "v"))
         elif ".gate_up_proj." in name:

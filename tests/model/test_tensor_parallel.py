@@ -17,32 +17,40 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _logits(directory: str, tp: int) -> torch.Tensor:
+def _logits(directory: str, tp: int, ep: bool = False) -> torch.Tensor:
     runner = ModelRunner(ModelConfig.from_pretrained(directory),
-                         EngineConfig(model=directory, num_kv_blocks=8, tensor_parallel_size=tp), progress=False)
+                         EngineConfig(model=directory, num_kv_blocks=8, tensor_parallel_size=tp,
+                                      enable_expert_parallel=ep), progress=False)
+    if ep:  # whole experts, half of them on each rank
+        from glmserve.layers.moe import FusedExperts
+
+        held = [m.expert_ids for m in runner.model.modules() if isinstance(m, FusedExperts)]
+        assert held and all(r == range(8 * runner.parallel.tp_rank, 8 * runner.parallel.tp_rank + 8) for r in held)
     tokens = torch.arange(3, 40) % 1000
     meta = AttentionMetadata.build([0], [len(tokens)], [[0, 1, 2]], runner.block_size, runner.device)
     with torch.inference_mode():
         return runner.model.compute_logits(runner.model(tokens, torch.arange(len(tokens)), meta))
 
 
-def _worker(rank: int, directory: str, port: int, results) -> None:
+def _worker(rank: int, directory: str, port: int, ep: bool, results) -> None:
     import os
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
     torch.set_num_threads(1)
-    results[rank] = _logits(directory, tp=2)
+    results[rank] = _logits(directory, tp=2, ep=ep)
     torch.distributed.destroy_process_group()
 
 
-def test_tp2_logits_equal_tp1(checkpoints):
+@pytest.mark.parametrize("ep", [False, True], ids=["tensor-parallel", "expert-parallel"])
+def test_tp2_logits_equal_tp1(checkpoints, ep):
+    """Experts sliced (tensor parallel) or split whole, 8 per rank (expert parallel)."""
     directory = str(checkpoints("glm45"))
     expected = _logits(directory, tp=1)
     ctx = mp.get_context("spawn")
     with ctx.Manager() as manager:
         results = manager.dict()
         port = _free_port()
-        procs = [ctx.Process(target=_worker, args=(r, directory, port, results)) for r in range(2)]
+        procs = [ctx.Process(target=_worker, args=(r, directory, port, ep, results)) for r in range(2)]
         for p in procs:
             p.start()
         for p in procs:
@@ -52,13 +60,14 @@ def test_tp2_logits_equal_tp1(checkpoints):
             assert (results[rank] - expected).abs().max().item() <= 1e-4
 
 
-def _generate(directory: str, tp: int, k: int) -> dict[str, list[int]]:
+def _generate(directory: str, tp: int, k: int, ep: bool = False) -> dict[str, list[int]]:
     """Greedy and seeded requests through the whole engine, with chunked prefill, MTP drafts and an abort."""
     from glmserve.engine.llm_engine import LLMEngine
     from glmserve.types import SamplingParams
 
     engine = LLMEngine(EngineConfig(model=directory, num_kv_blocks=64, max_num_batched_tokens=24,
-                                    tensor_parallel_size=tp, num_speculative_tokens=k), progress=False)
+                                    tensor_parallel_size=tp, enable_expert_parallel=ep,
+                                    num_speculative_tokens=k), progress=False)
     try:
         if tp > 1:  # really several processes
             assert len(engine.runner.workers) == tp - 1 and all(w.is_alive() for w in engine.runner.workers)
@@ -82,12 +91,12 @@ def _generate(directory: str, tp: int, k: int) -> dict[str, list[int]]:
         engine.close()
 
 
-@pytest.mark.parametrize("k", [0, 2])
-def test_tp2_engine_generates_what_tp1_does(checkpoints, k):
+@pytest.mark.parametrize("k,ep", [(0, False), (2, False), (2, True)])
+def test_tp2_engine_generates_what_tp1_does(checkpoints, k, ep):
     """The engine's own tensor parallelism (rank 0 starts rank 1 and broadcasts every step): the same greedy and
     seeded tokens as one process, through chunked prefill, MTP drafts (k=2) and an abort."""
     directory = str(checkpoints("glm45"))
     torch.set_num_threads(2)
     expected = _generate(directory, tp=1, k=k)
-    got = _generate(directory, tp=2, k=k)
+    got = _generate(directory, tp=2, k=k, ep=ep)
     assert got == expected and all(len(v) == 12 for name, v in got.items() if name != "gone")

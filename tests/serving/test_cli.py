@@ -37,13 +37,16 @@ def test_sglang_card_command_starts_without_speculative_flags(checkpoint, tmp_pa
         srv.stop()
 
 
-def test_sglang_card_command_with_two_tensor_parallel_processes(server, checkpoint, tmp_path):
-    """--tp-size 2: the same greedy answer as the one-process session server, and a clean exit on SIGTERM."""
+@pytest.mark.parametrize("extra", [[], ["--ep-size", "2"]], ids=["tensor-parallel", "expert-parallel"])
+def test_sglang_card_command_with_two_tensor_parallel_processes(server, checkpoint, tmp_path, extra):
+    """--tp-size 2 (experts sliced, or split whole with --ep-size 2): the same greedy answer as the one-process
+    session server, and a clean exit on SIGTERM."""
     body = {"messages": [{"role": "user", "content": "What is 2 + 3?"}], "max_tokens": 12, "temperature": 0}
     one = httpx.post(f"{server.url}/v1/chat/completions", headers={"Authorization": f"Bearer {API_KEY}"},
                      json={**body, "model": MODEL_NAME}, timeout=60)
     card = [*SGLANG_CARD[:1], "2", *SGLANG_CARD[2:]]
-    srv = start_server(["--model-path", str(checkpoint), *card, "--kv-cache-memory-gb", "0.05"], tmp_path / "tp2.log")
+    srv = start_server(["--model-path", str(checkpoint), *card, *extra, "--kv-cache-memory-gb", "0.05"],
+                       tmp_path / "tp2.log")
     try:
         two = httpx.post(f"{srv.url}/v1/chat/completions", json={**body, "model": "glm-4.5-air"}, timeout=60)
         assert "tensor parallel: 2 processes" in srv.output()
@@ -80,6 +83,7 @@ def test_sglang_card_command_with_mtp_speculative_decoding(checkpoint, tmp_path)
     (["--tool-call-parser", "hermes"], "--tool-call-parser 'hermes' is not supported"),
     (["--reasoning-parser", "deepseek_r1"], "--reasoning-parser 'deepseek_r1' is not supported"),
     (["--tensor-parallel-size", "4096"], "--tensor-parallel-size 4096 needs 4096 devices (one process each)"),
+    (["--tp-size", "2", "--ep-size", "3"], "--ep-size 3 must be 1 or the tensor-parallel size (2)"),
     (["--dtype", "int3"], "--dtype must be one of"),
     (["--weight-dtype", "float16", "--dtype", "bfloat16"], "--weight-dtype float16 is for fp32 compute on CPU"),
     (["--speculative-config", '{"method": "ngram"}'], "method 'ngram' is not supported"),
