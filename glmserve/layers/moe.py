@@ -99,7 +99,8 @@ class FusedExperts(nn.Module):
         if expert not in self.expert_ids:
             return
         expert -= self.expert_ids.start
-        size, shards, rank = self.intermediate, self.intermediate_shards, self.parallel.tp_rank % self.intermediate_shards
+        size, shards = self.intermediate, self.intermediate_shards
+        rank = self.parallel.tp_rank % shards
         if which == "down":
             target, source = param.data[expert], take_shard(loaded, 1, rank, size, size * shards)
         else:

@@ -74,8 +74,9 @@ def _generate(directory: str, tp: int, k: int, ep: bool = False) -> dict[str, li
         prompts = {"a": list(range(5, 40)), "b": list(range(100, 109)), "c": list(range(300, 350))}
         for name, prompt in prompts.items():
             seeded = name == "c"
-            engine.add_request(name, prompt, SamplingParams(temperature=1.0 if seeded else 0.0, seed=7 if seeded else None,
-                                                            max_tokens=12, ignore_eos=True))
+            params = SamplingParams(temperature=1.0 if seeded else 0.0, seed=7 if seeded else None, max_tokens=12,
+                                    ignore_eos=True)
+            engine.add_request(name, prompt, params)
         engine.add_request("gone", list(range(50, 60)), SamplingParams(temperature=0.0, max_tokens=50))
         out: dict[str, list[int]] = {name: [] for name in prompts}
         steps = 0
