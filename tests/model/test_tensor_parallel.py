@@ -101,3 +101,24 @@ def test_tp2_engine_generates_what_tp1_does(checkpoints, k, ep):
     expected = _generate(directory, tp=1, k=k)
     got = _generate(directory, tp=2, k=k, ep=ep)
     assert got == expected and all(len(v) == 12 for name, v in got.items() if name != "gone")
+
+
+def test_a_dead_rank_fails_the_engine_instead_of_hanging(checkpoints):
+    """A rank that dies (killed here) makes rank 0's next collective raise: the engine fails, which the server
+    turns into errors for the requests in flight and exit code 1, rather than waiting out the collective timeout."""
+    import time
+
+    from glmserve.engine.llm_engine import LLMEngine
+    from glmserve.types import SamplingParams
+
+    engine = LLMEngine(EngineConfig(model=str(checkpoints("glm45")), num_kv_blocks=16, tensor_parallel_size=2),
+                       progress=False)
+    (worker,) = engine.runner.workers
+    worker.kill()
+    worker.join(timeout=10)
+    engine.add_request("a", list(range(5, 20)), SamplingParams(temperature=0.0, max_tokens=4))
+    start = time.monotonic()
+    with pytest.raises(RuntimeError):
+        while engine.has_unfinished_requests():
+            engine.step()
+    assert time.monotonic() - start < 30
