@@ -1,7 +1,5 @@
 """Tensor parallelism on torch.distributed (gloo, 2 CPU processes): the sharded model's logits equal tp=1's."""
 
-import socket
-
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -9,12 +7,7 @@ import torch.multiprocessing as mp
 from glmserve.config import EngineConfig, ModelConfig
 from glmserve.engine.model_runner import ModelRunner
 from glmserve.layers.attention import AttentionMetadata
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from glmserve.testing.server import free_port
 
 
 def _logits(directory: str, tp: int, ep: bool = False) -> torch.Tensor:
@@ -49,7 +42,7 @@ def test_tp2_logits_equal_tp1(checkpoints, ep):
     ctx = mp.get_context("spawn")
     with ctx.Manager() as manager:
         results = manager.dict()
-        port = _free_port()
+        port = free_port()
         procs = [ctx.Process(target=_worker, args=(r, directory, port, ep, results)) for r in range(2)]
         for p in procs:
             p.start()
