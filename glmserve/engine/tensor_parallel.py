@@ -17,7 +17,7 @@ import torch
 import torch.multiprocessing as mp
 
 from glmserve.config import EngineConfig, ModelConfig
-from glmserve.engine.model_runner import ModelRunner
+from glmserve.engine.model_runner import ModelRunner, resolve_device
 from glmserve.types import SchedulerOutput, StepOutput
 
 logger = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ def _free_port() -> int:
 
 def _threads_per_rank(config: EngineConfig) -> int | None:
     """On CPU the ranks share the machine's cores (torch's default is all of them in every process)."""
-    if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()):
+    if resolve_device(config.device).type == "cuda":
         return None
     return max(1, torch.get_num_threads() // config.tensor_parallel_size)
 
