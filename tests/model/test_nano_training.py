@@ -95,3 +95,39 @@ def test_save_checkpoint_inverts_the_loader(tmp_path):
     loaded = dict(load_checkpoint(tmp_path).named_parameters(remove_duplicate=False))
     for name, param in model.named_parameters(remove_duplicate=False):
         assert torch.equal(loaded[name], param.detach()), name
+
+
+def test_average_of_two_continuations_is_their_elementwise_mean(trained, tmp_path):
+    """A model soup: every tensor the mean of the inputs', the first input's config and tokenizer, a checkpoint
+    that loads; another tokenizer or another tensor shape is refused."""
+    from safetensors.torch import load_file, save_file
+
+    from glmserve.nano.average import average_checkpoints
+
+    continued = tmp_path / "continued"
+    train_main(["--out", str(continued), "--init-from", str(trained), "--max-steps", "3", "--tokens-per-batch",
+                "1024", "--max-len", "384", "--lr", "1e-2", "--warmup-steps", "1", "--dtype", "float32",
+                "--log-seconds", "1000", "--seed", "9"])
+    out = average_checkpoints([trained, continued], tmp_path / "soup")
+    first, second = load_file(trained / "model.safetensors"), load_file(continued / "model.safetensors")
+    averaged = load_file(out / "model.safetensors")
+    assert averaged.keys() == first.keys()
+    assert any(not torch.equal(first[n], second[n]) for n in first)
+    for name, tensor in averaged.items():
+        torch.testing.assert_close(tensor, (first[name] + second[name]) / 2, rtol=0, atol=1e-7)
+    assert (out / "config.json").read_text() == (trained / "config.json").read_text()
+    assert (out / "tokenizer.json").read_bytes() == (trained / "tokenizer.json").read_bytes()
+    with torch.inference_mode():
+        assert torch.isfinite(compute_losses(load_checkpoint(out), _heldout_batch(Tokenizer(out))).main)
+
+    other_tokenizer = tmp_path / "other_tokenizer"
+    average_checkpoints([continued, trained], other_tokenizer)
+    renamed = (trained / "tokenizer.json").read_text().replace("<think>", "<thonk>")
+    (other_tokenizer / "tokenizer.json").write_text(renamed)
+    with pytest.raises(ValueError, match="another tokenizer"):
+        average_checkpoints([trained, other_tokenizer], tmp_path / "refused")
+    name = next(n for n, t in second.items() if t.dim() == 2)
+    second[name] = second[name][:-1].contiguous()
+    save_file(second, str(continued / "model.safetensors"))
+    with pytest.raises(ValueError, match="names, shapes or dtypes"):
+        average_checkpoints([trained, continued], tmp_path / "refused")

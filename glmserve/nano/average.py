@@ -1,0 +1,56 @@
+"""Average checkpoints of one lineage (a "model soup"): `python -m glmserve.nano.average --out DIR A B [C ...]`.
+
+Continuations trained from the same checkpoint with other seeds stay in one basin of the loss, and the mean of
+their weights scores better than each of them: the mean of the shipped checkpoint and a 110-minute continuation
+of it beat both on every held-out rate (README). Every tensor is averaged in fp32 and stored in the first
+checkpoint's dtype; config, tokenizer and generation files are the first checkpoint's, and every input must have
+the same tokenizer and the same tensor names and shapes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+WEIGHTS = "model.safetensors"
+
+
+def average_checkpoints(sources: list[str | Path], out: str | Path) -> Path:
+    sources, out = [Path(s) for s in sources], Path(out)
+    if len(sources) < 2:
+        raise ValueError("averaging needs at least two checkpoints")
+    first = sources[0]
+    tokenizer = (first / "tokenizer.json").read_bytes()
+    states = []
+    for source in sources:
+        if (source / "tokenizer.json").read_bytes() != tokenizer:
+            raise ValueError(f"{source} has another tokenizer than {first}: only one lineage can be averaged")
+        states.append(load_file(source / WEIGHTS))
+    reference = {name: (t.shape, t.dtype) for name, t in states[0].items()}
+    for source, state in zip(sources[1:], states[1:]):
+        if {name: (t.shape, t.dtype) for name, t in state.items()} != reference:
+            raise ValueError(f"{source}'s tensors differ from {first}'s in names, shapes or dtypes")
+    averaged = {name: (sum(state[name].float() for state in states) / len(states)).to(dtype)
+                for name, (_, dtype) in reference.items()}
+    out.mkdir(parents=True, exist_ok=True)
+    for path in first.iterdir():
+        if path.is_file() and path.name != WEIGHTS:
+            shutil.copyfile(path, out / path.name)
+    save_file(averaged, str(out / WEIGHTS), metadata={"format": "pt"})
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="checkpoint directory to write")
+    parser.add_argument("checkpoints", nargs="+", help="checkpoint directories of one lineage")
+    args = parser.parse_args(argv)
+    print(average_checkpoints(args.checkpoints, args.out))
+
+
+if __name__ == "__main__":
+    main()
