@@ -37,6 +37,8 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
                    help="CPU with fp32 compute: float16 keeps large linear weights (lm_head, dense MLPs) and large "
                         "routed experts in half precision, halving the bytes a decode step reads")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--load-format", default="auto", choices=("auto", "dummy"),
+                   help="dummy: random weights from config.json alone, no safetensors read (for timing shapes)")
     p.add_argument("--max-model-len", "--context-length", dest="max_model_len", type=int,
                    help="context length (prompt + output); default: what the model and the KV cache allow")
     p.add_argument("--gpu-memory-utilization", "--mem-fraction-static", dest="gpu_memory_utilization", type=float,
@@ -192,7 +194,8 @@ def _engine_config(parser: argparse.ArgumentParser, args, model: str):
         num_draft_tokens = _speculative_tokens(args)
         check_speculative_decoding(ModelConfig.from_pretrained(model), num_draft_tokens)
         return EngineConfig(
-            model=model, dtype=args.dtype, weight_dtype=args.weight_dtype, device=args.device,
+            model=model, dtype=args.dtype, weight_dtype=args.weight_dtype, load_format=args.load_format,
+            device=args.device,
             max_model_len=args.max_model_len,
             block_size=args.block_size, kv_cache_memory_gb=args.kv_cache_memory_gb,
             gpu_memory_utilization=args.gpu_memory_utilization, num_kv_blocks=args.num_kv_blocks,

@@ -169,6 +169,7 @@ class GenerationDefaults:
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 WEIGHT_DTYPES = ("auto", "float32", "float16")
+LOAD_FORMATS = ("auto", "dummy")
 MAX_SPECULATIVE_TOKENS = 16  # chained MTP drafts; acceptance decays fast, peers use 1-4
 # vLLM's names for drafting with the checkpoint's own MTP layer.
 MTP_METHODS = ("mtp", "deepseek_mtp", "glm4_moe_mtp")
@@ -212,6 +213,7 @@ class EngineConfig:
     model: str
     dtype: str = "auto"  # auto: float32 on CPU (no native bf16 here), the checkpoint's dtype on CUDA
     weight_dtype: str = "auto"  # CPU, fp32 compute: float16 stores large linear weights and experts in fp16
+    load_format: str = "auto"  # dummy: random weights from config.json alone (timing real shapes)
     device: str = "auto"
     max_model_len: int | None = None
     block_size: int = 16
@@ -232,6 +234,8 @@ class EngineConfig:
             raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.weight_dtype not in WEIGHT_DTYPES:
             raise ConfigError(f"--weight-dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {self.weight_dtype!r}")
+        if self.load_format not in LOAD_FORMATS:
+            raise ConfigError(f"--load-format must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}")
         if self.weight_dtype == "float16" and (self.dtype not in ("auto", "float32") or self.device == "cuda"):
             raise ConfigError("--weight-dtype float16 is for fp32 compute on CPU; on CUDA choose --dtype")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

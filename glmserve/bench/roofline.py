@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -15,26 +17,32 @@ GIB = 2**30
 
 
 def weight_params(directory: Path) -> dict:
-    """Parameter counts from the safetensors headers. `per_decode_token` is what one decode token reads: the
-    embedding table is a row lookup, so it is left out, and routed experts count top_k / n_experts of theirs."""
+    """Parameter counts from the safetensors headers (see count_weight_params)."""
     from safetensors import safe_open
 
-    config = json.loads((directory / "config.json").read_text())
+    def sizes():
+        for file in sorted(directory.glob("*.safetensors")):
+            with safe_open(str(file), "pt") as f:
+                for name in f.keys():
+                    yield name, math.prod(f.get_slice(name).get_shape())
+
+    return count_weight_params(json.loads((directory / "config.json").read_text()), sizes())
+
+
+def count_weight_params(config: dict, sizes: Iterable[tuple[str, int]]) -> dict:
+    """Parameter counts from (tensor name, element count) pairs: a checkpoint's, or a loaded model's (its stacked
+    experts are still named `.mlp.experts.`). `per_decode_token` is what one decode token reads: the embedding
+    table is a row lookup, so it is left out, and routed experts count top_k / n_experts of theirs."""
     mtp_prefix = f"model.layers.{config['num_hidden_layers']}."
     total = embedding = routed = mtp = 0
-    for file in sorted(directory.glob("*.safetensors")):
-        with safe_open(str(file), "pt") as f:
-            for name in f.keys():
-                n = 1
-                for d in f.get_slice(name).get_shape():
-                    n *= d
-                total += n
-                if name.startswith(mtp_prefix):
-                    mtp += n
-                elif name == "model.embed_tokens.weight":
-                    embedding += n
-                elif ".mlp.experts." in name:
-                    routed += n
+    for name, n in sizes:
+        total += n
+        if name.startswith(mtp_prefix):
+            mtp += n
+        elif name == "model.embed_tokens.weight":
+            embedding += n
+        elif ".mlp.experts." in name:
+            routed += n
     experts, top_k = config["n_routed_experts"], config["num_experts_per_tok"]
     lm_head = config["vocab_size"] * config["hidden_size"]
     return {"total": total, "embedding": embedding, "lm_head": lm_head, "mtp": mtp,

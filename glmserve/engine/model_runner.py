@@ -14,7 +14,7 @@ from glmserve.engine.sampler import Sampler, SamplingBatch
 from glmserve.layers.attention import AttentionMetadata
 from glmserve.layers.linear import LinearBase
 from glmserve.layers.moe import FusedExperts
-from glmserve.loader import load_model
+from glmserve.loader import fill_dummy_weights, load_model
 from glmserve.model import get_model_class
 from glmserve.types import ScheduledChunk, SchedulerOutput, StepOutput
 
@@ -68,8 +68,12 @@ class ModelRunner:
         finally:
             torch.set_default_dtype(default_dtype)
         self._keep_router_in_fp32()
-        load_model(self.model, engine_config.model, model_config.num_hidden_layers,
-                   model_config.num_nextn_predict_layers, progress=progress, quantization=model_config.quantization)
+        if engine_config.load_format == "dummy":
+            fill_dummy_weights(self.model, engine_config.seed)
+        else:
+            load_model(self.model, engine_config.model, model_config.num_hidden_layers,
+                       model_config.num_nextn_predict_layers, progress=progress,
+                       quantization=model_config.quantization)
         self.model.eval()
         self._prepack_linears()
         self.proposer = self._make_proposer()

@@ -98,3 +98,32 @@ def test_unsupported_architecture_and_missing_config(tmp_path):
     (empty / "config.json").write_text(json.dumps(config))
     with pytest.raises(LoaderError, match="no \\*.safetensors files"):
         _load(empty)
+
+
+def test_dummy_load_format_needs_only_config_json(reference, tmp_path):
+    """--load-format dummy: random weights from config.json alone, the same for the same seed, norms ones and
+    the rest small; the engine generates with them. Without it, a directory without weights is an error."""
+    from glmserve.engine.llm_engine import LLMEngine
+    from glmserve.types import SamplingParams
+
+    directory, _ = reference
+    shutil.copyfile(directory / "config.json", tmp_path / "config.json")
+    with pytest.raises(LoaderError):
+        _load(tmp_path)
+    first, again, other = (_params(_load(tmp_path, load_format="dummy", seed=s)) for s in (0, 0, 1))
+    for name, value in first.items():
+        assert torch.equal(value, again[name]), name
+        if name.endswith("norm.weight"):
+            assert torch.equal(value, torch.ones_like(value)), name
+        elif name.endswith("e_score_correction_bias"):
+            assert not value.any(), name
+        else:
+            assert 0 < value.abs().max() <= 0.02 and not torch.equal(value, other[name]), name
+    engine = LLMEngine(EngineConfig(model=str(tmp_path), load_format="dummy", num_kv_blocks=16), progress=False)
+    engine.add_request("dummy", [1, 2, 3], SamplingParams(max_tokens=4, ignore_eos=True))
+    tokens = []
+    while engine.has_unfinished_requests():
+        tokens += [t for output in engine.step() for t in output.new_token_ids]
+    assert len(tokens) == 4
+    with pytest.raises(ConfigError, match="--load-format"):
+        EngineConfig(model=str(tmp_path), load_format="pt")
