@@ -1,9 +1,10 @@
 """`--load-format dummy` (vLLM's name): random weights from config.json alone, for timing real shapes (a
 GLM-4.5-Air slice on a GPU) without writing or reading a multi-gigabyte checkpoint.
 
-Every parameter is drawn on its device from its own generator, seeded by its name, so replicated parameters (norms, router,
-embeddings) are equal on every tensor-parallel rank; norms are ones and the router's correction bias zero, as in
-a fresh model, and the rest uniform in ±0.02 (small enough that activations stay finite through the layers).
+Every parameter is drawn on its device from its own generator, seeded by its name, so replicated parameters
+(norms, router, embeddings) are equal on every tensor-parallel rank; norms are ones and the router's correction
+bias zero, as in a fresh model, and the rest uniform in ±0.02 (small enough that activations stay finite through
+the layers).
 """
 
 from __future__ import annotations

@@ -12,8 +12,9 @@ BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 def test_kernel_floor_measures_every_batch_size(checkpoints, tmp_path):
     out = tmp_path / "floor.json"
-    done = subprocess.run([sys.executable, str(BENCHMARKS / "kernel_floor.py"), str(checkpoints("air")), "--threads", "1", "--batch-size",
-                           "1", "3", "--repeats", "2", "--real-runs", "1", "--output-json", str(out)],
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "kernel_floor.py"), str(checkpoints("air")),
+                           "--threads", "1", "--batch-size", "1", "3", "--repeats", "2", "--real-runs", "1",
+                           "--output-json", str(out)],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     result = json.loads(out.read_text())
