@@ -24,7 +24,10 @@ import torch
 import torch.nn.functional as F
 
 from glmserve.bench.checkpoints import prepare_checkpoint
-from glmserve.bench.offline import BENCH_CACHE
+from glmserve.bench.engines import GlmserveEngine
+from glmserve.bench.offline import BENCH_CACHE, random_prompts
+
+PROMPT_LEN, NEW_TOKENS = 128, 64  # the real step: 128-token random prompts (prefix caching off), 64 decode steps
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -63,21 +66,13 @@ def gemm_step(model, batch: int, routing: torch.Generator) -> None:
     model.lm_head(x)
 
 
-def real_step_ms(engine, batch: int, prompt_len: int = 128, new_tokens: int = 64) -> float:
+def real_step_ms(engine, prompts: list[list[int]], new_tokens: int = 64) -> float:
     """The engine's decode step: (a run of new_tokens + 1 tokens - a 1-token run) / new_tokens."""
-    from glmserve.types import SamplingParams
-
     def run(max_tokens: int) -> float:
-        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
         start = time.perf_counter()
-        for i in range(batch):
-            engine.add_request(f"floor-{batch}-{i}-{time.monotonic_ns()}", list(range(100 + i, 100 + i + prompt_len)),
-                               params)
-        while engine.has_unfinished_requests():
-            engine.step()
+        engine.generate(prompts, max_tokens)
         return time.perf_counter() - start
 
-    run(2)
     return (run(new_tokens + 1) - run(1)) / new_tokens * 1e3
 
 
@@ -115,13 +110,10 @@ def lm_head_kernels(vocab: int, hidden: int, batches: list[int]) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    from glmserve.config import EngineConfig
-    from glmserve.engine.llm_engine import LLMEngine
-
     directory = prepare_checkpoint(args.model, args.cache_dir)
-    engine = LLMEngine(EngineConfig(model=str(directory), weight_dtype=args.weight_dtype, num_kv_blocks=600),
-                       progress=False)
-    model = engine.runner.model
+    engine = GlmserveEngine(directory, max(args.batch_size), PROMPT_LEN, NEW_TOKENS + 1, "auto", "cpu",
+                            args.weight_dtype)
+    model = engine.llm.engine.runner.model
     steps = []
     print(f"{args.model}, --weight-dtype {args.weight_dtype}, {args.threads} threads")
     print("batch | GEMM floor ms | at most tok/s | real step ms | real tok/s | GEMM share")
@@ -129,12 +121,13 @@ def main(argv: list[str] | None = None) -> int:
         for batch in args.batch_size:
             routing = torch.Generator().manual_seed(0)
             floor = timed_us(lambda: gemm_step(model, batch, routing), args.repeats) / 1e3
-            real = statistics.median(real_step_ms(engine, batch) for _ in range(args.real_runs))
+            prompts = random_prompts(directory, batch, PROMPT_LEN, seed=batch)
+            engine.generate(prompts, 2)  # warm-up
+            real = statistics.median(real_step_ms(engine, prompts, NEW_TOKENS) for _ in range(args.real_runs))
             steps.append({"batch": batch, "gemm_floor_ms": floor, "real_step_ms": real})
             print(f"{batch:5d} | {floor:13.2f} | {batch / floor * 1e3:13.1f} | {real:12.2f} | "
                   f"{batch / real * 1e3:10.1f} | {floor / real:10.0%}", flush=True)
         kernels = lm_head_kernels(model.config.vocab_size, model.config.hidden_size, args.batch_size)
-    engine.close()
     print(f"\nlm_head [{model.config.vocab_size}, {model.config.hidden_size}], median us per call")
     print("batch | fp32 | fp16 fbgemm | int8 (fp32 act.) | int8 (bf16 act.)")
     for k in kernels:
