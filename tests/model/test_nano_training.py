@@ -131,3 +131,26 @@ def test_average_of_two_continuations_is_their_elementwise_mean(trained, tmp_pat
     save_file(second, str(continued / "model.safetensors"))
     with pytest.raises(ValueError, match="names, shapes or dtypes"):
         average_checkpoints([trained, continued], tmp_path / "refused")
+
+
+def test_growing_appends_layers_that_leave_the_model_unchanged(trained, tmp_path):
+    """Grown by two MoE layers: the same losses (main and MTP) as the source, still equal to transformers, and
+    trainable (the new layers' zeroed output projections get gradients)."""
+    from glmserve.nano.grow import grow_depth
+
+    grown = grow_depth(trained, tmp_path / "grown", extra_layers=2)
+    config, source_config = (json.loads((d / "config.json").read_text()) for d in (grown, trained))
+    assert config["num_hidden_layers"] == source_config["num_hidden_layers"] + 2
+    batch = _heldout_batch(Tokenizer(trained))
+    with torch.inference_mode():
+        before, after = (compute_losses(load_checkpoint(d), batch) for d in (trained, grown))
+    assert after.main.item() == pytest.approx(before.main.item(), abs=1e-6)
+    assert after.mtp.item() == pytest.approx(before.mtp.item(), abs=1e-6)
+    assert max_logit_difference(grown) <= 1e-4
+
+    model = load_checkpoint(grown).train()
+    new_layer = model.model.layers[config["num_hidden_layers"] - 1]
+    new_layer.self_attn.o_proj.weight.requires_grad_(True)
+    compute_losses(model, batch).main.backward()
+    assert new_layer.self_attn.o_proj.weight.abs().max() == 0
+    assert new_layer.self_attn.o_proj.weight.grad.abs().max() > 0
