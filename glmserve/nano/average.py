@@ -1,8 +1,8 @@
 """Average checkpoints of one lineage (a "model soup"): `python -m glmserve.nano.average --out DIR A B [C ...]`.
 
 Continuations trained from the same checkpoint with other seeds stay in one basin of the loss, and the mean of
-their weights scores better: the shipped glm-4.5-nano is the mean of a checkpoint and two continuations of it,
-above that checkpoint and a continuation alone on every held-out tool-call rate (README). Every
+their weights scores better: the shipped glm-4.5-nano is the mean of two continuations of one checkpoint, and its
+4-layer predecessor the mean of a checkpoint and two continuations of it (README has the rates). Every
 tensor is averaged in fp32 and stored in the first checkpoint's dtype; config, tokenizer and generation files are
 the first checkpoint's, and every input must have the same tokenizer and the same tensor names and shapes.
 """
