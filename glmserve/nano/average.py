@@ -10,13 +10,12 @@ the first checkpoint's, and every input must have the same tokenizer and the sam
 from __future__ import annotations
 
 import argparse
-import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-WEIGHTS = "model.safetensors"
+from glmserve.nano.checkpoint import WEIGHTS_FILE, write_derived_checkpoint
 
 
 def average_checkpoints(sources: list[str | Path], out: str | Path) -> Path:
@@ -29,19 +28,14 @@ def average_checkpoints(sources: list[str | Path], out: str | Path) -> Path:
     for source in sources:
         if (source / "tokenizer.json").read_bytes() != tokenizer:
             raise ValueError(f"{source} has another tokenizer than {first}: only one lineage can be averaged")
-        states.append(load_file(source / WEIGHTS))
+        states.append(load_file(source / WEIGHTS_FILE))
     reference = {name: (t.shape, t.dtype) for name, t in states[0].items()}
     for source, state in zip(sources[1:], states[1:]):
         if {name: (t.shape, t.dtype) for name, t in state.items()} != reference:
             raise ValueError(f"{source}'s tensors differ from {first}'s in names, shapes or dtypes")
     averaged = {name: (sum(state[name].float() for state in states) / len(states)).to(dtype)
                 for name, (_, dtype) in reference.items()}
-    out.mkdir(parents=True, exist_ok=True)
-    for path in first.iterdir():
-        if path.is_file() and path.name != WEIGHTS:
-            shutil.copyfile(path, out / path.name)
-    save_file(averaged, str(out / WEIGHTS), metadata={"format": "pt"})
-    return out
+    return write_derived_checkpoint(first, out, averaged)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from glmserve.config import ModelConfig
@@ -35,6 +37,7 @@ TINY_SHAPE = TinyShape(
 )
 ROPE_THETA = 10000.0  # short contexts: spread the 16 rotary dims' frequencies over ~1k positions
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+WEIGHTS_FILE = "model.safetensors"
 
 
 def nano_config(shape: TinyShape, eos_token_ids: list[int], pad_token_id: int, dtype: str = "bfloat16") -> dict:
@@ -116,3 +119,17 @@ def load_checkpoint(directory: str | Path) -> Glm4MoeForCausalLM:
     model = Glm4MoeForCausalLM(config)
     load_model(model, directory, config.num_hidden_layers, config.num_nextn_predict_layers, progress=False)
     return model.eval()
+
+
+def write_derived_checkpoint(source: Path, out: Path, tensors: dict[str, torch.Tensor], config: dict | None = None
+                             ) -> Path:
+    """A checkpoint made from `source`'s (a soup, a grown copy): `tensors` as its weights, `config` (if given) as its
+    config.json, and every other file of `source` (tokenizer, chat template, generation config) copied."""
+    out.mkdir(parents=True, exist_ok=True)
+    for path in source.iterdir():
+        if path.is_file() and path.name != WEIGHTS_FILE and not (config and path.name == "config.json"):
+            shutil.copyfile(path, out / path.name)
+    if config:
+        (out / "config.json").write_text(json.dumps(config, indent=2))
+    save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    return out

@@ -12,13 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-WEIGHTS = "model.safetensors"
+from glmserve.nano.checkpoint import WEIGHTS_FILE, write_derived_checkpoint
+
 ZEROED = ("self_attn.o_proj.weight", "down_proj.weight")  # what a layer adds to the residual stream
 LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
 
@@ -32,7 +32,7 @@ def grow_depth(source: str | Path, out: str | Path, extra_layers: int) -> Path:
     if last < config.get("first_k_dense_replace", 0):
         raise ValueError("the last layer is dense: growing copies a MoE layer")
     grown: dict[str, torch.Tensor] = {}
-    for name, tensor in load_file(source / WEIGHTS).items():
+    for name, tensor in load_file(source / WEIGHTS_FILE).items():
         match = LAYER.fullmatch(name)
         index, rest = (int(match.group(1)), match.group(2)) if match else (None, "")
         if index is not None and index > last:  # an MTP layer: after the decoder, so after the new layers
@@ -43,14 +43,8 @@ def grow_depth(source: str | Path, out: str | Path, extra_layers: int) -> Path:
             for i in range(1, extra_layers + 1):
                 copy = torch.zeros_like(tensor) if rest.endswith(ZEROED) else tensor.clone()
                 grown[f"model.layers.{last + i}.{rest}"] = copy
-    out.mkdir(parents=True, exist_ok=True)
-    for path in source.iterdir():
-        if path.is_file() and path.name not in (WEIGHTS, "config.json"):
-            shutil.copyfile(path, out / path.name)
     config["num_hidden_layers"] += extra_layers
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    save_file(grown, str(out / WEIGHTS), metadata={"format": "pt"})
-    return out
+    return write_derived_checkpoint(source, out, grown, config)
 
 
 def main(argv: list[str] | None = None) -> None:
