@@ -28,6 +28,16 @@ from glmserve.serving.tokenizer import Tokenizer
 from glmserve.testing.server import start_server
 
 KINDS = ("tool_call", "tool_call_unseen", "tool_answer", "arithmetic_thinking", "arithmetic_direct")
+# Each printed rate: the kind it is measured on and the check (from `score`) it counts.
+RATES = {"tool_name_accuracy": ("tool_call", "name"),
+         "tool_exact_args_accuracy": ("tool_call", "exact"),
+         "unseen_schema_name_accuracy": ("tool_call_unseen", "name"),
+         "unseen_schema_exact_accuracy": ("tool_call_unseen", "exact"),
+         "answer_uses_tool_result": ("tool_answer", "uses_result"),
+         "thinking_arithmetic_accuracy": ("arithmetic_thinking", "correct"),
+         "thinking_arithmetic_reasoned": ("arithmetic_thinking", "reasoned"),
+         "nonthinking_direct_answer": ("arithmetic_direct", "direct"),
+         "nonthinking_arithmetic_accuracy": ("arithmetic_direct", "correct")}
 
 
 def kind_of(example: Example) -> str | None:
@@ -47,12 +57,12 @@ def kind_of(example: Example) -> str | None:
     return None
 
 
-def heldout_cases(seed: int, per_kind: int) -> dict[str, list[Example]]:
-    cases: dict[str, list[Example]] = {kind: [] for kind in KINDS}
+def heldout_cases(seed: int, per_kind: int, kinds: tuple[str, ...] = KINDS) -> dict[str, list[Example]]:
+    cases: dict[str, list[Example]] = {kind: [] for kind in kinds}
     for conversation in conversations(seed, "heldout"):
         for example in conversation:
             kind = kind_of(example)
-            if kind and len(cases[kind]) < per_kind:
+            if kind in cases and len(cases[kind]) < per_kind:
                 cases[kind].append(example)
         if all(len(found) >= per_kind for found in cases.values()):
             return cases
@@ -152,11 +162,12 @@ def mtp_rates(model_dir: str | Path, seed: int, num_conversations: int, tokens_p
 
 
 def evaluate(model_dir: str | Path, seed: int = 1000, per_kind: int = 100, max_tokens: int = 256,
-             show: int = 0, mtp_conversations: int = 200, threads: int = 2) -> dict:
-    cases = heldout_cases(seed, per_kind)
-    flat = [(kind, example) for kind in KINDS for example in cases[kind]]
+             show: int = 0, mtp_conversations: int = 200, threads: int = 2, kinds: tuple[str, ...] = KINDS) -> dict:
+    """The rates of `kinds` on `per_kind` held-out turns each, and the MTP rates unless `mtp_conversations` is 0."""
+    cases = heldout_cases(seed, per_kind, kinds)
+    flat = [(kind, example) for kind in kinds for example in cases[kind]]
     replies = serve_and_chat(model_dir, [example for _, example in flat], max_tokens, threads)
-    passed: dict[str, dict[str, int]] = {kind: defaultdict(int) for kind in KINDS}
+    passed: dict[str, dict[str, int]] = {kind: defaultdict(int) for kind in kinds}
     shown: dict[str, int] = defaultdict(int)
     for (kind, example), (reasoning, content, calls) in zip(flat, replies):
         for check, ok in score(kind, example, reasoning, content, calls).items():
@@ -166,16 +177,9 @@ def evaluate(model_dir: str | Path, seed: int = 1000, per_kind: int = 100, max_t
             called = [(c["function"]["name"], c["function"]["arguments"]) for c in calls]
             print(f"--- {kind}\nuser: {example.user!r}\nexpected: {example.completion!r}\n"
                   f"reasoning: {reasoning!r}\ncontent: {content!r}\ntool calls: {called!r}")
-    rates = {"tool_name_accuracy": passed["tool_call"]["name"] / per_kind,
-             "tool_exact_args_accuracy": passed["tool_call"]["exact"] / per_kind,
-             "unseen_schema_name_accuracy": passed["tool_call_unseen"]["name"] / per_kind,
-             "unseen_schema_exact_accuracy": passed["tool_call_unseen"]["exact"] / per_kind,
-             "answer_uses_tool_result": passed["tool_answer"]["uses_result"] / per_kind,
-             "thinking_arithmetic_accuracy": passed["arithmetic_thinking"]["correct"] / per_kind,
-             "thinking_arithmetic_reasoned": passed["arithmetic_thinking"]["reasoned"] / per_kind,
-             "nonthinking_direct_answer": passed["arithmetic_direct"]["direct"] / per_kind,
-             "nonthinking_arithmetic_accuracy": passed["arithmetic_direct"]["correct"] / per_kind}
-    rates.update(mtp_rates(model_dir, seed, mtp_conversations))
+    rates = {name: passed[kind][check] / per_kind for name, (kind, check) in RATES.items() if kind in kinds}
+    if mtp_conversations:
+        rates.update(mtp_rates(model_dir, seed, mtp_conversations))
     return rates
 
 
@@ -187,9 +191,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--show", type=int, default=0, help="print this many replies per kind")
     p.add_argument("--threads", type=int, default=2, help="torch threads, here and in the server")
+    p.add_argument("--kinds", nargs="+", choices=KINDS, default=KINDS,
+                   help="measure only these kinds (and skip the MTP rates), e.g. one rate on many prompts")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    rates = evaluate(args.model, args.seed, args.per_kind, args.max_tokens, args.show, threads=args.threads)
+    kinds = tuple(args.kinds)
+    rates = evaluate(args.model, args.seed, args.per_kind, args.max_tokens, args.show,
+                     mtp_conversations=200 if kinds == KINDS else 0, threads=args.threads, kinds=kinds)
     print(json.dumps({name: round(value, 4) for name, value in rates.items()}, indent=2))
 
 

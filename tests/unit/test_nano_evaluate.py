@@ -8,7 +8,7 @@ import pytest
 
 from glmserve.models import EMBEDDED_MODEL
 from glmserve.nano.corpus import OBSERVATION, USER
-from glmserve.nano.evaluate import KINDS, heldout_cases, request_messages, score
+from glmserve.nano.evaluate import KINDS, RATES, heldout_cases, request_messages, score
 from glmserve.serving.chat import ChatPrompt
 from glmserve.serving.parsers.glm45 import parse_output
 from glmserve.serving.protocol import ChatCompletionRequest
@@ -46,3 +46,18 @@ def test_training_completions_pass_every_check_and_empty_replies_none(cases):
             text = e.completion.removesuffix(OBSERVATION).removesuffix(USER)
             assert all(score(kind, e, *parse_output(text, e.tools, e.thinking)).values()), (kind, e.completion)
             assert not any(score(kind, e, None, None, []).values()), kind
+
+
+def test_every_check_is_a_rate_and_every_rate_a_check(cases):
+    for kind in KINDS:
+        e = cases[kind][0]
+        checks = score(kind, e, *parse_output(e.completion.removesuffix(OBSERVATION).removesuffix(USER), e.tools,
+                                              e.thinking))
+        assert set(checks) == {check for rate_kind, check in RATES.values() if rate_kind == kind}, kind
+
+
+def test_cases_of_some_kinds_are_those_of_a_full_draw(cases):
+    # `--kinds tool_call --per-kind N` measures the first N tool_call turns, the same ones a full run measures.
+    subset = heldout_cases(seed=5, per_kind=15, kinds=("tool_call",))
+    assert list(subset) == ["tool_call"]
+    assert subset["tool_call"][:10] == cases["tool_call"]
