@@ -3,8 +3,8 @@
 (issue 6): Air's true hidden size, heads, experts and vocabulary, a few layers (layer 0 dense, the rest MoE),
 random weights (`--load-format dummy`: nothing is written or read from disk), bf16 on CUDA.
 
-For each batch size: b random prompts, greedy, EOS ignored; the decode step time is (a full run - a 1-token run)
-/ (new tokens - 1), median of --num-iters; the roofline step time is the weights that step reads (everything but
+For each batch size: b random prompts, greedy, EOS ignored; the decode step time is the time after the prefill
+step to the end of the run / (new tokens - 1), median of --num-iters; the roofline step time is the weights that step reads (everything but
 the routed experts once, and the experts b tokens pick in expectation) at the device's measured read bandwidth.
 
     python benchmarks/gpu_air_slice.py --output-json $OUT/air-slice.json            # on the GPU machine
@@ -53,22 +53,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def decode_step_ms(engine, prompts: list[list[int]], output_len: int, sync) -> tuple[float, float]:
-    """(prefill ms, decode ms per step) of one batch."""
+    """(prefill ms, decode ms per step) of one batch, timed inside one run: the first engine step prefills every
+    prompt (the token budget holds them all) and samples the first tokens, the other output_len - 1 steps decode.
+    (Subtracting a separately timed 1-token run could come out negative on a busy machine.)"""
     from glmserve.types import SamplingParams
 
-    def run(max_tokens: int) -> float:
-        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-        sync()
-        start = time.perf_counter()
-        for i, prompt in enumerate(prompts):
-            engine.add_request(f"slice-{max_tokens}-{i}-{time.monotonic_ns()}", prompt, params)
-        while engine.has_unfinished_requests():
-            engine.step()
-        sync()
-        return time.perf_counter() - start
-
-    prefill = run(1)
-    return prefill * 1e3, (run(output_len) - prefill) / (output_len - 1) * 1e3
+    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    sync()
+    start = time.perf_counter()
+    requests = [engine.add_request(f"slice-{i}-{time.monotonic_ns()}", prompt, params)
+                for i, prompt in enumerate(prompts)]
+    engine.step()
+    sync()
+    prefilled = time.perf_counter()
+    assert all(r.num_output_tokens == 1 for r in requests), "the first step did not prefill every prompt"
+    while engine.has_unfinished_requests():
+        engine.step()
+    sync()
+    return (prefilled - start) * 1e3, (time.perf_counter() - prefilled) / (output_len - 1) * 1e3
 
 
 def main(argv: list[str] | None = None) -> int:
