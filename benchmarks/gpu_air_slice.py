@@ -4,8 +4,9 @@
 random weights (`--load-format dummy`: nothing is written or read from disk), bf16 on CUDA.
 
 For each batch size: b random prompts, greedy, EOS ignored; the decode step time is the time after the prefill
-step to the end of the run / (new tokens - 1), median of --num-iters; the roofline step time is the weights that step reads (everything but
-the routed experts once, and the experts b tokens pick in expectation) at the device's measured read bandwidth.
+step to the end of the run / (new tokens - 1), median of --num-iters; the roofline step time is the weights that
+step reads (everything but the routed experts once, and the experts b tokens pick in expectation) at the device's
+measured read bandwidth.
 
     python benchmarks/gpu_air_slice.py --output-json $OUT/air-slice.json            # on the GPU machine
     python benchmarks/gpu_air_slice.py --device cpu --dtype float32 --hidden-size 256 --n-routed-experts 8 \\

@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     kinds = tuple(args.kinds)
     rates = evaluate(args.model, args.seed, args.per_kind, args.max_tokens, args.show,
-                     mtp_conversations=200 if kinds == KINDS else 0, threads=args.threads, kinds=kinds)
+                     mtp_conversations=200 if set(kinds) == set(KINDS) else 0, threads=args.threads, kinds=kinds)
     print(json.dumps({name: round(value, 4) for name, value in rates.items()}, indent=2))
 
 
