@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--show", type=int, default=0, help="print this many replies per kind")
     p.add_argument("--threads", type=int, default=2, help="torch threads, here and in the server")
     p.add_argument("--kinds", nargs="+", choices=KINDS, default=KINDS,
-                   help="measure only these kinds (and skip the MTP rates), e.g. one rate on many prompts")
+                   help="measure only these kinds, e.g. one rate on many prompts (the MTP rates need all)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     kinds = tuple(args.kinds)
