@@ -156,3 +156,45 @@ def test_growing_appends_layers_that_leave_the_model_unchanged(trained, tmp_path
     compute_losses(model, batch).main.backward()
     for weight in zeroed:
         assert weight.abs().max() == 0 and weight.grad.abs().max() > 0
+
+
+def test_widening_adds_channels_and_heads_that_leave_the_model_unchanged(trained, tmp_path):
+    """Widened to more hidden channels and heads: the same losses (main and MTP) as the source, still equal to
+    transformers, and trainable (the zeroed writers of the new channels and heads get gradients)."""
+    from glmserve.nano.widen import widen
+
+    source_config = json.loads((trained / "config.json").read_text())
+    hidden, heads, kv_heads = (source_config[k] for k in ("hidden_size", "num_attention_heads",
+                                                          "num_key_value_heads"))
+    widened = widen(trained, tmp_path / "wide", hidden + 16, 2 * heads, 2 * kv_heads)
+    config = json.loads((widened / "config.json").read_text())
+    assert (config["hidden_size"], config["num_attention_heads"]) == (hidden + 16, 2 * heads)
+    batch = _heldout_batch(Tokenizer(trained))
+    with torch.inference_mode():
+        before, after = (compute_losses(load_checkpoint(d), batch) for d in (trained, widened))
+    assert after.main.item() == pytest.approx(before.main.item(), abs=1e-5)
+    assert after.mtp.item() == pytest.approx(before.mtp.item(), abs=1e-5)
+    assert max_logit_difference(widened) <= 1e-4
+
+    model = load_checkpoint(widened).train()
+    attention = model.model.layers[config["num_hidden_layers"] - 1].self_attn
+    head_columns = heads * source_config["head_dim"]
+    zeroed = {"embedding's new columns": (model.model.embed_tokens.weight, (slice(None), slice(hidden, None))),
+              "o_proj's new rows": (attention.o_proj.weight, (slice(hidden, None), slice(None))),
+              "o_proj's new heads": (attention.o_proj.weight, (slice(None), slice(head_columns, None)))}
+    for weight, _ in zeroed.values():
+        weight.requires_grad_(True)
+    compute_losses(model, batch).main.backward()
+    for what, (weight, part) in zeroed.items():
+        assert weight[part].abs().max() == 0 and weight.grad[part].abs().max() > 0, what
+
+
+def test_widening_refuses_to_shrink_or_regroup_heads(trained, tmp_path):
+    from glmserve.nano.widen import widen
+
+    config = json.loads((trained / "config.json").read_text())
+    hidden, heads, kv_heads = config["hidden_size"], config["num_attention_heads"], config["num_key_value_heads"]
+    with pytest.raises(ValueError, match="shrink"):
+        widen(trained, tmp_path / "narrow", hidden - 16, heads, kv_heads)
+    with pytest.raises(ValueError, match="per key/value head"):
+        widen(trained, tmp_path / "regrouped", hidden, 2 * heads, kv_heads)
