@@ -102,9 +102,10 @@ def _build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--max-log-len", type=int, help="with --enable-log-requests: characters (and token ids) of a "
                                                         "prompt to log (vLLM); default: all")
     # Test-only, hidden from --help: a JSON script of outputs (glmserve.testing.scripted); an engine step that
-    # raises after N steps (glmserve.testing.faults).
+    # raises after N steps, or steps slowed by MS milliseconds (glmserve.testing.faults).
     serve.add_argument("--scripted-output-file", help=argparse.SUPPRESS)
     serve.add_argument("--inject-fault-after-steps", type=int, help=argparse.SUPPRESS)
+    serve.add_argument("--inject-step-delay-ms", type=float, help=argparse.SUPPRESS)
 
     generate = commands.add_parser("generate", help="generate text for one prompt and print it", allow_abbrev=False)
     _add_engine_flags(generate)
@@ -252,6 +253,10 @@ def serve(parser: argparse.ArgumentParser, args) -> int:
             from glmserve.testing.faults import FaultyRunner
 
             engine.runner = FaultyRunner(engine.runner, args.inject_fault_after_steps)
+        if args.inject_step_delay_ms:
+            from glmserve.testing.faults import SlowRunner
+
+            engine.runner = SlowRunner(engine.runner, args.inject_step_delay_ms / 1000)
         return engine
 
     client = AsyncEngineClient(load_engine)

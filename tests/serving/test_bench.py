@@ -6,7 +6,7 @@ These check what the benchmarks report and that the numbers hang together, never
 import json
 
 import pytest
-from conftest import API_KEY, MODEL_NAME, run_glmserve
+from conftest import API_KEY, MODEL_NAME, run_glmserve, start_server
 
 from glmserve.bench.roofline import params_per_decode_step, roofline_tps
 from glmserve.testing.checkpoint import write_random_checkpoint
@@ -59,11 +59,21 @@ def test_serve_random_dataset_sweeps_concurrency(server, checkpoint, tmp_path):
     assert (tmp_path / "sweep.png").read_bytes().startswith(b"\x89PNG")
 
 
-def test_serve_counts_token_ids_as_arrivals_with_extra_body(server, tmp_path):
+@pytest.fixture(scope="module")
+def paced_server(checkpoint, tmp_path_factory):
+    """A server whose steps take at least 20 ms, so its stream's chunks come a step apart on any machine (on a
+    fast one, ~1 ms steps outrun the stream's reader, which then gets several tokens per chunk)."""
+    srv = start_server([str(checkpoint), "--api-key", API_KEY, "--inject-step-delay-ms", "20"],
+                       tmp_path_factory.mktemp("paced") / "server.log")
+    yield srv
+    srv.stop()
+
+
+def test_serve_counts_token_ids_as_arrivals_with_extra_body(paced_server, tmp_path):
     """With return_token_ids (through --extra-body) every chunk of tokens counts as it arrives, text or not (random
     weights on a small tokenizer often produce no text until the end); a chunk may carry two tokens when the
     stream's reader lags a step."""
-    bench(serve_args(server, tmp_path, "--endpoint", "/v1/completions", "--random-input-len", "16",
+    bench(serve_args(paced_server, tmp_path, "--endpoint", "/v1/completions", "--random-input-len", "16",
                      "--random-output-len", "8", "--ignore-eos", "--max-concurrency", "1",
                      "--extra-body", '{"return_token_ids": true}'), tmp_path, "token-ids")
     (r,) = json.loads((tmp_path / "result.json").read_text())["results"]

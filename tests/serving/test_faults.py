@@ -9,7 +9,8 @@ import httpx
 import pytest
 from conftest import start_server
 
-ENDLESS = {"max_tokens": 1900, "ignore_eos": True}  # ~10 s of output on the test model
+ENDLESS = {"max_tokens": 1900, "ignore_eos": True}  # with PACED, at least 9.5 s of output on any machine
+PACED = ["--inject-step-delay-ms", "5"]  # a step takes >= 5 ms, so a long request stays long on a fast machine
 CHAT = {"messages": [{"role": "user", "content": "hi"}], **ENDLESS}
 
 
@@ -69,7 +70,7 @@ def test_keep_alive_on_engine_death(checkpoint, tmp_path):
 
 def test_sigterm_drains_then_exits_0(checkpoint, tmp_path):
     grace = 5
-    server = start_server([str(checkpoint), "--shutdown-timeout", str(grace)], tmp_path / "server.log")
+    server = start_server([str(checkpoint), "--shutdown-timeout", str(grace), *PACED], tmp_path / "server.log")
     try:
         with httpx.Client(base_url=server.url, timeout=30) as http, ThreadPoolExecutor(2) as pool:
             short = pool.submit(_events, http, "/v1/completions", {"prompt": "a", "max_tokens": 300,

@@ -20,7 +20,8 @@ from glmserve.serving.generation import stream_response
 from glmserve.types import RequestOutput, SamplingParams
 
 LOAD_SCRIPT = Path(__file__).parents[2] / "scripts" / "load_disconnects.py"
-ENDLESS = {"max_tokens": 1900, "ignore_eos": True}  # ~10 s of output on the test model: longer than any test
+# With the limited server's >= 5 ms steps, at least 9.5 s of output on any machine: longer than any test's deadline.
+ENDLESS = {"max_tokens": 1900, "ignore_eos": True}
 USER = [{"role": "user", "content": "hi"}]
 
 
@@ -121,7 +122,8 @@ def test_stream_events_survive_naive_line_splitting():
 @pytest.fixture(scope="module")
 def limited(checkpoint, tmp_path_factory):
     flags = ["--max-num-seqs", "2", "--max-queued-requests", "2", "--request-timeout", "2", "--max-output-tokens",
-             "1900", "--max-request-body-mb", "0.1", "--max-model-len", "2048", "--num-kv-blocks", "512"]
+             "1900", "--max-request-body-mb", "0.1", "--max-model-len", "2048", "--num-kv-blocks", "512",
+             "--inject-step-delay-ms", "5"]
     server = start_server([str(checkpoint), *flags], tmp_path_factory.mktemp("limited") / "server.log")
     yield server
     server.stop()
