@@ -70,7 +70,7 @@ class ChoiceDelta:
     choice: Choice
     text: str
     logprobs: list[TokenLogprobs] | None
-    token_ids: list[int]  # the engine's new tokens (a stop string cuts the text, not these)
+    token_ids: list[int]  # the new tokens up to the one completing a stop string (which is cut from text only)
 
     @property
     def finished(self) -> bool:
@@ -129,20 +129,23 @@ class Generation:
                 # A step the engine ran before it saw the stop-string abort: those tokens are not part of the output.
                 continue
             self._timer.tokens_arrived()
-            choice.num_output_tokens += len(out.new_token_ids)
             choice.num_cached_tokens = out.num_cached_tokens
             stopped_by_token = out.finished and out.finish_reason == "stop"
             text = choice.text.update(out.new_token_ids, out.finished, stopped_by_token)
-            logprobs = out.new_logprobs
-            if logprobs and stopped_by_token and hide_stop_token:
-                logprobs = logprobs[:-1]
+            used = choice.text.tokens_used  # fewer than the step's tokens when a stop string ended the output
+            choice.num_output_tokens += used
+            token_ids, logprobs = out.new_token_ids[:used], out.new_logprobs
+            if logprobs:
+                logprobs = logprobs[:used]
+                if stopped_by_token and hide_stop_token and used == len(out.new_token_ids):
+                    logprobs = logprobs[:-1]
             if choice.text.stop_string is not None:
                 choice.finish_reason, choice.stop_reason = "stop", choice.text.stop_string
                 if not out.finished:
                     self._stream.abort([out.request_id])
             elif out.finished:
                 choice.finish_reason, choice.stop_reason = out.finish_reason, out.stop_reason
-            yield ChoiceDelta(choice, text, logprobs, out.new_token_ids)
+            yield ChoiceDelta(choice, text, logprobs, token_ids)
 
     def usage(self) -> UsageInfo:
         prompts = {c.index // self.params.n: c for c in self.choices}.values()  # one choice per prompt

@@ -23,25 +23,38 @@ class TextOutput:
         self.text = ""  # all text so far (after any stop-string cut)
         self._sent = 0  # characters of `text` already returned as deltas
         self.stop_string: str | None = None
+        self.tokens_used = 0  # of the last update's tokens, those that are output (a stop string ends it early)
 
     def update(self, new_token_ids: Sequence[int], finished: bool, stopped_by_token: bool) -> str:
         """Add a step's tokens; return the new text that is safe to send. After a stop string, `stop_string`
         is set and the caller must finish the request."""
         if self.stop_string is not None:
+            self.tokens_used = 0
             return ""
+        self.tokens_used = len(new_token_ids)
         ids = list(new_token_ids)
         if stopped_by_token and not self._include_stop and ids:
             ids = ids[:-1]
-        text = self._detokenizer.push(ids)
-        if finished:
-            text += self._detokenizer.flush()
-        search_from = max(0, len(self.text) - self._holdback)
-        self.text += text
-        self._find_stop_string(search_from)
+        # With stop strings, one token at a time: an update may carry several steps' tokens (the reader lagged), and
+        # those after the token that completes a stop string are not output, however the steps were grouped.
+        pieces = [[token] for token in ids] if self._stops else [ids]
+        for count, piece in enumerate(pieces, 1):
+            self._add(self._detokenizer.push(piece))
+            if self.stop_string is not None:
+                self.tokens_used = count
+                break
+        else:
+            if finished:
+                self._add(self._detokenizer.flush())
         done = finished or self.stop_string is not None
         end = len(self.text) if done else max(self._sent, len(self.text) - self._holdback)
         delta, self._sent = self.text[self._sent : end], end
         return delta
+
+    def _add(self, text: str) -> None:
+        search_from = max(0, len(self.text) - self._holdback)
+        self.text += text
+        self._find_stop_string(search_from)
 
     def _find_stop_string(self, search_from: int) -> None:
         best: tuple[int, str] | None = None

@@ -31,22 +31,43 @@ class LateStream:
         self.aborted.append(request_ids)
 
 
+PARAMS = SamplingParams(stop=["STOP"], max_tokens=50)
+
+
+def _generate(tokenizer: Tokenizer, outputs: list[RequestOutput]):
+    async def run():
+        choice = Choice(0, "r", [1, 2, 3], TextOutput(tokenizer, PARAMS))
+        stream = LateStream(outputs)
+        generation = Generation(PARAMS, [choice], stream, RequestTimer(Metrics(client=None)), timeout=None)
+        deltas = [d async for d in generation.deltas()]
+        token_ids = [t for d in deltas for t in d.token_ids]
+        return "".join(d.text for d in deltas), token_ids, generation.usage(), choice, stream
+
+    return asyncio.run(run())
+
+
 def test_outputs_after_a_stop_string_are_dropped():
     tokenizer = Tokenizer(EMBEDDED_MODEL)
-    params = SamplingParams(stop=["STOP"], max_tokens=50)
     ids = [tokenizer.encode(word) for word in ("alpha", " beta", " STOP", " gamma", " delta")]
     outputs = [RequestOutput("r", ids[0], False), RequestOutput("r", ids[1] + ids[2], False),
                RequestOutput("r", ids[3], False), RequestOutput("r", ids[4], True, "length")]
-
-    async def run():
-        choice = Choice(0, "r", [1, 2, 3], TextOutput(tokenizer, params))
-        stream = LateStream(outputs)
-        generation = Generation(params, [choice], stream, RequestTimer(Metrics(client=None)), timeout=None)
-        text = "".join([d.text async for d in generation.deltas()])
-        return text, generation.usage(), choice, stream
-
-    text, usage, choice, stream = asyncio.run(run())
+    text, _, usage, choice, stream = _generate(tokenizer, outputs)
     assert text == "alpha beta "
     assert (choice.finish_reason, choice.stop_reason) == ("stop", "STOP")
     assert usage.completion_tokens == len(ids[0] + ids[1] + ids[2])
     assert stream.aborted == [["r"]]
+
+
+def test_tokens_after_a_stop_string_in_the_same_output_are_dropped():
+    """An output may carry several steps' tokens (the stream's reader lagged): the tokens after the one that completes
+    the stop string are not counted or sent, so usage does not depend on how the steps were grouped."""
+    tokenizer = Tokenizer(EMBEDDED_MODEL)
+    words = [tokenizer.encode(word) for word in ("alpha", " beta", " STOP", " gamma")]
+    tokens = [t for word in words for t in word]
+    kept = len(words[0] + words[1] + words[2])
+    one_by_one = [RequestOutput("r", [t], False) for t in tokens]
+    all_at_once = [RequestOutput("r", tokens, False)]
+    for outputs in (one_by_one, all_at_once):
+        text, token_ids, usage, choice, _ = _generate(tokenizer, outputs)
+        assert (text, choice.stop_reason) == ("alpha beta ", "STOP")
+        assert token_ids == tokens[:kept] and usage.completion_tokens == kept
