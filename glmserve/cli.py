@@ -249,14 +249,11 @@ def serve(parser: argparse.ArgumentParser, args) -> int:
             from glmserve.testing.scripted import ScriptedRunner
 
             engine.runner = ScriptedRunner.from_file(engine.runner, args.scripted_output_file, tokenizer)
-        if args.inject_fault_after_steps is not None:
+        if args.inject_fault_after_steps is not None or args.inject_step_delay_ms:
             from glmserve.testing.faults import FaultyRunner
 
-            engine.runner = FaultyRunner(engine.runner, args.inject_fault_after_steps)
-        if args.inject_step_delay_ms:
-            from glmserve.testing.faults import SlowRunner
-
-            engine.runner = SlowRunner(engine.runner, args.inject_step_delay_ms / 1000)
+            engine.runner = FaultyRunner(engine.runner, args.inject_fault_after_steps,
+                                         (args.inject_step_delay_ms or 0) / 1000)
         return engine
 
     client = AsyncEngineClient(load_engine)
