@@ -94,11 +94,12 @@ class LLM:
     def _apply(self, step, completion: CompletionOutput, text: TextOutput) -> None:
         if completion.finish_reason is not None:
             return
-        completion.token_ids.extend(step.new_token_ids)
-        if completion.logprobs is not None and step.new_logprobs:
-            completion.logprobs.extend(step.new_logprobs)
         stopped_by_token = step.finished and step.finish_reason == "stop"
         completion.text += text.update(step.new_token_ids, step.finished, stopped_by_token)
+        # A step's tokens after the one completing a stop string (an MTP step emits several) are not output.
+        completion.token_ids.extend(step.new_token_ids[: text.tokens_used])
+        if completion.logprobs is not None and step.new_logprobs:
+            completion.logprobs.extend(step.new_logprobs[: text.tokens_used])
         if text.stop_string is not None:
             completion.finish_reason, completion.stop_reason = "stop", text.stop_string
             if not step.finished:

@@ -71,3 +71,20 @@ def test_tokens_after_a_stop_string_in_the_same_output_are_dropped():
         text, token_ids, usage, choice, _ = _generate(tokenizer, outputs)
         assert (text, choice.stop_reason) == ("alpha beta ", "STOP")
         assert token_ids == tokens[:kept] and usage.completion_tokens == kept
+
+
+def test_offline_llm_drops_the_tokens_of_a_step_after_a_stop_string():
+    """LLM.generate (an MTP step emits several tokens) keeps the same tokens the server counts."""
+    from types import SimpleNamespace
+
+    from glmserve.llm import LLM, CompletionOutput
+
+    tokenizer = Tokenizer(EMBEDDED_MODEL)
+    words = [tokenizer.encode(word) for word in ("alpha", " beta", " STOP", " gamma")]
+    tokens = [t for word in words for t in word]
+    aborted = []
+    llm = SimpleNamespace(engine=SimpleNamespace(abort=aborted.append))
+    completion = CompletionOutput(0)
+    LLM._apply(llm, RequestOutput("r", tokens, False), completion, TextOutput(tokenizer, PARAMS))
+    assert (completion.text, completion.stop_reason, aborted) == ("alpha beta ", "STOP", [["r"]])
+    assert completion.token_ids == tokens[: len(words[0] + words[1] + words[2])]
