@@ -4,9 +4,9 @@
 The 6-layer nano model plateaued with more training at its width; a wider one trained from scratch would need the
 hours its lineage already had. Widening keeps them, as growing (grow.py) does for depth. Every new unit is split
 into what writes it and what reads it: writers (new embedding columns, new rows of o_proj / down_proj / eh_proj,
-new heads' o_proj columns) start at zero, so the new residual channels and heads stay zero and the logits equal
-the source's; readers (new input columns of every projection, new heads' q/k/v rows) start random, so the zeroed
-writers get gradients and training moves both. The RMSNorms over the hidden size now average over more (still
+new heads' o_proj columns, all of eh_proj's new part) start at zero, so the new residual channels and heads stay
+zero and the logits equal the source's; readers (the new columns of every other projection that reads the residual
+stream, new heads' q/k/v rows) start random, so the zeroed writers get gradients and training moves both. The RMSNorms over the hidden size now average over more (still
 zero) channels, so their weights are scaled by sqrt(old/new) and kept in float32, and rms_norm_eps by old/new,
 which makes the normalised values exactly the source's (the head-size q/k norms see eps ~3e-6 lower: negligible).
 The query heads per key/value head stay the same, so every old query head keeps its key/value head.
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 from pathlib import Path
 
 import torch
@@ -33,16 +32,15 @@ AXES = {
     "q_proj.weight": ("q", "h"), "k_proj.weight": ("kv", "h"), "v_proj.weight": ("kv", "h"),
     "q_proj.bias": ("q",), "k_proj.bias": ("kv",), "v_proj.bias": ("kv",),
     "o_proj.weight": ("h", "q"), "gate_proj.weight": ("-", "h"), "up_proj.weight": ("-", "h"),
-    "down_proj.weight": ("h", "-"), "mlp.gate.weight": ("-", "h"), "eh_proj.weight": ("h", "hh"),
+    "down_proj.weight": ("h", "-"), "mlp.gate.weight": ("-", "h"),
 }
 WRITERS = ("embed_tokens.weight", "o_proj.weight", "down_proj.weight", "eh_proj.weight")
-UNCHANGED = ("q_norm.weight", "k_norm.weight", "e_score_correction_bias")
-HIDDEN_NORM = re.compile(r".*(layernorm|norm)\.weight")  # every other norm normalises the hidden size
+UNCHANGED = ("q_norm.weight", "k_norm.weight", "e_score_correction_bias")  # head-size norms, the router's bias
 
 
 def _pad(tensor: torch.Tensor, sizes: tuple[int, ...], writer: bool, generator: torch.Generator) -> torch.Tensor:
-    """`tensor` in the top-left corner of a `sizes` tensor; the rest zero for writers, random for readers (the new
-    rows of a writer and every new column of an output projection stay zero: they write the new channels/heads)."""
+    """`tensor` in the top-left corner of a `sizes` tensor; the rest zero for writers, random for readers (but zero
+    for a new head's bias)."""
     if writer:
         fill = torch.zeros(sizes, dtype=torch.float32)
     else:
@@ -56,16 +54,16 @@ def _pad(tensor: torch.Tensor, sizes: tuple[int, ...], writer: bool, generator: 
 def widen_tensor(name: str, tensor: torch.Tensor, old: dict, new: dict, generator: torch.Generator) -> torch.Tensor:
     if name.endswith(UNCHANGED):
         return tensor
-    if HIDDEN_NORM.fullmatch(name):
+    if name.endswith("norm.weight"):  # every other norm normalises the hidden size
         scale = math.sqrt(old["h"] / new["h"])
         return torch.cat([tensor.float(), tensor.float().mean().expand(new["h"] - old["h"])]) * scale
+    writer = name.endswith(WRITERS)
+    if name.endswith("eh_proj.weight"):  # reads [enorm(embedding); hnorm(hidden)]: widen each half on its own
+        halves = [_pad(half, (new["h"], new["h"]), writer, generator) for half in tensor.chunk(2, dim=1)]
+        return torch.cat(halves, dim=1)
     ending = next((e for e in AXES if name.endswith(e)), None)
     if ending is None:
         raise ValueError(f"widening does not know the tensor {name}")
-    writer = name.endswith(WRITERS)
-    if ending == "eh_proj.weight":  # reads [enorm(embedding); hnorm(hidden)]: widen each half on its own
-        halves = [_pad(half, (new["h"], new["h"]), writer, generator) for half in tensor.chunk(2, dim=1)]
-        return torch.cat(halves, dim=1)
     return _pad(tensor, tuple(new[a] if a in new else n for a, n in zip(AXES[ending], tensor.shape)), writer,
                 generator)
 
