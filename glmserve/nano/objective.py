@@ -32,13 +32,20 @@ class Losses:
         return self.main + mtp_weight * self.mtp
 
 
-def _loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _loss(logits: torch.Tensor, labels: torch.Tensor, emphasis: torch.Tensor,
+          name_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy, with tokens marked by `emphasis` counting `name_weight` times; and the greedy guesses."""
     guesses = logits.detach().argmax(-1)
-    return F.cross_entropy(logits, labels), guesses
+    if name_weight == 1.0:
+        return F.cross_entropy(logits, labels), guesses
+    weights = 1.0 + (name_weight - 1.0) * emphasis.float()
+    return (F.cross_entropy(logits, labels, reduction="none") * weights).sum() / weights.sum(), guesses
 
 
-def compute_losses(model: Glm4MoeForCausalLM, batch: Batch) -> Losses:
-    ids, target = batch.ids, batch.target
+def compute_losses(model: Glm4MoeForCausalLM, batch: Batch, name_weight: float = 1.0) -> Losses:
+    """The losses on `batch`; `name_weight` > 1 weighs the tokens of called tools' names more (the one choice a
+    tool-call turn makes: which listed tool fits the request), for the main and the MTP loss alike."""
+    ids, target, emphasis = batch.ids, batch.target, batch.emphasis
     b, s = ids.shape
     positions = torch.arange(s).repeat(b)
     hidden = model(ids.flatten(), positions, DenseBatch(b)).view(b, s, -1)
@@ -46,7 +53,7 @@ def compute_losses(model: Glm4MoeForCausalLM, batch: Batch) -> Losses:
     # Main model: h[i] predicts token[i+1]. Guesses are kept per predicted token to compare with the MTP's.
     keep = target[:, 1:]
     labels = ids[:, 1:][keep]
-    main, main_guess = _loss(model.compute_logits(hidden[:, :-1][keep]), labels)
+    main, main_guess = _loss(model.compute_logits(hidden[:, :-1][keep]), labels, emphasis[:, 1:][keep], name_weight)
     main_guesses = torch.full_like(ids, -1)
     main_guesses[:, 1:][keep] = main_guess
 
@@ -56,7 +63,8 @@ def compute_losses(model: Glm4MoeForCausalLM, batch: Batch) -> Losses:
     mtp_hidden = mtp(mtp_positions, ids[:, 1:].flatten(), hidden[:, :-1].flatten(0, 1), DenseBatch(b))
     keep2 = target[:, 2:]
     labels2 = ids[:, 2:][keep2]
-    mtp_loss, mtp_guess = _loss(mtp.compute_logits(mtp_hidden.view(b, s - 1, -1)[:, :-1][keep2]), labels2)
+    mtp_logits = mtp.compute_logits(mtp_hidden.view(b, s - 1, -1)[:, :-1][keep2])
+    mtp_loss, mtp_guess = _loss(mtp_logits, labels2, emphasis[:, 2:][keep2], name_weight)
     return Losses(main, mtp_loss, int((main_guess == labels).sum()), int((mtp_guess == labels2).sum()),
                   len(labels), len(labels2), int((main_guesses[:, 2:][keep2] == mtp_guess).sum()))
 

@@ -59,6 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup-steps", type=int, default=30)
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--mtp-weight", type=float, default=0.3)
+    p.add_argument("--name-weight", type=float, default=1.0,
+                   help="weight of the tokens of called tools' names in the loss (other completion tokens: 1)")
     p.add_argument("--balance-rate", type=float, default=1e-2, help="router bias change per step (0: off)")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="checkpoint dtype")
     p.add_argument("--threads", type=int, default=2)
@@ -177,7 +179,7 @@ def train(args: argparse.Namespace) -> Path:
         for group in optimizer.param_groups:
             group["lr"] = lr
         batch = next(data)
-        losses = compute_losses(model, batch)
+        losses = compute_losses(model, batch, args.name_weight)
         optimizer.zero_grad(set_to_none=True)
         losses.total(args.mtp_weight).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from glmserve.layers.attention import DenseBatch
 from glmserve.nano.checkpoint import TINY_SHAPE, init_model, load_checkpoint, nano_config, save_checkpoint
 from glmserve.nano.corpus import conversations
 from glmserve.nano.data import collate, encode
@@ -53,6 +54,26 @@ def test_training_continues_from_a_checkpoint(trained, tmp_path):
         before = compute_losses(load_checkpoint(trained), batch).main.item()
         after = compute_losses(load_checkpoint(tmp_path), batch).main.item()
     assert abs(after - before) < 0.3 and after != before
+
+
+def test_name_weight_weighs_the_called_names_tokens_in_the_main_loss(trained):
+    """name_weight w: the main loss is the mean cross-entropy with the tokens of called names counted w times,
+    computed here by hand from the model's logits; w = 1 is the plain mean."""
+    model, batch = load_checkpoint(trained), _heldout_batch(Tokenizer(trained))
+    assert batch.emphasis.any()
+    b, s = batch.ids.shape
+    with torch.inference_mode():
+        hidden = model(batch.ids.flatten(), torch.arange(s).repeat(b), DenseBatch(b)).view(b, s, -1)
+        keep = batch.target[:, 1:]
+        per_token = torch.nn.functional.cross_entropy(model.compute_logits(hidden[:, :-1][keep]),
+                                                      batch.ids[:, 1:][keep], reduction="none")
+        names = batch.emphasis[:, 1:][keep]
+        for weight in (1.0, 4.0):
+            weights = torch.where(names, weight, 1.0)
+            expected = (per_token * weights).sum() / weights.sum()
+            assert compute_losses(model, batch, weight).main.item() == pytest.approx(expected.item(), rel=1e-5)
+        assert per_token[names].mean() > per_token[~names].mean()  # so the weighting moves the loss
+        assert compute_losses(model, batch, 4.0).main.item() > compute_losses(model, batch).main.item()
 
 
 def test_checkpoint_files_are_a_glm45_checkpoint(trained):

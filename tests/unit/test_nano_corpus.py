@@ -168,6 +168,29 @@ def test_piecewise_encoding_equals_whole_text_and_masks_the_completions(tokenize
         assert trained == completions
 
 
+def _runs(ids: list[int], marked: list[bool]) -> list[list[int]]:
+    """The maximal runs of marked ids."""
+    return [[i for i, _ in run] for m, run in itertools.groupby(zip(ids, marked), key=lambda p: p[1]) if m]
+
+
+def test_emphasis_marks_exactly_the_called_names_in_reasoning_and_calls(tokenizer):
+    seen_thinking = seen_direct = False
+    for conversation in itertools.islice(conversations(5), 120):
+        sequences = encode(tokenizer, conversation)
+        wanted = []
+        for example in conversation:
+            names = [call["name"] for call in example.expected.get("calls", ())]
+            said = list(dict.fromkeys(names)) if example.thinking and names else []  # "I will call A and B."
+            wanted += said + names
+            seen_thinking |= bool(said)
+            seen_direct |= bool(names) and not example.thinking
+        runs = [tokenizer.decode(run, skip_special_tokens=False).strip()
+                for s in sequences for run in _runs(s.ids, s.emphasis)]
+        assert runs == wanted
+        assert all(t for s in sequences for t, e in zip(s.target, s.emphasis) if e)  # names are completion tokens
+    assert seen_thinking and seen_direct
+
+
 def test_skill_weights_override_the_mix_by_name():
     only_arithmetic = {name: 0.0 for name in SKILLS} | {"arithmetic": 1.0}
     skills = {c[0].skill for c in itertools.islice(conversations(2, "train", only_arithmetic), 50)}
