@@ -51,7 +51,8 @@ def _name_spans(example: Example) -> list[tuple[int, int]]:
 def _encode_completion(tokenizer: Tokenizer, example: Example) -> tuple[list[int], list[bool]]:
     """The completion's ids, and which of them belong to called tools' names."""
     ids, emphasis, start = [], [], 0
-    for begin, end in [*_name_spans(example), (len(example.completion), len(example.completion))]:
+    end_of_text = (len(example.completion), len(example.completion))  # an empty last name: the text after the names
+    for begin, end in [*_name_spans(example), end_of_text]:
         for piece, marked in ((example.completion[start:begin], False), (example.completion[begin:end], True)):
             piece_ids = tokenizer.encode(piece) if piece else []
             ids += piece_ids
