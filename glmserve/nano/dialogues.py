@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from glmserve.nano import arithmetic, words
-from glmserve.nano.tools import ToolSpec, draw, random_tool, realistic_tool, slots, text
+from glmserve.nano.tools import ToolSpec, confusable_tool, draw, random_tool, realistic_tool, slots, text
 
 CAPABILITIES = "I can add, subtract and multiply numbers, and I can call the tools you give me."
 
@@ -94,6 +94,9 @@ def repeat_dialogue(rng: random.Random, thinking: bool) -> Dialogue:
     return Dialogue("repeat", messages, keys=keys, expected=[{"repeat": phrase}])
 
 
+ToolPicker = Callable[[random.Random], ToolSpec]
+
+
 def _pick_tool(rng: random.Random) -> ToolSpec:
     return realistic_tool(rng) if rng.random() < 0.55 else random_tool(rng)
 
@@ -105,11 +108,15 @@ def _request(rng: random.Random, spec: ToolSpec) -> tuple[str, dict]:
     return template.format(**{k: text(v) for k, v in args.items()}), args
 
 
-def _tool_list(rng: random.Random, targets: list[ToolSpec], keys: list[str]) -> list[dict]:
-    """The targets plus distractors, 1 to 4 tools in all, in random order, no tool twice (under any name)."""
+_DISTRACTORS = (0, 1, 1, 2, 2, 3)  # how many a list adds to its targets, drawn from this
+
+
+def _tool_list(rng: random.Random, targets: list[ToolSpec], keys: list[str], pick: ToolPicker = _pick_tool,
+               distractors: tuple[int, ...] = _DISTRACTORS) -> list[dict]:
+    """The targets plus distractors drawn by `pick`, in random order, no tool twice (under any name)."""
     specs = {t.family: t for t in targets}
-    for _ in range(rng.choice((0, 1, 1, 2, 2, 3))):
-        distractor = _pick_tool(rng)
+    for _ in range(rng.choice(distractors)):
+        distractor = pick(rng)
         specs.setdefault(distractor.family, distractor)
     order = list(specs.values())
     rng.shuffle(order)
@@ -117,13 +124,15 @@ def _tool_list(rng: random.Random, targets: list[ToolSpec], keys: list[str]) -> 
     return [spec.schema() for spec in order]
 
 
-def tool_dialogue(rng: random.Random, thinking: bool, num_calls: int = 1) -> Dialogue:
-    """A request needing `num_calls` tool calls, the calls, their results and an answer that uses them."""
+def tool_dialogue(rng: random.Random, thinking: bool, num_calls: int = 1, pick: ToolPicker = _pick_tool,
+                  distractors: tuple[int, ...] = _DISTRACTORS) -> Dialogue:
+    """A request needing `num_calls` tool calls, the calls, their results and an answer that uses them; `pick`
+    draws the called tools and the distractors listed with them."""
     keys: list[str] = []
-    first = _pick_tool(rng)
+    first = pick(rng)
     targets, by_family = [first], {first.family: first}
     for _ in range(num_calls - 1):
-        spec = first if rng.random() < 0.3 else _pick_tool(rng)
+        spec = first if rng.random() < 0.3 else pick(rng)
         targets.append(by_family.setdefault(spec.family, spec))  # a tool drawn twice keeps its first name
     requests, calls, results = [], [], []
     for spec in targets:
@@ -131,7 +140,7 @@ def tool_dialogue(rng: random.Random, thinking: bool, num_calls: int = 1) -> Dia
         requests.append(request)
         calls.append({"name": spec.name, "arguments": args})
         results.append({key: draw(rng, source) for key, source in spec.result})
-    tools = _tool_list(rng, targets, keys)
+    tools = _tool_list(rng, targets, keys, pick, distractors)
     user_text = requests[0] + "".join(f" {rng.choice(('Also:', 'And', 'Then:'))} {r}" for r in requests[1:])
     names = " and ".join(dict.fromkeys(spec.name for spec in targets))
     topics = " and ".join(spec.topic.format(**{k: text(v) for k, v in call["arguments"].items()})
@@ -183,6 +192,12 @@ def multi_tool_dialogue(rng: random.Random, thinking: bool) -> Dialogue:
     return tool_dialogue(rng, thinking, rng.choice((2, 2, 3)))
 
 
+def confusable_tool_dialogue(rng: random.Random, thinking: bool) -> Dialogue:
+    """Tool calls among listed tools that all start with get's synonyms (hard negatives): 2 or 3 distractors, fewer
+    when one repeats a listed tool."""
+    return tool_dialogue(rng, thinking, rng.choice((1, 1, 2)), confusable_tool, (2, 3))
+
+
 # Skill mix, by conversation. Tool use dominates the tokens (its prompts are long); repeats are short, so a
 # quarter of the conversations costs ~5% of the compute and gives the dense copying signal that makes the
 # model's copy (induction) heads form early, which tool arguments and answers then reuse. Training may override
@@ -195,4 +210,5 @@ SKILLS: dict[str, tuple[Callable[[random.Random, bool], Dialogue], float]] = {
     "smalltalk": (smalltalk_dialogue, 0.05),
     "missing_tool": (missing_tool_dialogue, 0.04),
     "two_turn": (two_turn_dialogue, 0.08),
+    "confusable_tool": (confusable_tool_dialogue, 0.0),  # only for training that asks for it, by name
 }

@@ -298,10 +298,20 @@ def name_variants(name: str) -> tuple[str, ...]:
     return tuple(variants)
 
 
-def realistic_tool(rng: random.Random) -> ToolSpec:
-    """A realistic tool under one of its names."""
-    spec = rng.choice(REALISTIC_TOOLS)
+# Tools whose names start with `get` or `check`, verbs that share their synonyms (fetch, lookup, query, ...): in a
+# list of these, a name's first token does not tell the tools apart, the rest of the name does. The evaluation
+# finds the model weakest there.
+CONFUSABLE_TOOLS = tuple(t for t in REALISTIC_TOOLS if t.name.startswith(("get_", "check_")))
+
+
+def realistic_tool(rng: random.Random, pool: tuple[ToolSpec, ...] = REALISTIC_TOOLS) -> ToolSpec:
+    """A realistic tool of `pool` under one of its names."""
+    spec = rng.choice(pool)
     return replace(spec, name=rng.choice(name_variants(spec.name)))
+
+
+def confusable_tool(rng: random.Random) -> ToolSpec:
+    return realistic_tool(rng, CONFUSABLE_TOOLS)
 
 
 _TYPES = ("string", "string", "string", "integer", "integer", "number", "boolean")

@@ -13,7 +13,7 @@ from glmserve.nano.corpus import OBSERVATION, USER, conversations, examples, is_
 from glmserve.nano.data import encode, tokenizer_texts
 from glmserve.nano.dialogues import SKILLS
 from glmserve.nano.evaluate import heldout_cases
-from glmserve.nano.tools import REALISTIC_TOOLS, name_variants, random_tool, slots
+from glmserve.nano.tools import CONFUSABLE_TOOLS, REALISTIC_TOOLS, name_variants, random_tool, slots
 from glmserve.serving.parsers.glm45 import parse_output
 from glmserve.serving.tokenizer import Tokenizer
 from glmserve.testing.tokenizer import GLM45_ADDED_TOKENS, save_test_tokenizer
@@ -189,6 +189,23 @@ def test_emphasis_marks_exactly_the_called_names_in_reasoning_and_calls(tokenize
         assert runs == wanted
         assert all(t for s in sequences for t, e in zip(s.target, s.emphasis) if e)  # names are completion tokens
     assert seen_thinking and seen_direct
+
+
+def test_confusable_tool_lists_hold_only_get_like_tools_and_only_when_asked_for():
+    """The hard-negative skill lists tools (mostly 3 or more) whose names start with get's synonyms and calls
+    some of them; the default mix (which evaluation draws from) never holds it."""
+    families = {v: spec.name for spec in CONFUSABLE_TOOLS for v in name_variants(spec.name)}
+    assert len(CONFUSABLE_TOOLS) >= 8
+    only = {name: 0.0 for name in SKILLS} | {"confusable_tool": 1.0}
+    sizes = []
+    for conversation in itertools.islice(conversations(4, "train", only), 80):
+        turn = conversation[0]
+        names = [t["function"]["name"] for t in turn.tools]
+        assert all(n in families for n in names) and len({families[n] for n in names}) == len(names), names
+        assert {c["name"] for c in turn.expected["calls"]} <= set(names)
+        sizes.append(len(names))
+    assert sum(n >= 3 for n in sizes) > len(sizes) / 2
+    assert SKILLS["confusable_tool"][1] == 0.0
 
 
 def test_skill_weights_override_the_mix_by_name():
