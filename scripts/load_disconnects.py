@@ -326,6 +326,8 @@ def start_own_server(args, workdir: Path):
     flags = ["--reasoning-parser", "glm45", "--tool-call-parser", "glm45", "--served-model-name", "load",
              "--max-model-len", "2048", "--num-kv-blocks", str(args.num_kv_blocks),
              "--max-num-seqs", str(args.concurrency), "--scripted-output-file", str(script)]
+    if args.step_delay_ms:
+        flags += ["--inject-step-delay-ms", str(args.step_delay_ms)]
     return start_server([str(checkpoint), *flags], workdir / "server.log")
 
 
@@ -343,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="load", help="with --url: the served model name")
     p.add_argument("--api-key")
     p.add_argument("--num-kv-blocks", type=int, default=4096, help="for the server this script starts")
+    p.add_argument("--step-delay-ms", type=float, default=0.0,
+                   help="for the server this script starts: pace its steps (the test's abort probe, on a fast CPU)")
     p.add_argument("--time-limit", type=float, default=3600.0, help="give up after this many seconds")
     p.add_argument("--output", help="also write the JSON report here")
     args = p.parse_args(argv)

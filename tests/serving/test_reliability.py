@@ -27,9 +27,10 @@ USER = [{"role": "user", "content": "hi"}]
 
 def test_load_with_disconnects(tmp_path):
     out = tmp_path / "load.json"
+    # Paced steps: on a fast CPU, ~1 ms steps can outrun the event loop reading a probe's hang-up.
     done = subprocess.run([sys.executable, str(LOAD_SCRIPT), "--requests", "60", "--concurrency", "8", "--probes", "3",
-                           "--output", str(out)], env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                          text=True, timeout=240)
+                           "--step-delay-ms", "5", "--output", str(out)],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=240)
     report = json.loads(out.read_text())
     failed = [name for name, ok in report["checks"].items() if not ok]
     assert not failed and done.returncode == 0, (failed, report, done.stderr[-2000:])
