@@ -6,9 +6,10 @@ hours its lineage already had. Widening keeps them, as growing (grow.py) does fo
 into what writes it and what reads it: writers (new embedding columns, new rows of o_proj / down_proj / eh_proj,
 new heads' o_proj columns, all of eh_proj's new part) start at zero, so the new residual channels and heads stay
 zero and the logits equal the source's; readers (the new columns of every other projection that reads the residual
-stream, new heads' q/k/v rows) start random, so the zeroed writers get gradients and training moves both. The RMSNorms over the hidden size now average over more (still
-zero) channels, so their weights are scaled by sqrt(old/new) and kept in float32, and rms_norm_eps by old/new,
-which makes the normalised values exactly the source's (the head-size q/k norms see eps ~3e-6 lower: negligible).
+stream, new heads' q/k/v rows) start random, so the zeroed writers get gradients and training moves both. The
+RMSNorms over the hidden size now average over more (still zero) channels, so their weights are scaled by
+sqrt(old/new) and kept in float32, and rms_norm_eps by old/new, which makes the normalised values exactly the
+source's (the head-size q/k norms see eps ~3e-6 lower: negligible).
 The query heads per key/value head stay the same, so every old query head keeps its key/value head.
 """
 
