@@ -2,7 +2,7 @@
 
 Continuations trained from the same checkpoint with other seeds stay in one basin of the loss, and the mean of
 their weights scores better: the shipped glm-4.5-nano is the mean of two continuations of one checkpoint, and its
-4-layer predecessor the mean of a checkpoint and two continuations of it (README has the rates). Every
+4-layer predecessor the mean of a checkpoint and two continuations of it (docs/nano-training.md has the rates). Every
 tensor is averaged in fp32 and stored in the first checkpoint's dtype; config, tokenizer and generation files are
 the first checkpoint's, and every input must have the same tokenizer and the same tensor names and shapes.
 """
