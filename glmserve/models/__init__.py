@@ -2,7 +2,7 @@
 
 `glm-4.5-nano` is the default model of `glmserve serve`, `glmserve chat` and `LLM()`: a 6.1M-parameter Glm4Moe
 (MoE layers, QK-norm, partial RoPE, one MTP layer) trained by the project (`make nano` trains its 4-layer first
-stage; README.md has the runs since) on the project's own GLM-4.5-format corpus (arithmetic with and without
+stage; docs/nano-training.md has the runs since) on the project's own GLM-4.5-format corpus (arithmetic with and without
 thinking, tool calls, answers from tool results, short chat). A normal Hugging Face-layout directory;
 nothing here is imported at run time but its path.
 """
