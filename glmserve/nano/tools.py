@@ -300,7 +300,7 @@ def name_variants(name: str) -> tuple[str, ...]:
 
 # Tools whose names start with `get` or `check`, verbs that share their synonyms (fetch, lookup, query, ...): in a
 # list of these, a name's first token does not tell the tools apart, the rest of the name does. The evaluation
-# finds the model weakest there.
+# found the model weakest there until the shipped checkpoint trained on such lists (docs/nano-training.md).
 CONFUSABLE_TOOLS = tuple(t for t in REALISTIC_TOOLS if t.name.startswith(("get_", "check_")))
 
 
