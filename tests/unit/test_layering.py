@@ -4,7 +4,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "glmserve"
-LAYERS = ["utils", "config|types", "distributed", "layers", "model", "loader", "engine", "serving", "cli"]
+LAYERS = ["utils", "config|types", "distributed", "kernels", "layers", "model", "loader", "engine", "serving", "cli"]
 # Modules that are not a DESIGN.md package of their own, and the layer they sit in.
 PLACED = {"models": "utils", "llm": "cli", "chat_cli": "cli", "__main__": "cli", "__init__": "cli", "testing": "cli",
           "nano": "cli", "bench": "cli"}

@@ -1,0 +1,96 @@
+"""Plain torch references for the native kernels, and the weight layouts they share.
+
+A weight is a row-major [N, K] tensor (N outputs, K inputs) whose dtype says its format:
+- float32 / float16 / bfloat16: the values; `scales` is None.
+- float8_e4m3fn: the values in one byte; `scales` fp32 [N, ceil(K / group_size)].
+- int8: q in [-127, 127]; `scales` fp32 [N, ceil(K / group_size)]; W = q * scale of its group.
+- uint8: int4 packed two to a byte, [N, K / 2] (K even): input 2j in the low nibble, 2j + 1 in the high one, each
+  stored as q + 8 with q in [-8, 7]; `scales` as for int8 (symmetric, no zero point, as llama.cpp's q4_0).
+The last group of a row may be shorter than group_size when K is not a multiple of it. Per-row scales are
+group_size = K; a per-tensor scale is a [N, 1] column of one value; block scales ([rows, cols] blocks, as
+DeepSeek-style FP8) are repeated over each block's rows to this form.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+UNSCALED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _num_groups(k: int, group_size: int) -> int:
+    return -(-k // group_size)
+
+
+def _group_absmax(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """max |w| over each group of a row: [N, ceil(K / group_size)]."""
+    n, k = w.shape
+    padded = F.pad(w.float().abs(), (0, _num_groups(k, group_size) * group_size - k))
+    return padded.view(n, -1, group_size).amax(-1)
+
+
+def _expand(scales: torch.Tensor, k: int, group_size: int) -> torch.Tensor:
+    return scales.float().repeat_interleave(group_size, 1)[:, :k]
+
+
+def quantize_int8(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 with one scale per group of `group_size` inputs (group_size = K: per output channel)."""
+    scales = _group_absmax(w, group_size) / 127
+    safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+    q = (w.float() / _expand(safe, w.shape[1], group_size)).round().clamp(-127, 127).to(torch.int8)
+    return q, scales
+
+
+def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int4 (q in [-8, 7], scale = absmax / 7 per group), packed two to a byte."""
+    n, k = w.shape
+    if k % 2:
+        raise ValueError(f"int4 needs an even number of inputs, got {k}")
+    scales = _group_absmax(w, group_size) / 7
+    safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+    q = (w.float() / _expand(safe, k, group_size)).round().clamp(-8, 7).to(torch.int16) + 8
+    packed = (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)
+    return packed, scales
+
+
+def dequantize(weight: torch.Tensor, scales: torch.Tensor | None, group_size: int) -> torch.Tensor:
+    """The fp32 [N, K] values a weight in any of the layouts above stands for."""
+    if weight.dtype in UNSCALED_DTYPES:
+        return weight.float()
+    if weight.dtype == torch.uint8:
+        low = (weight & 0x0F).to(torch.int16) - 8
+        high = (weight >> 4).to(torch.int16) - 8
+        values = torch.stack((low, high), dim=-1).view(weight.shape[0], -1).float()
+    elif weight.dtype in (torch.int8, torch.float8_e4m3fn):
+        values = weight.float()
+    else:
+        raise TypeError(f"no kernel layout for weights of dtype {weight.dtype}")
+    if scales is None:
+        raise ValueError(f"{weight.dtype} weights need their scales")
+    return values * _expand(scales, values.shape[1], group_size)
+
+
+def linear_reference(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = None,
+                     group_size: int = 0, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] fp32 @ W.T (+ bias) -> [M, N] fp32."""
+    return F.linear(x.float(), dequantize(weight, scales, group_size or weight.shape[1]), bias)
+
+
+def moe_experts_reference(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                          w13: torch.Tensor, w13_scales: torch.Tensor | None, w2: torch.Tensor,
+                          w2_scales: torch.Tensor | None, group_size: int = 0) -> torch.Tensor:
+    """The routed experts of one MoE block: x [T, H]; topk_weights, topk_ids [T, k] (ids < 0: skipped, e.g. another
+    rank's expert); w13 [E, 2I, H(/2)] gate then up, w2 [E, H, I(/2)], scales [E, rows, groups] or None.
+    out[t] = sum_j topk_weights[t, j] * down_e(silu(gate_e(x[t])) * up_e(x[t])), e = topk_ids[t, j]."""
+    out = torch.zeros(x.shape[0], w2.shape[1], dtype=torch.float32)
+    for expert in topk_ids.unique().tolist():
+        if expert < 0:
+            continue
+        rows, slot = (topk_ids == expert).nonzero(as_tuple=True)
+        s13 = None if w13_scales is None else w13_scales[expert]
+        s2 = None if w2_scales is None else w2_scales[expert]
+        gate, up = linear_reference(x[rows], w13[expert], s13, group_size).chunk(2, dim=-1)
+        down = linear_reference(F.silu(gate) * up, w2[expert], s2, group_size)
+        out.index_add_(0, rows, down * topk_weights[rows, slot].float().unsqueeze(1))
+    return out
