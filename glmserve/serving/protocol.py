@@ -29,6 +29,9 @@ MAX_MESSAGES = 2048
 MAX_TOOLS = 128  # OpenAI's own limit
 MAX_STOP = 64  # stop strings or stop token ids
 MAX_PROMPTS = 1024  # prompts in one /v1/completions batch (each still counts against the queue)
+# Arrays and objects inside one another, anywhere in a body: the template's argument walks and json.dumps recurse,
+# and a deep enough value would hit Python's recursion limit (a 500). A JSON schema ten levels deep is ~25.
+MAX_JSON_DEPTH = 64
 
 
 def random_id(prefix: str) -> str:
@@ -46,6 +49,8 @@ class RequestBody(OpenAIModel):
     @model_validator(mode="before")
     @classmethod
     def _check_text(cls, data: Any) -> Any:
+        if json_depth(data) > MAX_JSON_DEPTH:
+            raise ParamError(f"the request nests arrays and objects more than {MAX_JSON_DEPTH} levels deep")
         # JSON may spell a lone UTF-16 surrogate ("\ud800"), which Python keeps in a str but no tokenizer, and no
         # UTF-8 response quoting it, can encode.
         try:
@@ -56,6 +61,21 @@ class RequestBody(OpenAIModel):
         except (TypeError, ValueError):  # not JSON-shaped: the field validators say what is wrong
             pass
         return data
+
+
+def json_depth(value: Any) -> int:
+    """How many arrays and objects deep `value` nests (0 for a scalar); iterative, so any depth is safe to measure."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        item, depth = todo.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, depth)
+        if deepest > MAX_JSON_DEPTH:  # no need to walk the rest of a hostile body
+            break
+        todo.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 # ---- shared request parts ---------------------------------------------------------------------------------------
