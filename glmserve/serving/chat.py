@@ -63,7 +63,7 @@ class ChatPrompt:
         # Thinking mode is whatever the prompt says: with thinking off it ends with an empty think block.
         self.thinking = not self.text.endswith("</think>")
         if self.forced:  # the function name is the client's text, like the messages
-            forced = TOOL_OPEN + state.tokenizer.mark_literal(self.forced[len(TOOL_OPEN):])
+            forced = TOOL_OPEN + state.tokenizer.mark_literal(self.forced[len(TOOL_OPEN):], switches=True)
             self.text += ("\n<think></think>" if self.thinking else "") + "\n" + forced
             self.thinking = False
         self.token_ids = state.tokenizer.encode_marked(self.text)
@@ -97,31 +97,33 @@ def render_prompt(state: ServerState, messages: list[ChatMessage], tools: list[d
     """The chat template applied to request messages (GLM45.md §1.5 normalisation first), with the client's text
     marked for `Tokenizer.encode_marked`: control-token strings typed in messages or tools stay text. Assistant
     turns are the model's own output, whose <think> and <tool_call> markup the template reads, so only the marker
-    character is escaped in them."""
+    character is escaped in them. GLM's `/nothink` switch works in the client's own user and system text; in tool
+    results and tool definitions (a third party's text: a web page, an API) and in assistant turns it is text."""
     dumped = []
     for m in messages:
         message = m.model_dump(exclude_unset=True)
         if message["role"] == "developer":  # OpenAI's newer name for system; GLM's template knows only system
             message["role"] = "system"
-        dumped.append(_mark_literal(state, message, control_tokens=message["role"] != "assistant"))
+        dumped.append(_mark_literal(state, message, control_tokens=message["role"] != "assistant",
+                                    switches=message["role"] in ("assistant", "tool")))
     reserved = set(template_kwargs) & _RENDER_ARGUMENTS
     if reserved:
         raise ParamError(f"chat_template_kwargs cannot set {', '.join(sorted(reserved))}", "chat_template_kwargs")
     # The request's kwargs may override the tokenizer's special tokens, as in vLLM.
     kwargs = {**state.tokenizer.special_tokens_map, **template_kwargs}
-    return render_chat(state.chat_template, normalize_messages(dumped), _mark_literal(state, tools),
+    return render_chat(state.chat_template, normalize_messages(dumped), _mark_literal(state, tools, switches=True),
                        add_generation_prompt, **kwargs)
 
 
-def _mark_literal(state: ServerState, value, control_tokens: bool = True):
+def _mark_literal(state: ServerState, value, control_tokens: bool = True, switches: bool = False):
     """Every string in a JSON value (keys included) through `Tokenizer.mark_literal`."""
     if isinstance(value, str):
-        return state.tokenizer.mark_literal(value, control_tokens)
+        return state.tokenizer.mark_literal(value, control_tokens, switches)
     if isinstance(value, dict):
-        return {_mark_literal(state, k, control_tokens): _mark_literal(state, v, control_tokens)
+        return {_mark_literal(state, k, control_tokens, switches): _mark_literal(state, v, control_tokens, switches)
                 for k, v in value.items()}
     if isinstance(value, list):
-        return [_mark_literal(state, v, control_tokens) for v in value]
+        return [_mark_literal(state, v, control_tokens, switches) for v in value]
     return value
 
 

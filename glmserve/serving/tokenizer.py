@@ -16,7 +16,8 @@ A rendered chat prompt mixes both: the template's control tokens, and text a cli
 added-token strings in client text before rendering (as private-use markers, which templates pass through
 untouched), and `encode_marked` encodes the rendered prompt with those spans as plain text: `<|user|>` or `<think>`
 typed in a message is never a control token. Only a /v1/completions prompt, the client's whole raw prompt (ids or
-text, as in vLLM), reaches control tokens directly. GLM's `/nothink` is left alone: users are meant to type it.
+text, as in vLLM), reaches control tokens directly. GLM's `/nothink` switch is left alone in the client's own text
+(users are meant to type it), and marked in third parties' text (tool results, tool descriptions) and in the model's.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from pathlib import Path
 import tokenizers
 
 # Added tokens that users type on purpose: GLM-4.5's soft switch to turn thinking off for one turn.
-_USER_TYPED = frozenset({"/nothink"})
+_SWITCHES = frozenset({"/nothink"})
 _MARK, _MARK_END = "\ue000", "\ue001"  # private-use characters: no tokenizer or template gives them a meaning
 _MARKED = re.compile(f"{_MARK}(\\d+){_MARK_END}")
 
@@ -84,16 +85,20 @@ class Tokenizer:
         self.vocab_size: int = self._tokenizer.get_vocab_size(with_added_tokens=True)
         # Longest first, so that no token's string is matched as part of a longer one; the marker character itself
         # is marked too, so client text can never spell a marker.
-        literals = sorted({t.content for t in added.values()} - _USER_TYPED, key=len, reverse=True) + [_MARK]
+        literals = sorted({t.content for t in added.values()}, key=len, reverse=True) + [_MARK]
         self._literal_index = {text: i for i, text in enumerate(literals)}
         self._literals = literals
-        self._literal_pattern = re.compile("|".join(map(re.escape, literals)))
+        controls = [t for t in literals if t not in _SWITCHES and t != _MARK]
+        switches = [t for t in literals if t in _SWITCHES]
+        self._literal_patterns = {  # (control tokens marked, switches marked) -> pattern; longest strings first
+            (c, w): re.compile("|".join(map(re.escape, (controls if c else []) + (switches if w else []) + [_MARK])))
+            for c in (True, False) for w in (True, False)}
 
-    def mark_literal(self, text: str, control_tokens: bool = True) -> str:
-        """`text` with each added token's string (or with `control_tokens=False`, only the marker character) marked
-        for `encode_marked` to encode as plain text."""
-        pattern = self._literal_pattern if control_tokens else _MARK
-        return re.sub(pattern, lambda m: f"{_MARK}{self._literal_index[m.group()]}{_MARK_END}", text)
+    def mark_literal(self, text: str, control_tokens: bool = True, switches: bool = False) -> str:
+        """`text` with the marker character, each control token's string (unless `control_tokens=False`) and each
+        user switch like `/nothink` (if `switches`) marked for `encode_marked` to encode as plain text."""
+        pattern = self._literal_patterns[control_tokens, switches]
+        return pattern.sub(lambda m: f"{_MARK}{self._literal_index[m.group()]}{_MARK_END}", text)
 
     def encode_marked(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """`encode`, except that spans marked by `mark_literal` are encoded as plain text."""
