@@ -38,6 +38,12 @@ class EngineNotReadyError(RuntimeError):
     """The engine is still loading."""
 
 
+def failure_message(error: BaseException) -> str:
+    """What a client is told of an engine failure: its kind only. The message itself can hold internals (a gloo
+    source path, the ranks' rendezvous address); the log has it whole."""
+    return f"the engine has failed ({type(error).__name__}); the server's log has the details"
+
+
 @dataclass(frozen=True, slots=True)
 class EngineRequest:
     request_id: str
@@ -183,7 +189,7 @@ class AsyncEngineClient:
     def require_info(self) -> EngineInfo:
         """The engine's info; raises EngineNotReadyError while loading, EngineDeadError once it has failed."""
         if self.error is not None:
-            raise EngineDeadError(f"the engine has failed: {self.error!r}")
+            raise EngineDeadError(failure_message(self.error))
         if self.info is None:
             raise EngineNotReadyError("the model is still loading")
         return self.info
@@ -247,7 +253,7 @@ class AsyncEngineClient:
     def _on_dead(self, error: BaseException) -> None:
         self.error = error
         self._dead.set()
-        dead = EngineDeadError(f"the engine has failed: {error!r}")
+        dead = EngineDeadError(failure_message(error))
         if not self._ready.done():
             self._ready.set_exception(dead)
         for stream in set(self._streams.values()):

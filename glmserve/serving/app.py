@@ -14,6 +14,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from glmserve.engine.engine_client import failure_message
 from glmserve.serving.chat import create_chat_completion, render_prompt
 from glmserve.serving.completions import create_completion
 from glmserve.serving.errors import error_response, install_error_handlers
@@ -65,7 +66,7 @@ def build_app(state: ServerState) -> FastAPI:
     @app.get("/health")
     async def health() -> Response:
         if state.client.error is not None:
-            return error_response(503, f"the engine has failed: {state.client.error!r}")
+            return error_response(503, failure_message(state.client.error))
         if not state.client.ready:
             return error_response(503, "the model is still loading")
         return Response(status_code=200)
