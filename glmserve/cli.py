@@ -269,7 +269,8 @@ def serve(parser: argparse.ArgumentParser, args) -> int:
         parser.error(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}")
     keep_alive = os.environ.get("GLMSERVE_KEEP_ALIVE_ON_ENGINE_DEATH", "") not in ("", "0")
     return asyncio.run(run_server(build_app(state), sock, client, names, log_level=args.uvicorn_log_level,
-                                  shutdown_timeout=args.shutdown_timeout, keep_alive_on_engine_death=keep_alive))
+                                  shutdown_timeout=args.shutdown_timeout, in_flight=state.in_flight,
+                                  keep_alive_on_engine_death=keep_alive))
 
 
 def _serving_limits(parser: argparse.ArgumentParser, args):

@@ -7,6 +7,7 @@ import hmac
 from dataclasses import dataclass, field
 
 from glmserve.engine.engine_client import AsyncEngineClient
+from glmserve.serving.drain import InFlight
 from glmserve.serving.errors import APIError
 from glmserve.serving.limits import ServingLimits
 from glmserve.serving.logprobs import LogprobsFormatter
@@ -27,6 +28,7 @@ class ServerState:
     limits: ServingLimits = field(default_factory=ServingLimits)
     log_requests: bool = False  # --enable-log-requests: log each request's prompt (vLLM's flag)
     max_log_len: int | None = None  # --max-log-len: characters and token ids of a prompt to log
+    in_flight: InFlight = field(default_factory=InFlight)  # ended with an error when a shutdown's grace is over
     metrics: Metrics = field(init=False)
     logprobs: LogprobsFormatter = field(init=False)
 

@@ -41,7 +41,8 @@ def test_engine_failure_fails_requests_in_flight_and_exits_1(checkpoint, tmp_pat
             whole = pool.submit(http.post, "/v1/chat/completions", json=CHAT)
             events, response = streamed.result(timeout=20), whole.result(timeout=20)
             elapsed = time.monotonic() - start
-        error = json.loads(events[-1])["error"]
+        assert events[-1] == "[DONE]"  # after the error event, as vLLM ends a stream
+        error = json.loads(events[-2])["error"]
         assert error["type"] == "server_error" and "InjectedFault" in error["message"]
         assert response.status_code == 503 and "InjectedFault" in response.json()["error"]["message"]
         # The kind of failure only: the exception's own message (which can hold paths and addresses) stays in the log.
@@ -88,8 +89,12 @@ def test_sigterm_drains_then_exits_0(checkpoint, tmp_path):
             short_events, endless_events = short.result(timeout=30), endless.result(timeout=30)
         assert short_events[-1] == "[DONE]"
         assert json.loads(short_events[-2])["choices"][0]["finish_reason"] == "length"
-        assert endless_events[-1] == "<connection closed>"  # cut at the end of the grace period
+        # Cut at the end of the grace period: an error event, then [DONE]; one line in the log, no traceback.
+        assert endless_events[-1] == "[DONE]", endless_events[-3:]
+        assert json.loads(endless_events[-2])["error"]["code"] == "server_shutting_down"
         assert _wait_exit(server, 10) == 0
         assert grace <= time.monotonic() - signalled < grace + 5
+        log = server.output()
+        assert "Traceback" not in log and log.count("grace period") == 1, log
     finally:
         server.stop()
