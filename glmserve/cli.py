@@ -97,6 +97,10 @@ def _build_parser() -> argparse.ArgumentParser:
                         help="seconds a request may run in the engine before it is ended with 408; default: none")
     limits.add_argument("--shutdown-timeout", type=float, default=30.0,
                         help="on SIGTERM, seconds that requests in flight may take to finish (vLLM)")
+    limits.add_argument("--request-read-timeout", type=float, default=30.0,
+                        help="seconds a request may take to send its headers and body (408 and closed beyond)")
+    limits.add_argument("--limit-concurrency", type=int,
+                        help="open connections at most, 503 beyond (uvicorn); default: what the open-file limit allows")
     limits.add_argument("--enable-log-requests", action="store_true",
                         help="log each request's prompt and parameters (vLLM); prompts are never logged otherwise")
     limits.add_argument("--max-log-len", type=int, help="with --enable-log-requests: characters (and token ids) of a "
@@ -270,7 +274,8 @@ def serve(parser: argparse.ArgumentParser, args) -> int:
     keep_alive = os.environ.get("GLMSERVE_KEEP_ALIVE_ON_ENGINE_DEATH", "") not in ("", "0")
     return asyncio.run(run_server(build_app(state), sock, client, names, log_level=args.uvicorn_log_level,
                                   shutdown_timeout=args.shutdown_timeout, in_flight=state.in_flight,
-                                  keep_alive_on_engine_death=keep_alive))
+                                  request_read_timeout=args.request_read_timeout,
+                                  limit_concurrency=args.limit_concurrency, keep_alive_on_engine_death=keep_alive))
 
 
 def _serving_limits(parser: argparse.ArgumentParser, args):
@@ -279,11 +284,13 @@ def _serving_limits(parser: argparse.ArgumentParser, args):
     for flag, value, low in (("--max-queued-requests", args.max_queued_requests, 0),
                              ("--max-output-tokens", args.max_output_tokens, 1),
                              ("--shutdown-timeout", args.shutdown_timeout, 0),
-                             ("--max-log-len", args.max_log_len, 0)):
+                             ("--max-log-len", args.max_log_len, 0),
+                             ("--limit-concurrency", args.limit_concurrency, 1)):
         if value is not None and value < low:
             parser.error(f"{flag} must be at least {low}, got {value}")
     for flag, value in (("--max-request-body-mb", args.max_request_body_mb),
-                        ("--request-timeout", args.request_timeout)):
+                        ("--request-timeout", args.request_timeout),
+                        ("--request-read-timeout", args.request_read_timeout)):
         if value is not None and not value > 0:
             parser.error(f"{flag} must be positive, got {value}")
     return ServingLimits(max_num_seqs=args.max_num_seqs, max_queued_requests=args.max_queued_requests,

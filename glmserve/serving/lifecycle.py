@@ -21,6 +21,13 @@ import socket
 import uvicorn
 
 from glmserve.engine.engine_client import AsyncEngineClient
+from glmserve.serving.connections import (
+    ThrottledLog,
+    default_connection_limit,
+    guarded_protocol,
+    install_loop_error_log,
+    raise_open_file_limit,
+)
 from glmserve.serving.drain import InFlight
 from glmserve.serving.errors import APIError
 
@@ -63,11 +70,17 @@ class _Server(uvicorn.Server):
 
 
 async def run_server(app, sock: socket.socket, client: AsyncEngineClient, names: list[str], *, log_level: str,
-                     shutdown_timeout: float, in_flight: InFlight, keep_alive_on_engine_death: bool = False) -> int:
-    """Serve `app` on `sock` until a signal or an engine failure; the process's exit status."""
+                     shutdown_timeout: float, in_flight: InFlight, request_read_timeout: float,
+                     limit_concurrency: int | None = None, keep_alive_on_engine_death: bool = False) -> int:
+    """Serve `app` on `sock` until a signal or an engine failure; the process's exit status. `limit_concurrency`
+    caps open connections (default: what the open-file limit, raised to its maximum, leaves; connections.py)."""
     host, port = sock.getsockname()[:2]
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
-    server = _Server(uvicorn.Config(app, log_level=log_level, timeout_keep_alive=5,
+    open_files = raise_open_file_limit()
+    log = ThrottledLog()
+    install_loop_error_log(asyncio.get_running_loop(), log)
+    protocol = guarded_protocol(limit_concurrency or default_connection_limit(open_files), request_read_timeout, log)
+    server = _Server(uvicorn.Config(app, http=protocol, log_level=log_level, timeout_keep_alive=5,
                                     timeout_graceful_shutdown=shutdown_timeout + END_IN_FLIGHT_S),
                      in_flight, shutdown_timeout)
     client.start()
