@@ -78,6 +78,8 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--served-model-name", nargs="+", help="model name(s) clients use; default: MODEL as given")
     serve.add_argument("--api-key", default=os.environ.get("GLMSERVE_API_KEY"),
                        help="require `Authorization: Bearer KEY` on /v1 (default: $GLMSERVE_API_KEY)")
+    serve.add_argument("--tokenize-without-api-key", action="store_true",
+                       help="serve /tokenize and /detokenize without the API key (by default they need it)")
     serve.add_argument("--chat-template", help="a chat template file, or the template text itself")
     serve.add_argument("--reasoning-parser", help="glm45: split <think> reasoning into reasoning_content")
     serve.add_argument("--tool-call-parser", help="glm45: parse <tool_call> blocks into tool_calls")
@@ -265,7 +267,8 @@ def serve(parser: argparse.ArgumentParser, args) -> int:
     given = args.model_path or args.model
     names = args.served_model_name or [model if given else Path(model).name]
     state = ServerState(client, tokenizer, template, names, model, args.reasoning_parser, args.tool_call_parser,
-                        args.api_key, limits, args.enable_log_requests, args.max_log_len)
+                        args.api_key, limits, args.enable_log_requests, args.max_log_len,
+                        tokenize_without_api_key=args.tokenize_without_api_key)
     try:
         sock = socket.create_server((args.host, args.port), family=socket.AF_INET6 if ":" in args.host
                                     else socket.AF_INET)

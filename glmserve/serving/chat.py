@@ -28,6 +28,7 @@ from glmserve.serving.errors import APIError
 from glmserve.serving.generation import Generation, sampling_params, stream_response, unless_disconnected
 from glmserve.serving.parsers import Glm45StreamParser, parse_output
 from glmserve.serving.parsers.glm45 import THINK_OPEN, TOOL_OPEN
+from glmserve.serving.prompt_workers import check_fits
 from glmserve.serving.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -46,7 +47,7 @@ from glmserve.types import ParamError
 
 
 class ChatPrompt:
-    """The rendered prompt of a chat request and how its output is to be parsed."""
+    """The rendered prompt of a chat request and how its output is to be parsed (built in a prompt worker)."""
 
     def __init__(self, state: ServerState, req: ChatCompletionRequest):
         tool_choice = req.tool_choice or ("auto" if req.tools else "none")
@@ -66,6 +67,7 @@ class ChatPrompt:
             forced = TOOL_OPEN + state.tokenizer.mark_literal(self.forced[len(TOOL_OPEN):], switches=True)
             self.text += ("\n<think></think>" if self.thinking else "") + "\n" + forced
             self.thinking = False
+        check_fits(self.text, state.tokenizer, state.client.require_info().max_model_len, "messages")
         self.token_ids = state.tokenizer.encode_marked(self.text)
         self.parse_reasoning = state.reasoning_parser is not None
         self.parse_tools = use_tools
@@ -146,7 +148,7 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
     info = state.client.require_info()
     max_tokens = req.max_completion_tokens or req.max_tokens
     state.limits.check_max_tokens(max_tokens, "max_completion_tokens" if req.max_completion_tokens else "max_tokens")
-    prompt = ChatPrompt(state, req)
+    prompt = await state.prompt_workers.run(ChatPrompt, state, req)
     params = sampling_params(
         req, info, max_tokens=max_tokens,
         logprobs=(req.top_logprobs or 0) if req.logprobs else None,

@@ -136,7 +136,7 @@ def guarded_protocol(max_connections: int, read_timeout: float, log: ThrottledLo
                 return
             log.warning("read timeout", "closed a connection that did not send its request within %g s "
                                         "(--request-read-timeout)", read_timeout)
-            if self.conn.our_state is h11.IDLE:  # nothing answered yet
+            if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):  # nothing answered yet
                 self.transport.write(_TIMED_OUT)
             self.transport.close()
 

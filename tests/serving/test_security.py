@@ -37,7 +37,8 @@ def secured(checkpoint, tmp_path_factory):
 @pytest.fixture(scope="module")
 def logging_server(checkpoint, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("logging")
-    server = start_server([str(checkpoint), "--enable-log-requests", "--max-log-len", "40"], tmp / "server.log",
+    server = start_server([str(checkpoint), "--enable-log-requests", "--max-log-len", "40",
+                           "--tokenize-without-api-key"], tmp / "server.log",
                           env={"GLMSERVE_API_KEY": KEY})
     yield server
     server.stop()
@@ -55,7 +56,8 @@ def test_api_key_on_every_v1_route(secured, logging_server):
     server, _ = secured
     routes = [("GET", "/v1/models", None), ("POST", "/v1/chat/completions", _chat("hi")),
               ("POST", "/v1/completions", {"prompt": "hi", "max_tokens": 2}), ("GET", "/v1/nothing", None),
-              ("GET", "/v1", None), ("DELETE", "/v1/models", None)]
+              ("GET", "/v1", None), ("DELETE", "/v1/models", None),
+              ("POST", "/tokenize", {"prompt": "hi"}), ("POST", "/detokenize", {"tokens": [1]})]
     for headers in ({}, _headers("wrong"), _headers(KEY + "x"), {"Authorization": KEY},
                     {"Authorization": f"Basic {KEY}"}, {"Authorization": "Bearer"}):
         for method, path, body in routes:
@@ -67,9 +69,11 @@ def test_api_key_on_every_v1_route(secured, logging_server):
     assert httpx.get(server.url + "/v1/models", headers={"authorization": f"bearer {KEY}"}).status_code == 200
     for path in ("/health", "/metrics"):  # open, as in vLLM: load balancers and scrapers carry no key
         assert httpx.get(server.url + path).status_code == 200
-    # GLMSERVE_API_KEY is the flag's default.
+    # GLMSERVE_API_KEY is the flag's default; --tokenize-without-api-key opens /tokenize and /detokenize only.
     assert httpx.get(logging_server.url + "/v1/models").status_code == 401
     assert httpx.get(logging_server.url + "/v1/models", headers=_headers()).status_code == 200
+    assert httpx.post(logging_server.url + "/tokenize", json={"prompt": "hi"}).status_code == 200
+    assert httpx.post(logging_server.url + "/detokenize", json={"tokens": [1]}).status_code == 200
 
 
 @pytest.mark.parametrize("attack", ["ATTACK_MRO", "ATTACK_GLOBALS", "ATTACK_FORMAT", "ATTACK_NAMESPACE",
@@ -94,10 +98,10 @@ def test_requests_cannot_name_files(secured):
     body = {"messages": [{"role": "user", "content": [
         {"type": "text", "text": "look"}, {"type": "image_url", "image_url": {"url": "file:///etc/hostname"}}]}],
         "chat_template": "{{ 'INJECTED' }}", "chat_template_kwargs": {"chat_template_path": "/etc/hostname"}}
-    response = httpx.post(server.url + "/tokenize", json=body)
+    response = httpx.post(server.url + "/tokenize", json=body, headers=_headers())
     assert response.status_code == 200, response.text
     tokens = response.json()["tokens"]
-    text = httpx.post(server.url + "/detokenize", json={"tokens": tokens}).json()["prompt"]
+    text = httpx.post(server.url + "/detokenize", json={"tokens": tokens}, headers=_headers()).json()["prompt"]
     assert text == "[gMASK]<sop><|user|>\n[{'type': 'text', 'text': 'look'}, {'type': 'image_url', 'image_url': " \
                    "{'url': 'file:///etc/hostname'}}]<|assistant|>"  # the hostile template prints the list as is
     model = httpx.post(server.url + "/v1/chat/completions", json={**_chat("hi"), "model": "/etc/passwd"},
