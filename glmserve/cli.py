@@ -52,6 +52,9 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--disable-radix-cache", action="store_true", help="SGLang's spelling of --no-enable-prefix-caching")
     p.add_argument("--seed", "--random-seed", dest="seed", type=int, default=0)
     p.add_argument("--tensor-parallel-size", "--tp-size", "--tp", dest="tensor_parallel_size", type=int, default=1)
+    p.add_argument("--step-timeout", type=float, default=30.0,
+                   help="tensor parallel: seconds a rank may keep the others waiting in a step before the engine "
+                        "fails (a hung rank)")
     p.add_argument("--enable-expert-parallel", action="store_true",
                    help="split the routed experts whole across the tensor-parallel ranks instead of slicing each")
     p.add_argument("--ep-size", "--expert-parallel-size", dest="ep_size", type=int, default=1,
@@ -209,7 +212,7 @@ def _engine_config(parser: argparse.ArgumentParser, args, model: str):
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
             enable_prefix_caching=args.enable_prefix_caching and not args.disable_radix_cache, seed=args.seed,
             tensor_parallel_size=args.tensor_parallel_size, enable_expert_parallel=_expert_parallel(args),
-            num_speculative_tokens=num_draft_tokens)
+            num_speculative_tokens=num_draft_tokens, step_timeout=args.step_timeout)
     except ConfigError as e:
         parser.error(str(e))
 

@@ -231,11 +231,12 @@ class AsyncEngineClient:
             self._stopping = True
             self._cond.notify()
 
-    def join(self, timeout: float | None = None) -> None:
+    def join(self, timeout: float | None = None) -> bool:
         """Wait for the engine thread to end after `shutdown` (it finishes its step first): a process that exits
-        while the thread is inside a torch op is aborted by the C++ runtime."""
+        while the thread is inside a torch op is aborted by the C++ runtime. Whether it has ended."""
         if self._thread is not None:
             self._thread.join(timeout)
+        return self._thread is None or not self._thread.is_alive()
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         for output in outputs:
@@ -289,11 +290,18 @@ class AsyncEngineClient:
             self._call(self._on_dead, e)
 
     def _serve_once(self, engine: LLMEngine) -> bool:
+        # A tensor-parallel engine is pinged while idle (engines without ranks, fakes included, never are).
+        interval = getattr(engine, "keep_alive_interval", None)
         with self._cond:
             while not (self._commands or self._stopping or engine.has_unfinished_requests()):
-                self._cond.wait()
+                if not self._cond.wait(interval):
+                    break
             if self._stopping:
                 return False
+            idle = not (self._commands or engine.has_unfinished_requests())
+        if idle:  # waited an interval with nothing to do
+            engine.keep_alive()
+            return True
         for command in self._take_commands():
             if command[0] == "add":
                 self._call(self._settle, command[2], self._add(engine, command[1]))

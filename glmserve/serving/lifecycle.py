@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import multiprocessing
 import signal
 import socket
 
@@ -35,6 +36,7 @@ logger = logging.getLogger("glmserve")
 
 # After the grace period, how long the requests ended with an error have to write it before uvicorn cancels them.
 END_IN_FLIGHT_S = 2.0
+ENGINE_STOP_S = 5.0  # then, how long the engine has to finish its step and stop its ranks before they are killed
 
 
 class _Server(uvicorn.Server):
@@ -88,7 +90,22 @@ async def run_server(app, sock: socket.socket, client: AsyncEngineClient, names:
         return await _serve(server, sock, client, names, url, keep_alive_on_engine_death)
     finally:
         client.shutdown()
-        await asyncio.to_thread(client.join, 60)
+        await _stop_engine(client)
+
+
+async def _stop_engine(client: AsyncEngineClient) -> None:
+    """Wait for the engine thread to finish its step and stop its tensor-parallel ranks. A step that hangs on a
+    stopped rank would last until --step-timeout: the ranks (this process's children) are killed instead, which
+    fails the step at once."""
+    if await asyncio.to_thread(client.join, ENGINE_STOP_S):
+        return
+    children = multiprocessing.active_children()
+    if children:
+        logger.warning("the engine did not stop within %g s: killing its %d tensor-parallel ranks", ENGINE_STOP_S,
+                       len(children))
+        for child in children:
+            child.kill()
+    await asyncio.to_thread(client.join, 60)  # one process: a step of its own, which ends
 
 
 async def _serve(server: uvicorn.Server, sock: socket.socket, client: AsyncEngineClient, names: list[str], url: str,
