@@ -277,6 +277,20 @@ def hold_stalled_connections(url: str, count: int, stop: threading.Event, report
         sock.close()
 
 
+def start_beside(args, url: str, headers: dict) -> tuple[threading.Event, list[threading.Thread], dict]:
+    """The huge prompts and stalled connections asked for, each in a thread of its own until the event is set."""
+    stop, beside, threads = threading.Event(), {"huge_prompts": {}, "stalled_connections": {}}, []
+    if args.huge_prompt_mb:
+        threads.append(threading.Thread(target=send_huge_prompts, args=(url, headers, args.huge_prompt_mb, stop,
+                                                                        beside["huge_prompts"])))
+    if args.stalled_connections:
+        threads.append(threading.Thread(target=hold_stalled_connections, args=(
+            url, args.stalled_connections, stop, beside["stalled_connections"])))
+    for thread in threads:
+        thread.start()
+    return stop, threads, beside
+
+
 async def abort_probe(http: httpx.AsyncClient, model: str) -> dict:
     """Drop a lone endless stream after a few chunks; count the engine steps it still took part in.
 
@@ -309,23 +323,21 @@ async def run(args, url: str, model: str) -> dict:
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     limits = httpx.Limits(max_connections=args.concurrency + 8, max_keepalive_connections=args.concurrency + 8)
     async with httpx.AsyncClient(base_url=url, headers=headers, limits=limits, timeout=120) as http:
-        # Warm-up: the same mix, and the probe's long sequence, so that the baseline has seen every shape.
+        # Warm-up: the same mix (huge prompts and stalled connections included), and the probe's long sequence,
+        # so that the baseline has seen every shape and the allocator's high-water mark.
+        stop_beside, beside_threads, _ = start_beside(args, url, headers)
         warmup = await run_load(http, make_specs(args.warmup, 0.0, args.seed + 1), model, args.concurrency)
+        stop_beside.set()
+        for thread in beside_threads:
+            thread.join()
         await abort_probe(http, model)
         rss_warm = metric((await wait_idle(http))[0], "process_resident_memory_bytes")
         aborts_before = metric(await scrape(http), 'glmserve:request_success_total{finished_reason="abort"}')
 
-        stop, health_latencies, health_codes = threading.Event(), [], []
-        beside = {"huge_prompts": {}, "stalled_connections": {}}
-        threads = [threading.Thread(target=poll_health, args=(url, stop, health_latencies, health_codes))]
-        if args.huge_prompt_mb:
-            threads.append(threading.Thread(target=send_huge_prompts, args=(url, headers, args.huge_prompt_mb, stop,
-                                                                            beside["huge_prompts"])))
-        if args.stalled_connections:
-            threads.append(threading.Thread(target=hold_stalled_connections, args=(
-                url, args.stalled_connections, stop, beside["stalled_connections"])))
-        for thread in threads:
-            thread.start()
+        stop, threads, beside = start_beside(args, url, headers)
+        health_latencies, health_codes = [], []
+        threads.append(threading.Thread(target=poll_health, args=(url, stop, health_latencies, health_codes)))
+        threads[-1].start()
         start = time.monotonic()
         specs = make_specs(args.requests, args.hang_up_fraction, args.seed)
         tally = await run_load(http, specs, model, args.concurrency)
