@@ -62,7 +62,7 @@ class ThrottledLog:
         self._last: dict[str, float] = {}
         self._since: dict[str, int] = {}
 
-    def warning(self, key: str, message: str, *args, exc_info=None) -> None:
+    def log(self, key: str, message: str, *args) -> None:
         now = time.monotonic()
         if now - self._last.get(key, -self.interval) < self.interval:
             self._since[key] = self._since.get(key, 0) + 1
@@ -70,7 +70,7 @@ class ThrottledLog:
         repeats = self._since.pop(key, 0)
         self._last[key] = now
         suffix = f" (and {repeats} more like it in the last {self.interval:g} s)" if repeats else ""
-        logger.warning(message + suffix, *args, exc_info=exc_info)
+        logger.warning(message + suffix, *args)
 
 
 def install_loop_error_log(loop: asyncio.AbstractEventLoop, log: ThrottledLog) -> None:
@@ -79,7 +79,7 @@ def install_loop_error_log(loop: asyncio.AbstractEventLoop, log: ThrottledLog) -
 
     def handler(loop: asyncio.AbstractEventLoop, context: dict) -> None:
         if "accept" in context.get("message", ""):
-            log.warning("accept", "%s: %s", context["message"], context.get("exception"))
+            log.log("accept", "%s: %s", context["message"], context.get("exception"))
         else:
             loop.default_exception_handler(context)
 
@@ -99,7 +99,7 @@ def guarded_protocol(max_connections: int, read_timeout: float, log: ThrottledLo
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if len(self.server_state.connections) >= max_connections:
                 self._refused = True
-                log.warning("refused", "%d connections open (--limit-concurrency): refusing more with 503",
+                log.log("refused", "%d connections open (--limit-concurrency): refusing more with 503",
                             max_connections)
                 transport.write(_REFUSED)
                 transport.close()
@@ -134,7 +134,7 @@ def guarded_protocol(max_connections: int, read_timeout: float, log: ThrottledLo
             self._read_deadline = None
             if self.conn.their_state not in (h11.IDLE, h11.SEND_BODY) or self.transport.is_closing():
                 return
-            log.warning("read timeout", "closed a connection that did not send its request within %g s "
+            log.log("read timeout", "closed a connection that did not send its request within %g s "
                                         "(--request-read-timeout)", read_timeout)
             if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):  # nothing answered yet
                 self.transport.write(_TIMED_OUT)

@@ -1,6 +1,7 @@
 """What an attacker's client does to a real server (RELIABILITY.md item 7): huge prompts beside a running stream,
 deeply nested JSON, connections that never finish their request, and the latency of a reused connection."""
 
+import itertools
 import json
 import socket
 import statistics
@@ -72,12 +73,16 @@ def _nested(depth: int) -> str:
 def test_deeply_nested_json_is_a_4xx_and_the_connection_survives(hostile, depth):
     """JSON 500-950 levels deep was a RecursionError (500, connection reset) in the template's argument walks."""
     nested, user = _nested(depth), json.dumps(USER)
-    tool = '{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": %s}}}'
-    cases = [("/v1/chat/completions", '{"messages": %s, "chat_template_kwargs": {"x": %s}}' % (user, nested)),
-             ("/v1/chat/completions", '{"messages": %s, "tools": [%s]}' % (user, tool % nested)),
-             ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "hi", "extra": %s}]}' % nested),
-             ("/tokenize", '{"messages": %s, "chat_template_kwargs": {"x": %s}}' % (user, nested)),
-             ("/tokenize", '{"messages": [{"role": "tool", "content": "hi", "extra": %s}]}' % nested)]
+
+    def body(template: str) -> str:  # JSON text with the nested value where NESTED stands
+        return template.replace("USER", user).replace("NESTED", nested)
+
+    tool = '{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": NESTED}}}'
+    cases = [("/v1/chat/completions", body('{"messages": USER, "chat_template_kwargs": {"x": NESTED}}')),
+             ("/v1/chat/completions", body('{"messages": USER, "tools": [' + tool + "]}")),
+             ("/v1/chat/completions", body('{"messages": [{"role": "user", "content": "hi", "extra": NESTED}]}')),
+             ("/tokenize", body('{"messages": USER, "chat_template_kwargs": {"x": NESTED}}')),
+             ("/tokenize", body('{"messages": [{"role": "tool", "content": "hi", "extra": NESTED}]}'))]
     sock = _connect(hostile.url)
     try:
         for path, body in cases:
@@ -141,22 +146,10 @@ def test_stalled_connections_are_closed_while_normal_requests_are_served(hostile
 def test_accept_errors_are_logged_once_per_interval(checkpoint, tmp_path):
     """Out of file descriptors, asyncio logged a traceback per pending connection (286,719 in 40 s)."""
     import resource
-    import subprocess
-    import sys
 
-    from glmserve.testing.server import Server, free_port, wait_ready
-
-    def few_files():
-        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
-
-    port = free_port()
-    log = tmp_path / "server.log"
-    args = ["serve", str(checkpoint), "--host", "127.0.0.1", "--port", str(port), "--limit-concurrency", "1000",
-            "--request-read-timeout", "1"]
-    with open(log, "wb") as out:
-        process = subprocess.Popen([sys.executable, "-m", "glmserve", *args], stdout=out, stderr=subprocess.STDOUT,
-                                   preexec_fn=few_files)
-    server = wait_ready(Server(process, f"http://127.0.0.1:{port}", log), 90, "glmserve serve")
+    server = start_server([str(checkpoint), "--limit-concurrency", "1000", "--request-read-timeout", "1"],
+                          tmp_path / "server.log")
+    resource.prlimit(server.process.pid, resource.RLIMIT_NOFILE, (64, 64))  # far fewer than the connections
     socks = []
     try:
         for _ in range(200):
@@ -198,8 +191,9 @@ def test_a_huge_prompt_stalls_neither_a_stream_nor_health(hostile):
     characters refuses it before tokenizing, a long prompt that passes is tokenized in a worker thread, and a
     running stream and /health keep going meanwhile."""
     huge = "x " * (15 * 2**20 // 2)
-    bodies = [("/tokenize", {"prompt": huge}), ("/v1/chat/completions", {"messages": [{"role": "user", "content": huge}]}),
-              ("/v1/completions", {"prompt": huge}), ("/tokenize", {"messages": [{"role": "user", "content": huge}]}),
+    user = [{"role": "user", "content": huge}]
+    bodies = [("/tokenize", {"prompt": huge}), ("/v1/chat/completions", {"messages": user}),
+              ("/v1/completions", {"prompt": huge}), ("/tokenize", {"messages": user}),
               # under the length bound (2,048 tokens x 27 characters) but ~10,000 tokens: tokenized, then refused
               ("/v1/chat/completions", {"messages": [{"role": "user", "content": "word " * 10_000}]})]
     encoded = [(path, json.dumps(body).encode()) for path, body in bodies]  # before the clocks start
@@ -242,6 +236,6 @@ def test_a_huge_prompt_stalls_neither_a_stream_nor_health(hostile):
         stop.set()
         for thread in threads:
             thread.join(timeout=30)
-    window = [b - a for a, b in zip(arrivals, arrivals[1:]) if b >= began]
+    window = [b - a for a, b in itertools.pairwise(arrivals) if b >= began]
     assert window and health, (len(arrivals), len(health))
     assert max(window) < STALL_BOUND_S and max(health) < STALL_BOUND_S, (max(window), max(health), took)
