@@ -37,11 +37,12 @@ _REFUSED = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection
 _TIMED_OUT = b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
 
 
-def raise_open_file_limit() -> int:
-    """Raise the soft limit on open files to the hard one (as vLLM's server does); the soft limit now."""
+def raise_open_file_limit(target: int = 65535) -> int:
+    """Raise the soft limit on open files towards `target`, within the hard limit, as vLLM's server does; the soft
+    limit now."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or soft < hard:
-        target = 65536 if hard == resource.RLIM_INFINITY else hard
+    target = target if hard == resource.RLIM_INFINITY else min(target, hard)
+    if soft < target:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
             soft = target
