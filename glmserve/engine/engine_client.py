@@ -88,7 +88,8 @@ class RequestStream:
             self._live.discard(output.request_id)
         self._event.set()
 
-    def _fail(self, error: BaseException) -> None:
+    def fail(self, error: BaseException) -> None:
+        """End the stream with `error`, raised to its reader once the outputs already queued are read."""
         self._error = error
         self._event.set()
 
@@ -258,7 +259,7 @@ class AsyncEngineClient:
         if not self._ready.done():
             self._ready.set_exception(dead)
         for stream in set(self._streams.values()):
-            stream._fail(dead)
+            stream.fail(dead)
         self._streams.clear()
         # The engine thread has stopped taking commands: answer the adds still queued.
         for command in self._take_commands():

@@ -165,7 +165,7 @@ class Generation:
 
     def fail(self, error: Exception) -> None:
         """End the output with `error` (raised to whoever reads `deltas`), e.g. when the server stops."""
-        self._stream._fail(error)
+        self._stream.fail(error)
 
     def close(self) -> None:
         if self._closed:
