@@ -287,7 +287,10 @@ class AsyncEngineClient:
                 pass
             engine.close()
         except BaseException as e:  # noqa: BLE001 - any failure kills the engine; report it, don't lose it
-            logger.exception("engine failed")
+            if self._stopping:  # the server ended a hung step while stopping (it kills tensor-parallel ranks)
+                logger.warning("the engine stopped in the middle of a step: %r", e)
+            else:
+                logger.exception("engine failed")
             self._call(self._on_dead, e)
 
     def _serve_once(self, engine: LLMEngine) -> bool:
