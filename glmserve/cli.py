@@ -52,6 +52,9 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--disable-radix-cache", action="store_true", help="SGLang's spelling of --no-enable-prefix-caching")
     p.add_argument("--seed", "--random-seed", dest="seed", type=int, default=0)
     p.add_argument("--tensor-parallel-size", "--tp-size", "--tp", dest="tensor_parallel_size", type=int, default=1)
+    p.add_argument("--step-timeout", type=float, default=30.0,
+                   help="tensor parallel: seconds a rank may keep the others waiting in a step before the engine "
+                        "fails (a hung rank)")
     p.add_argument("--enable-expert-parallel", action="store_true",
                    help="split the routed experts whole across the tensor-parallel ranks instead of slicing each")
     p.add_argument("--ep-size", "--expert-parallel-size", dest="ep_size", type=int, default=1,
@@ -78,6 +81,8 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--served-model-name", nargs="+", help="model name(s) clients use; default: MODEL as given")
     serve.add_argument("--api-key", default=os.environ.get("GLMSERVE_API_KEY"),
                        help="require `Authorization: Bearer KEY` on /v1 (default: $GLMSERVE_API_KEY)")
+    serve.add_argument("--tokenize-without-api-key", action="store_true",
+                       help="serve /tokenize and /detokenize without the API key (by default they need it)")
     serve.add_argument("--chat-template", help="a chat template file, or the template text itself")
     serve.add_argument("--reasoning-parser", help="glm45: split <think> reasoning into reasoning_content")
     serve.add_argument("--tool-call-parser", help="glm45: parse <tool_call> blocks into tool_calls")
@@ -97,6 +102,10 @@ def _build_parser() -> argparse.ArgumentParser:
                         help="seconds a request may run in the engine before it is ended with 408; default: none")
     limits.add_argument("--shutdown-timeout", type=float, default=30.0,
                         help="on SIGTERM, seconds that requests in flight may take to finish (vLLM)")
+    limits.add_argument("--request-read-timeout", type=float, default=30.0,
+                        help="seconds a request may take to send its headers and body (408 and closed beyond)")
+    limits.add_argument("--limit-concurrency", type=int,
+                        help="open connections at most, 503 beyond (uvicorn); default: what the open-file limit allows")
     limits.add_argument("--enable-log-requests", action="store_true",
                         help="log each request's prompt and parameters (vLLM); prompts are never logged otherwise")
     limits.add_argument("--max-log-len", type=int, help="with --enable-log-requests: characters (and token ids) of a "
@@ -203,7 +212,7 @@ def _engine_config(parser: argparse.ArgumentParser, args, model: str):
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
             enable_prefix_caching=args.enable_prefix_caching and not args.disable_radix_cache, seed=args.seed,
             tensor_parallel_size=args.tensor_parallel_size, enable_expert_parallel=_expert_parallel(args),
-            num_speculative_tokens=num_draft_tokens)
+            num_speculative_tokens=num_draft_tokens, step_timeout=args.step_timeout)
     except ConfigError as e:
         parser.error(str(e))
 
@@ -261,7 +270,8 @@ def serve(parser: argparse.ArgumentParser, args) -> int:
     given = args.model_path or args.model
     names = args.served_model_name or [model if given else Path(model).name]
     state = ServerState(client, tokenizer, template, names, model, args.reasoning_parser, args.tool_call_parser,
-                        args.api_key, limits, args.enable_log_requests, args.max_log_len)
+                        args.api_key, limits, args.enable_log_requests, args.max_log_len,
+                        tokenize_without_api_key=args.tokenize_without_api_key)
     try:
         sock = socket.create_server((args.host, args.port), family=socket.AF_INET6 if ":" in args.host
                                     else socket.AF_INET)
@@ -269,7 +279,9 @@ def serve(parser: argparse.ArgumentParser, args) -> int:
         parser.error(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}")
     keep_alive = os.environ.get("GLMSERVE_KEEP_ALIVE_ON_ENGINE_DEATH", "") not in ("", "0")
     return asyncio.run(run_server(build_app(state), sock, client, names, log_level=args.uvicorn_log_level,
-                                  shutdown_timeout=args.shutdown_timeout, keep_alive_on_engine_death=keep_alive))
+                                  shutdown_timeout=args.shutdown_timeout, in_flight=state.in_flight,
+                                  request_read_timeout=args.request_read_timeout,
+                                  limit_concurrency=args.limit_concurrency, keep_alive_on_engine_death=keep_alive))
 
 
 def _serving_limits(parser: argparse.ArgumentParser, args):
@@ -278,11 +290,13 @@ def _serving_limits(parser: argparse.ArgumentParser, args):
     for flag, value, low in (("--max-queued-requests", args.max_queued_requests, 0),
                              ("--max-output-tokens", args.max_output_tokens, 1),
                              ("--shutdown-timeout", args.shutdown_timeout, 0),
-                             ("--max-log-len", args.max_log_len, 0)):
+                             ("--max-log-len", args.max_log_len, 0),
+                             ("--limit-concurrency", args.limit_concurrency, 1)):
         if value is not None and value < low:
             parser.error(f"{flag} must be at least {low}, got {value}")
     for flag, value in (("--max-request-body-mb", args.max_request_body_mb),
-                        ("--request-timeout", args.request_timeout)):
+                        ("--request-timeout", args.request_timeout),
+                        ("--request-read-timeout", args.request_read_timeout)):
         if value is not None and not value > 0:
             parser.error(f"{flag} must be positive, got {value}")
     return ServingLimits(max_num_seqs=args.max_num_seqs, max_queued_requests=args.max_queued_requests,

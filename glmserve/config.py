@@ -228,6 +228,7 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     enable_expert_parallel: bool = False  # routed experts split whole across the tensor-parallel ranks
     num_speculative_tokens: int = 0  # MTP drafts per step (vLLM's speculative_config num_speculative_tokens)
+    step_timeout: float = 30.0  # tensor parallel: seconds a collective may wait for the other ranks while serving
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -246,6 +247,8 @@ class EngineConfig:
             raise ConfigError("--num-kv-blocks must be positive")
         if self.tensor_parallel_size < 1:
             raise ConfigError("--tensor-parallel-size must be positive")
+        if not self.step_timeout > 0:
+            raise ConfigError(f"--step-timeout must be positive, got {self.step_timeout}")
         if not 0 <= self.num_speculative_tokens <= MAX_SPECULATIVE_TOKENS:
             raise ConfigError(f"the number of speculative tokens must be in [0, {MAX_SPECULATIVE_TOKENS}], "
                               f"got {self.num_speculative_tokens}")

@@ -13,6 +13,11 @@ up at a random point (mid-stream after a random number of chunks, or a random de
 * abort probe: a lone endless stream is dropped PROBES times; the engine steps it still takes part in after the
   hang-up are counted from /metrics (glmserve:engine_steps): at most two (see `abort_probe`).
 
+Beside the load, optionally (RELIABILITY.md item 7): --huge-prompt-mb sends chat prompts of that size one after
+another (each must be refused with 400, the stream gaps and /health above stay the measure of harm), and
+--stalled-connections keeps that many connections open that never finish their headers (each reopened when the
+server closes it at its --request-read-timeout).
+
 Without --url it starts its own server on a small random GLM-4.5-Air-shaped checkpoint with scripted outputs for
 the tool and reasoning requests, and stops it at the end. Prints a JSON report (and writes it to --output); exits 1
 if a check failed. Bounded: at most --time-limit seconds.
@@ -26,6 +31,7 @@ import argparse
 import asyncio
 import json
 import random
+import socket
 import statistics
 import sys
 import tempfile
@@ -229,6 +235,62 @@ def poll_health(url: str, stop: threading.Event, latencies: list[float], codes: 
             stop.wait(0.05)
 
 
+def send_huge_prompts(url: str, headers: dict, megabytes: float, stop: threading.Event, report: dict) -> None:
+    """One huge chat prompt after another until `stop`, in a thread of its own; statuses and latencies."""
+    words = "many words " * int(megabytes * 2**20 / 11)
+    body = json.dumps({"model": "load", "messages": [{"role": "user", "content": words}], "max_tokens": 1}).encode()
+    statuses, latencies = report.setdefault("statuses", {}), report.setdefault("latencies", [])
+    with httpx.Client(base_url=url, headers={**headers, "content-type": "application/json"}, timeout=120) as http:
+        while not stop.is_set():
+            start = time.monotonic()
+            status = str(http.post("/v1/chat/completions", content=body).status_code)
+            statuses[status] = statuses.get(status, 0) + 1
+            latencies.append(time.monotonic() - start)
+
+
+def hold_stalled_connections(url: str, count: int, stop: threading.Event, report: dict) -> None:
+    """Keep `count` connections open that never finish their headers, reopening each the server closes."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+
+    def open_one() -> socket.socket:
+        sock = socket.create_connection((host, int(port)), timeout=10)
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+        sock.setblocking(False)
+        return sock
+
+    socks = [open_one() for _ in range(count)]
+    report.update(opened=count, closed_by_server=0)
+    while not stop.wait(0.5):
+        for i, sock in enumerate(socks):
+            try:
+                if sock.recv(4096):
+                    continue  # the 408 first; its end comes next
+            except BlockingIOError:
+                continue
+            except OSError:
+                pass
+            sock.close()
+            report["closed_by_server"] += 1
+            socks[i] = open_one()
+            report["opened"] += 1
+    for sock in socks:
+        sock.close()
+
+
+def start_beside(args, url: str, headers: dict) -> tuple[threading.Event, list[threading.Thread], dict]:
+    """The huge prompts and stalled connections asked for, each in a thread of its own until the event is set."""
+    stop, beside, threads = threading.Event(), {"huge_prompts": {}, "stalled_connections": {}}, []
+    if args.huge_prompt_mb:
+        threads.append(threading.Thread(target=send_huge_prompts, args=(url, headers, args.huge_prompt_mb, stop,
+                                                                        beside["huge_prompts"])))
+    if args.stalled_connections:
+        threads.append(threading.Thread(target=hold_stalled_connections, args=(
+            url, args.stalled_connections, stop, beside["stalled_connections"])))
+    for thread in threads:
+        thread.start()
+    return stop, threads, beside
+
+
 async def abort_probe(http: httpx.AsyncClient, model: str) -> dict:
     """Drop a lone endless stream after a few chunks; count the engine steps it still took part in.
 
@@ -259,23 +321,33 @@ def percentile(values: list[float], q: float) -> float:
 
 async def run(args, url: str, model: str) -> dict:
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    limits = httpx.Limits(max_connections=args.concurrency + 8, max_keepalive_connections=args.concurrency + 8)
+    # Idle connections are dropped after 4 s, before the server's keep-alive timeout (5 s) closes them: at equal
+    # timeouts a request sent on a connection just as the server closes it is lost (seen once in 2,000).
+    limits = httpx.Limits(max_connections=args.concurrency + 8, max_keepalive_connections=args.concurrency + 8,
+                          keepalive_expiry=4.0)
     async with httpx.AsyncClient(base_url=url, headers=headers, limits=limits, timeout=120) as http:
-        # Warm-up: the same mix, and the probe's long sequence, so that the baseline has seen every shape.
+        # Warm-up: the same mix (huge prompts and stalled connections included), and the probe's long sequence,
+        # so that the baseline has seen every shape and the allocator's high-water mark.
+        stop_beside, beside_threads, _ = start_beside(args, url, headers)
         warmup = await run_load(http, make_specs(args.warmup, 0.0, args.seed + 1), model, args.concurrency)
+        stop_beside.set()
+        for thread in beside_threads:
+            thread.join()
         await abort_probe(http, model)
         rss_warm = metric((await wait_idle(http))[0], "process_resident_memory_bytes")
         aborts_before = metric(await scrape(http), 'glmserve:request_success_total{finished_reason="abort"}')
 
-        stop, health_latencies, health_codes = threading.Event(), [], []
-        poller = threading.Thread(target=poll_health, args=(url, stop, health_latencies, health_codes))
-        poller.start()
+        stop, threads, beside = start_beside(args, url, headers)
+        health_latencies, health_codes = [], []
+        threads.append(threading.Thread(target=poll_health, args=(url, stop, health_latencies, health_codes)))
+        threads[-1].start()
         start = time.monotonic()
         specs = make_specs(args.requests, args.hang_up_fraction, args.seed)
         tally = await run_load(http, specs, model, args.concurrency)
         elapsed = time.monotonic() - start
         stop.set()
-        poller.join()
+        for thread in threads:
+            thread.join()
         text, idle_after = await wait_idle(http)
         probes = [await abort_probe(http, model) for _ in range(args.probes)]
         final = await scrape(http)
@@ -303,6 +375,13 @@ async def run(args, url: str, model: str) -> dict:
                    "max_ms": round(max(health_latencies, default=0) * 1e3, 1)},
         "abort_probe": {key: max((p[key] for p in probes), default=0) for key in probes[0]} if probes else {},
     }
+    huge = beside["huge_prompts"]
+    if huge:
+        report["huge_prompts"] = {"megabytes": args.huge_prompt_mb, "statuses": huge["statuses"],
+                                  "p50_s": round(percentile(huge["latencies"], 50), 3),
+                                  "max_s": round(max(huge["latencies"]), 3)}
+    if beside["stalled_connections"]:
+        report["stalled_connections"] = {"held": args.stalled_connections, **beside["stalled_connections"]}
     margin = max(args.rss_margin_mib, 0.1 * rss_warm / 2**20)
     report["checks"] = {
         "no_failures": report["num_failures"] == 0,
@@ -312,6 +391,8 @@ async def run(args, url: str, model: str) -> dict:
         "health_always_200": report["health"]["non_200"] == 0,
         "abort_within_two_steps": all(p["steps_after_hang_up"] <= 2 for p in probes),
     }
+    if huge:
+        report["checks"]["huge_prompts_refused_with_400"] = set(huge["statuses"]) == {"400"}
     return report
 
 
@@ -347,6 +428,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-kv-blocks", type=int, default=4096, help="for the server this script starts")
     p.add_argument("--step-delay-ms", type=float, default=0.0,
                    help="for the server this script starts: pace its steps (the test's abort probe, on a fast CPU)")
+    p.add_argument("--huge-prompt-mb", type=float, default=0.0,
+                   help="beside the load, send chat prompts of this many MB one after another (each must get 400)")
+    p.add_argument("--stalled-connections", type=int, default=0,
+                   help="beside the load, hold this many connections that never finish their headers")
     p.add_argument("--time-limit", type=float, default=3600.0, help="give up after this many seconds")
     p.add_argument("--output", help="also write the JSON report here")
     args = p.parse_args(argv)

@@ -41,6 +41,17 @@ class ParallelContext:
         dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
         return int(t.item())
 
+    def set_timeout(self, seconds: float) -> None:
+        """How long each collective may wait for the other ranks from now on. Loading runs under the long
+        `COLLECTIVE_TIMEOUT` (ranks finish loading at different times); serving under `--step-timeout`, so that a
+        hung rank fails the others' next collective within it."""
+        if self.tp_size > 1:  # torch's only way to change a group's timeout after it is made
+            dist.distributed_c10d._set_pg_timeout(timedelta(seconds=seconds), self.group)
+
+    def round_trip(self, device: torch.device) -> None:
+        """A collective every rank takes part in: it returns once all have reached it (or raises at the timeout)."""
+        self.smallest(0, device)
+
     def broadcast(self, message: Any = None) -> Any:
         """Rank 0's message, on every rank (pickled through the group: step inputs, commands)."""
         box = [message]
@@ -48,7 +59,8 @@ class ParallelContext:
         return box[0]
 
 
-# How long a collective may wait for the other ranks (gloo and NCCL): a dead rank fails the others after this.
+# How long a collective may wait for the other ranks (gloo and NCCL) while the ranks load the model; serving then
+# sets the step timeout (`ParallelContext.set_timeout`).
 COLLECTIVE_TIMEOUT = timedelta(minutes=10)
 
 

@@ -38,6 +38,12 @@ class EngineNotReadyError(RuntimeError):
     """The engine is still loading."""
 
 
+def failure_message(error: BaseException) -> str:
+    """What a client is told of an engine failure: its kind only. The message itself can hold internals (a gloo
+    source path, the ranks' rendezvous address); the log has it whole."""
+    return f"the engine has failed ({type(error).__name__}); the server's log has the details"
+
+
 @dataclass(frozen=True, slots=True)
 class EngineRequest:
     request_id: str
@@ -82,7 +88,8 @@ class RequestStream:
             self._live.discard(output.request_id)
         self._event.set()
 
-    def _fail(self, error: BaseException) -> None:
+    def fail(self, error: BaseException) -> None:
+        """End the stream with `error`, raised to its reader once the outputs already queued are read."""
         self._error = error
         self._event.set()
 
@@ -183,7 +190,7 @@ class AsyncEngineClient:
     def require_info(self) -> EngineInfo:
         """The engine's info; raises EngineNotReadyError while loading, EngineDeadError once it has failed."""
         if self.error is not None:
-            raise EngineDeadError(f"the engine has failed: {self.error!r}")
+            raise EngineDeadError(failure_message(self.error))
         if self.info is None:
             raise EngineNotReadyError("the model is still loading")
         return self.info
@@ -225,11 +232,12 @@ class AsyncEngineClient:
             self._stopping = True
             self._cond.notify()
 
-    def join(self, timeout: float | None = None) -> None:
+    def join(self, timeout: float | None = None) -> bool:
         """Wait for the engine thread to end after `shutdown` (it finishes its step first): a process that exits
-        while the thread is inside a torch op is aborted by the C++ runtime."""
+        while the thread is inside a torch op is aborted by the C++ runtime. Whether it has ended."""
         if self._thread is not None:
             self._thread.join(timeout)
+        return self._thread is None or not self._thread.is_alive()
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         for output in outputs:
@@ -247,11 +255,11 @@ class AsyncEngineClient:
     def _on_dead(self, error: BaseException) -> None:
         self.error = error
         self._dead.set()
-        dead = EngineDeadError(f"the engine has failed: {error!r}")
+        dead = EngineDeadError(failure_message(error))
         if not self._ready.done():
             self._ready.set_exception(dead)
         for stream in set(self._streams.values()):
-            stream._fail(dead)
+            stream.fail(dead)
         self._streams.clear()
         # The engine thread has stopped taking commands: answer the adds still queued.
         for command in self._take_commands():
@@ -279,15 +287,25 @@ class AsyncEngineClient:
                 pass
             engine.close()
         except BaseException as e:  # noqa: BLE001 - any failure kills the engine; report it, don't lose it
-            logger.exception("engine failed")
+            if self._stopping:  # the server ended a hung step while stopping (it kills tensor-parallel ranks)
+                logger.warning("the engine stopped in the middle of a step: %r", e)
+            else:
+                logger.exception("engine failed")
             self._call(self._on_dead, e)
 
     def _serve_once(self, engine: LLMEngine) -> bool:
+        # A tensor-parallel engine is pinged while idle (engines without ranks, fakes included, never are).
+        interval = getattr(engine, "keep_alive_interval", None)
         with self._cond:
             while not (self._commands or self._stopping or engine.has_unfinished_requests()):
-                self._cond.wait()
+                if not self._cond.wait(interval):
+                    break
             if self._stopping:
                 return False
+            idle = not (self._commands or engine.has_unfinished_requests())
+        if idle:  # waited an interval with nothing to do
+            engine.keep_alive()
+            return True
         for command in self._take_commands():
             if command[0] == "add":
                 self._call(self._settle, command[2], self._add(engine, command[1]))

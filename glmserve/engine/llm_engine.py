@@ -62,6 +62,16 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
 
+    @property
+    def keep_alive_interval(self) -> float | None:
+        """Tensor parallel: how often an idle engine must call `keep_alive` (None: never)."""
+        return self.runner.keep_alive_interval if isinstance(self.runner, TensorParallelRunner) else None
+
+    def keep_alive(self) -> None:
+        """Tensor parallel: a round trip through the ranks; raises if one is dead or hung (see tensor_parallel)."""
+        if isinstance(self.runner, TensorParallelRunner):
+            self.runner.keep_alive()
+
     def close(self) -> None:
         """Stop a tensor-parallel engine's other processes (nothing to do with one process)."""
         if isinstance(self.runner, TensorParallelRunner):

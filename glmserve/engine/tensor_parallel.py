@@ -6,10 +6,17 @@ torch.distributed group the model's all-reduces use) and every rank runs the sam
 whose all-reduces meet; the same sampling, from identical logits and identically seeded generators; the same MTP
 drafts. Rank 0's result is the step's; the others' are dropped. The scheduler and the KV block table live on rank
 0 only and travel inside the step. (vLLM's multiprocess executor is built the same way.)
+
+A rank that dies makes rank 0's next collective fail at once; one that hangs (stopped, or stuck) makes it fail at
+`--step-timeout`, the collectives' timeout once the model is loaded. While the engine is idle, rank 0 sends a
+round trip every third of that (`keep_alive`), so that the other ranks' wait for the next step never times out
+and a hung rank is found idle too. After any failure rank 0 kills the other ranks: the group is broken, and a
+stopped process would otherwise outlive the server.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 
@@ -24,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 # Unseeded sampling draws from torch's global generator: every rank seeds it alike so that all draw the same.
 GLOBAL_SEED = 0
+STOP_JOIN_S = 5.0  # how long the other ranks get to leave the group after "stop" before they are killed
 
 
 def _free_port() -> int:
@@ -46,12 +54,15 @@ def _worker(rank: int, model_config: ModelConfig, config: EngineConfig, init_met
         torch.set_num_threads(threads)
     torch.manual_seed(GLOBAL_SEED)
     runner = ModelRunner(model_config, config, progress=False, rank=rank, init_method=init_method)
+    runner.parallel.set_timeout(config.step_timeout)
     while True:
         command, payload = runner.parallel.broadcast()
         if command == "execute":
             runner.execute(payload)
         elif command == "release":
             runner.release(payload)
+        elif command == "ping":
+            runner.parallel.round_trip(runner.device)
         else:  # "stop"
             break
     torch.distributed.destroy_process_group()
@@ -73,25 +84,52 @@ class TensorParallelRunner:
             torch.set_num_threads(threads)
         torch.manual_seed(GLOBAL_SEED)
         self.runner = ModelRunner(model_config, config, progress=progress, rank=0, init_method=init_method)
+        self.runner.parallel.set_timeout(config.step_timeout)
+        self.keep_alive_interval = config.step_timeout / 3
         self.model = self.runner.model
         self.num_blocks = self.runner.num_blocks
         logger.info("tensor parallel: %d processes (ranks 1-%d: pids %s)", config.tensor_parallel_size,
                     config.tensor_parallel_size - 1, ", ".join(str(w.pid) for w in self.workers))
 
     def execute(self, scheduler_output: SchedulerOutput) -> StepOutput:
-        self.runner.parallel.broadcast(("execute", scheduler_output))
-        return self.runner.execute(scheduler_output)
+        with self._killing_workers_on_failure():
+            self.runner.parallel.broadcast(("execute", scheduler_output))
+            return self.runner.execute(scheduler_output)
 
     def release(self, request_id: str) -> None:
-        self.runner.parallel.broadcast(("release", request_id))
-        self.runner.release(request_id)
+        with self._killing_workers_on_failure():
+            self.runner.parallel.broadcast(("release", request_id))
+            self.runner.release(request_id)
+
+    def keep_alive(self) -> None:
+        """A round trip through every rank, for an idle engine every `keep_alive_interval` seconds."""
+        with self._killing_workers_on_failure():
+            self.runner.parallel.broadcast(("ping", None))
+            self.runner.parallel.round_trip(self.runner.device)
+
+    @contextlib.contextmanager
+    def _killing_workers_on_failure(self):
+        try:
+            yield
+        except BaseException:
+            self._kill_workers()
+            with contextlib.suppress(Exception):  # the group is broken; leave it so a new engine can make one
+                torch.distributed.destroy_process_group()
+            raise
+
+    def _kill_workers(self) -> None:
+        for worker in self.workers:
+            worker.kill()  # SIGKILL: it ends a stopped process too
+            worker.join(timeout=STOP_JOIN_S)
+        self.workers = []
 
     def close(self) -> None:
         """Stop the other ranks and leave the group (the engine cannot step afterwards)."""
         if not self.workers:
             return
-        self.runner.parallel.broadcast(("stop", None))
+        with self._killing_workers_on_failure():
+            self.runner.parallel.broadcast(("stop", None))  # a stopped rank's socket buffers it
         for worker in self.workers:
-            worker.join(timeout=60)
-        self.workers = []
+            worker.join(timeout=STOP_JOIN_S)
+        self._kill_workers()  # any that did not leave (a hung rank)
         torch.distributed.destroy_process_group()

@@ -1,9 +1,9 @@
-"""The FastAPI app: OpenAI routes under /v1 (behind the API key when one is set), vLLM's /tokenize and
-/detokenize, /health and /metrics.
+"""The FastAPI app: OpenAI routes under /v1 and vLLM's /tokenize and /detokenize (behind the API key when one is
+set), /health and /metrics.
 
 Two plain ASGI middlewares run before any route (not Starlette's BaseHTTPMiddleware, which would get between a
 streaming response and the client's disconnect): the API key for every path under /v1, unknown ones included, as
-vLLM checks it; and the request body limit.
+vLLM checks it, and for /tokenize and /detokenize unless --tokenize-without-api-key; and the request body limit.
 """
 
 from __future__ import annotations
@@ -14,10 +14,12 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from glmserve.engine.engine_client import failure_message
 from glmserve.serving.chat import create_chat_completion, render_prompt
 from glmserve.serving.completions import create_completion
 from glmserve.serving.errors import error_response, install_error_handlers
 from glmserve.serving.limits import BodySizeLimit
+from glmserve.serving.prompt_workers import check_fits
 from glmserve.serving.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -65,7 +67,7 @@ def build_app(state: ServerState) -> FastAPI:
     @app.get("/health")
     async def health() -> Response:
         if state.client.error is not None:
-            return error_response(503, f"the engine has failed: {state.client.error!r}")
+            return error_response(503, failure_message(state.client.error))
         if not state.client.ready:
             return error_response(503, "the model is still loading")
         return Response(status_code=200)
@@ -74,16 +76,20 @@ def build_app(state: ServerState) -> FastAPI:
     async def metrics() -> Response:
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    def tokenize_in_worker(req: TokenizeRequest, max_model_len: int) -> list[int]:
+        if req.messages is not None:
+            tools = [t.model_dump(exclude_unset=True) for t in req.tools] if req.tools else None
+            text = render_prompt(state, req.messages, tools, req.add_generation_prompt, req.chat_template_kwargs or {})
+            check_fits(text, state.tokenizer, max_model_len, "messages")
+            return state.tokenizer.encode_marked(text, add_special_tokens=req.add_special_tokens)
+        check_fits(req.prompt, state.tokenizer, max_model_len, "prompt")
+        return state.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+
     @app.post("/tokenize")
     async def tokenize(req: TokenizeRequest) -> JSONResponse:
         state.model_name(req.model)
         info = state.client.require_info()
-        if req.messages is not None:
-            tools = [t.model_dump(exclude_unset=True) for t in req.tools] if req.tools else None
-            text = render_prompt(state, req.messages, tools, req.add_generation_prompt, req.chat_template_kwargs or {})
-            tokens = state.tokenizer.encode_marked(text, add_special_tokens=req.add_special_tokens)
-        else:
-            tokens = state.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        tokens = await state.prompt_workers.run(tokenize_in_worker, req, info.max_model_len)
         strs = [state.tokenizer.id_to_token(t) for t in tokens] if req.return_token_strs else None
         return JSONResponse({"count": len(tokens), "max_model_len": info.max_model_len, "tokens": tokens,
                              "token_strs": strs})
@@ -94,7 +100,8 @@ def build_app(state: ServerState) -> FastAPI:
         vocab = state.client.require_info().vocab_size
         if any(t >= vocab for t in req.tokens):
             raise ParamError(f"token ids must be in [0, {vocab})", "tokens")
-        return JSONResponse({"prompt": state.tokenizer.decode(req.tokens, skip_special_tokens=False)})
+        text = await state.prompt_workers.run(state.tokenizer.decode, req.tokens, False)
+        return JSONResponse({"prompt": text})
 
     return app
 
@@ -104,8 +111,13 @@ class _APIKeyCheck:
         self.app = app
         self.state = state
 
+    def _guarded(self, path: str) -> bool:
+        # /tokenize and /detokenize cost CPU per request like the /v1 routes do (unlike vLLM, they need the key).
+        tokenizer = path in ("/tokenize", "/detokenize") and not self.state.tokenize_without_api_key
+        return tokenizer or path == "/v1" or path.startswith("/v1/")
+
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and (scope["path"] == "/v1" or scope["path"].startswith("/v1/")):
+        if scope["type"] == "http" and self._guarded(scope["path"]):
             authorization = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
             if not self.state.authorized(authorization):
                 response = error_response(401, "Incorrect or missing API key: send it as `Authorization: Bearer "

@@ -28,6 +28,7 @@ from glmserve.serving.errors import APIError
 from glmserve.serving.generation import Generation, sampling_params, stream_response, unless_disconnected
 from glmserve.serving.parsers import Glm45StreamParser, parse_output
 from glmserve.serving.parsers.glm45 import THINK_OPEN, TOOL_OPEN
+from glmserve.serving.prompt_workers import check_fits
 from glmserve.serving.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -46,7 +47,7 @@ from glmserve.types import ParamError
 
 
 class ChatPrompt:
-    """The rendered prompt of a chat request and how its output is to be parsed."""
+    """The rendered prompt of a chat request and how its output is to be parsed (built in a prompt worker)."""
 
     def __init__(self, state: ServerState, req: ChatCompletionRequest):
         tool_choice = req.tool_choice or ("auto" if req.tools else "none")
@@ -63,9 +64,10 @@ class ChatPrompt:
         # Thinking mode is whatever the prompt says: with thinking off it ends with an empty think block.
         self.thinking = not self.text.endswith("</think>")
         if self.forced:  # the function name is the client's text, like the messages
-            forced = TOOL_OPEN + state.tokenizer.mark_literal(self.forced[len(TOOL_OPEN):])
+            forced = TOOL_OPEN + state.tokenizer.mark_literal(self.forced[len(TOOL_OPEN):], switches=True)
             self.text += ("\n<think></think>" if self.thinking else "") + "\n" + forced
             self.thinking = False
+        check_fits(self.text, state.tokenizer, state.client.require_info().max_model_len, "messages")
         self.token_ids = state.tokenizer.encode_marked(self.text)
         self.parse_reasoning = state.reasoning_parser is not None
         self.parse_tools = use_tools
@@ -97,31 +99,33 @@ def render_prompt(state: ServerState, messages: list[ChatMessage], tools: list[d
     """The chat template applied to request messages (GLM45.md §1.5 normalisation first), with the client's text
     marked for `Tokenizer.encode_marked`: control-token strings typed in messages or tools stay text. Assistant
     turns are the model's own output, whose <think> and <tool_call> markup the template reads, so only the marker
-    character is escaped in them."""
+    character is escaped in them. GLM's `/nothink` switch works in the client's own user and system text; in tool
+    results and tool definitions (a third party's text: a web page, an API) and in assistant turns it is text."""
     dumped = []
     for m in messages:
         message = m.model_dump(exclude_unset=True)
         if message["role"] == "developer":  # OpenAI's newer name for system; GLM's template knows only system
             message["role"] = "system"
-        dumped.append(_mark_literal(state, message, control_tokens=message["role"] != "assistant"))
+        dumped.append(_mark_literal(state, message, control_tokens=message["role"] != "assistant",
+                                    switches=message["role"] in ("assistant", "tool")))
     reserved = set(template_kwargs) & _RENDER_ARGUMENTS
     if reserved:
         raise ParamError(f"chat_template_kwargs cannot set {', '.join(sorted(reserved))}", "chat_template_kwargs")
     # The request's kwargs may override the tokenizer's special tokens, as in vLLM.
     kwargs = {**state.tokenizer.special_tokens_map, **template_kwargs}
-    return render_chat(state.chat_template, normalize_messages(dumped), _mark_literal(state, tools),
+    return render_chat(state.chat_template, normalize_messages(dumped), _mark_literal(state, tools, switches=True),
                        add_generation_prompt, **kwargs)
 
 
-def _mark_literal(state: ServerState, value, control_tokens: bool = True):
+def _mark_literal(state: ServerState, value, control_tokens: bool = True, switches: bool = False):
     """Every string in a JSON value (keys included) through `Tokenizer.mark_literal`."""
     if isinstance(value, str):
-        return state.tokenizer.mark_literal(value, control_tokens)
+        return state.tokenizer.mark_literal(value, control_tokens, switches)
     if isinstance(value, dict):
-        return {_mark_literal(state, k, control_tokens): _mark_literal(state, v, control_tokens)
+        return {_mark_literal(state, k, control_tokens, switches): _mark_literal(state, v, control_tokens, switches)
                 for k, v in value.items()}
     if isinstance(value, list):
-        return [_mark_literal(state, v, control_tokens) for v in value]
+        return [_mark_literal(state, v, control_tokens, switches) for v in value]
     return value
 
 
@@ -144,7 +148,7 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
     info = state.client.require_info()
     max_tokens = req.max_completion_tokens or req.max_tokens
     state.limits.check_max_tokens(max_tokens, "max_completion_tokens" if req.max_completion_tokens else "max_tokens")
-    prompt = ChatPrompt(state, req)
+    prompt = await state.prompt_workers.run(ChatPrompt, state, req)
     params = sampling_params(
         req, info, max_tokens=max_tokens,
         logprobs=(req.top_logprobs or 0) if req.logprobs else None,

@@ -12,15 +12,18 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 
 from glmserve.serving.generation import Generation, sampling_params, stream_response, unless_disconnected
+from glmserve.serving.prompt_workers import check_fits
 from glmserve.serving.protocol import CompletionChoice, CompletionRequest, CompletionResponse, random_id
 from glmserve.serving.state import ServerState
 
 
-def _prompts(state: ServerState, prompt) -> list[list[int]]:
-    if isinstance(prompt, str):
-        return [state.tokenizer.encode(prompt)]
-    if all(isinstance(p, int) for p in prompt):
-        return [list(prompt)]
+def _prompts(state: ServerState, prompt, max_model_len: int) -> list[list[int]]:
+    """The prompts' token ids (run in a prompt worker: tokenizing a long text takes a while)."""
+    if isinstance(prompt, str) or all(isinstance(p, int) for p in prompt):
+        prompt = [prompt]
+    for text in prompt:
+        if isinstance(text, str):
+            check_fits(text, state.tokenizer, max_model_len, "prompt")
     return [state.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompt]
 
 
@@ -30,7 +33,8 @@ async def create_completion(state: ServerState, req: CompletionRequest, raw: Req
     state.limits.check_max_tokens(req.max_tokens, "max_tokens")
     params = sampling_params(req, info, max_tokens=req.max_tokens, logprobs=req.logprobs,
                              skip_special_tokens=req.skip_special_tokens)
-    gen = await Generation.start(state, _prompts(state, req.prompt), params)
+    prompts = await state.prompt_workers.run(_prompts, state, req.prompt, info.max_model_len)
+    gen = await Generation.start(state, prompts, params)
     response_id, created = random_id("cmpl"), int(time.time())
     if req.stream:
         include_usage = req.stream_options is not None and req.stream_options.include_usage

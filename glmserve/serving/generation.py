@@ -19,6 +19,7 @@ from fastapi.responses import Response, StreamingResponse
 from starlette.background import BackgroundTask
 
 from glmserve.engine.engine_client import EngineInfo, EngineRequest, RequestStream
+from glmserve.serving.drain import InFlight
 from glmserve.serving.errors import APIError, sse_error
 from glmserve.serving.metrics import RequestTimer
 from glmserve.serving.protocol import SamplingFields, UsageInfo, random_id
@@ -79,7 +80,7 @@ class ChoiceDelta:
 
 class Generation:
     def __init__(self, params: SamplingParams, choices: list[Choice], stream: RequestStream, timer: RequestTimer,
-                 timeout: float | None):
+                 timeout: float | None, in_flight: InFlight | None = None):
         self.params = params
         self.choices = choices
         self._by_id = {c.request_id: c for c in choices}
@@ -88,6 +89,9 @@ class Generation:
         self._timeout = timeout
         self._deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
         self._closed = False
+        self._in_flight = in_flight
+        if in_flight is not None:
+            in_flight.add(self)
 
     @classmethod
     async def start(cls, state: ServerState, prompts: list[list[int]], params: SamplingParams) -> Generation:
@@ -106,7 +110,11 @@ class Generation:
                 choices.append(Choice(index, f"{base}-{index}", prompt, TextOutput(state.tokenizer, child)))
                 requests.append(EngineRequest(f"{base}-{index}", prompt, child))
         stream = await state.client.add_requests(requests)
-        return cls(params, choices, stream, timer, state.limits.request_timeout)
+        try:
+            return cls(params, choices, stream, timer, state.limits.request_timeout, state.in_flight)
+        except BaseException:  # the server's grace period is over: nobody will read these requests
+            stream.abort()
+            raise
 
     async def _outputs(self):
         """The engine's outputs, ending with APIError 408 at the deadline (the caller's close() aborts the rest)."""
@@ -155,10 +163,16 @@ class Generation:
                          total_tokens=prompt_tokens + completion_tokens,
                          prompt_tokens_details={"cached_tokens": sum(c.num_cached_tokens for c in prompts)})
 
+    def fail(self, error: Exception) -> None:
+        """End the output with `error` (raised to whoever reads `deltas`), e.g. when the server stops."""
+        self._stream.fail(error)
+
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
+        if self._in_flight is not None:
+            self._in_flight.discard(self)
         self._stream.abort()
         self._timer.finish(self.usage().prompt_tokens, [c.num_output_tokens for c in self.choices],
                            [c.finish_reason for c in self.choices])
@@ -205,8 +219,9 @@ _LINE_BREAKS_OUTSIDE_SSE = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028"
 def stream_response(gen: Generation, chunks: AsyncIterator[str],
                     usage_chunk: Callable[[], str] | None) -> StreamingResponse:
     """The SSE framing chat and completions share: their chunks, then the usage chunk when asked for, then
-    `[DONE]`. An error after the status line can only go into the stream; the generation is closed on every
-    exit, a client that went away included. Unicode line separators in a chunk's JSON are escaped."""
+    `[DONE]`. An error after the status line can only go into the stream, as an error event before `[DONE]`; the
+    generation is closed on every exit, a client that went away included. Unicode line separators in a chunk's
+    JSON are escaped."""
 
     async def body() -> AsyncIterator[str]:
         try:
@@ -214,10 +229,10 @@ def stream_response(gen: Generation, chunks: AsyncIterator[str],
                 yield chunk.translate(_LINE_BREAKS_OUTSIDE_SSE)
             if usage_chunk is not None:
                 yield usage_chunk()
-            yield "data: [DONE]\n\n"
         except Exception as e:  # noqa: BLE001 - the status line is sent; the error can only go in the stream
             yield sse_error(e).translate(_LINE_BREAKS_OUTSIDE_SSE)
         finally:
             gen.close()
+        yield "data: [DONE]\n\n"  # after an error event too, as vLLM ends its streams
 
     return StreamingResponse(body(), media_type="text/event-stream", background=BackgroundTask(gen.close))

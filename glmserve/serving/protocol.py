@@ -13,7 +13,6 @@ against the queue) is checked when the request is served.
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from typing import Annotated, Any, Literal
@@ -29,6 +28,9 @@ MAX_MESSAGES = 2048
 MAX_TOOLS = 128  # OpenAI's own limit
 MAX_STOP = 64  # stop strings or stop token ids
 MAX_PROMPTS = 1024  # prompts in one /v1/completions batch (each still counts against the queue)
+# Arrays and objects inside one another, anywhere in a body: the template's argument walks and json.dumps recurse,
+# and a deep enough value would hit Python's recursion limit (a 500). A JSON schema ten levels deep is ~25.
+MAX_JSON_DEPTH = 64
 
 
 def random_id(prefix: str) -> str:
@@ -46,16 +48,36 @@ class RequestBody(OpenAIModel):
     @model_validator(mode="before")
     @classmethod
     def _check_text(cls, data: Any) -> Any:
-        # JSON may spell a lone UTF-16 surrogate ("\ud800"), which Python keeps in a str but no tokenizer, and no
-        # UTF-8 response quoting it, can encode.
-        try:
-            json.dumps(data, ensure_ascii=False).encode()
-        except UnicodeEncodeError:
-            raise ParamError("the request holds an unpaired UTF-16 surrogate escape (\\ud800-\\udfff), which is "
-                             "not text") from None
-        except (TypeError, ValueError):  # not JSON-shaped: the field validators say what is wrong
-            pass
+        check_json(data)
         return data
+
+
+def check_json(value: Any) -> None:
+    """Raise ParamError if a request body nests deeper than MAX_JSON_DEPTH or holds a string that is not text.
+
+    JSON may spell a lone UTF-16 surrogate ("\\ud800"), which Python keeps in a str but no tokenizer, and no UTF-8
+    response quoting it, can encode. The walk is iterative, so a hostile depth cannot exhaust the stack, and
+    cheap on a huge ASCII string (15 MB: about a millisecond)."""
+    todo = [(value, 0)]
+    while todo:
+        item, depth = todo.pop()
+        if isinstance(item, str):
+            if not item.isascii():
+                try:
+                    item.encode()
+                except UnicodeEncodeError:
+                    raise ParamError("the request holds an unpaired UTF-16 surrogate escape (\\ud800-\\udfff), "
+                                     "which is not text") from None
+            continue
+        if isinstance(item, dict):
+            children = [*item.keys(), *item.values()]
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth >= MAX_JSON_DEPTH:
+            raise ParamError(f"the request nests arrays and objects more than {MAX_JSON_DEPTH} levels deep")
+        todo.extend((child, depth + 1) for child in children)
 
 
 # ---- shared request parts ---------------------------------------------------------------------------------------

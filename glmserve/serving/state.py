@@ -7,11 +7,13 @@ import hmac
 from dataclasses import dataclass, field
 
 from glmserve.engine.engine_client import AsyncEngineClient
+from glmserve.serving.drain import InFlight
 from glmserve.serving.errors import APIError
 from glmserve.serving.limits import ServingLimits
 from glmserve.serving.logprobs import LogprobsFormatter
 from glmserve.serving.metrics import Metrics
 from glmserve.serving.parsers import check_parser_names
+from glmserve.serving.prompt_workers import PromptWorkers
 from glmserve.serving.tokenizer import Tokenizer
 
 @dataclass
@@ -27,6 +29,9 @@ class ServerState:
     limits: ServingLimits = field(default_factory=ServingLimits)
     log_requests: bool = False  # --enable-log-requests: log each request's prompt (vLLM's flag)
     max_log_len: int | None = None  # --max-log-len: characters and token ids of a prompt to log
+    tokenize_without_api_key: bool = False  # --tokenize-without-api-key: /tokenize and /detokenize stay open
+    in_flight: InFlight = field(default_factory=InFlight)  # ended with an error when a shutdown's grace is over
+    prompt_workers: PromptWorkers = field(default_factory=PromptWorkers)  # templates and tokenizer, off the loop
     metrics: Metrics = field(init=False)
     logprobs: LogprobsFormatter = field(init=False)
 

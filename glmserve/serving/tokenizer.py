@@ -16,7 +16,8 @@ A rendered chat prompt mixes both: the template's control tokens, and text a cli
 added-token strings in client text before rendering (as private-use markers, which templates pass through
 untouched), and `encode_marked` encodes the rendered prompt with those spans as plain text: `<|user|>` or `<think>`
 typed in a message is never a control token. Only a /v1/completions prompt, the client's whole raw prompt (ids or
-text, as in vLLM), reaches control tokens directly. GLM's `/nothink` is left alone: users are meant to type it.
+text, as in vLLM), reaches control tokens directly. GLM's `/nothink` switch is left alone in the client's own text
+(users are meant to type it), and marked in third parties' text (tool results, tool descriptions) and in the model's.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from pathlib import Path
 import tokenizers
 
 # Added tokens that users type on purpose: GLM-4.5's soft switch to turn thinking off for one turn.
-_USER_TYPED = frozenset({"/nothink"})
+_SWITCHES = frozenset({"/nothink"})
 _MARK, _MARK_END = "\ue000", "\ue001"  # private-use characters: no tokenizer or template gives them a meaning
 _MARKED = re.compile(f"{_MARK}(\\d+){_MARK_END}")
 
@@ -84,40 +85,56 @@ class Tokenizer:
         self.vocab_size: int = self._tokenizer.get_vocab_size(with_added_tokens=True)
         # Longest first, so that no token's string is matched as part of a longer one; the marker character itself
         # is marked too, so client text can never spell a marker.
-        literals = sorted({t.content for t in added.values()} - _USER_TYPED, key=len, reverse=True) + [_MARK]
+        literals = sorted({t.content for t in added.values()}, key=len, reverse=True) + [_MARK]
         self._literal_index = {text: i for i, text in enumerate(literals)}
         self._literals = literals
-        self._literal_pattern = re.compile("|".join(map(re.escape, literals)))
+        controls = [t for t in literals if t not in _SWITCHES and t != _MARK]
+        switches = [t for t in literals if t in _SWITCHES]
+        self._literal_patterns = {  # (control tokens marked, switches marked) -> pattern; longest strings first
+            (c, w): re.compile("|".join(map(re.escape, (controls if c else []) + (switches if w else []) + [_MARK])))
+            for c in (True, False) for w in (True, False)}
+        # The most characters one token stands for (+1: a decoder may drop a token's leading space when it is
+        # decoded alone; at least a marked span's length, which encodes to one token or more). A text of C
+        # characters, marked or not, is at least C / max_token_chars tokens.
+        singles = self._tokenizer.decode_batch([[i] for i in range(self.vocab_size)], skip_special_tokens=False)
+        self.max_token_chars: int = max(*map(len, singles), len(str(len(literals))) + 2) + 1
 
-    def mark_literal(self, text: str, control_tokens: bool = True) -> str:
-        """`text` with each added token's string (or with `control_tokens=False`, only the marker character) marked
-        for `encode_marked` to encode as plain text."""
-        pattern = self._literal_pattern if control_tokens else _MARK
-        return re.sub(pattern, lambda m: f"{_MARK}{self._literal_index[m.group()]}{_MARK_END}", text)
+    def mark_literal(self, text: str, control_tokens: bool = True, switches: bool = False) -> str:
+        """`text` with the marker character, each control token's string (unless `control_tokens=False`) and each
+        user switch like `/nothink` (if `switches`) marked for `encode_marked` to encode as plain text."""
+        pattern = self._literal_patterns[control_tokens, switches]
+        return pattern.sub(lambda m: f"{_MARK}{self._literal_index[m.group()]}{_MARK_END}", text)
 
     def encode_marked(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """`encode`, except that spans marked by `mark_literal` are encoded as plain text."""
         if _MARK not in text:
             return self.encode(text, add_special_tokens)
-        parts, start = [], 0
+        texts, literals, start = [], [], 0
         for m in _MARKED.finditer(text):
-            parts.append(self._tokenizer.encode(text[start:m.start()], add_special_tokens=False))
-            parts.append(self._plain.encode(self._literals[int(m.group(1))], add_special_tokens=False))
+            texts.append(text[start:m.start()])
+            literals.append(self._literals[int(m.group(1))])
             start = m.end()
-        parts.append(self._tokenizer.encode(text[start:], add_special_tokens=False))
+        texts.append(text[start:])
+        encoded_texts = self._tokenizer.encode_batch(texts, add_special_tokens=False)
+        encoded_literals = self._plain.encode_batch(literals, add_special_tokens=False)
+        parts = [part for pair in zip(encoded_texts, encoded_literals) for part in pair] + [encoded_texts[-1]]
         merged = tokenizers.Encoding.merge(parts, growing_offsets=True)
         return (self._tokenizer.post_process(merged) if add_special_tokens else merged).ids
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """Encode with added tokens matched (for rendered chat templates). `add_special_tokens` runs the
         post-processor; GLM templates already write `[gMASK]<sop>`, hence the default False."""
-        return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode_batch releases the GIL while it works (encode does not): a long prompt tokenized in a worker
+        # thread leaves the event loop and the engine thread running.
+        return self._tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def encode_plain(self, text: str) -> list[int]:
         """Encode as ordinary text: the strings of added tokens are split like any other text."""
         return self._plain.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        if len(ids) > 4096:  # decode_batch releases the GIL (see encode); not worth it for a stream's few tokens
+            return self._tokenizer.decode_batch([list(ids)], skip_special_tokens=skip_special_tokens)[0]
         return self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def token_to_id(self, token: str) -> int | None:

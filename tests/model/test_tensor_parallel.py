@@ -115,3 +115,33 @@ def test_a_dead_rank_fails_the_engine_instead_of_hanging(checkpoints):
         while engine.has_unfinished_requests():
             engine.step()
     assert time.monotonic() - start < 30
+
+
+def test_a_hung_rank_fails_the_engine_at_the_step_timeout(checkpoints):
+    """A rank that hangs (stopped here) used to hold rank 0 in its collective for gloo's 10 minutes. Now the step
+    fails at --step-timeout, and the stopped rank is killed (SIGKILL ends a stopped process; SIGTERM would not)."""
+    import os
+    import signal
+    import time
+
+    from glmserve.engine.llm_engine import LLMEngine
+    from glmserve.types import SamplingParams
+
+    engine = LLMEngine(EngineConfig(model=str(checkpoints("glm45")), num_kv_blocks=16, tensor_parallel_size=2,
+                                    step_timeout=2), progress=False)
+    (worker,) = engine.runner.workers
+    assert engine.keep_alive_interval == pytest.approx(2 / 3)
+    engine.keep_alive()  # a round trip through a healthy rank
+    os.kill(worker.pid, signal.SIGSTOP)
+    engine.add_request("a", list(range(5, 20)), SamplingParams(temperature=0.0, max_tokens=4))
+    start = time.monotonic()
+    try:
+        with pytest.raises(RuntimeError):
+            while engine.has_unfinished_requests():
+                engine.step()
+        assert 2 <= time.monotonic() - start < 10
+        worker.join(timeout=5)
+        assert not worker.is_alive() and worker.exitcode == -signal.SIGKILL
+    finally:
+        if worker.is_alive():
+            worker.kill()

@@ -182,7 +182,8 @@ def test_deadline_ends_requests_with_408(limited):
         assert error["code"] == "request_timeout" and 2 <= time.monotonic() - start < 5
         with http.stream("POST", "/v1/completions", json={"prompt": "a", "stream": True, **ENDLESS}) as response:
             events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
-        assert len(events) > 1 and json.loads(events[-1])["error"]["code"] == "request_timeout"
+        assert len(events) > 2 and events[-1] == "[DONE]"
+        assert json.loads(events[-2])["error"]["code"] == "request_timeout"
         assert metric(_wait_idle(http), "glmserve:kv_cache_usage_perc") == 0
 
 
