@@ -1,9 +1,9 @@
-"""The FastAPI app: OpenAI routes under /v1 (behind the API key when one is set), vLLM's /tokenize and
-/detokenize, /health and /metrics.
+"""The FastAPI app: OpenAI routes and Anthropic's /v1/messages under /v1 (behind the API key when one is set),
+vLLM's /tokenize and /detokenize, /health and /metrics.
 
 Two plain ASGI middlewares run before any route (not Starlette's BaseHTTPMiddleware, which would get between a
 streaming response and the client's disconnect): the API key for every path under /v1, unknown ones included, as
-vLLM checks it; and the request body limit.
+vLLM checks it, sent as `Authorization: Bearer KEY` or as Anthropic's `x-api-key: KEY`; and the request body limit.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from glmserve.serving.anthropic import count_tokens, create_message
+from glmserve.serving.anthropic_protocol import CountTokensRequest, MessagesRequest
 from glmserve.serving.chat import create_chat_completion, render_prompt
 from glmserve.serving.completions import create_completion
 from glmserve.serving.errors import error_response, install_error_handlers
@@ -59,6 +61,14 @@ def build_app(state: ServerState) -> FastAPI:
     @v1.post("/completions")
     async def completions(req: CompletionRequest, raw: Request):
         return await create_completion(state, req, raw)
+
+    @v1.post("/messages")
+    async def messages(req: MessagesRequest, raw: Request):
+        return await create_message(state, req, raw)
+
+    @v1.post("/messages/count_tokens")
+    async def messages_count_tokens(req: CountTokensRequest):
+        return await count_tokens(state, req)
 
     app.include_router(v1)
 
@@ -106,9 +116,13 @@ class _APIKeyCheck:
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and (scope["path"] == "/v1" or scope["path"].startswith("/v1/")):
-            authorization = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-            if not self.state.authorized(authorization):
+            headers = dict(scope["headers"])
+            sent = [headers.get(b"authorization", b"").decode("latin-1")]
+            if b"x-api-key" in headers:  # Anthropic's clients send the key this way
+                sent.append("Bearer " + headers[b"x-api-key"].decode("latin-1"))
+            if not any(self.state.authorized(authorization) for authorization in sent):
                 response = error_response(401, "Incorrect or missing API key: send it as `Authorization: Bearer "
-                                               "<key>`.", code="invalid_api_key")
+                                               "<key>` or `x-api-key: <key>`.", code="invalid_api_key",
+                                          path=scope["path"])
                 return await response(scope, receive, send)
         await self.app(scope, receive, send)

@@ -5,8 +5,8 @@ Choices made where the peers disagree or are silent:
 * Thinking is on unless `chat_template_kwargs.enable_thinking` is false, or (when that key is absent) a top-level
   `enable_thinking: false` or `reasoning_effort: "none"` asks for it off.
 * `tool_choice` defaults to "auto" with tools, "none" without. "none" leaves the tools out of the prompt, so the
-  model has no reason to write calls, and parses none. Tool calling needs `--tool-call-parser glm45` (as in SGLang;
-  vLLM's `--enable-auto-tool-choice` is accepted and not needed).
+  model has no reason to write calls, and parses none. Tool calling is on unless the server runs with
+  `--tool-call-parser none` (vLLM's `--enable-auto-tool-choice` is accepted and not needed).
 * "required" and a named function are enforced in GLM's own format: the prompt is made to end with
   `<think></think>\\n<tool_call>` (plus `NAME\\n` for a named function), so the model writes no reasoning and
   continues inside the call; the forced text is put back in front of the output before parsing. With thinking on,
@@ -52,7 +52,7 @@ class ChatPrompt:
         tool_choice = req.tool_choice or ("auto" if req.tools else "none")
         use_tools = bool(req.tools) and tool_choice != "none"
         if use_tools and state.tool_call_parser is None:
-            raise APIError(400, "tool calling needs the server started with --tool-call-parser glm45", "tools")
+            raise APIError(400, "tool calling is off on this server (--tool-call-parser none)", "tools")
         self.tools = [t.model_dump(exclude_unset=True) for t in req.tools] if use_tools else None
         self.text = render_prompt(state, req.messages, self.tools, req.add_generation_prompt, _template_kwargs(req))
         self.forced = ""  # text the output is forced to start with
@@ -149,7 +149,7 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
         req, info, max_tokens=max_tokens,
         logprobs=(req.top_logprobs or 0) if req.logprobs else None,
         skip_special_tokens=req.skip_special_tokens and not prompt.needs_special_tokens(state))
-    gen = await Generation.start(state, [prompt.token_ids], params)
+    gen = await Generation.start(state, [prompt.token_ids], params, api="chat")
     response_id, created = random_id("chatcmpl"), int(time.time())
     if req.stream:
         include_usage = req.stream_options is not None and req.stream_options.include_usage

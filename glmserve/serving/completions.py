@@ -30,7 +30,7 @@ async def create_completion(state: ServerState, req: CompletionRequest, raw: Req
     state.limits.check_max_tokens(req.max_tokens, "max_tokens")
     params = sampling_params(req, info, max_tokens=req.max_tokens, logprobs=req.logprobs,
                              skip_special_tokens=req.skip_special_tokens)
-    gen = await Generation.start(state, _prompts(state, req.prompt), params)
+    gen = await Generation.start(state, _prompts(state, req.prompt), params, api="completions")
     response_id, created = random_id("cmpl"), int(time.time())
     if req.stream:
         include_usage = req.stream_options is not None and req.stream_options.include_usage

@@ -1,4 +1,4 @@
-"""One API request's trip through the engine, shared by chat and completions.
+"""One API request's trip through the engine, shared by every API.
 
 `Generation` submits one engine request per choice (n per prompt), turns their token deltas into text deltas
 (incremental detokenization, stop strings, which abort the engine request), and records the request's metrics
@@ -90,11 +90,13 @@ class Generation:
         self._closed = False
 
     @classmethod
-    async def start(cls, state: ServerState, prompts: list[list[int]], params: SamplingParams) -> Generation:
-        """Submit n choices per prompt (choice index = prompt index * n + sample index). Raises ParamError, or
-        APIError 503 when the waiting queue is full."""
+    async def start(cls, state: ServerState, prompts: list[list[int]], params: SamplingParams,
+                    api: str) -> Generation:
+        """Submit n choices per prompt (choice index = prompt index * n + sample index); `api` labels the request
+        in /metrics. Raises ParamError, or APIError 503 when the waiting queue is full."""
         timer = RequestTimer(state.metrics)
         state.limits.admit(state.client, len(prompts) * params.n)
+        state.metrics.requests.labels(api).inc()
         base = random_id("req")
         if state.log_requests:
             _log_request(state, base, prompts, params)
@@ -202,11 +204,13 @@ async def unless_disconnected(request: Request, work: Awaitable[Response]) -> Re
 _LINE_BREAKS_OUTSIDE_SSE = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
 
 
-def stream_response(gen: Generation, chunks: AsyncIterator[str],
-                    usage_chunk: Callable[[], str] | None) -> StreamingResponse:
-    """The SSE framing chat and completions share: their chunks, then the usage chunk when asked for, then
-    `[DONE]`. An error after the status line can only go into the stream; the generation is closed on every
-    exit, a client that went away included. Unicode line separators in a chunk's JSON are escaped."""
+def stream_response(gen: Generation, chunks: AsyncIterator[str], usage_chunk: Callable[[], str] | None,
+                    *, done: str = "data: [DONE]\n\n",
+                    error_event: Callable[[Exception], str] = sse_error) -> StreamingResponse:
+    """The SSE framing every API shares: its chunks, then the usage chunk when asked for, then `done` (OpenAI's
+    `[DONE]`; Anthropic's and the Responses API's streams end with their own last event instead). An error after
+    the status line can only go into the stream, as `error_event`; the generation is closed on every exit, a
+    client that went away included. Unicode line separators in a chunk's JSON are escaped."""
 
     async def body() -> AsyncIterator[str]:
         try:
@@ -214,9 +218,10 @@ def stream_response(gen: Generation, chunks: AsyncIterator[str],
                 yield chunk.translate(_LINE_BREAKS_OUTSIDE_SSE)
             if usage_chunk is not None:
                 yield usage_chunk()
-            yield "data: [DONE]\n\n"
+            if done:
+                yield done
         except Exception as e:  # noqa: BLE001 - the status line is sent; the error can only go in the stream
-            yield sse_error(e).translate(_LINE_BREAKS_OUTSIDE_SSE)
+            yield error_event(e).translate(_LINE_BREAKS_OUTSIDE_SSE)
         finally:
             gen.close()
 
