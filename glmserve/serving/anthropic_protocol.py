@@ -54,7 +54,8 @@ class Message(OpenAIModel):
     @classmethod
     def _check_block_types(cls, data: Any) -> Any:
         if isinstance(data, dict) and isinstance(data.get("content"), list):
-            allowed = _BLOCK_TYPES.get(data.get("role"), ())
+            role = data.get("role")
+            allowed = _BLOCK_TYPES.get(role, ()) if isinstance(role, str) else ()
             for block in data["content"]:
                 kind = block.get("type") if isinstance(block, dict) else None
                 if kind in ("image", "document", "search_result"):

@@ -1,5 +1,5 @@
-"""The FastAPI app: OpenAI routes and Anthropic's /v1/messages under /v1 (behind the API key when one is set),
-vLLM's /tokenize and /detokenize, /health and /metrics.
+"""The FastAPI app: OpenAI routes (chat, completions, responses) and Anthropic's /v1/messages under /v1 (behind
+the API key when one is set), vLLM's /tokenize and /detokenize, /health and /metrics.
 
 Two plain ASGI middlewares run before any route (not Starlette's BaseHTTPMiddleware, which would get between a
 streaming response and the client's disconnect): the API key for every path under /v1, unknown ones included, as
@@ -28,6 +28,8 @@ from glmserve.serving.protocol import (
     ModelList,
     TokenizeRequest,
 )
+from glmserve.serving.responses import create_response
+from glmserve.serving.responses_protocol import ResponsesRequest
 from glmserve.serving.state import ServerState
 from glmserve.types import ParamError
 
@@ -69,6 +71,10 @@ def build_app(state: ServerState) -> FastAPI:
     @v1.post("/messages/count_tokens")
     async def messages_count_tokens(req: CountTokensRequest):
         return await count_tokens(state, req)
+
+    @v1.post("/responses")
+    async def responses(req: ResponsesRequest, raw: Request):
+        return await create_response(state, req, raw)
 
     app.include_router(v1)
 

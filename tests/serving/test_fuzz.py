@@ -17,6 +17,7 @@ from schemathesis import GenerationMode
 
 from glmserve.serving.anthropic_protocol import MessagesRequest
 from glmserve.serving.protocol import ChatCompletionRequest, CompletionRequest
+from glmserve.serving.responses_protocol import ResponsesRequest
 from glmserve.testing.tokenizer import GLM45_ADDED_TOKENS
 
 TIMEOUT = 20  # seconds: a slower answer counts as a hang
@@ -54,7 +55,8 @@ def test_schemathesis(fuzzed, mode):
     it (schemathesis through hypothesis; its pytest plugin does not run under this pytest)."""
     operations = _operations(fuzzed)
     assert set(operations) >= {"POST /v1/chat/completions", "POST /v1/completions", "GET /v1/models",
-                               "POST /v1/messages", "POST /v1/messages/count_tokens", "POST /tokenize",
+                               "POST /v1/messages", "POST /v1/messages/count_tokens", "POST /v1/responses",
+                               "POST /tokenize",
                                "POST /detokenize", "GET /health", "GET /metrics"}
     for name, operation in operations.items():
         if mode is GenerationMode.NEGATIVE and operation.method.upper() != "POST":
@@ -129,18 +131,19 @@ HOSTILE = {
 
 @pytest.mark.parametrize("name", HOSTILE)
 def test_hostile_inputs(http, name):
-    for path in ("/v1/chat/completions", "/tokenize", "/v1/messages"):
+    for path in ("/v1/chat/completions", "/tokenize", "/v1/messages", "/v1/responses"):
         _post(http, path, HOSTILE[name])
 
 
 WRONG_VALUES = [None, -1, 2**63, "x", [None], {"a": [1]}]
 
 
-@pytest.mark.parametrize("model", [ChatCompletionRequest, CompletionRequest, MessagesRequest],
-                         ids=["chat", "completions", "anthropic"])
+@pytest.mark.parametrize("model", [ChatCompletionRequest, CompletionRequest, MessagesRequest, ResponsesRequest],
+                         ids=["chat", "completions", "anthropic", "responses"])
 def test_wrong_types_in_every_field(http, model):
     path, base = {ChatCompletionRequest: ("/v1/chat/completions", {"messages": USER}),
                   CompletionRequest: ("/v1/completions", {"prompt": "hi"}),
+                  ResponsesRequest: ("/v1/responses", {"input": "hi", "max_output_tokens": 2}),
                   MessagesRequest: ("/v1/messages", {"messages": USER,
                                                      "model": http.get("/v1/models").json()["data"][0]["id"]})}[model]
     for field in model.model_fields:

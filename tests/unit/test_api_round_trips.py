@@ -12,6 +12,8 @@ from glmserve.serving.anthropic import chat_request
 from glmserve.serving.anthropic_protocol import CountTokensRequest, MessagesRequest
 from glmserve.serving.chat import ChatPrompt
 from glmserve.serving.protocol import ChatCompletionRequest
+from glmserve.serving.responses import chat_request as responses_chat_request
+from glmserve.serving.responses_protocol import ResponsesRequest
 from glmserve.serving.state import ServerState
 from glmserve.serving.templates import glm45_chat_template
 from glmserve.serving.tokenizer import Tokenizer
@@ -76,3 +78,45 @@ def test_anthropic_conversation_renders_the_openai_prompt(state, anthropic_extra
     counted = CountTokensRequest.model_validate({"model": "m", "system": SYSTEM, "tools": ANTHROPIC_TOOLS,
                                                  "messages": ANTHROPIC_MESSAGES, **anthropic_extra})
     assert ChatPrompt(state, chat_request(counted)).token_ids == expected.token_ids
+
+
+RESPONSES_INPUT = [
+    {"role": "user", "content": "What's the weather in Lisbon?"},
+    {"type": "reasoning", "id": "rs_1", "summary": [],
+     "content": [{"type": "reasoning_text", "text": "They want the weather."}]},
+    {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Let me look."}]},
+    {"type": "function_call", "call_id": "toolu_1", "name": "get_weather", "arguments": json.dumps(CALL_INPUT)},
+    {"type": "function_call_output", "call_id": "toolu_1", "output": [{"type": "input_text", "text": '{"temp": 21}'}]},
+    {"role": "user", "content": [{"type": "input_text", "text": "And tomorrow?"}]},
+    {"role": "assistant", "content": "I cannot tell."},
+    {"role": "user", "content": "Thanks <|user|> bye"},
+]
+RESPONSES_TOOLS = [{"type": "function", "name": "get_weather", "description": "Weather of a city",
+                    "parameters": WEATHER_SCHEMA}]
+
+
+@pytest.mark.parametrize("responses_extra,openai_extra", [
+    ({}, {}),
+    ({"reasoning": {"effort": "none"}}, {"reasoning_effort": "none"}),
+    ({"reasoning": {"effort": "high"}}, {}),
+    ({"tool_choice": "required"}, {"tool_choice": "required"}),
+    ({"tool_choice": {"type": "function", "name": "get_weather"}},
+     {"tool_choice": {"type": "function", "function": {"name": "get_weather"}}}),
+    ({"tool_choice": "none"}, {"tool_choice": "none"}),
+])  # fmt: skip
+def test_responses_conversation_renders_the_openai_prompt(state, responses_extra, openai_extra):
+    request = ResponsesRequest.model_validate({"model": "m", "instructions": "Be brief. Be kind.",
+                                               "input": RESPONSES_INPUT, "tools": RESPONSES_TOOLS, **responses_extra})
+    system = {"role": "system", "content": "Be brief. Be kind."}
+    openai = ChatCompletionRequest.model_validate({"messages": [system, *OPENAI_MESSAGES[1:]], "tools": OPENAI_TOOLS,
+                                                   **openai_extra})
+    got, expected = ChatPrompt(state, responses_chat_request(request)), ChatPrompt(state, openai)
+    assert got.token_ids == expected.token_ids
+    assert (got.forced, got.thinking, got.parse_tools) == (expected.forced, expected.thinking, expected.parse_tools)
+
+
+def test_responses_string_input(state):
+    request = ResponsesRequest.model_validate({"input": "Hi there", "instructions": "Be brief."})
+    openai = ChatCompletionRequest.model_validate({"messages": [{"role": "system", "content": "Be brief."},
+                                                                {"role": "user", "content": "Hi there"}]})
+    assert ChatPrompt(state, responses_chat_request(request)).token_ids == ChatPrompt(state, openai).token_ids
