@@ -120,3 +120,16 @@ def test_responses_string_input(state):
     openai = ChatCompletionRequest.model_validate({"messages": [{"role": "system", "content": "Be brief."},
                                                                 {"role": "user", "content": "Hi there"}]})
     assert ChatPrompt(state, responses_chat_request(request)).token_ids == ChatPrompt(state, openai).token_ids
+
+
+def test_a_tool_loop_keeps_the_reasoning_of_the_turn_in_progress(state):
+    """After the last user message, the template renders the assistant's reasoning: all three shapes carry it."""
+    openai = ChatCompletionRequest.model_validate({"messages": OPENAI_MESSAGES[1:4], "tools": OPENAI_TOOLS})
+    anthropic = MessagesRequest.model_validate({"model": "m", "max_tokens": 5, "tools": ANTHROPIC_TOOLS,
+                                                "messages": ANTHROPIC_MESSAGES[:2] + [
+                                                    {"role": "user", "content": ANTHROPIC_MESSAGES[2]["content"][:1]}]})
+    responses = ResponsesRequest.model_validate({"input": RESPONSES_INPUT[:5], "tools": RESPONSES_TOOLS})
+    expected = ChatPrompt(state, openai)
+    assert "They want the weather." in expected.text and expected.text.endswith("<|assistant|>")
+    assert ChatPrompt(state, chat_request(anthropic)).token_ids == expected.token_ids
+    assert ChatPrompt(state, responses_chat_request(responses)).token_ids == expected.token_ids
