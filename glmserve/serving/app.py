@@ -1,5 +1,5 @@
 """The FastAPI app: OpenAI routes (chat, completions, responses) and Anthropic's /v1/messages under /v1 (behind
-the API key when one is set), vLLM's /tokenize and /detokenize, /health and /metrics.
+the API key when one is set), vLLM's /tokenize, /detokenize and /version, /health and /metrics.
 
 Two plain ASGI middlewares run before any route (not Starlette's BaseHTTPMiddleware, which would get between a
 streaming response and the client's disconnect): the API key for every path under /v1, unknown ones included, as
@@ -8,6 +8,7 @@ vLLM checks it, sent as `Authorization: Bearer KEY` or as Anthropic's `x-api-key
 
 from __future__ import annotations
 
+import importlib.metadata
 from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, FastAPI, Request
@@ -34,6 +35,12 @@ from glmserve.serving.state import ServerState
 from glmserve.types import ParamError
 
 
+try:
+    _VERSION = importlib.metadata.version("glmserve")
+except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
+    _VERSION = "unknown"
+
+
 def build_app(state: ServerState) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -49,12 +56,16 @@ def build_app(state: ServerState) -> FastAPI:
 
     v1 = APIRouter(prefix="/v1")
 
+    def card(name: str) -> ModelCard:
+        return ModelCard(id=name, root=state.model_path, max_model_len=state.client.require_info().max_model_len)
+
     @v1.get("/models")
     async def models() -> ModelList:
-        info = state.client.require_info()
-        cards = [ModelCard(id=name, root=state.model_path, max_model_len=info.max_model_len)
-                 for name in state.model_names]
-        return ModelList(data=cards)
+        return ModelList(data=[card(name) for name in state.model_names])
+
+    @v1.get("/models/{model_id:path}")
+    async def model(model_id: str) -> ModelCard:
+        return card(state.model_name(model_id))  # an unknown name is 404, as in vLLM
 
     @v1.post("/chat/completions")
     async def chat(req: ChatCompletionRequest, raw: Request):
@@ -85,6 +96,10 @@ def build_app(state: ServerState) -> FastAPI:
         if not state.client.ready:
             return error_response(503, "the model is still loading")
         return Response(status_code=200)
+
+    @app.get("/version")
+    async def version() -> JSONResponse:
+        return JSONResponse({"version": _VERSION})
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -12,7 +12,10 @@ Choices made where the peers disagree or are silent:
   continues inside the call; the forced text is put back in front of the output before parsing. With thinking on,
   the empty think block is added, because the model was trained to open its turn with one.
 * `finish_reason` is "tool_calls" when the output holds a call and ended on a stop token (not on "length").
-* `parallel_tool_calls` is accepted and not enforced: every call the model writes is returned.
+* `parallel_tool_calls: false` returns the first call the model writes (as vLLM does); the others are dropped.
+* `include_reasoning: false` (vLLM) leaves `reasoning_content` out; `separate_reasoning: false` (SGLang) leaves
+  the reasoning unparsed, in the content. `stream_options.continuous_usage_stats` (vLLM) puts the usage so far in
+  every chunk.
 * `max_tokens` beyond what the context leaves is not an error: the output stops at the context end ("length").
 """
 
@@ -67,7 +70,7 @@ class ChatPrompt:
             self.text += ("\n<think></think>" if self.thinking else "") + "\n" + forced
             self.thinking = False
         self.token_ids = state.tokenizer.encode_marked(self.text)
-        self.parse_reasoning = state.reasoning_parser is not None
+        self.parse_reasoning = state.reasoning_parser is not None and req.separate_reasoning
         self.parse_tools = use_tools
 
     def needs_special_tokens(self, state: ServerState) -> bool:
@@ -176,6 +179,8 @@ async def _complete(state, req, prompt: ChatPrompt, gen: Generation, response_id
     choices = []
     for c in gen.choices:
         reasoning, content, calls = prompt.parse(texts[c.index])
+        reasoning = reasoning if req.include_reasoning else None
+        calls = calls if req.parallel_tool_calls else calls[:1]
         empty = content is None and reasoning is None and not calls  # an empty answer is "", not null
         message = AssistantMessage(content="" if empty else content,
                                    reasoning_content=reasoning, tool_calls=calls or None)
@@ -199,10 +204,20 @@ def _delta_message(deltas: list[dict]) -> DeltaMessage:
     return DeltaMessage(reasoning_content=reasoning or None, content=content or None, tool_calls=calls or None)
 
 
+def _wanted(req: ChatCompletionRequest, delta: dict) -> bool:
+    """Whether a parser delta is part of this request's answer (include_reasoning, parallel_tool_calls)."""
+    if "reasoning_content" in delta:
+        return req.include_reasoning
+    return "tool_calls" not in delta or req.parallel_tool_calls or delta["tool_calls"][0]["index"] == 0
+
+
 async def _stream(state, req, prompt: ChatPrompt, gen: Generation, response_id, created,
                   model) -> AsyncIterator[str]:
+    continuous_usage = req.stream_options is not None and req.stream_options.continuous_usage_stats
+
     def chunk(choices) -> str:
-        return _sse(ChatCompletionChunk(id=response_id, created=created, model=model, choices=choices))
+        return _sse(ChatCompletionChunk(id=response_id, created=created, model=model, choices=choices,
+                                        usage=gen.usage() if continuous_usage else None))
 
     parsers = {c.index: prompt.stream_parser() for c in gen.choices}
     for c in gen.choices:
@@ -215,7 +230,7 @@ async def _stream(state, req, prompt: ChatPrompt, gen: Generation, response_id, 
             deltas = parser.feed(d.text) if d.text else []
             if d.finished:
                 deltas += parser.finish()
-        delta = _delta_message(deltas)
+        delta = _delta_message([delta for delta in deltas if _wanted(req, delta)])
         if not (delta.content or delta.reasoning_content or delta.tool_calls or d.logprobs or d.finished):
             continue
         choice = ChatStreamChoice(index=d.choice.index, delta=delta)

@@ -72,6 +72,7 @@ def _sse(response: CompletionResponse) -> str:
 
 async def _stream(state, req: CompletionRequest, gen: Generation, response_id, created,
                   model) -> AsyncIterator[str]:
+    continuous_usage = req.stream_options is not None and req.stream_options.continuous_usage_stats
     offsets = {c.index: 0 for c in gen.choices}  # text_offset of the next token, per choice
     unsent_prompt = {c.index for c in gen.choices} if req.return_token_ids else set()
     async for d in gen.deltas():
@@ -88,4 +89,5 @@ async def _stream(state, req: CompletionRequest, gen: Generation, response_id, c
                 choice.prompt_token_ids = d.choice.prompt_token_ids
         if d.finished:
             choice.finish_reason, choice.stop_reason = d.choice.finish_reason, d.choice.stop_reason
-        yield _sse(CompletionResponse(id=response_id, created=created, model=model, choices=[choice]))
+        yield _sse(CompletionResponse(id=response_id, created=created, model=model, choices=[choice],
+                                      usage=gen.usage() if continuous_usage else None))
