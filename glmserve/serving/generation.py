@@ -1,9 +1,10 @@
 """One API request's trip through the engine, shared by every API.
 
 `Generation` submits one engine request per choice (n per prompt), turns their token deltas into text deltas
-(incremental detokenization, stop strings, which abort the engine request), and records the request's metrics
-when it is closed. `close()` also aborts whatever is still running, so every exit path (done, error, client gone,
-deadline passed) frees the KV blocks; it is idempotent. Before submitting, it asks the server's limits to admit
+through the shared output path (glmserve.serving.output_processor: detokenization, stop strings, which abort the
+engine request, usage), and records the request's metrics when it is closed. `close()` also aborts whatever is
+still running, so every exit path (done, error, client gone, deadline passed) frees the KV blocks; it is
+idempotent. Before submitting, it asks the server's limits to admit
 the request's sequences (503 when the queue is full) and logs the prompt only with --enable-log-requests.
 """
 
@@ -12,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
@@ -21,10 +21,10 @@ from starlette.background import BackgroundTask
 from glmserve.engine.engine_client import EngineInfo, EngineRequest, RequestStream
 from glmserve.serving.errors import APIError, sse_error
 from glmserve.serving.metrics import RequestTimer
+from glmserve.serving.output_processor import ChoiceDelta, OutputProcessor, default_sampling
 from glmserve.serving.protocol import SamplingFields, UsageInfo, random_id
 from glmserve.serving.state import ServerState
-from glmserve.serving.text_output import TextOutput
-from glmserve.types import SamplingParams, TokenLogprobs
+from glmserve.types import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -33,56 +33,22 @@ def sampling_params(req: SamplingFields, info: EngineInfo, *, max_tokens: int | 
                     skip_special_tokens: bool) -> SamplingParams:
     """The request's sampling fields, with the checkpoint's generation_config defaults where the request has none
     (as vLLM applies them). Raises ParamError."""
-    defaults = info.generation_defaults
-
-    def pick(value, default, fallback):
-        return value if value is not None else default if default is not None else fallback
-
     return SamplingParams(
-        n=req.n, temperature=pick(req.temperature, defaults.temperature, 1.0),
-        top_p=pick(req.top_p, defaults.top_p, 1.0), top_k=pick(req.top_k, defaults.top_k, 0),
-        min_p=pick(req.min_p, None, 0.0), presence_penalty=req.presence_penalty,
-        frequency_penalty=req.frequency_penalty, repetition_penalty=pick(req.repetition_penalty, None, 1.0),
+        n=req.n, **default_sampling(info.generation_defaults, req.temperature, req.top_p, req.top_k),
+        min_p=req.min_p if req.min_p is not None else 0.0, presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty,
+        repetition_penalty=req.repetition_penalty if req.repetition_penalty is not None else 1.0,
         seed=req.seed, max_tokens=max_tokens, min_tokens=req.min_tokens, stop=req.stop,
         stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, logprobs=logprobs,
         skip_special_tokens=skip_special_tokens, include_stop_str_in_output=req.include_stop_str_in_output,
     )
 
 
-@dataclass(slots=True, eq=False)
-class Choice:
-    index: int
-    request_id: str
-    prompt_token_ids: list[int]
-    text: TextOutput
-    num_output_tokens: int = 0
-    num_cached_tokens: int = 0
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-
-    @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.prompt_token_ids)
-
-
-@dataclass(slots=True)
-class ChoiceDelta:
-    choice: Choice
-    text: str
-    logprobs: list[TokenLogprobs] | None
-    token_ids: list[int]  # the new tokens up to the one completing a stop string (which is cut from text only)
-
-    @property
-    def finished(self) -> bool:
-        return self.choice.finish_reason is not None
-
-
 class Generation:
-    def __init__(self, params: SamplingParams, choices: list[Choice], stream: RequestStream, timer: RequestTimer,
-                 timeout: float | None):
-        self.params = params
-        self.choices = choices
-        self._by_id = {c.request_id: c for c in choices}
+    def __init__(self, outputs: OutputProcessor, stream: RequestStream, timer: RequestTimer, timeout: float | None):
+        self.outputs = outputs
+        self.params = outputs.params
+        self.choices = outputs.choices
         self._stream = stream
         self._timer = timer
         self._timeout = timeout
@@ -100,15 +66,10 @@ class Generation:
         base = random_id("req")
         if state.log_requests:
             _log_request(state, base, prompts, params)
-        choices, requests = [], []
-        for p, prompt in enumerate(prompts):
-            for j in range(params.n):
-                child = params.for_sample(j)
-                index = p * params.n + j
-                choices.append(Choice(index, f"{base}-{index}", prompt, TextOutput(state.tokenizer, child)))
-                requests.append(EngineRequest(f"{base}-{index}", prompt, child))
-        stream = await state.client.add_requests(requests)
-        return cls(params, choices, stream, timer, state.limits.request_timeout)
+        outputs = OutputProcessor(state.tokenizer, prompts, params, base)
+        stream = await state.client.add_requests([EngineRequest(c.request_id, c.prompt_token_ids, p)
+                                                  for c, p in zip(outputs.choices, outputs.sample_params)])
+        return cls(outputs, stream, timer, state.limits.request_timeout)
 
     async def _outputs(self):
         """The engine's outputs, ending with APIError 408 at the deadline (the caller's close() aborts the rest)."""
@@ -124,38 +85,17 @@ class Generation:
             yield out
 
     async def deltas(self) -> AsyncIterator[ChoiceDelta]:
-        hide_stop_token = not self.params.include_stop_str_in_output
         async for out in self._outputs():
-            choice = self._by_id[out.request_id]
-            if choice.finish_reason is not None:
-                # A step the engine ran before it saw the stop-string abort: those tokens are not part of the output.
+            delta = self.outputs.process(out)
+            if delta is None:
                 continue
             self._timer.tokens_arrived()
-            choice.num_cached_tokens = out.num_cached_tokens
-            stopped_by_token = out.finished and out.finish_reason == "stop"
-            text = choice.text.update(out.new_token_ids, out.finished, stopped_by_token)
-            used = choice.text.tokens_used  # fewer than the step's tokens when a stop string ended the output
-            choice.num_output_tokens += used
-            token_ids, logprobs = out.new_token_ids[:used], out.new_logprobs
-            if logprobs:
-                logprobs = logprobs[:used]
-                if stopped_by_token and hide_stop_token and used == len(out.new_token_ids):
-                    logprobs = logprobs[:-1]
-            if choice.text.stop_string is not None:
-                choice.finish_reason, choice.stop_reason = "stop", choice.text.stop_string
-                if not out.finished:
-                    self._stream.abort([out.request_id])
-            elif out.finished:
-                choice.finish_reason, choice.stop_reason = out.finish_reason, out.stop_reason
-            yield ChoiceDelta(choice, text, logprobs, token_ids)
+            if delta.abort:
+                self._stream.abort([out.request_id])
+            yield delta
 
     def usage(self) -> UsageInfo:
-        prompts = {c.index // self.params.n: c for c in self.choices}.values()  # one choice per prompt
-        prompt_tokens = sum(c.num_prompt_tokens for c in prompts)
-        completion_tokens = sum(c.num_output_tokens for c in self.choices)
-        return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                         total_tokens=prompt_tokens + completion_tokens,
-                         prompt_tokens_details={"cached_tokens": sum(c.num_cached_tokens for c in prompts)})
+        return self.outputs.usage()
 
     def close(self) -> None:
         if self._closed:

@@ -10,9 +10,11 @@ calls must equal the non-streamed ones.
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import anthropic
@@ -21,6 +23,8 @@ import openai
 import pytest
 from openai import OpenAI
 
+from glmserve import LLM, SamplingParams
+from glmserve.models import EMBEDDED_MODEL
 from glmserve.nano.corpus import conversations
 from glmserve.nano.evaluate import kind_of
 from glmserve.testing.server import start_server
@@ -225,3 +229,42 @@ def test_claude_tool_loop(default_server, thinking):
     assert answer.stop_reason == "end_turn" and answer.content[-1].type == "text"
     assert "21" in answer.content[-1].text
     assert all(b.type != "thinking" for b in answer.content) == (thinking["type"] == "disabled")
+
+
+def test_offline_llm_shares_the_servers_defaults_and_stop_strings(default_server, tmp_path):
+    """One output path: `LLM.generate` applies generation_config.json's sampling defaults as the server applies them
+    to a request that sets none, and the same seed and stop string give the same text, finish and stop reason."""
+    server, client = default_server
+    llm = LLM()
+    config = json.loads((EMBEDDED_MODEL / "generation_config.json").read_text())
+    defaults = llm.get_default_sampling_params()
+    assert (defaults.temperature, defaults.top_p) == (config["temperature"], config["top_p"]) != (1.0, 1.0)
+    ids = httpx.post(f"{server.url}/tokenize", json={"messages": [{"role": "user", "content": "What is 47 + 38?"}],
+                                                     "chat_template_kwargs": {"enable_thinking": True}}).json()["tokens"]
+
+    def both(stop):
+        served = client.completions.create(model="glm-4.5-nano", prompt=ids, seed=11, max_tokens=60, stop=stop)
+        offline = llm.generate({"prompt_token_ids": ids}, replace(defaults, seed=11, max_tokens=60, stop=stop))
+        return served.choices[0], offline[0].outputs[0]
+
+    served, offline = both(None)
+    assert (served.text, served.finish_reason) == (offline.text, offline.finish_reason)
+    full = offline.text
+    stop = full[len(full) // 2: len(full) // 2 + 3]
+    served, offline = both([stop])
+    assert served.text == offline.text == full[:full.index(stop)]
+    assert ("stop", stop) == (served.finish_reason, served.model_extra["stop_reason"]) == (
+        offline.finish_reason, offline.stop_reason)
+
+
+def test_offline_llm_without_sampling_params_uses_the_checkpoints_defaults(tmp_path):
+    """A copy of the embedded model whose generation_config.json asks for greedy decoding: generate() without
+    sampling_params is greedy (SamplingParams()' own temperature is 1.0)."""
+    model = Path(shutil.copytree(EMBEDDED_MODEL, tmp_path / "greedy-nano"))
+    config = json.loads((model / "generation_config.json").read_text())
+    (model / "generation_config.json").write_text(json.dumps({**config, "temperature": 0.0}))
+    llm = LLM(model)
+    prompt = {"prompt_token_ids": llm.tokenizer.encode("[gMASK]<sop><|user|>\nTell me a story.<|assistant|>")}
+    unset = llm.generate([prompt] * 2)
+    greedy = llm.generate(prompt, SamplingParams(temperature=0.0))[0].outputs[0]
+    assert [o.outputs[0].token_ids for o in unset] == [greedy.token_ids] * 2 and len(greedy.token_ids) == 16
