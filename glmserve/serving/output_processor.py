@@ -17,7 +17,7 @@ from glmserve.config import GenerationDefaults
 from glmserve.serving.protocol import UsageInfo
 from glmserve.serving.text_output import TextOutput
 from glmserve.serving.tokenizer import Tokenizer
-from glmserve.types import RequestOutput, SamplingParams, TokenLogprobs
+from glmserve.types import EngineOutput, SamplingParams, TokenLogprobs
 
 
 def default_sampling(defaults: GenerationDefaults, temperature: float | None = None, top_p: float | None = None,
@@ -85,7 +85,7 @@ class OutputProcessor:
     def finished(self) -> bool:
         return all(c.finish_reason is not None for c in self.choices)
 
-    def process(self, out: RequestOutput) -> ChoiceDelta | None:
+    def process(self, out: EngineOutput) -> ChoiceDelta | None:
         """One engine output of one choice; None for a step the engine ran after the choice had ended (a stop
         string's abort had not reached it yet: those tokens are not output)."""
         choice = self._by_id[out.request_id]

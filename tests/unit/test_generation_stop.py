@@ -8,7 +8,7 @@ from glmserve.serving.generation import Generation
 from glmserve.serving.metrics import Metrics, RequestTimer
 from glmserve.serving.output_processor import OutputProcessor
 from glmserve.serving.tokenizer import Tokenizer
-from glmserve.types import RequestOutput, SamplingParams
+from glmserve.types import EngineOutput, SamplingParams
 
 
 class LateStream:
@@ -34,7 +34,7 @@ class LateStream:
 PARAMS = SamplingParams(stop=["STOP"], max_tokens=50)
 
 
-def _generate(tokenizer: Tokenizer, outputs: list[RequestOutput]):
+def _generate(tokenizer: Tokenizer, outputs: list[EngineOutput]):
     async def run():
         processor = OutputProcessor(tokenizer, [[1, 2, 3]], PARAMS, "r")
         (choice,) = processor.choices
@@ -50,8 +50,8 @@ def _generate(tokenizer: Tokenizer, outputs: list[RequestOutput]):
 def test_outputs_after_a_stop_string_are_dropped():
     tokenizer = Tokenizer(EMBEDDED_MODEL)
     ids = [tokenizer.encode(word) for word in ("alpha", " beta", " STOP", " gamma", " delta")]
-    outputs = [RequestOutput("r-0", ids[0], False), RequestOutput("r-0", ids[1] + ids[2], False),
-               RequestOutput("r-0", ids[3], False), RequestOutput("r-0", ids[4], True, "length")]
+    outputs = [EngineOutput("r-0", ids[0], False), EngineOutput("r-0", ids[1] + ids[2], False),
+               EngineOutput("r-0", ids[3], False), EngineOutput("r-0", ids[4], True, "length")]
     text, _, usage, choice, stream = _generate(tokenizer, outputs)
     assert text == "alpha beta "
     assert (choice.finish_reason, choice.stop_reason) == ("stop", "STOP")
@@ -66,8 +66,8 @@ def test_tokens_after_a_stop_string_in_the_same_output_are_dropped():
     words = [tokenizer.encode(word) for word in ("alpha", " beta", " STOP", " gamma")]
     tokens = [t for word in words for t in word]
     kept = len(words[0] + words[1] + words[2])
-    one_by_one = [RequestOutput("r-0", [t], False) for t in tokens]
-    all_at_once = [RequestOutput("r-0", tokens, False)]
+    one_by_one = [EngineOutput("r-0", [t], False) for t in tokens]
+    all_at_once = [EngineOutput("r-0", tokens, False)]
     for outputs in (one_by_one, all_at_once):
         text, token_ids, usage, choice, _ = _generate(tokenizer, outputs)
         assert (text, choice.stop_reason) == ("alpha beta ", "STOP")
@@ -78,8 +78,7 @@ def test_offline_llm_drops_the_tokens_of_a_step_after_a_stop_string():
     """LLM.generate (an MTP step emits several tokens) keeps the same tokens the server counts."""
     from types import SimpleNamespace
 
-    from glmserve.llm import LLM, CompletionOutput
-    from glmserve.llm import RequestOutput as LLMOutput
+    from glmserve.llm import LLM, CompletionOutput, RequestOutput
 
     tokenizer = Tokenizer(EMBEDDED_MODEL)
     words = [tokenizer.encode(word) for word in ("alpha", " beta", " STOP", " gamma")]
@@ -88,6 +87,6 @@ def test_offline_llm_drops_the_tokens_of_a_step_after_a_stop_string():
     llm = SimpleNamespace(engine=SimpleNamespace(abort=aborted.append))
     completion = CompletionOutput(0)
     processor = OutputProcessor(tokenizer, [[1, 2, 3]], PARAMS, "r")
-    LLM._apply(llm, processor, RequestOutput("r-0", tokens, False), LLMOutput("r", None, [1, 2, 3], [completion]))
+    LLM._apply(llm, processor, EngineOutput("r-0", tokens, False), RequestOutput("r", None, [1, 2, 3], [completion]))
     assert (completion.text, completion.stop_reason, aborted) == ("alpha beta ", "STOP", [["r-0"]])
     assert completion.token_ids == tokens[: len(words[0] + words[1] + words[2])]
