@@ -16,6 +16,7 @@ from glmserve.serving.protocol import MAX_MESSAGES, MAX_STOP, MAX_TOOLS, OpenAIM
 from glmserve.types import ParamError
 
 _BLOCK_TYPES = {"user": ("text", "tool_result"), "assistant": ("text", "thinking", "tool_use")}
+_MEDIA_BLOCKS = ("image", "document", "search_result")
 
 
 class TextBlock(OpenAIModel):
@@ -35,6 +36,17 @@ class ToolResultBlock(OpenAIModel):
     tool_use_id: str
     content: str | list[TextBlock] = ""
     is_error: bool = False  # the model sees the content only: an error's text is what tells it
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_only(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("content"), list):
+            for part in data["content"]:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind in _MEDIA_BLOCKS:
+                    raise ParamError(f"{kind} blocks in a tool_result are not supported: GLM-4.5 reads text only",
+                                     "messages")
+        return data
 
 
 class ThinkingBlock(OpenAIModel):
@@ -58,7 +70,7 @@ class Message(OpenAIModel):
             allowed = _BLOCK_TYPES.get(role, ()) if isinstance(role, str) else ()
             for block in data["content"]:
                 kind = block.get("type") if isinstance(block, dict) else None
-                if kind in ("image", "document", "search_result"):
+                if kind in _MEDIA_BLOCKS:
                     raise ParamError(f"{kind} content blocks are not supported: GLM-4.5 reads text only", "messages")
                 if allowed and kind not in allowed:
                     raise ParamError(f"a {data['role']} message cannot hold a {kind!r} content block (it may hold "

@@ -205,6 +205,8 @@ BASE = {"model": MODEL_NAME, "max_tokens": 8, "messages": user("hi")}
      "image"),
     ({"messages": [{"role": "user", "content": [{"type": "tool_use", "id": "t", "name": "f", "input": {}}]}]},
      "tool_use"),
+    ({"messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "content": [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "x"}}]}]}]}, "tool_result"),
     ({"messages": [*user("hi"), {"role": "assistant", "content": "The answer is"}]}, "prefill"),
     ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "web_search"),
     ({"tool_choice": {"type": "any"}}, "tool_choice"),

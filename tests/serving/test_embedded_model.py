@@ -239,8 +239,8 @@ def test_offline_llm_shares_the_servers_defaults_and_stop_strings(default_server
     config = json.loads((EMBEDDED_MODEL / "generation_config.json").read_text())
     defaults = llm.get_default_sampling_params()
     assert (defaults.temperature, defaults.top_p) == (config["temperature"], config["top_p"]) != (1.0, 1.0)
-    ids = httpx.post(f"{server.url}/tokenize", json={"messages": [{"role": "user", "content": "What is 47 + 38?"}],
-                                                     "chat_template_kwargs": {"enable_thinking": True}}).json()["tokens"]
+    messages = [{"role": "user", "content": "What is 47 + 38?"}]
+    ids = httpx.post(f"{server.url}/tokenize", json={"messages": messages}).json()["tokens"]
 
     def both(stop):
         served = client.completions.create(model="glm-4.5-nano", prompt=ids, seed=11, max_tokens=60, stop=stop)
