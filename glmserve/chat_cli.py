@@ -16,8 +16,8 @@ from typing import TextIO
 from glmserve.config import EngineConfig
 from glmserve.engine.llm_engine import LLMEngine
 from glmserve.serving.chat_template import render_chat
-from glmserve.serving.parsers import Glm45StreamParser
 from glmserve.serving.output_processor import OutputProcessor, default_sampling
+from glmserve.serving.parsers import Glm45StreamParser
 from glmserve.serving.tokenizer import Tokenizer
 from glmserve.types import ParamError, SamplingParams
 

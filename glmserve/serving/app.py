@@ -34,7 +34,6 @@ from glmserve.serving.responses_protocol import ResponsesRequest
 from glmserve.serving.state import ServerState
 from glmserve.types import ParamError
 
-
 try:
     _VERSION = importlib.metadata.version("glmserve")
 except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
