@@ -233,6 +233,8 @@ def test_other_statuses_in_anthropics_shape(server):
         "not_found_error"
     response = httpx.post(server.url + "/v1/messages", content=b"{not json", headers={"x-api-key": API_KEY})
     assert response.status_code == 400 and response.json()["error"]["type"] == "invalid_request_error"
+    too_large = httpx.post(server.url + "/v1/messages", content=b" " * (17 * 2**20), headers={"x-api-key": API_KEY})
+    assert too_large.status_code == 413 and too_large.json()["error"]["type"] == "request_too_large"
     # The OpenAI routes keep OpenAI's shape.
     openai_error = httpx.post(server.url + "/v1/chat/completions", json={"messages": []},
                               headers={"x-api-key": API_KEY}).json()["error"]
