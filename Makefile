@@ -21,9 +21,10 @@ bench: install
 clean:
 	rm -rf $(VENV) build *.egg-info
 
-# Serves MODEL (a checkpoint directory), or glmserve's built-in default when MODEL is empty.
+# Serves MODEL (a checkpoint directory), or glmserve's built-in default when MODEL is empty, on 127.0.0.1:PORT.
+PORT ?= 8000
 serve: install
-	$(BIN)/glmserve serve $(MODEL) --host 127.0.0.1 --port 8000 --reasoning-parser glm45 --tool-call-parser glm45
+	$(BIN)/glmserve serve $(MODEL) --host 127.0.0.1 --port $(PORT)
 
 # Trains the embedded nano model (about an hour on 2 cores; run it on a quiet machine), then checks and scores it.
 NANO_DIR ?= build/glm-nano

@@ -1,8 +1,10 @@
 """Tool calling and thinking mode through glmserve's OpenAI-compatible API, after zai-org/GLM-4.5's
 inference/api_request.py: ask for the weather with tools offered (thinking on), run the tool the model called,
-feed the result back and get the answer with thinking off.
+feed the result back and get the answer with thinking off. A model may answer without calling a tool (the embedded
+glm-4.5-nano does not read Chinese); then its answer is printed and the example ends there.
 
-    glmserve serve zai-org/GLM-4.5-Air --tool-call-parser glm45 --reasoning-parser glm45 --enable-auto-tool-choice
+    glmserve serve                          # the embedded glm-4.5-nano; or a checkpoint directory, e.g.
+    glmserve serve /models/GLM-4.5-Air --tool-call-parser glm45 --reasoning-parser glm45 --enable-auto-tool-choice
     python examples/api_request.py --base-url http://127.0.0.1:8000/v1
 """
 
@@ -67,6 +69,9 @@ def main() -> None:
                                                 temperature=0.0)
     message = completion.choices[0].message
     print("reasoning:", message.model_extra.get("reasoning_content"))
+    if not message.tool_calls:
+        print("answer (no tool call):", message.content)
+        return
     tool_call = message.tool_calls[0]
     arguments = json.loads(tool_call.function.arguments)
     print("tool call:", tool_call.function.name, arguments)

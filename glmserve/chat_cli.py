@@ -16,8 +16,8 @@ from typing import TextIO
 from glmserve.config import EngineConfig
 from glmserve.engine.llm_engine import LLMEngine
 from glmserve.serving.chat_template import render_chat
+from glmserve.serving.output_processor import OutputProcessor, default_sampling
 from glmserve.serving.parsers import Glm45StreamParser
-from glmserve.serving.text_output import TextOutput
 from glmserve.serving.tokenizer import Tokenizer
 from glmserve.types import ParamError, SamplingParams
 
@@ -61,17 +61,19 @@ class ChatSession:
         self.messages = [*messages, {"role": "assistant", **{k: v for k, v in parts.items() if v or k == "content"}}]
 
     def _generate(self, prompt_ids: list[int]) -> Iterator[str]:
-        """The new text of each engine step; closing the generator early aborts the request."""
-        request_id = f"chat-{next(self._ids)}"
-        self.engine.add_request(request_id, prompt_ids, self.params)
-        text = TextOutput(self.tokenizer, self.params)
+        """The new text of each engine step (the output path the server uses); closing the generator early aborts
+        the request."""
+        outputs = OutputProcessor(self.tokenizer, [prompt_ids], self.params, f"chat-{next(self._ids)}")
+        (choice,) = outputs.choices
+        self.engine.add_request(choice.request_id, prompt_ids, outputs.sample_params[0])
         try:
-            while self.engine.has_unfinished_requests():
+            while not outputs.finished and self.engine.has_unfinished_requests():
                 for step in self.engine.step():
-                    yield text.update(step.new_token_ids, step.finished,
-                                      step.finished and step.finish_reason == "stop")
+                    delta = outputs.process(step)
+                    if delta is not None:
+                        yield delta.text
         finally:
-            self.engine.abort([request_id])  # unknown (finished) ids are ignored
+            self.engine.abort([choice.request_id])  # unknown (finished) ids are ignored
 
 
 def show(pieces: Iterator[tuple[str, str]], out: TextIO, color: bool) -> None:
@@ -98,10 +100,7 @@ def run(config: EngineConfig, tokenizer: Tokenizer, template: str, max_tokens: i
 
         engine.runner = ScriptedRunner.from_file(engine.runner, scripted_output_file, tokenizer)
     # The checkpoint's generation_config.json sampling defaults, as the server applies them.
-    defaults = engine.generation_defaults
-    params = SamplingParams(
-        temperature=next(t for t in (temperature, defaults.temperature, 1.0) if t is not None),
-        top_p=defaults.top_p or 1.0, top_k=defaults.top_k or 0, max_tokens=max_tokens)
+    params = SamplingParams(**default_sampling(engine.generation_defaults, temperature), max_tokens=max_tokens)
     session = ChatSession(engine, tokenizer, template, params, system)
     if sys.stdin.isatty():
         import readline  # noqa: F401  (line editing and history for input())

@@ -74,20 +74,31 @@ def _build_parser() -> argparse.ArgumentParser:
                                                                  "for GLM-4.5 models.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve = commands.add_parser("serve", help="run the OpenAI-compatible server", allow_abbrev=False)
+    serve = commands.add_parser(
+        "serve", help="run the OpenAI- and Anthropic-compatible server", allow_abbrev=False,
+        description="Serve a GLM-4.5 checkpoint over HTTP: OpenAI's /v1/chat/completions, /v1/completions and "
+                    "/v1/responses, Anthropic's /v1/messages. MODEL is a local checkpoint directory; without one, "
+                    "the embedded glm-4.5-nano is served. Listens on 0.0.0.0:8000 unless --host/--port say "
+                    "otherwise. Reasoning and tool calls are parsed with the glm45 parsers unless turned off "
+                    "(--reasoning-parser none, --tool-call-parser none).")
     _add_engine_flags(serve)
-    serve.add_argument("--host", default="0.0.0.0")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--host", default="0.0.0.0", help="address to listen on (default: 0.0.0.0)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
     serve.add_argument("--served-model-name", nargs="+", help="model name(s) clients use; default: MODEL as given")
     serve.add_argument("--api-key", default=os.environ.get("GLMSERVE_API_KEY"),
-                       help="require `Authorization: Bearer KEY` on /v1 (default: $GLMSERVE_API_KEY)")
+                       help="require `Authorization: Bearer KEY` (or `x-api-key: KEY`) on /v1 (default: "
+                            "$GLMSERVE_API_KEY)")
     serve.add_argument("--tokenize-without-api-key", action="store_true",
                        help="serve /tokenize and /detokenize without the API key (by default they need it)")
     serve.add_argument("--chat-template", help="a chat template file, or the template text itself")
-    serve.add_argument("--reasoning-parser", help="glm45: split <think> reasoning into reasoning_content")
-    serve.add_argument("--tool-call-parser", help="glm45: parse <tool_call> blocks into tool_calls")
+    serve.add_argument("--reasoning-parser", default="glm45",
+                       help="glm45 (default): split <think> reasoning into reasoning_content; none: leave it in "
+                            "the content")
+    serve.add_argument("--tool-call-parser", default="glm45",
+                       help="glm45 (default): parse <tool_call> blocks into tool_calls; none: no tool calling "
+                            "(requests with tools get 400)")
     serve.add_argument("--enable-auto-tool-choice", action="store_true",
-                       help="accepted for vLLM's command line; tool calling is on with --tool-call-parser")
+                       help="accepted for vLLM's command line; tool calling is on unless --tool-call-parser none")
     serve.add_argument("--disable-shared-experts-fusion", action="store_true",
                        help="accepted for SGLang's command line; glmserve has no fusion to disable")
     serve.add_argument("--cpu-offload-gb", type=float, default=0.0)
@@ -234,8 +245,10 @@ def serve(parser: argparse.ArgumentParser, args) -> int:
         parser.error("--cpu-offload-gb is not supported")
     from glmserve.serving.parsers import check_parser_names
 
+    reasoning_parser, tool_call_parser = (None if name == "none" else name
+                                          for name in (args.reasoning_parser, args.tool_call_parser))
     try:
-        check_parser_names(args.reasoning_parser, args.tool_call_parser)
+        check_parser_names(reasoning_parser, tool_call_parser)
     except ValueError as e:
         parser.error(str(e))
     model = _model_path(parser, args)
@@ -269,7 +282,7 @@ def serve(parser: argparse.ArgumentParser, args) -> int:
     # vLLM names a served model by the path it was given; the built-in default goes by its directory's name.
     given = args.model_path or args.model
     names = args.served_model_name or [model if given else Path(model).name]
-    state = ServerState(client, tokenizer, template, names, model, args.reasoning_parser, args.tool_call_parser,
+    state = ServerState(client, tokenizer, template, names, model, reasoning_parser, tool_call_parser,
                         args.api_key, limits, args.enable_log_requests, args.max_log_len,
                         tokenize_without_api_key=args.tokenize_without_api_key)
     try:

@@ -11,7 +11,7 @@ from tqdm import tqdm
 from glmserve.config import EngineConfig, num_speculative_tokens
 from glmserve.engine.llm_engine import LLMEngine
 from glmserve.models import EMBEDDED_MODEL
-from glmserve.serving.text_output import TextOutput
+from glmserve.serving.output_processor import OutputProcessor, default_sampling
 from glmserve.serving.tokenizer import Tokenizer
 from glmserve.types import SamplingParams, TokenLogprobs
 
@@ -55,57 +55,61 @@ class LLM:
         self.tokenizer = Tokenizer(model)
         self._ids = itertools.count()
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """generation_config.json's sampling defaults (temperature, top_p, top_k), as the server applies them to a
+        request that sets none; what `generate` uses without sampling_params (vLLM's method)."""
+        return SamplingParams(**default_sampling(self.engine.generation_defaults))
+
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = False) -> list[RequestOutput]:
         """prompts: a string, a list of strings, or vLLM's `{"prompt_token_ids": [...]}` dicts (or a list of them).
-        Returns one RequestOutput per prompt, in order."""
+        Returns one RequestOutput per prompt, in order. Without sampling_params, the checkpoint's defaults."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
-        params = sampling_params or SamplingParams()
+        params = sampling_params if sampling_params is not None else self.get_default_sampling_params()
         params_list = params if isinstance(params, list) else [params] * len(prompts)
         if len(params_list) != len(prompts):
             raise ValueError("sampling_params must be one SamplingParams or one per prompt")
 
         results: list[RequestOutput] = []
-        children: dict[str, tuple[RequestOutput, CompletionOutput, TextOutput]] = {}
+        requests: dict[str, tuple[OutputProcessor, RequestOutput]] = {}  # by engine request id
         for prompt, p in zip(prompts, params_list):
             text, ids = self._prompt_ids(prompt)
-            out = RequestOutput(str(next(self._ids)), text, ids, [])
-            results.append(out)
-            for index in range(p.n):
-                child = p.for_sample(index)
-                child_id = f"{out.request_id}-{index}"
-                self.engine.add_request(child_id, ids, child)
-                completion = CompletionOutput(index, logprobs=[] if p.logprobs is not None else None)
-                out.outputs.append(completion)
-                children[child_id] = (out, completion, TextOutput(self.tokenizer, child))
+            request_id = str(next(self._ids))
+            outputs = OutputProcessor(self.tokenizer, [ids], p, request_id)
+            result = RequestOutput(request_id, text, ids,
+                                   [CompletionOutput(c.index, logprobs=[] if p.logprobs is not None else None)
+                                    for c in outputs.choices])
+            results.append(result)
+            for choice, child in zip(outputs.choices, outputs.sample_params):
+                self.engine.add_request(choice.request_id, ids, child)
+                requests[choice.request_id] = (outputs, result)
 
-        bar = tqdm(total=len(children), desc="Generating", disable=not use_tqdm)
+        bar = tqdm(total=len(requests), desc="Generating", disable=not use_tqdm)
         while self.engine.has_unfinished_requests():
             for step in self.engine.step():
-                parent, completion, text = children[step.request_id]
-                parent.num_cached_tokens = max(parent.num_cached_tokens, step.num_cached_tokens)
-                self._apply(step, completion, text)
-                if completion.finish_reason is not None:
+                outputs, result = requests[step.request_id]
+                result.num_cached_tokens = max(result.num_cached_tokens, step.num_cached_tokens)
+                if self._apply(outputs, step, result):
                     bar.update()
         bar.close()
         return results
 
-    def _apply(self, step, completion: CompletionOutput, text: TextOutput) -> None:
-        if completion.finish_reason is not None:
-            return
-        stopped_by_token = step.finished and step.finish_reason == "stop"
-        completion.text += text.update(step.new_token_ids, step.finished, stopped_by_token)
-        # A step's tokens after the one completing a stop string (an MTP step emits several) are not output.
-        completion.token_ids.extend(step.new_token_ids[: text.tokens_used])
-        if completion.logprobs is not None and step.new_logprobs:
-            completion.logprobs.extend(step.new_logprobs[: text.tokens_used])
-        if text.stop_string is not None:
-            completion.finish_reason, completion.stop_reason = "stop", text.stop_string
-            if not step.finished:
-                self.engine.abort([step.request_id])
-        elif step.finished:
-            completion.finish_reason, completion.stop_reason = step.finish_reason, step.stop_reason
+    def _apply(self, outputs: OutputProcessor, step, result: RequestOutput) -> bool:
+        """One engine step of one sample into its CompletionOutput; True when the sample has just finished."""
+        delta = outputs.process(step)
+        if delta is None:
+            return False
+        completion = result.outputs[delta.choice.index]
+        completion.text += delta.text
+        completion.token_ids.extend(delta.token_ids)
+        if completion.logprobs is not None and delta.token_logprobs:
+            completion.logprobs.extend(delta.token_logprobs)
+        if delta.abort:
+            self.engine.abort([step.request_id])
+        if delta.finished:
+            completion.finish_reason, completion.stop_reason = delta.choice.finish_reason, delta.choice.stop_reason
+        return delta.finished
 
     def _prompt_ids(self, prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):

@@ -203,8 +203,9 @@ class StepOutput:
 
 
 @dataclass(slots=True)
-class RequestOutput:
-    """What the engine reports for one request after a step: the new tokens and whether it has finished."""
+class EngineOutput:
+    """What the engine reports for one request after a step: the new tokens and whether it has finished (token ids
+    only; `glmserve.llm.RequestOutput` is the offline API's whole result, text included)."""
 
     request_id: str
     new_token_ids: list[int]

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from glmserve.config import GenerationDefaults
 from glmserve.engine.scheduler import SchedulerStats
 from glmserve.engine.stat_logger import StatLogger
-from glmserve.types import ParamError, RequestOutput, SamplingParams
+from glmserve.types import EngineOutput, ParamError, SamplingParams
 
 if TYPE_CHECKING:  # the client itself needs no torch; only the factory it is given builds an engine
     from glmserve.engine.llm_engine import LLMEngine
@@ -60,7 +60,7 @@ class EngineInfo:
     generation_defaults: GenerationDefaults
 
 
-def _merge(a: RequestOutput, b: RequestOutput) -> RequestOutput:
+def _merge(a: EngineOutput, b: EngineOutput) -> EngineOutput:
     logprobs = None if a.new_logprobs is None and b.new_logprobs is None else (a.new_logprobs or []) + (
         b.new_logprobs or [])
     return dataclasses.replace(b, new_token_ids=a.new_token_ids + b.new_token_ids, new_logprobs=logprobs)
@@ -76,11 +76,11 @@ class RequestStream:
     def __init__(self, client: AsyncEngineClient, request_ids: Iterable[str]):
         self._client = client
         self._live = set(request_ids)
-        self._pending: deque[RequestOutput] = deque()
+        self._pending: deque[EngineOutput] = deque()
         self._event = asyncio.Event()
         self._error: BaseException | None = None
 
-    def _push(self, output: RequestOutput) -> None:
+    def _push(self, output: EngineOutput) -> None:
         if output.request_id not in self._live:
             return
         self._pending.append(output)
@@ -96,7 +96,7 @@ class RequestStream:
     def __aiter__(self) -> RequestStream:
         return self
 
-    async def __anext__(self) -> RequestOutput:
+    async def __anext__(self) -> EngineOutput:
         while not self._pending:
             if self._error is not None:
                 raise self._error
@@ -239,7 +239,7 @@ class AsyncEngineClient:
             self._thread.join(timeout)
         return self._thread is None or not self._thread.is_alive()
 
-    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+    def _dispatch(self, outputs: list[EngineOutput]) -> None:
         for output in outputs:
             stream = self._streams.get(output.request_id)
             if stream is None:

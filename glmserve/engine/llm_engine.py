@@ -9,7 +9,7 @@ from glmserve.engine.kv_cache import KVCacheManager
 from glmserve.engine.model_runner import ModelRunner
 from glmserve.engine.scheduler import Scheduler
 from glmserve.engine.tensor_parallel import TensorParallelRunner
-from glmserve.types import ParamError, Request, RequestOutput, SamplingParams
+from glmserve.types import EngineOutput, ParamError, Request, SamplingParams
 
 
 class LLMEngine:
@@ -77,7 +77,7 @@ class LLMEngine:
         if isinstance(self.runner, TensorParallelRunner):
             self.runner.close()
 
-    def step(self) -> list[RequestOutput]:
+    def step(self) -> list[EngineOutput]:
         scheduler_output = self.scheduler.schedule()
         if scheduler_output.is_empty:
             return []

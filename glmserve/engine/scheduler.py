@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from glmserve.engine.kv_cache import KVCacheManager
 from glmserve.engine.stop import check_stop
 from glmserve.types import (
+    EngineOutput,
     Request,
-    RequestOutput,
     RequestStatus,
     ScheduledChunk,
     SchedulerOutput,
@@ -225,7 +225,7 @@ class Scheduler:
 
     # ---- results -----------------------------------------------------------------------------------------
 
-    def update_from_output(self, scheduler_output: SchedulerOutput, step_output: StepOutput) -> list[RequestOutput]:
+    def update_from_output(self, scheduler_output: SchedulerOutput, step_output: StepOutput) -> list[EngineOutput]:
         """Advance each scheduled request by its chunk and sampled tokens; finish and free stopped ones.
 
         For a chunk with drafts, sampled holds the accepted drafts then one more token, so len(sampled) - 1
@@ -269,7 +269,7 @@ class Scheduler:
                 finished = True
             if new_token_ids or status is not None:
                 outputs.append(
-                    RequestOutput(
+                    EngineOutput(
                         request_id=request.request_id,
                         new_token_ids=new_token_ids,
                         finished=status is not None,

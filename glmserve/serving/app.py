@@ -1,13 +1,15 @@
-"""The FastAPI app: OpenAI routes under /v1 and vLLM's /tokenize and /detokenize (behind the API key when one is
-set), /health and /metrics.
+"""The FastAPI app: OpenAI routes (chat, completions, responses) and Anthropic's /v1/messages under /v1, vLLM's
+/tokenize, /detokenize and /version, /health and /metrics.
 
 Two plain ASGI middlewares run before any route (not Starlette's BaseHTTPMiddleware, which would get between a
-streaming response and the client's disconnect): the API key for every path under /v1, unknown ones included, as
-vLLM checks it, and for /tokenize and /detokenize unless --tokenize-without-api-key; and the request body limit.
+streaming response and the client's disconnect): the API key, sent as `Authorization: Bearer KEY` or as Anthropic's
+`x-api-key: KEY`, for every path under /v1, unknown ones included, as vLLM checks it, and for /tokenize and
+/detokenize unless --tokenize-without-api-key; and the request body limit.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, FastAPI, Request
@@ -15,6 +17,8 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from glmserve.engine.engine_client import failure_message
+from glmserve.serving.anthropic import count_tokens, create_message
+from glmserve.serving.anthropic_protocol import CountTokensRequest, MessagesRequest
 from glmserve.serving.chat import create_chat_completion, render_prompt
 from glmserve.serving.completions import create_completion
 from glmserve.serving.errors import error_response, install_error_handlers
@@ -28,8 +32,15 @@ from glmserve.serving.protocol import (
     ModelList,
     TokenizeRequest,
 )
+from glmserve.serving.responses import create_response
+from glmserve.serving.responses_protocol import ResponsesRequest
 from glmserve.serving.state import ServerState
 from glmserve.types import ParamError
+
+try:
+    _VERSION = importlib.metadata.version("glmserve")
+except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
+    _VERSION = "unknown"
 
 
 def build_app(state: ServerState) -> FastAPI:
@@ -47,12 +58,16 @@ def build_app(state: ServerState) -> FastAPI:
 
     v1 = APIRouter(prefix="/v1")
 
+    def card(name: str) -> ModelCard:
+        return ModelCard(id=name, root=state.model_path, max_model_len=state.client.require_info().max_model_len)
+
     @v1.get("/models")
     async def models() -> ModelList:
-        info = state.client.require_info()
-        cards = [ModelCard(id=name, root=state.model_path, max_model_len=info.max_model_len)
-                 for name in state.model_names]
-        return ModelList(data=cards)
+        return ModelList(data=[card(name) for name in state.model_names])
+
+    @v1.get("/models/{model_id:path}")
+    async def model(model_id: str) -> ModelCard:
+        return card(state.model_name(model_id))  # an unknown name is 404, as in vLLM
 
     @v1.post("/chat/completions")
     async def chat(req: ChatCompletionRequest, raw: Request):
@@ -61,6 +76,18 @@ def build_app(state: ServerState) -> FastAPI:
     @v1.post("/completions")
     async def completions(req: CompletionRequest, raw: Request):
         return await create_completion(state, req, raw)
+
+    @v1.post("/messages")
+    async def messages(req: MessagesRequest, raw: Request):
+        return await create_message(state, req, raw)
+
+    @v1.post("/messages/count_tokens")
+    async def messages_count_tokens(req: CountTokensRequest):
+        return await count_tokens(state, req)
+
+    @v1.post("/responses")
+    async def responses(req: ResponsesRequest, raw: Request):
+        return await create_response(state, req, raw)
 
     app.include_router(v1)
 
@@ -71,6 +98,10 @@ def build_app(state: ServerState) -> FastAPI:
         if not state.client.ready:
             return error_response(503, "the model is still loading")
         return Response(status_code=200)
+
+    @app.get("/version")
+    async def version() -> JSONResponse:
+        return JSONResponse({"version": _VERSION})
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -118,9 +149,13 @@ class _APIKeyCheck:
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and self._guarded(scope["path"]):
-            authorization = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-            if not self.state.authorized(authorization):
+            headers = dict(scope["headers"])
+            sent = [headers.get(b"authorization", b"").decode("latin-1")]
+            if b"x-api-key" in headers:  # Anthropic's clients send the key this way
+                sent.append("Bearer " + headers[b"x-api-key"].decode("latin-1"))
+            if not any(self.state.authorized(authorization) for authorization in sent):
                 response = error_response(401, "Incorrect or missing API key: send it as `Authorization: Bearer "
-                                               "<key>`.", code="invalid_api_key")
+                                               "<key>` or `x-api-key: <key>`.", code="invalid_api_key",
+                                          path=scope["path"])
                 return await response(scope, receive, send)
         await self.app(scope, receive, send)

@@ -5,14 +5,17 @@ Choices made where the peers disagree or are silent:
 * Thinking is on unless `chat_template_kwargs.enable_thinking` is false, or (when that key is absent) a top-level
   `enable_thinking: false` or `reasoning_effort: "none"` asks for it off.
 * `tool_choice` defaults to "auto" with tools, "none" without. "none" leaves the tools out of the prompt, so the
-  model has no reason to write calls, and parses none. Tool calling needs `--tool-call-parser glm45` (as in SGLang;
-  vLLM's `--enable-auto-tool-choice` is accepted and not needed).
+  model has no reason to write calls, and parses none. Tool calling is on unless the server runs with
+  `--tool-call-parser none` (vLLM's `--enable-auto-tool-choice` is accepted and not needed).
 * "required" and a named function are enforced in GLM's own format: the prompt is made to end with
   `<think></think>\\n<tool_call>` (plus `NAME\\n` for a named function), so the model writes no reasoning and
   continues inside the call; the forced text is put back in front of the output before parsing. With thinking on,
   the empty think block is added, because the model was trained to open its turn with one.
 * `finish_reason` is "tool_calls" when the output holds a call and ended on a stop token (not on "length").
-* `parallel_tool_calls` is accepted and not enforced: every call the model writes is returned.
+* `parallel_tool_calls: false` returns the first call the model writes (as vLLM does); the others are dropped.
+* `include_reasoning: false` (vLLM) leaves `reasoning_content` out; `separate_reasoning: false` (SGLang) leaves
+  the reasoning unparsed, in the content. `stream_options.continuous_usage_stats` (vLLM) puts the usage so far in
+  every chunk.
 * `max_tokens` beyond what the context leaves is not an error: the output stops at the context end ("length").
 """
 
@@ -53,7 +56,7 @@ class ChatPrompt:
         tool_choice = req.tool_choice or ("auto" if req.tools else "none")
         use_tools = bool(req.tools) and tool_choice != "none"
         if use_tools and state.tool_call_parser is None:
-            raise APIError(400, "tool calling needs the server started with --tool-call-parser glm45", "tools")
+            raise APIError(400, "tool calling is off on this server (--tool-call-parser none)", "tools")
         self.tools = [t.model_dump(exclude_unset=True) for t in req.tools] if use_tools else None
         self.text = render_prompt(state, req.messages, self.tools, req.add_generation_prompt, _template_kwargs(req))
         self.forced = ""  # text the output is forced to start with
@@ -69,7 +72,7 @@ class ChatPrompt:
             self.thinking = False
         check_fits(self.text, state.tokenizer, state.client.require_info().max_model_len, "messages")
         self.token_ids = state.tokenizer.encode_marked(self.text)
-        self.parse_reasoning = state.reasoning_parser is not None
+        self.parse_reasoning = state.reasoning_parser is not None and req.separate_reasoning
         self.parse_tools = use_tools
 
     def needs_special_tokens(self, state: ServerState) -> bool:
@@ -153,7 +156,7 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
         req, info, max_tokens=max_tokens,
         logprobs=(req.top_logprobs or 0) if req.logprobs else None,
         skip_special_tokens=req.skip_special_tokens and not prompt.needs_special_tokens(state))
-    gen = await Generation.start(state, [prompt.token_ids], params)
+    gen = await Generation.start(state, [prompt.token_ids], params, api="chat")
     response_id, created = random_id("chatcmpl"), int(time.time())
     if req.stream:
         include_usage = req.stream_options is not None and req.stream_options.include_usage
@@ -180,6 +183,8 @@ async def _complete(state, req, prompt: ChatPrompt, gen: Generation, response_id
     choices = []
     for c in gen.choices:
         reasoning, content, calls = prompt.parse(texts[c.index])
+        reasoning = reasoning if req.include_reasoning else None
+        calls = calls if req.parallel_tool_calls else calls[:1]
         empty = content is None and reasoning is None and not calls  # an empty answer is "", not null
         message = AssistantMessage(content="" if empty else content,
                                    reasoning_content=reasoning, tool_calls=calls or None)
@@ -203,10 +208,20 @@ def _delta_message(deltas: list[dict]) -> DeltaMessage:
     return DeltaMessage(reasoning_content=reasoning or None, content=content or None, tool_calls=calls or None)
 
 
+def _wanted(req: ChatCompletionRequest, delta: dict) -> bool:
+    """Whether a parser delta is part of this request's answer (include_reasoning, parallel_tool_calls)."""
+    if "reasoning_content" in delta:
+        return req.include_reasoning
+    return "tool_calls" not in delta or req.parallel_tool_calls or delta["tool_calls"][0]["index"] == 0
+
+
 async def _stream(state, req, prompt: ChatPrompt, gen: Generation, response_id, created,
                   model) -> AsyncIterator[str]:
+    continuous_usage = req.stream_options is not None and req.stream_options.continuous_usage_stats
+
     def chunk(choices) -> str:
-        return _sse(ChatCompletionChunk(id=response_id, created=created, model=model, choices=choices))
+        return _sse(ChatCompletionChunk(id=response_id, created=created, model=model, choices=choices,
+                                        usage=gen.usage() if continuous_usage else None))
 
     parsers = {c.index: prompt.stream_parser() for c in gen.choices}
     for c in gen.choices:
@@ -219,7 +234,7 @@ async def _stream(state, req, prompt: ChatPrompt, gen: Generation, response_id, 
             deltas = parser.feed(d.text) if d.text else []
             if d.finished:
                 deltas += parser.finish()
-        delta = _delta_message(deltas)
+        delta = _delta_message([delta for delta in deltas if _wanted(req, delta)])
         if not (delta.content or delta.reasoning_content or delta.tool_calls or d.logprobs or d.finished):
             continue
         choice = ChatStreamChoice(index=d.choice.index, delta=delta)

@@ -34,7 +34,7 @@ async def create_completion(state: ServerState, req: CompletionRequest, raw: Req
     params = sampling_params(req, info, max_tokens=req.max_tokens, logprobs=req.logprobs,
                              skip_special_tokens=req.skip_special_tokens)
     prompts = await state.prompt_workers.run(_prompts, state, req.prompt, info.max_model_len)
-    gen = await Generation.start(state, prompts, params)
+    gen = await Generation.start(state, prompts, params, api="completions")
     response_id, created = random_id("cmpl"), int(time.time())
     if req.stream:
         include_usage = req.stream_options is not None and req.stream_options.include_usage
@@ -76,6 +76,7 @@ def _sse(response: CompletionResponse) -> str:
 
 async def _stream(state, req: CompletionRequest, gen: Generation, response_id, created,
                   model) -> AsyncIterator[str]:
+    continuous_usage = req.stream_options is not None and req.stream_options.continuous_usage_stats
     offsets = {c.index: 0 for c in gen.choices}  # text_offset of the next token, per choice
     unsent_prompt = {c.index for c in gen.choices} if req.return_token_ids else set()
     async for d in gen.deltas():
@@ -92,4 +93,5 @@ async def _stream(state, req: CompletionRequest, gen: Generation, response_id, c
                 choice.prompt_token_ids = d.choice.prompt_token_ids
         if d.finished:
             choice.finish_reason, choice.stop_reason = d.choice.finish_reason, d.choice.stop_reason
-        yield _sse(CompletionResponse(id=response_id, created=created, model=model, choices=[choice]))
+        yield _sse(CompletionResponse(id=response_id, created=created, model=model, choices=[choice],
+                                      usage=gen.usage() if continuous_usage else None))

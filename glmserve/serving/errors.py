@@ -1,4 +1,5 @@
-"""Errors in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, for every way a request can fail.
+"""Errors in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, for every way a request can fail;
+under /v1/messages (Anthropic's API) in Anthropic's, `{"type": "error", "error": {"type", "message"}}`, same status.
 
 Bad input is always a 4xx: pydantic validation (malformed JSON included: 400, not FastAPI's 422), `ParamError`
 from any layer, a chat template that cannot render the messages. A 503 means the server cannot take the request
@@ -37,8 +38,27 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
-    return JSONResponse(error_body(status, message, param, code), status_code=status)
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
+                   path: str = "") -> JSONResponse:
+    """The error in the shape of the API that `path` belongs to."""
+    body = anthropic_error_body(status, message) if is_anthropic_path(path) else error_body(status, message, param,
+                                                                                             code)
+    return JSONResponse(body, status_code=status)
+
+
+def is_anthropic_path(path: str) -> bool:
+    return path == "/v1/messages" or path.startswith("/v1/messages/")
+
+
+# Anthropic's error types by status (its API answers 504 timeout_error where glmserve answers 408).
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                    404: "not_found_error", 408: "timeout_error", 413: "request_too_large", 429: "rate_limit_error",
+                    503: "overloaded_error", 529: "overloaded_error"}
+
+
+def anthropic_error_body(status: int, message: str) -> dict:
+    kind = _ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+    return {"type": "error", "error": {"type": kind, "message": message}}
 
 
 def sse_error(error: Exception) -> str:
@@ -88,16 +108,16 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError):
+    async def _validation(request: Request, exc: RequestValidationError):
         message, param = _validation_message(exc)
-        return error_response(400, message, param)
+        return error_response(400, message, param, path=request.url.path)
 
     @app.exception_handler(HTTPException)
-    async def _http(_: Request, exc: HTTPException):
-        return error_response(exc.status_code, str(exc.detail))
+    async def _http(request: Request, exc: HTTPException):
+        return error_response(exc.status_code, str(exc.detail), path=request.url.path)
 
-    async def _known(_: Request, exc: Exception):
-        response = error_response(*describe(exc))
+    async def _known(request: Request, exc: Exception):
+        response = error_response(*describe(exc), path=request.url.path)
         if isinstance(exc, APIError) and exc.headers:
             response.headers.update(exc.headers)
         return response

@@ -1,9 +1,10 @@
-"""One API request's trip through the engine, shared by chat and completions.
+"""One API request's trip through the engine, shared by every API.
 
 `Generation` submits one engine request per choice (n per prompt), turns their token deltas into text deltas
-(incremental detokenization, stop strings, which abort the engine request), and records the request's metrics
-when it is closed. `close()` also aborts whatever is still running, so every exit path (done, error, client gone,
-deadline passed) frees the KV blocks; it is idempotent. Before submitting, it asks the server's limits to admit
+through the shared output path (glmserve.serving.output_processor: detokenization, stop strings, which abort the
+engine request, usage), and records the request's metrics when it is closed. `close()` also aborts whatever is
+still running, so every exit path (done, error, client gone, deadline passed) frees the KV blocks; it is
+idempotent. Before submitting, it asks the server's limits to admit
 the request's sequences (503 when the queue is full) and logs the prompt only with --enable-log-requests.
 """
 
@@ -12,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
@@ -22,10 +22,10 @@ from glmserve.engine.engine_client import EngineInfo, EngineRequest, RequestStre
 from glmserve.serving.drain import InFlight
 from glmserve.serving.errors import APIError, sse_error
 from glmserve.serving.metrics import RequestTimer
+from glmserve.serving.output_processor import ChoiceDelta, OutputProcessor, default_sampling
 from glmserve.serving.protocol import SamplingFields, UsageInfo, random_id
 from glmserve.serving.state import ServerState
-from glmserve.serving.text_output import TextOutput
-from glmserve.types import SamplingParams, TokenLogprobs
+from glmserve.types import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -34,56 +34,23 @@ def sampling_params(req: SamplingFields, info: EngineInfo, *, max_tokens: int | 
                     skip_special_tokens: bool) -> SamplingParams:
     """The request's sampling fields, with the checkpoint's generation_config defaults where the request has none
     (as vLLM applies them). Raises ParamError."""
-    defaults = info.generation_defaults
-
-    def pick(value, default, fallback):
-        return value if value is not None else default if default is not None else fallback
-
     return SamplingParams(
-        n=req.n, temperature=pick(req.temperature, defaults.temperature, 1.0),
-        top_p=pick(req.top_p, defaults.top_p, 1.0), top_k=pick(req.top_k, defaults.top_k, 0),
-        min_p=pick(req.min_p, None, 0.0), presence_penalty=req.presence_penalty,
-        frequency_penalty=req.frequency_penalty, repetition_penalty=pick(req.repetition_penalty, None, 1.0),
+        n=req.n, **default_sampling(info.generation_defaults, req.temperature, req.top_p, req.top_k),
+        min_p=req.min_p if req.min_p is not None else 0.0, presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty,
+        repetition_penalty=req.repetition_penalty if req.repetition_penalty is not None else 1.0,
         seed=req.seed, max_tokens=max_tokens, min_tokens=req.min_tokens, stop=req.stop,
         stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, logprobs=logprobs,
         skip_special_tokens=skip_special_tokens, include_stop_str_in_output=req.include_stop_str_in_output,
     )
 
 
-@dataclass(slots=True, eq=False)
-class Choice:
-    index: int
-    request_id: str
-    prompt_token_ids: list[int]
-    text: TextOutput
-    num_output_tokens: int = 0
-    num_cached_tokens: int = 0
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-
-    @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.prompt_token_ids)
-
-
-@dataclass(slots=True)
-class ChoiceDelta:
-    choice: Choice
-    text: str
-    logprobs: list[TokenLogprobs] | None
-    token_ids: list[int]  # the new tokens up to the one completing a stop string (which is cut from text only)
-
-    @property
-    def finished(self) -> bool:
-        return self.choice.finish_reason is not None
-
-
 class Generation:
-    def __init__(self, params: SamplingParams, choices: list[Choice], stream: RequestStream, timer: RequestTimer,
-                 timeout: float | None, in_flight: InFlight | None = None):
-        self.params = params
-        self.choices = choices
-        self._by_id = {c.request_id: c for c in choices}
+    def __init__(self, outputs: OutputProcessor, stream: RequestStream, timer: RequestTimer, timeout: float | None,
+                 in_flight: InFlight | None = None):
+        self.outputs = outputs
+        self.params = outputs.params
+        self.choices = outputs.choices
         self._stream = stream
         self._timer = timer
         self._timeout = timeout
@@ -94,24 +61,21 @@ class Generation:
             in_flight.add(self)
 
     @classmethod
-    async def start(cls, state: ServerState, prompts: list[list[int]], params: SamplingParams) -> Generation:
-        """Submit n choices per prompt (choice index = prompt index * n + sample index). Raises ParamError, or
-        APIError 503 when the waiting queue is full."""
+    async def start(cls, state: ServerState, prompts: list[list[int]], params: SamplingParams,
+                    api: str) -> Generation:
+        """Submit n choices per prompt (choice index = prompt index * n + sample index); `api` labels the request
+        in /metrics. Raises ParamError, or APIError 503 when the waiting queue is full."""
         timer = RequestTimer(state.metrics)
         state.limits.admit(state.client, len(prompts) * params.n)
+        state.metrics.requests.labels(api).inc()
         base = random_id("req")
         if state.log_requests:
             _log_request(state, base, prompts, params)
-        choices, requests = [], []
-        for p, prompt in enumerate(prompts):
-            for j in range(params.n):
-                child = params.for_sample(j)
-                index = p * params.n + j
-                choices.append(Choice(index, f"{base}-{index}", prompt, TextOutput(state.tokenizer, child)))
-                requests.append(EngineRequest(f"{base}-{index}", prompt, child))
-        stream = await state.client.add_requests(requests)
+        outputs = OutputProcessor(state.tokenizer, prompts, params, base)
+        stream = await state.client.add_requests([EngineRequest(c.request_id, c.prompt_token_ids, p)
+                                                  for c, p in zip(outputs.choices, outputs.sample_params)])
         try:
-            return cls(params, choices, stream, timer, state.limits.request_timeout, state.in_flight)
+            return cls(outputs, stream, timer, state.limits.request_timeout, state.in_flight)
         except BaseException:  # the server's grace period is over: nobody will read these requests
             stream.abort()
             raise
@@ -130,38 +94,17 @@ class Generation:
             yield out
 
     async def deltas(self) -> AsyncIterator[ChoiceDelta]:
-        hide_stop_token = not self.params.include_stop_str_in_output
         async for out in self._outputs():
-            choice = self._by_id[out.request_id]
-            if choice.finish_reason is not None:
-                # A step the engine ran before it saw the stop-string abort: those tokens are not part of the output.
+            delta = self.outputs.process(out)
+            if delta is None:
                 continue
             self._timer.tokens_arrived()
-            choice.num_cached_tokens = out.num_cached_tokens
-            stopped_by_token = out.finished and out.finish_reason == "stop"
-            text = choice.text.update(out.new_token_ids, out.finished, stopped_by_token)
-            used = choice.text.tokens_used  # fewer than the step's tokens when a stop string ended the output
-            choice.num_output_tokens += used
-            token_ids, logprobs = out.new_token_ids[:used], out.new_logprobs
-            if logprobs:
-                logprobs = logprobs[:used]
-                if stopped_by_token and hide_stop_token and used == len(out.new_token_ids):
-                    logprobs = logprobs[:-1]
-            if choice.text.stop_string is not None:
-                choice.finish_reason, choice.stop_reason = "stop", choice.text.stop_string
-                if not out.finished:
-                    self._stream.abort([out.request_id])
-            elif out.finished:
-                choice.finish_reason, choice.stop_reason = out.finish_reason, out.stop_reason
-            yield ChoiceDelta(choice, text, logprobs, token_ids)
+            if delta.abort:
+                self._stream.abort([out.request_id])
+            yield delta
 
     def usage(self) -> UsageInfo:
-        prompts = {c.index // self.params.n: c for c in self.choices}.values()  # one choice per prompt
-        prompt_tokens = sum(c.num_prompt_tokens for c in prompts)
-        completion_tokens = sum(c.num_output_tokens for c in self.choices)
-        return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                         total_tokens=prompt_tokens + completion_tokens,
-                         prompt_tokens_details={"cached_tokens": sum(c.num_cached_tokens for c in prompts)})
+        return self.outputs.usage()
 
     def fail(self, error: Exception) -> None:
         """End the output with `error` (raised to whoever reads `deltas`), e.g. when the server stops."""
@@ -216,12 +159,14 @@ async def unless_disconnected(request: Request, work: Awaitable[Response]) -> Re
 _LINE_BREAKS_OUTSIDE_SSE = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
 
 
-def stream_response(gen: Generation, chunks: AsyncIterator[str],
-                    usage_chunk: Callable[[], str] | None) -> StreamingResponse:
-    """The SSE framing chat and completions share: their chunks, then the usage chunk when asked for, then
-    `[DONE]`. An error after the status line can only go into the stream, as an error event before `[DONE]`; the
-    generation is closed on every exit, a client that went away included. Unicode line separators in a chunk's
-    JSON are escaped."""
+def stream_response(gen: Generation, chunks: AsyncIterator[str], usage_chunk: Callable[[], str] | None,
+                    *, done: str = "data: [DONE]\n\n",
+                    error_event: Callable[[Exception], str] = sse_error) -> StreamingResponse:
+    """The SSE framing every API shares: its chunks, then the usage chunk when asked for, then `done` (OpenAI's
+    `[DONE]`, after an error event too, as vLLM ends its streams; Anthropic's and the Responses API's streams end
+    with their own last event instead). An error after the status line can only go into the stream, as
+    `error_event`; the generation is closed on every exit, a client that went away included. Unicode line
+    separators in a chunk's JSON are escaped."""
 
     async def body() -> AsyncIterator[str]:
         try:
@@ -230,9 +175,10 @@ def stream_response(gen: Generation, chunks: AsyncIterator[str],
             if usage_chunk is not None:
                 yield usage_chunk()
         except Exception as e:  # noqa: BLE001 - the status line is sent; the error can only go in the stream
-            yield sse_error(e).translate(_LINE_BREAKS_OUTSIDE_SSE)
+            yield error_event(e).translate(_LINE_BREAKS_OUTSIDE_SSE)
         finally:
             gen.close()
-        yield "data: [DONE]\n\n"  # after an error event too, as vLLM ends its streams
+        if done:
+            yield done
 
     return StreamingResponse(body(), media_type="text/event-stream", background=BackgroundTask(gen.close))

@@ -69,7 +69,7 @@ class BodySizeLimit:
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and int(length) > self.max_bytes:  # the HTTP parser has checked it is a number
             error = _BodyTooLarge(self.max_bytes)
-            return await error_response(error.status_code, error.detail)(scope, receive, send)
+            return await error_response(error.status_code, error.detail, path=scope["path"])(scope, receive, send)
         received = 0
 
         async def limited_receive():

@@ -59,6 +59,8 @@ class Metrics:
     def __init__(self, client: AsyncEngineClient):
         self.registry = CollectorRegistry()
         r = self.registry
+        self.requests = Counter("glmserve:requests", "Requests admitted to the engine, by API (chat, completions, "
+                                "anthropic, responses).", ["api"], registry=r)
         self.finished = Counter("glmserve:request_success", "Finished choices, by finish reason.",
                                 ["finished_reason"], registry=r)
         self.prompt_tokens = Counter("glmserve:prompt_tokens", "Prompt tokens processed.", registry=r)

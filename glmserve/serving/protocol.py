@@ -85,6 +85,7 @@ def check_json(value: Any) -> None:
 
 class StreamOptions(OpenAIModel):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM: the usage so far in every chunk
 
 
 class SamplingFields(RequestBody):
@@ -159,6 +160,9 @@ class ChatMessage(BaseModel):
     tool_call_id: str | None = None
 
 
+_MEDIA_PARTS = frozenset({"image_url", "input_audio", "audio_url", "video_url", "file", "image"})
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: int | None = Field(None, ge=1)
@@ -174,6 +178,24 @@ class ChatCompletionRequest(SamplingFields):
     enable_thinking: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = True
+    include_reasoning: bool = True  # vLLM: false leaves reasoning_content out of the response
+    separate_reasoning: bool = True  # SGLang: false leaves the reasoning in the content, unparsed
+    # OpenAI's deprecated function calling: refused with a pointer to tools (see _refuse_unsupported)
+    functions: list[Any] | None = None
+    function_call: Any = None
+
+    @model_validator(mode="after")
+    def _refuse_unsupported(self):
+        """What a GLM-4.5 server cannot do gets a 400 naming it, not silence."""
+        if self.functions is not None or self.function_call is not None:
+            raise ParamError("functions and function_call (deprecated by OpenAI) are not supported; send tools and "
+                             "tool_choice", "functions" if self.functions is not None else "function_call")
+        for message in self.messages:
+            for part in message.content if isinstance(message.content, list) else ():
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind in _MEDIA_PARTS:
+                    raise ParamError(f"{kind} content parts are not supported: GLM-4.5 reads text only", "messages")
+        return self
 
     @model_validator(mode="after")
     def _check_chat(self):

@@ -10,15 +10,21 @@ calls must equal the non-streamed ones.
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
+import anthropic
 import httpx
+import openai
 import pytest
 from openai import OpenAI
 
+from glmserve import LLM, SamplingParams
+from glmserve.models import EMBEDDED_MODEL
 from glmserve.nano.corpus import conversations
 from glmserve.nano.evaluate import kind_of
 from glmserve.testing.server import start_server
@@ -75,10 +81,11 @@ def ask_streaming(client: OpenAI, example) -> tuple[str, str, list, int]:
 
 @pytest.fixture(scope="module")
 def default_server(tmp_path_factory):
-    """`glmserve serve` with no MODEL (the model card's parsers on); also times its first answer."""
+    """`glmserve serve` with no MODEL and no flags (the glm45 parsers are on by default); also times its first
+    answer."""
     log = tmp_path_factory.mktemp("embedded") / "serve.log"
     started = time.monotonic()
-    server = start_server(PARSERS, log)
+    server = start_server([], log)
     client = OpenAI(base_url=f"{server.url}/v1", api_key="none")
     client.chat.completions.create(model="glm-4.5-nano", messages=[{"role": "user", "content": "Hi!"}],
                                    max_tokens=8)
@@ -154,3 +161,110 @@ def test_transcript_example_runs(default_server):
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("user (") == 3 and "reasoning_content: " in result.stdout
+
+
+def test_parsers_can_be_turned_off(tmp_path):
+    server = start_server(["--reasoning-parser", "none", "--tool-call-parser", "none"], tmp_path / "off.log")
+    try:
+        client = OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
+        example = heldout("arithmetic_thinking", 1)[0]
+        message = client.chat.completions.create(**request_args(example)).choices[0].message
+        assert message.model_extra.get("reasoning_content") is None and message.content.strip()
+        tool_example = heldout("tool_call", 1)[0]
+        with pytest.raises(openai.BadRequestError, match="--tool-call-parser none"):
+            client.chat.completions.create(**request_args(tool_example))
+    finally:
+        server.stop()
+
+
+def test_api_request_example_runs_to_the_end(default_server):
+    """examples/api_request.py (the model card's example): the embedded model answers its Chinese question without
+    a tool call, which the example reports instead of crashing."""
+    server, _ = default_server
+    script = Path(__file__).resolve().parents[2] / "examples" / "api_request.py"
+    result = subprocess.run([sys.executable, str(script), "--base-url", f"{server.url}/v1"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "reasoning: " in result.stdout and "answer" in result.stdout
+
+
+WEATHER = {"name": "get_weather", "description": "Get the current weather for a city", "input_schema": {
+    "type": "object", "properties": {"city": {"type": "string", "description": "City name"},
+                                     "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+    "required": ["city"]}}
+
+
+def _claude_turn(claude, messages, thinking):
+    """One greedy turn, whole and streamed (the stream's accumulated message must equal the whole one)."""
+    kwargs = dict(model="glm-4.5-nano", max_tokens=200, messages=messages, tools=[WEATHER], thinking=thinking,
+                  extra_body={"temperature": 0})
+    message = claude.messages.create(**kwargs)
+    with claude.messages.stream(**kwargs) as stream:
+        final = stream.get_final_message()
+    whole, accumulated = message.to_dict(), final.to_dict()
+    for m in (whole, accumulated):
+        m.pop("id")
+        for block in m["content"]:
+            block.pop("id", None)  # tool_use ids are fresh per request
+    assert accumulated == whole
+    return message
+
+
+@pytest.mark.parametrize("thinking", [{"type": "enabled", "budget_tokens": 1024}, {"type": "disabled"}],
+                         ids=["thinking", "no-thinking"])
+def test_claude_tool_loop(default_server, thinking):
+    """The official anthropic client through a tool loop: tool_use, then the tool_result, then the answer."""
+    server, _ = default_server
+    claude = anthropic.Anthropic(base_url=server.url, api_key="none", max_retries=0, timeout=60)
+    messages = [{"role": "user", "content": "What's the weather in Lisbon?"}]
+    first = _claude_turn(claude, messages, thinking)
+    assert first.stop_reason == "tool_use"
+    assert [b.type for b in first.content] == (["thinking"] if thinking["type"] == "enabled" else []) + ["tool_use"]
+    call = first.content[-1]
+    assert call.name == "get_weather" and call.input == {"city": "Lisbon"} and call.id.startswith("toolu_")
+    messages += [{"role": "assistant", "content": first.content},
+                 {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id,
+                                               "content": json.dumps({"temperature": 21, "condition": "sunny"})}]}]
+    answer = _claude_turn(claude, messages, thinking)
+    assert answer.stop_reason == "end_turn" and answer.content[-1].type == "text"
+    assert "21" in answer.content[-1].text
+    assert all(b.type != "thinking" for b in answer.content) == (thinking["type"] == "disabled")
+
+
+def test_offline_llm_shares_the_servers_defaults_and_stop_strings(default_server, tmp_path):
+    """One output path: `LLM.generate` applies generation_config.json's sampling defaults as the server applies them
+    to a request that sets none, and the same seed and stop string give the same text, finish and stop reason."""
+    server, client = default_server
+    llm = LLM()
+    config = json.loads((EMBEDDED_MODEL / "generation_config.json").read_text())
+    defaults = llm.get_default_sampling_params()
+    assert (defaults.temperature, defaults.top_p) == (config["temperature"], config["top_p"]) != (1.0, 1.0)
+    messages = [{"role": "user", "content": "What is 47 + 38?"}]
+    ids = httpx.post(f"{server.url}/tokenize", json={"messages": messages}).json()["tokens"]
+
+    def both(stop):
+        served = client.completions.create(model="glm-4.5-nano", prompt=ids, seed=11, max_tokens=60, stop=stop)
+        offline = llm.generate({"prompt_token_ids": ids}, replace(defaults, seed=11, max_tokens=60, stop=stop))
+        return served.choices[0], offline[0].outputs[0]
+
+    served, offline = both(None)
+    assert (served.text, served.finish_reason) == (offline.text, offline.finish_reason)
+    full = offline.text
+    stop = full[len(full) // 2: len(full) // 2 + 3]
+    served, offline = both([stop])
+    assert served.text == offline.text == full[:full.index(stop)]
+    assert ("stop", stop) == (served.finish_reason, served.model_extra["stop_reason"]) == (
+        offline.finish_reason, offline.stop_reason)
+
+
+def test_offline_llm_without_sampling_params_uses_the_checkpoints_defaults(tmp_path):
+    """A copy of the embedded model whose generation_config.json asks for greedy decoding: generate() without
+    sampling_params is greedy (SamplingParams()' own temperature is 1.0)."""
+    model = Path(shutil.copytree(EMBEDDED_MODEL, tmp_path / "greedy-nano"))
+    config = json.loads((model / "generation_config.json").read_text())
+    (model / "generation_config.json").write_text(json.dumps({**config, "temperature": 0.0}))
+    llm = LLM(model)
+    prompt = {"prompt_token_ids": llm.tokenizer.encode("[gMASK]<sop><|user|>\nTell me a story.<|assistant|>")}
+    unset = llm.generate([prompt] * 2)
+    greedy = llm.generate(prompt, SamplingParams(temperature=0.0))[0].outputs[0]
+    assert [o.outputs[0].token_ids for o in unset] == [greedy.token_ids] * 2 and len(greedy.token_ids) == 16

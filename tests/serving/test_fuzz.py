@@ -15,7 +15,9 @@ from conftest import start_server
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 
+from glmserve.serving.anthropic_protocol import MessagesRequest
 from glmserve.serving.protocol import ChatCompletionRequest, CompletionRequest
+from glmserve.serving.responses_protocol import ResponsesRequest
 from glmserve.testing.tokenizer import GLM45_ADDED_TOKENS
 
 TIMEOUT = 20  # seconds: a slower answer counts as a hang
@@ -53,7 +55,9 @@ def test_schemathesis(fuzzed, mode):
     it (schemathesis through hypothesis; its pytest plugin does not run under this pytest)."""
     operations = _operations(fuzzed)
     assert set(operations) >= {"POST /v1/chat/completions", "POST /v1/completions", "GET /v1/models",
-                               "POST /tokenize", "POST /detokenize", "GET /health", "GET /metrics"}
+                               "POST /v1/messages", "POST /v1/messages/count_tokens", "POST /v1/responses",
+                               "POST /tokenize",
+                               "POST /detokenize", "GET /health", "GET /metrics"}
     for name, operation in operations.items():
         if mode is GenerationMode.NEGATIVE and operation.method.upper() != "POST":
             continue  # a GET without parameters has nothing to break
@@ -65,17 +69,25 @@ def test_schemathesis(fuzzed, mode):
             response = case.call(base_url=fuzzed.url, timeout=TIMEOUT)
             assert response.status_code < 500, (name, case.body, response.text)
             if response.status_code >= 400:
-                assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+                _check_error_shape(operation.path, response)
 
         check()
+
+
+def _check_error_shape(path: str, response: httpx.Response) -> None:
+    """OpenAI's error shape, or Anthropic's under /v1/messages."""
+    body = response.json()
+    if path.startswith("/v1/messages"):
+        assert body["type"] == "error" and set(body["error"]) == {"type", "message"} and body["error"]["message"]
+    else:
+        assert set(body["error"]) == {"message", "type", "param", "code"} and body["error"]["message"]
 
 
 def _post(http: httpx.Client, path: str, content: bytes) -> httpx.Response:
     response = http.post(path, content=content, headers={"content-type": "application/json"})
     assert response.status_code < 500, (content[:200], response.text)
     if response.status_code >= 400:
-        error = response.json()["error"]
-        assert set(error) == {"message", "type", "param", "code"} and error["message"]
+        _check_error_shape(path, response)
     return response
 
 
@@ -119,17 +131,21 @@ HOSTILE = {
 
 @pytest.mark.parametrize("name", HOSTILE)
 def test_hostile_inputs(http, name):
-    for path in ("/v1/chat/completions", "/tokenize"):
+    for path in ("/v1/chat/completions", "/tokenize", "/v1/messages", "/v1/responses"):
         _post(http, path, HOSTILE[name])
 
 
 WRONG_VALUES = [None, -1, 2**63, "x", [None], {"a": [1]}]
 
 
-@pytest.mark.parametrize("model", [ChatCompletionRequest, CompletionRequest], ids=["chat", "completions"])
+@pytest.mark.parametrize("model", [ChatCompletionRequest, CompletionRequest, MessagesRequest, ResponsesRequest],
+                         ids=["chat", "completions", "anthropic", "responses"])
 def test_wrong_types_in_every_field(http, model):
-    path = "/v1/chat/completions" if model is ChatCompletionRequest else "/v1/completions"
-    base = {"messages": USER} if model is ChatCompletionRequest else {"prompt": "hi"}
+    path, base = {ChatCompletionRequest: ("/v1/chat/completions", {"messages": USER}),
+                  CompletionRequest: ("/v1/completions", {"prompt": "hi"}),
+                  ResponsesRequest: ("/v1/responses", {"input": "hi", "max_output_tokens": 2}),
+                  MessagesRequest: ("/v1/messages", {"messages": USER,
+                                                     "model": http.get("/v1/models").json()["data"][0]["id"]})}[model]
     for field in model.model_fields:
         for value in WRONG_VALUES:
             # Small outputs, unless the field under test is the one that sets them.

@@ -17,7 +17,7 @@ from glmserve.config import GenerationDefaults
 from glmserve.engine.engine_client import AsyncEngineClient
 from glmserve.engine.scheduler import SchedulerStats
 from glmserve.serving.generation import stream_response
-from glmserve.types import RequestOutput, SamplingParams
+from glmserve.types import EngineOutput, SamplingParams
 
 LOAD_SCRIPT = Path(__file__).parents[2] / "scripts" / "load_disconnects.py"
 # With the limited server's >= 5 ms steps, at least 9.5 s of output on any machine: longer than any test's deadline.
@@ -71,7 +71,7 @@ class _GatedEngine:
         self.in_step.set()
         self.release.wait()
         self.release.clear()
-        return [RequestOutput(r, [7], False, None) for r in self.requests]
+        return [EngineOutput(r, [7], False, None) for r in self.requests]
 
 
 def test_an_abort_reaches_the_engine_before_its_next_step():

@@ -9,7 +9,7 @@ import pytest
 from glmserve.config import GenerationDefaults
 from glmserve.engine.engine_client import AsyncEngineClient, EngineDeadError, EngineRequest
 from glmserve.engine.scheduler import SchedulerStats
-from glmserve.types import ParamError, RequestOutput, SamplingParams
+from glmserve.types import EngineOutput, ParamError, SamplingParams
 
 
 class FakeEngine:
@@ -56,7 +56,7 @@ class FakeEngine:
         for request_id, state in list(self.requests.items()):
             state[1] += 1
             done = state[1] >= state[0]
-            outputs.append(RequestOutput(request_id, [7], done, "length" if done else None))
+            outputs.append(EngineOutput(request_id, [7], done, "length" if done else None))
             if done:
                 del self.requests[request_id]
         time.sleep(0.002)

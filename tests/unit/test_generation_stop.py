@@ -4,11 +4,11 @@ in flight before the abort reached the engine are neither sent nor counted in us
 import asyncio
 
 from glmserve.models import EMBEDDED_MODEL
-from glmserve.serving.generation import Choice, Generation
+from glmserve.serving.generation import Generation
 from glmserve.serving.metrics import Metrics, RequestTimer
-from glmserve.serving.text_output import TextOutput
+from glmserve.serving.output_processor import OutputProcessor
 from glmserve.serving.tokenizer import Tokenizer
-from glmserve.types import RequestOutput, SamplingParams
+from glmserve.types import EngineOutput, SamplingParams
 
 
 class LateStream:
@@ -34,11 +34,12 @@ class LateStream:
 PARAMS = SamplingParams(stop=["STOP"], max_tokens=50)
 
 
-def _generate(tokenizer: Tokenizer, outputs: list[RequestOutput]):
+def _generate(tokenizer: Tokenizer, outputs: list[EngineOutput]):
     async def run():
-        choice = Choice(0, "r", [1, 2, 3], TextOutput(tokenizer, PARAMS))
+        processor = OutputProcessor(tokenizer, [[1, 2, 3]], PARAMS, "r")
+        (choice,) = processor.choices
         stream = LateStream(outputs)
-        generation = Generation(PARAMS, [choice], stream, RequestTimer(Metrics(client=None)), timeout=None)
+        generation = Generation(processor, stream, RequestTimer(Metrics(client=None)), timeout=None)
         deltas = [d async for d in generation.deltas()]
         token_ids = [t for d in deltas for t in d.token_ids]
         return "".join(d.text for d in deltas), token_ids, generation.usage(), choice, stream
@@ -49,13 +50,13 @@ def _generate(tokenizer: Tokenizer, outputs: list[RequestOutput]):
 def test_outputs_after_a_stop_string_are_dropped():
     tokenizer = Tokenizer(EMBEDDED_MODEL)
     ids = [tokenizer.encode(word) for word in ("alpha", " beta", " STOP", " gamma", " delta")]
-    outputs = [RequestOutput("r", ids[0], False), RequestOutput("r", ids[1] + ids[2], False),
-               RequestOutput("r", ids[3], False), RequestOutput("r", ids[4], True, "length")]
+    outputs = [EngineOutput("r-0", ids[0], False), EngineOutput("r-0", ids[1] + ids[2], False),
+               EngineOutput("r-0", ids[3], False), EngineOutput("r-0", ids[4], True, "length")]
     text, _, usage, choice, stream = _generate(tokenizer, outputs)
     assert text == "alpha beta "
     assert (choice.finish_reason, choice.stop_reason) == ("stop", "STOP")
     assert usage.completion_tokens == len(ids[0] + ids[1] + ids[2])
-    assert stream.aborted == [["r"]]
+    assert stream.aborted == [["r-0"]]
 
 
 def test_tokens_after_a_stop_string_in_the_same_output_are_dropped():
@@ -65,8 +66,8 @@ def test_tokens_after_a_stop_string_in_the_same_output_are_dropped():
     words = [tokenizer.encode(word) for word in ("alpha", " beta", " STOP", " gamma")]
     tokens = [t for word in words for t in word]
     kept = len(words[0] + words[1] + words[2])
-    one_by_one = [RequestOutput("r", [t], False) for t in tokens]
-    all_at_once = [RequestOutput("r", tokens, False)]
+    one_by_one = [EngineOutput("r-0", [t], False) for t in tokens]
+    all_at_once = [EngineOutput("r-0", tokens, False)]
     for outputs in (one_by_one, all_at_once):
         text, token_ids, usage, choice, _ = _generate(tokenizer, outputs)
         assert (text, choice.stop_reason) == ("alpha beta ", "STOP")
@@ -77,7 +78,7 @@ def test_offline_llm_drops_the_tokens_of_a_step_after_a_stop_string():
     """LLM.generate (an MTP step emits several tokens) keeps the same tokens the server counts."""
     from types import SimpleNamespace
 
-    from glmserve.llm import LLM, CompletionOutput
+    from glmserve.llm import LLM, CompletionOutput, RequestOutput
 
     tokenizer = Tokenizer(EMBEDDED_MODEL)
     words = [tokenizer.encode(word) for word in ("alpha", " beta", " STOP", " gamma")]
@@ -85,6 +86,7 @@ def test_offline_llm_drops_the_tokens_of_a_step_after_a_stop_string():
     aborted = []
     llm = SimpleNamespace(engine=SimpleNamespace(abort=aborted.append))
     completion = CompletionOutput(0)
-    LLM._apply(llm, RequestOutput("r", tokens, False), completion, TextOutput(tokenizer, PARAMS))
-    assert (completion.text, completion.stop_reason, aborted) == ("alpha beta ", "STOP", [["r"]])
+    processor = OutputProcessor(tokenizer, [[1, 2, 3]], PARAMS, "r")
+    LLM._apply(llm, processor, EngineOutput("r-0", tokens, False), RequestOutput("r", None, [1, 2, 3], [completion]))
+    assert (completion.text, completion.stop_reason, aborted) == ("alpha beta ", "STOP", [["r-0"]])
     assert completion.token_ids == tokens[: len(words[0] + words[1] + words[2])]

@@ -13,4 +13,4 @@ def check_parser_names(reasoning_parser: str | None, tool_call_parser: str | Non
     for flag, value, known in (("--reasoning-parser", reasoning_parser, REASONING_PARSERS),
                                ("--tool-call-parser", tool_call_parser, TOOL_CALL_PARSERS)):
         if value is not None and value not in known:
-            raise ValueError(f"{flag} {value!r} is not supported; choose from {', '.join(known)}")
+            raise ValueError(f"{flag} {value!r} is not supported; choose from {', '.join(known)}, or none (off)")
