@@ -4,6 +4,7 @@ conversation in OpenAI's chat shape: the APIs are translations onto the chat pat
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 
@@ -25,9 +26,16 @@ ANTHROPIC_TOOLS = [{"name": "get_weather", "description": "Weather of a city", "
 CALL_INPUT = {"city": "Lisbon"}
 
 
+class _Engine:
+    """What ChatPrompt asks of the engine client: the context length (its prompts are checked against it)."""
+
+    def require_info(self):
+        return SimpleNamespace(max_model_len=4096)
+
+
 @pytest.fixture(scope="module")
 def state():
-    return ServerState(None, Tokenizer(EMBEDDED_MODEL), glm45_chat_template(), ["m"], "/nowhere", "glm45", "glm45")
+    return ServerState(_Engine(), Tokenizer(EMBEDDED_MODEL), glm45_chat_template(), ["m"], "/nowhere", "glm45", "glm45")
 
 
 OPENAI_MESSAGES = [

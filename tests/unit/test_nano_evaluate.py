@@ -24,7 +24,8 @@ def cases():
 def test_requests_render_to_the_training_prompts(cases):
     # The server's own prompt building, on the JSON body the openai client would send.
     state = SimpleNamespace(chat_template=glm45_chat_template(), tool_call_parser="glm45", reasoning_parser="glm45",
-                            tokenizer=Tokenizer(EMBEDDED_MODEL))
+                            tokenizer=Tokenizer(EMBEDDED_MODEL),
+                            client=SimpleNamespace(require_info=lambda: SimpleNamespace(max_model_len=4096)))
     for kind in KINDS:
         for e in cases[kind]:
             body = {"model": "nano", "messages": request_messages(e.messages),
