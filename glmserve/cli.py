@@ -83,6 +83,9 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tool-call-parser", help="glm45: parse <tool_call> blocks into tool_calls")
     serve.add_argument("--enable-auto-tool-choice", action="store_true",
                        help="accepted for vLLM's command line; tool calling is on with --tool-call-parser")
+    serve.add_argument("--tool-strict-level", choices=["auto", "function", "parameter"], default="auto",
+                       help="vLLM's: auto holds calls to their schemas for tool_choice required/named and strict "
+                            "tools; function also holds every call's name; parameter treats every tool as strict")
     serve.add_argument("--disable-shared-experts-fusion", action="store_true",
                        help="accepted for SGLang's command line; glmserve has no fusion to disable")
     serve.add_argument("--cpu-offload-gb", type=float, default=0.0)
@@ -261,7 +264,8 @@ def serve(parser: argparse.ArgumentParser, args) -> int:
     given = args.model_path or args.model
     names = args.served_model_name or [model if given else Path(model).name]
     state = ServerState(client, tokenizer, template, names, model, args.reasoning_parser, args.tool_call_parser,
-                        args.api_key, limits, args.enable_log_requests, args.max_log_len)
+                        args.api_key, limits, args.enable_log_requests, args.max_log_len,
+                        tool_strict_level=args.tool_strict_level)
     try:
         sock = socket.create_server((args.host, args.port), family=socket.AF_INET6 if ":" in args.host
                                     else socket.AF_INET)

@@ -18,6 +18,7 @@ Choices made where the peers disagree or are silent:
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 
@@ -42,7 +43,9 @@ from glmserve.serving.protocol import (
     random_id,
 )
 from glmserve.serving.state import ServerState
-from glmserve.types import ParamError
+from glmserve.serving.structured_output import GrammarSpec
+from glmserve.serving.tool_grammar import check_no_other_grammar, tool_call_grammar
+from glmserve.types import GrammarConstraint, ParamError
 
 
 class ChatPrompt:
@@ -135,6 +138,21 @@ def _template_kwargs(req: ChatCompletionRequest) -> dict:
     return kwargs
 
 
+async def _grammar(state: ServerState, req: ChatCompletionRequest, prompt: ChatPrompt,
+                   vocab_size: int) -> GrammarConstraint | None:
+    """The request's structured output, or its tool calls held to their schemas (serving/tool_grammar.py)."""
+    spec = GrammarSpec.from_request(req)
+    if prompt.tools:
+        named = req.tool_choice.function.name if isinstance(req.tool_choice, NamedToolChoice) else None
+        tool_spec = tool_call_grammar(prompt.tools, named, req.tool_choice == "required", req.parallel_tool_calls,
+                                      state.tool_strict_level)
+        check_no_other_grammar(tool_spec, spec)
+        spec = tool_spec or spec
+    if spec is None:
+        return None
+    return await state.structured_output.compile(spec, vocab_size, thinking=prompt.thinking)
+
+
 def _finish_reason(reason: str | None, has_calls: bool) -> str | None:
     return "tool_calls" if has_calls and reason == "stop" else reason
 
@@ -149,6 +167,7 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
         req, info, max_tokens=max_tokens,
         logprobs=(req.top_logprobs or 0) if req.logprobs else None,
         skip_special_tokens=req.skip_special_tokens and not prompt.needs_special_tokens(state))
+    params = dataclasses.replace(params, grammar=await _grammar(state, req, prompt, info.vocab_size))
     gen = await Generation.start(state, [prompt.token_ids], params)
     response_id, created = random_id("chatcmpl"), int(time.time())
     if req.stream:

@@ -12,6 +12,7 @@ from glmserve.serving.limits import ServingLimits
 from glmserve.serving.logprobs import LogprobsFormatter
 from glmserve.serving.metrics import Metrics
 from glmserve.serving.parsers import check_parser_names
+from glmserve.serving.structured_output import StructuredOutputCompiler
 from glmserve.serving.tokenizer import Tokenizer
 
 @dataclass
@@ -27,13 +28,16 @@ class ServerState:
     limits: ServingLimits = field(default_factory=ServingLimits)
     log_requests: bool = False  # --enable-log-requests: log each request's prompt (vLLM's flag)
     max_log_len: int | None = None  # --max-log-len: characters and token ids of a prompt to log
+    tool_strict_level: str = "auto"  # --tool-strict-level (serving/tool_grammar.py)
     metrics: Metrics = field(init=False)
     logprobs: LogprobsFormatter = field(init=False)
+    structured_output: StructuredOutputCompiler = field(init=False)
 
     def __post_init__(self) -> None:
         check_parser_names(self.reasoning_parser, self.tool_call_parser)
         self.metrics = Metrics(self.client)
         self.logprobs = LogprobsFormatter(self.tokenizer)
+        self.structured_output = StructuredOutputCompiler(self.tokenizer)
 
     def model_name(self, requested: str | None) -> str:
         if requested is None or requested == "":
