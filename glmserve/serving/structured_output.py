@@ -37,16 +37,25 @@ THINK_CLOSE = "</think>"
 # JSON-schema keywords xgrammar 0.2.9 accepts and ignores (found by compiling a schema each one forbids an
 # instance of, and feeding it that instance): outputs could break them, so a schema using one is refused.
 UNENFORCED_KEYWORDS = ("not", "multipleOf", "if", "then", "else", "dependentRequired", "dependentSchemas",
-                       "dependencies", "unevaluatedItems", "$dynamicRef", "minContains", "maxContains")
+                       "dependencies", "unevaluatedItems", "$dynamicRef", "minContains", "maxContains", "uniqueItems")
 _SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
 _SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
 _SUBSCHEMAS = ("items", "additionalProperties", "contains", "propertyNames", "additionalItems")
+# Whitespace runs in JSON are capped (xgrammar's max_whitespace_cnt): uncapped, a model that prefers newlines
+# (the embedded one does, after "{") can fill max_tokens with them and never close the object. Eight allows
+# indented JSON a few levels deep.
+MAX_WHITESPACE = 8
+# In the EBNF xgrammar prints for a glm_xml structural tag with max_whitespace_cnt set.
+_PADDING_AFTER_VALUE_OPEN = re.compile(r'"<arg_value>" whitespace_\d+\{0, \d+\}')
+_PADDING_BEFORE_VALUE_CLOSE = re.compile(r'whitespace_\d+\{0, \d+\} "</arg_value>"')
+_LENGTH_BOUNDED_CHAR = r'[^\"\\\r\n]'  # as xgrammar prints it
+_JSON_STRING_CHAR = r'[^\"\\\0-\x1f]'
 _XGRAMMAR_LOCATION = re.compile(r"^\[[\d:]+\] \S+:\d+: ")  # "[08:10:59] /project/cpp/x.cc:42: " before messages
 
 
 @dataclass(frozen=True, slots=True)
 class GrammarSpec:
-    """What to compile: kind is json_schema, json_object, regex, choice, ebnf, lark or structural_tag."""
+    """What to compile: kind is json_schema, json_object, regex, choice, ebnf, lark or glm_tool_calls."""
 
     kind: str
     value: Any
@@ -168,6 +177,33 @@ def check_json_schema(schema: Any, param: str, path: str = "#") -> None:
         check_json_schema(schema.get(key), param, f"{path}/{key}")
 
 
+def json_schema_ebnf(schema: dict, any_whitespace: bool = True) -> str:
+    """xgrammar's EBNF for a JSON schema, its length-bounded strings fixed (see `_without_raw_control_chars`)."""
+    import xgrammar as xgr
+
+    grammar = xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=any_whitespace,
+                                           max_whitespace_cnt=MAX_WHITESPACE if any_whitespace else None)
+    return _without_raw_control_chars(str(grammar))
+
+
+def _without_raw_control_chars(ebnf: str) -> str:
+    """xgrammar 0.2.9 writes the characters of a JSON string with minLength or maxLength as [^"\\\r\n], which
+    lets a tab or any other control character in raw, and JSON forbids that: such characters are excluded here
+    (these strings admit no escapes either, so they cannot be written at all, as in vLLM with this grammar)."""
+    return ebnf.replace(_LENGTH_BOUNDED_CHAR, _JSON_STRING_CHAR)
+
+
+def glm_tool_call_ebnf(structural_tag: dict) -> str:
+    """The EBNF of a structural tag of GLM tool calls (tool_grammar.py), without the whitespace that xgrammar's
+    `glm_xml` style allows just inside `<arg_value>...</arg_value>`: GLM-4.5 writes a string value verbatim, and
+    the tool-call parser keeps it so, so padding there would become part of an enum or pattern value."""
+    import xgrammar as xgr
+
+    ebnf = str(xgr.Grammar.from_structural_tag(xgr.StructuralTag.model_validate(structural_tag)))
+    ebnf = _PADDING_AFTER_VALUE_OPEN.sub('"<arg_value>"', ebnf)
+    return _without_raw_control_chars(_PADDING_BEFORE_VALUE_CLOSE.sub('"</arg_value>"', ebnf))
+
+
 def choice_grammar(choices: list[str]) -> str:
     """EBNF for exactly one of the strings (a JSON string literal is an EBNF one too, escapes included)."""
     return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
@@ -193,22 +229,22 @@ class StructuredOutputCompiler:
             return self._compiler
 
     async def compile(self, spec: GrammarSpec, vocab_size: int, thinking: bool = False) -> GrammarConstraint:
+        """`compile_now` in a worker thread (xgrammar releases the GIL while compiling)."""
+        return await asyncio.to_thread(self.compile_now, spec, vocab_size, thinking)
+
+    def compile_now(self, spec: GrammarSpec, vocab_size: int, thinking: bool = False) -> GrammarConstraint:
         """The compiled constraint, starting after `</think>` when the output begins with reasoning; ParamError
         (400) when the grammar does not compile."""
         if spec.kind == "json_schema":
             check_json_schema(spec.value, spec.param)
-        compiled = await asyncio.to_thread(self._compile, spec, vocab_size)
-        return GrammarConstraint(compiled, self.think_close_id if thinking else None, spec.kind)
-
-    def compile_now(self, spec: GrammarSpec, vocab_size: int):
-        """The xgrammar CompiledGrammar, in the calling thread (benchmarks; serving uses `compile`)."""
-        return self._compile(spec, vocab_size)
+        return GrammarConstraint(self._compile(spec, vocab_size), self.think_close_id if thinking else None,
+                                 spec.kind)
 
     def _compile(self, spec: GrammarSpec, vocab_size: int):
         compiler = self._get_compiler(vocab_size)
         try:
             if spec.kind == "json_schema":
-                return compiler.compile_json_schema(json.dumps(spec.value), any_whitespace=spec.any_whitespace)
+                return compiler.compile_grammar(json_schema_ebnf(spec.value, spec.any_whitespace))
             if spec.kind == "json_object":
                 return compiler.compile_builtin_json_grammar()
             if spec.kind == "regex":
@@ -219,9 +255,7 @@ class StructuredOutputCompiler:
                 return compiler.compile_grammar(spec.value)
             if spec.kind == "lark":
                 return compiler.compile_lark(spec.value)
-            import xgrammar as xgr
-
-            return compiler.compile_structural_tag(xgr.StructuralTag.model_validate(spec.value))
+            return compiler.compile_grammar(glm_tool_call_ebnf(spec.value))
         except (RuntimeError, ValueError, TypeError) as e:  # xgrammar's parse and conversion errors
             message = _XGRAMMAR_LOCATION.sub("", str(e).strip().splitlines()[0] if str(e).strip() else repr(e))
             raise ParamError(f"{spec.param}: the grammar does not compile: {message}", spec.param) from None

@@ -23,7 +23,7 @@ The schemas of the functions held are checked like any JSON schema (keywords xgr
 from __future__ import annotations
 
 from glmserve.serving.parsers.glm45 import TOOL_CLOSE, TOOL_OPEN
-from glmserve.serving.structured_output import GrammarSpec, check_json_schema
+from glmserve.serving.structured_output import MAX_WHITESPACE, GrammarSpec, check_json_schema
 from glmserve.types import ParamError
 
 TOOL_STRICT_LEVELS = ("auto", "function", "parameter")
@@ -37,7 +37,8 @@ def _arguments(function: dict, strict: bool) -> dict:
         return {"type": "any_text", "excludes": [TOOL_OPEN]}
     schema = function.get("parameters") or {"type": "object", "properties": {}}
     check_json_schema(schema, "tools")
-    return {"type": "json_schema", "json_schema": schema, "style": "glm_xml", "excludes": _MARKUP}
+    return {"type": "json_schema", "json_schema": schema, "style": "glm_xml", "excludes": _MARKUP,
+            "max_whitespace_cnt": MAX_WHITESPACE}
 
 
 def _tag(begin: str, function: dict, strict: bool) -> dict:
@@ -66,7 +67,7 @@ def tool_call_grammar(tools: list[dict], named: str | None, required: bool, para
             return None
         grammar = {"type": "triggered_tags", "triggers": [TOOL_OPEN], "stop_after_first": not parallel,
                    "tags": [_tag(TOOL_OPEN + f["name"], f, s) for f, s in zip(functions, strict)]}
-    return GrammarSpec("structural_tag", {"type": "structural_tag", "format": grammar}, "tools")
+    return GrammarSpec("glm_tool_calls", {"type": "structural_tag", "format": grammar}, "tools")
 
 
 def check_no_other_grammar(tool_spec: GrammarSpec | None, other: GrammarSpec | None) -> None:
