@@ -146,6 +146,8 @@ class StructuredOutputManager:
                 continue
             state = self._state(request)
             for token_id in tokens:
+                if state.matcher.is_terminated():
+                    break  # a stop token inside an accepted run: the request ends there, the rest is dropped
                 if not state.advance(token_id):
                     # Only when no token was allowed (e.g. min_tokens masked the grammar's stop tokens).
                     logger.warning("request %s: token %d is outside its grammar", request.request_id, token_id)

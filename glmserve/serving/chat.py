@@ -11,8 +11,13 @@ Choices made where the peers disagree or are silent:
   `<think></think>\\n<tool_call>` (plus `NAME\\n` for a named function), so the model writes no reasoning and
   continues inside the call; the forced text is put back in front of the output before parsing. With thinking on,
   the empty think block is added, because the model was trained to open its turn with one.
+  The rest of the call is then held to the tools' schemas by a grammar (serving/tool_grammar.py), as are calls to
+  tools declared `"strict": true` under "auto" (and more with `--tool-strict-level`).
 * `finish_reason` is "tool_calls" when the output holds a call and ended on a stop token (not on "length").
-* `parallel_tool_calls` is accepted and not enforced: every call the model writes is returned.
+* `parallel_tool_calls: false` is enforced where a grammar holds the calls (one call, then a stop token);
+  elsewhere every call the model writes is returned.
+* Structured output (`response_format`, `structured_outputs`, `guided_*`, SGLang's fields): serving/
+  structured_output.py; with thinking on, the grammar holds the answer after `</think>`, not the reasoning.
 * `max_tokens` beyond what the context leaves is not an error: the output stops at the context end ("length").
 """
 
@@ -88,8 +93,14 @@ class ChatPrompt:
         return parser
 
     def parse(self, text: str):
-        return parse_output(self.forced + text, self.tools, self.thinking, parse_reasoning=self.parse_reasoning,
-                            parse_tools=self.parse_tools)
+        reasoning, content, calls = parse_output(self.forced + text, self.tools, self.thinking,
+                                                 parse_reasoning=self.parse_reasoning, parse_tools=self.parse_tools)
+        return reasoning, self.forced_content(content), calls
+
+    def forced_content(self, content: str | None) -> str | None:
+        """With the call forced, the grammar leaves no room for text: the only content can be a call cut off by
+        max_tokens, which is returned as nothing (finish_reason "length"), not as raw markup."""
+        return None if self.forced else content
 
 
 _RENDER_ARGUMENTS = frozenset({"template", "messages", "tools", "add_generation_prompt"})  # set by render_chat
@@ -234,6 +245,7 @@ async def _stream(state, req, prompt: ChatPrompt, gen: Generation, response_id, 
             deltas = parser.feed(d.text) if d.text else []
             if d.finished:
                 deltas += parser.finish()
+            deltas = [x for x in deltas if "content" not in x or prompt.forced_content(x["content"]) is not None]
         delta = _delta_message(deltas)
         if not (delta.content or delta.reasoning_content or delta.tool_calls or d.logprobs or d.finished):
             continue

@@ -46,8 +46,9 @@ _SUBSCHEMAS = ("items", "additionalProperties", "contains", "propertyNames", "ad
 # indented JSON a few levels deep.
 MAX_WHITESPACE = 8
 # In the EBNF xgrammar prints for a glm_xml structural tag with max_whitespace_cnt set.
-_PADDING_AFTER_VALUE_OPEN = re.compile(r'"<arg_value>" whitespace_\d+\{0, \d+\}')
-_PADDING_BEFORE_VALUE_CLOSE = re.compile(r'whitespace_\d+\{0, \d+\} "</arg_value>"')
+# (whitespace_24{0, 8}, or whitespace_24_1{0, 8} in the second function's rules, ...).
+_PADDING_AFTER_VALUE_OPEN = re.compile(r'"<arg_value>" whitespace\w*\{0, \d+\}')
+_PADDING_BEFORE_VALUE_CLOSE = re.compile(r'whitespace\w*\{0, \d+\} "</arg_value>"')
 _LENGTH_BOUNDED_CHAR = r'[^\"\\\r\n]'  # as xgrammar prints it
 _JSON_STRING_CHAR = r'[^\"\\\0-\x1f]'
 _XGRAMMAR_LOCATION = re.compile(r"^\[[\d:]+\] \S+:\d+: ")  # "[08:10:59] /project/cpp/x.cc:42: " before messages

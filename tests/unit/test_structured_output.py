@@ -139,6 +139,15 @@ def test_required_tool_calls_follow_the_schema(compiler):
         assert not _matcher(compiler, spec).accept_string(wrong), wrong
 
 
+def test_no_value_padding_in_any_functions_rules(compiler):
+    # xgrammar names the second function's rules differently (whitespace_24_1): they must lose the padding too.
+    spec = tool_call_grammar(TOOLS[::-1], None, True, parallel=True)
+    assert _accepts(compiler, spec, CALL)
+    for padded in ("set_alarm\n<arg_key>hour</arg_key>\n<arg_value> 7", "set_alarm\n<arg_key>hour</arg_key>\n"
+                   "<arg_value>7 </arg_value>"):
+        assert not _matcher(compiler, spec).accept_string(padded), padded
+
+
 def test_one_call_only_without_parallel_tool_calls(compiler):
     spec = tool_call_grammar(TOOLS, None, True, parallel=False)
     assert _accepts(compiler, spec, CALL)
