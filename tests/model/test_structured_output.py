@@ -44,14 +44,13 @@ def test_json_schemas_hold_on_random_weights(random_llm, checkpoints):
     string): those may run to max_tokens, and a few do; most outputs must end."""
     constraints = _constraints(checkpoints("glm45"), _json_specs())
     num_ended = num_outputs = 0
-    for prompt in PROMPTS:
-        for params in (GREEDY, replace(GREEDY, temperature=1.0, seed=7)):
-            outputs = random_llm.generate([prompt] * len(constraints), [replace(params, grammar=c) for c in constraints])
-            for schema, out in zip(JSON_SCHEMAS, outputs):
-                num_outputs += 1
-                if out.outputs[0].finish_reason == "stop":
-                    num_ended += 1
-                    jsonschema.validate(json.loads(out.outputs[0].text), schema)
+    for prompt, params in zip(PROMPTS, (GREEDY, replace(GREEDY, temperature=1.0, seed=7))):
+        outputs = random_llm.generate([prompt] * len(constraints), [replace(params, grammar=c) for c in constraints])
+        for schema, out in zip(JSON_SCHEMAS, outputs):
+            num_outputs += 1
+            if out.outputs[0].finish_reason == "stop":
+                num_ended += 1
+                jsonschema.validate(json.loads(out.outputs[0].text), schema)
     assert num_ended >= 0.8 * num_outputs, (num_ended, num_outputs)
 
 
