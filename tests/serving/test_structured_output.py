@@ -123,7 +123,7 @@ def _check_calls(tools, calls, finish, named=None):
 def test_tool_calls_held_to_their_schemas(client, choice):
     """Generated tools (random names, keys, types, enums, nested objects): every call names a listed function
     and its arguments validate, after the parser's type conversion; streaming equals non-streaming."""
-    model, c = client
+    _, c = client
 
     def run(seed):
         tools = random_tools(seed)

@@ -5,11 +5,19 @@ import pytest
 import torch
 import xgrammar as xgr
 
-from glmserve.engine.grammar import GrammarState, StructuredOutputManager, apply_token_bitmask, \
-    apply_token_bitmask_reference
+from glmserve.engine.grammar import (
+    GrammarState,
+    StructuredOutputManager,
+    apply_token_bitmask,
+    apply_token_bitmask_reference,
+)
 from glmserve.models import EMBEDDED_MODEL
 from glmserve.serving.protocol import ChatCompletionRequest, CompletionRequest
-from glmserve.serving.structured_output import GrammarSpec, StructuredOutputCompiler, check_json_schema
+from glmserve.serving.structured_output import (
+    GrammarSpec,
+    StructuredOutputCompiler,
+    check_json_schema,
+)
 from glmserve.serving.tokenizer import Tokenizer
 from glmserve.serving.tool_grammar import tool_call_grammar
 from glmserve.types import ParamError, Request, SamplingParams
@@ -133,8 +141,8 @@ def test_required_tool_calls_follow_the_schema(compiler):
                   "set_alarm\n<arg_key>hour</arg_key>\n<arg_value>24</arg_value>",  # out of bounds
                   "set_alarm\n<arg_key>hour</arg_key>\n<arg_value> 7</arg_value>",  # padding would stay in values
                   "set_alarm\n<arg_key>hour</arg_key>\n<arg_value>7</arg_value>\n<arg_key>hour</arg_key>",  # repeat
-                  "set_alarm\n<arg_key>hour</arg_key>\n<arg_value>7</arg_value>\n<arg_key>mode</arg_key>\n"
-                  "<arg_value>loudest</arg_value>",
+                  ("set_alarm\n<arg_key>hour</arg_key>\n<arg_value>7</arg_value>\n<arg_key>mode</arg_key>\n"
+                   "<arg_value>loudest</arg_value>"),
                   "find\n<arg_key>q</arg_key>\n<arg_value>a</tool_call>"):  # markup inside a value
         assert not _matcher(compiler, spec).accept_string(wrong), wrong
 
@@ -143,8 +151,8 @@ def test_no_value_padding_in_any_functions_rules(compiler):
     # xgrammar names the second function's rules differently (whitespace_24_1): they must lose the padding too.
     spec = tool_call_grammar(TOOLS[::-1], None, True, parallel=True)
     assert _accepts(compiler, spec, CALL)
-    for padded in ("set_alarm\n<arg_key>hour</arg_key>\n<arg_value> 7", "set_alarm\n<arg_key>hour</arg_key>\n"
-                   "<arg_value>7 </arg_value>"):
+    for padded in ("set_alarm\n<arg_key>hour</arg_key>\n<arg_value> 7",
+                   "set_alarm\n<arg_key>hour</arg_key>\n<arg_value>7 </arg_value>"):
         assert not _matcher(compiler, spec).accept_string(padded), padded
 
 
