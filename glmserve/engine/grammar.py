@@ -50,8 +50,9 @@ class GrammarState:
     every token fed is recorded, so that `rollback` can undo verified drafts."""
 
     def __init__(self, constraint: GrammarConstraint, stop_token_ids: list[int]):
-        # The request's own stop tokens end the grammar (its eos set, and stop_token_ids).
-        self.matcher = xgr.GrammarMatcher(constraint.compiled, override_stop_tokens=stop_token_ids)
+        # The request's own stop tokens end the grammar (its eos set, and stop_token_ids); with ignore_eos and no
+        # stop_token_ids, the tokenizer's eos (xgrammar refuses an empty list), which then does not stop it.
+        self.matcher = xgr.GrammarMatcher(constraint.compiled, override_stop_tokens=stop_token_ids or None)
         self.start_token_id = constraint.start_token_id
         self._matched: list[bool] = []  # per token fed: whether the matcher consumed it
         self._start_index: int | None = None if self.start_token_id is not None else -1  # where the constraint began

@@ -233,6 +233,13 @@ def test_bitmask_rows_follow_the_drafts_and_leave_the_matcher_as_it_was(compiler
     assert manager.states["held"].matcher.accept_token(2012)
 
 
+def test_a_request_ignoring_eos_gets_a_matcher_too(compiler):
+    constraint = compiler.compile_now(GrammarSpec("regex", "ok", "r"), VOCAB)
+    request = Request("r", [1], SamplingParams(ignore_eos=True, grammar=constraint), eos_token_ids=frozenset({2012}))
+    bitmask, rows = StructuredOutputManager().bitmask([request], [[]], VOCAB)
+    assert rows == [0]
+
+
 def test_bitmask_kernel_matches_the_reference():
     gen = torch.Generator().manual_seed(0)
     for vocab in (2048, 1000, 151552):
