@@ -189,8 +189,8 @@ def json_schema_ebnf(schema: dict, any_whitespace: bool = True) -> str:
 
 def _without_raw_control_chars(ebnf: str) -> str:
     """xgrammar 0.2.9 writes the characters of a JSON string with minLength or maxLength as [^"\\\r\n], which
-    lets a tab or any other control character in raw, and JSON forbids that: such characters are excluded here
-    (these strings admit no escapes either, so they cannot be written at all, as in vLLM with this grammar)."""
+    lets a tab or any other control character in raw, and JSON forbids that: they are excluded here (such strings
+    admit no escapes, so a control character cannot be written in them at all)."""
     return ebnf.replace(_LENGTH_BOUNDED_CHAR, _JSON_STRING_CHAR)
 
 
