@@ -99,6 +99,9 @@ def _build_parser() -> argparse.ArgumentParser:
                             "(requests with tools get 400)")
     serve.add_argument("--enable-auto-tool-choice", action="store_true",
                        help="accepted for vLLM's command line; tool calling is on unless --tool-call-parser none")
+    serve.add_argument("--tool-strict-level", choices=["auto", "function", "parameter"], default="auto",
+                       help="vLLM's: auto holds calls to their schemas for tool_choice required/named and strict "
+                            "tools; function also holds every call's name; parameter treats every tool as strict")
     serve.add_argument("--disable-shared-experts-fusion", action="store_true",
                        help="accepted for SGLang's command line; glmserve has no fusion to disable")
     serve.add_argument("--cpu-offload-gb", type=float, default=0.0)
@@ -142,7 +145,9 @@ def _build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--temperature", type=float, help="default: the checkpoint's generation_config.json")
     chat.add_argument("--scripted-output-file", help=argparse.SUPPRESS)  # test-only, as for serve
 
-    from glmserve.bench import add_parsers  # flag definitions only; the benchmarks import their code when run
+    from glmserve.bench import (
+        add_parsers,  # flag definitions only; the benchmarks import their code when run
+    )
 
     add_parsers(commands.add_parser("bench", help="benchmark a server (serve) or a checkpoint in-process (offline)",
                                     allow_abbrev=False))
@@ -208,7 +213,12 @@ def _speculative_tokens(args) -> int:
 
 
 def _engine_config(parser: argparse.ArgumentParser, args, model: str):
-    from glmserve.config import ConfigError, EngineConfig, ModelConfig, check_speculative_decoding
+    from glmserve.config import (
+        ConfigError,
+        EngineConfig,
+        ModelConfig,
+        check_speculative_decoding,
+    )
 
     _check_devices(parser, args.tensor_parallel_size, args.device)
     try:
@@ -284,7 +294,8 @@ def serve(parser: argparse.ArgumentParser, args) -> int:
     names = args.served_model_name or [model if given else Path(model).name]
     state = ServerState(client, tokenizer, template, names, model, reasoning_parser, tool_call_parser,
                         args.api_key, limits, args.enable_log_requests, args.max_log_len,
-                        tokenize_without_api_key=args.tokenize_without_api_key)
+                        tokenize_without_api_key=args.tokenize_without_api_key,
+                        tool_strict_level=args.tool_strict_level)
     try:
         sock = socket.create_server((args.host, args.port), family=socket.AF_INET6 if ":" in args.host
                                     else socket.AF_INET)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 # Temperatures below this are greedy (vLLM's _SAMPLING_EPS).
 SAMPLING_EPS = 1e-5
@@ -21,6 +22,17 @@ class ParamError(ValueError):
     def __init__(self, message: str, param: str | None = None):
         super().__init__(message)
         self.param = param
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class GrammarConstraint:
+    """A compiled grammar that a request's output is held to: serving/structured_output.py compiles it (off the
+    engine's step), engine/grammar.py matches it token by token and masks the logits of the constrained rows."""
+
+    compiled: Any  # an xgrammar CompiledGrammar (only engine/grammar.py looks inside)
+    # With thinking on, the constraint starts once this token (`</think>`) has been generated: reasoning is free.
+    start_token_id: int | None = None
+    description: str = ""  # what it was compiled from, for logs (e.g. "json_schema", "tool_calls(required)")
 
 
 @dataclass(slots=True)
@@ -44,6 +56,7 @@ class SamplingParams:
     logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    grammar: GrammarConstraint | None = None  # structured output: a constraint on the output tokens
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -46,6 +46,9 @@ class LLMEngine:
             raise ParamError(f"Prompt token ids must be in [0, {vocab}).", "prompt")
         if any(t >= vocab for t in params.stop_token_ids):
             raise ParamError(f"stop_token_ids must be in [0, {vocab}).", "stop_token_ids")
+        if params.grammar is not None and self.config.tensor_parallel_size > 1:
+            # The other ranks would need the compiled grammar, which does not pickle; not built yet.
+            raise ParamError("structured output is not supported with --tensor-parallel-size > 1")
         if len(prompt_token_ids) >= self.max_model_len:
             raise ParamError(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, your request has "

@@ -80,6 +80,7 @@ class ModelRunner:
         self.num_blocks = self._allocate_kv_cache()
         self.sampler = Sampler()
         self.rejection_sampler = RejectionSampler(self.sampler)
+        self.structured_output = None  # a StructuredOutputManager, made for the first constrained request
 
     def _prepack_linears(self) -> None:
         """Large linear weights in the fastest form for fp32 compute on CPU (oneDNN-blocked, or fp16 storage
@@ -172,10 +173,14 @@ class ModelRunner:
             return sampled, logprobs
         rows = torch.tensor([last_known[i] for i in sampling], device=self.device)
         logits = self.model.compute_logits(hidden.index_select(0, rows))
-        batch = SamplingBatch.build([chunks[i].request for i in sampling], logits.shape[-1], self.device)
+        requests = [chunks[i].request for i in sampling]
+        self._apply_grammars(logits, requests, [[] for _ in sampling])
+        batch = SamplingBatch.build(requests, logits.shape[-1], self.device)
         out = self.sampler(logits, batch)
         for i, token in zip(sampling, out.token_ids.tolist()):
             sampled[i] = [token]
+        if self.structured_output is not None:
+            self.structured_output.accept(requests, [sampled[i] for i in sampling])
         if out.logprobs is not None:
             logprobs = [None] * len(chunks)
             for i, lp in zip(sampling, out.logprobs):
@@ -197,6 +202,8 @@ class ModelRunner:
                 draft_ids.append(drafts[j] if j < len(drafts) else -1)
                 rows.append(last_known[i] + j)
         logits = self.model.compute_logits(hidden.index_select(0, torch.tensor(rows, device=self.device)))
+        sampling_requests = [chunks[i].request for i in sampling]
+        self._apply_grammars(logits, sampling_requests, [chunks[i].draft_token_ids for i in sampling])
         batch = SamplingBatch.build(requests, logits.shape[-1], self.device, draft_prefixes=prefixes)
         out = self.rejection_sampler(logits, batch, torch.tensor(draft_ids, device=self.device),
                                      torch.tensor(row_index, device=self.device))
@@ -207,7 +214,19 @@ class ModelRunner:
             sampled[i] = token_ids[first : first + n]
             if logprobs is not None and out.logprobs[first] is not None:
                 logprobs[i] = out.logprobs[first : first + n]
+        if self.structured_output is not None:
+            self.structured_output.accept(sampling_requests, [sampled[i] for i in sampling])
         return sampled, logprobs
+
+    def _apply_grammars(self, logits: torch.Tensor, requests: list, drafts: list[list[int]]) -> None:
+        """Mask the logits rows of requests held to a grammar (engine/grammar.py has the row layout)."""
+        if self.structured_output is None:
+            if all(r.sampling_params.grammar is None for r in requests):
+                return
+            # Imported here: xgrammar (and the transformers it imports) loads only once a request needs it.
+            from glmserve.engine.grammar import StructuredOutputManager
+            self.structured_output = StructuredOutputManager()
+        self.structured_output.apply(logits, requests, drafts)
 
     def _propose(self, chunks: list[ScheduledChunk], sampled: list[list[int]], last_known: list[int],
                  hidden: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> list[list[int]]:
@@ -230,5 +249,7 @@ class ModelRunner:
         return [next(drafts) if chunk.sample else [] for chunk in chunks]
 
     def release(self, request_id: str) -> None:
-        """Forget per-request state (seeded generators) of a finished request."""
+        """Forget per-request state (seeded generators, grammar matcher) of a finished request."""
         self.sampler.remove(request_id)
+        if self.structured_output is not None:
+            self.structured_output.remove(request_id)

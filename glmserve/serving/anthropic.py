@@ -20,6 +20,7 @@ Choices, vLLM's where it has one:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -28,11 +29,26 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from glmserve.serving.anthropic_protocol import CountTokensRequest, MessagesRequest, TextBlock
-from glmserve.serving.chat import ChatPrompt
+from glmserve.serving.anthropic_protocol import (
+    CountTokensRequest,
+    MessagesRequest,
+    TextBlock,
+)
+from glmserve.serving.chat import ChatPrompt, request_grammar
 from glmserve.serving.errors import anthropic_error_body, describe
-from glmserve.serving.generation import Generation, sampling_params, stream_response, unless_disconnected
-from glmserve.serving.output_blocks import Block, BlockAssembler, BlockEvent, stream_block_events, whole_blocks
+from glmserve.serving.generation import (
+    Generation,
+    sampling_params,
+    stream_response,
+    unless_disconnected,
+)
+from glmserve.serving.output_blocks import (
+    Block,
+    BlockAssembler,
+    BlockEvent,
+    stream_block_events,
+    whole_blocks,
+)
 from glmserve.serving.protocol import ChatCompletionRequest
 from glmserve.serving.state import ServerState
 from glmserve.types import ParamError
@@ -126,6 +142,7 @@ async def create_message(state: ServerState, req: MessagesRequest, raw: Request)
     prompt = await state.prompt_workers.run(ChatPrompt, state, chat)
     params = sampling_params(chat, info, max_tokens=req.max_tokens, logprobs=None,
                              skip_special_tokens=not prompt.needs_special_tokens(state))
+    params = dataclasses.replace(params, grammar=await request_grammar(state, chat, prompt, info.vocab_size))
     gen = await Generation.start(state, [prompt.token_ids], params, api="anthropic")
     single_call = req.tool_choice is not None and req.tool_choice.disable_parallel_tool_use
     assembler = BlockAssembler(prompt.stream_parser(), max_tool_calls=1 if single_call else None)

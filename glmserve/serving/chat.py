@@ -11,16 +11,22 @@ Choices made where the peers disagree or are silent:
   `<think></think>\\n<tool_call>` (plus `NAME\\n` for a named function), so the model writes no reasoning and
   continues inside the call; the forced text is put back in front of the output before parsing. With thinking on,
   the empty think block is added, because the model was trained to open its turn with one.
+  The rest of the call is then held to the tools' schemas by a grammar (serving/tool_grammar.py), as are calls to
+  tools declared `"strict": true` under "auto" (and more with `--tool-strict-level`).
 * `finish_reason` is "tool_calls" when the output holds a call and ended on a stop token (not on "length").
-* `parallel_tool_calls: false` returns the first call the model writes (as vLLM does); the others are dropped.
+* `parallel_tool_calls: false` is enforced where a grammar holds the calls (one call, then a stop token);
+  elsewhere the first call the model writes is returned (as vLLM does) and the others are dropped.
 * `include_reasoning: false` (vLLM) leaves `reasoning_content` out; `separate_reasoning: false` (SGLang) leaves
   the reasoning unparsed, in the content. `stream_options.continuous_usage_stats` (vLLM) puts the usage so far in
   every chunk.
+* Structured output (`response_format`, `structured_outputs`, `guided_*`, SGLang's fields): serving/
+  structured_output.py; with thinking on, the grammar holds the answer after `</think>`, not the reasoning.
 * `max_tokens` beyond what the context leaves is not an error: the output stops at the context end ("length").
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 
@@ -28,7 +34,12 @@ from fastapi import Request
 
 from glmserve.serving.chat_template import normalize_messages, render_chat
 from glmserve.serving.errors import APIError
-from glmserve.serving.generation import Generation, sampling_params, stream_response, unless_disconnected
+from glmserve.serving.generation import (
+    Generation,
+    sampling_params,
+    stream_response,
+    unless_disconnected,
+)
 from glmserve.serving.parsers import Glm45StreamParser, parse_output
 from glmserve.serving.parsers.glm45 import THINK_OPEN, TOOL_OPEN
 from glmserve.serving.prompt_workers import check_fits
@@ -46,7 +57,9 @@ from glmserve.serving.protocol import (
     random_id,
 )
 from glmserve.serving.state import ServerState
-from glmserve.types import ParamError
+from glmserve.serving.structured_output import GrammarSpec
+from glmserve.serving.tool_grammar import check_no_other_grammar, tool_call_grammar
+from glmserve.types import GrammarConstraint, ParamError
 
 
 class ChatPrompt:
@@ -90,8 +103,14 @@ class ChatPrompt:
         return parser
 
     def parse(self, text: str):
-        return parse_output(self.forced + text, self.tools, self.thinking, parse_reasoning=self.parse_reasoning,
-                            parse_tools=self.parse_tools)
+        reasoning, content, calls = parse_output(self.forced + text, self.tools, self.thinking,
+                                                 parse_reasoning=self.parse_reasoning, parse_tools=self.parse_tools)
+        return reasoning, self.forced_content(content), calls
+
+    def forced_content(self, content: str | None) -> str | None:
+        """With the call forced, the grammar leaves no room for text: the only content can be a call cut off by
+        max_tokens, which is returned as nothing (finish_reason "length"), not as raw markup."""
+        return None if self.forced else content
 
 
 _RENDER_ARGUMENTS = frozenset({"template", "messages", "tools", "add_generation_prompt"})  # set by render_chat
@@ -142,6 +161,22 @@ def _template_kwargs(req: ChatCompletionRequest) -> dict:
     return kwargs
 
 
+async def request_grammar(state: ServerState, req: ChatCompletionRequest, prompt: ChatPrompt,
+                   vocab_size: int) -> GrammarConstraint | None:
+    """The request's structured output, or its tool calls held to their schemas (serving/tool_grammar.py); the
+    Anthropic and Responses APIs, translated to chat requests, get theirs here too."""
+    spec = GrammarSpec.from_request(req)
+    if prompt.tools:
+        named = req.tool_choice.function.name if isinstance(req.tool_choice, NamedToolChoice) else None
+        tool_spec = tool_call_grammar(prompt.tools, named, req.tool_choice == "required", req.parallel_tool_calls,
+                                      state.tool_strict_level)
+        check_no_other_grammar(tool_spec, spec)
+        spec = tool_spec or spec
+    if spec is None:
+        return None
+    return await state.structured_output.compile(spec, vocab_size, thinking=prompt.thinking)
+
+
 def _finish_reason(reason: str | None, has_calls: bool) -> str | None:
     return "tool_calls" if has_calls and reason == "stop" else reason
 
@@ -156,6 +191,7 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
         req, info, max_tokens=max_tokens,
         logprobs=(req.top_logprobs or 0) if req.logprobs else None,
         skip_special_tokens=req.skip_special_tokens and not prompt.needs_special_tokens(state))
+    params = dataclasses.replace(params, grammar=await request_grammar(state, req, prompt, info.vocab_size))
     gen = await Generation.start(state, [prompt.token_ids], params, api="chat")
     response_id, created = random_id("chatcmpl"), int(time.time())
     if req.stream:
@@ -234,6 +270,7 @@ async def _stream(state, req, prompt: ChatPrompt, gen: Generation, response_id, 
             deltas = parser.feed(d.text) if d.text else []
             if d.finished:
                 deltas += parser.finish()
+            deltas = [x for x in deltas if "content" not in x or prompt.forced_content(x["content"]) is not None]
         delta = _delta_message([delta for delta in deltas if _wanted(req, delta)])
         if not (delta.content or delta.reasoning_content or delta.tool_calls or d.logprobs or d.finished):
             continue

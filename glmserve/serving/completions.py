@@ -6,15 +6,27 @@ its role tokens itself, as the chat template does.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 
 from fastapi import Request
 
-from glmserve.serving.generation import Generation, sampling_params, stream_response, unless_disconnected
+from glmserve.serving.generation import (
+    Generation,
+    sampling_params,
+    stream_response,
+    unless_disconnected,
+)
 from glmserve.serving.prompt_workers import check_fits
-from glmserve.serving.protocol import CompletionChoice, CompletionRequest, CompletionResponse, random_id
+from glmserve.serving.protocol import (
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    random_id,
+)
 from glmserve.serving.state import ServerState
+from glmserve.serving.structured_output import GrammarSpec
 
 
 def _prompts(state: ServerState, prompt, max_model_len: int) -> list[list[int]]:
@@ -33,6 +45,9 @@ async def create_completion(state: ServerState, req: CompletionRequest, raw: Req
     state.limits.check_max_tokens(req.max_tokens, "max_tokens")
     params = sampling_params(req, info, max_tokens=req.max_tokens, logprobs=req.logprobs,
                              skip_special_tokens=req.skip_special_tokens)
+    spec = GrammarSpec.from_request(req)
+    if spec is not None:
+        params = dataclasses.replace(params, grammar=await state.structured_output.compile(spec, info.vocab_size))
     prompts = await state.prompt_workers.run(_prompts, state, req.prompt, info.max_model_len)
     gen = await Generation.start(state, prompts, params, api="completions")
     response_id, created = random_id("cmpl"), int(time.time())

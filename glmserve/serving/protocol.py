@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from glmserve.serving.structured_fields import StructuredOutputFields
 from glmserve.types import ParamError
 
 NonNegInt = Annotated[int, Field(ge=0)]
@@ -88,8 +89,9 @@ class StreamOptions(OpenAIModel):
     continuous_usage_stats: bool = False  # vLLM: the usage so far in every chunk
 
 
-class SamplingFields(RequestBody):
-    """The sampling fields chat and completions share (OpenAI's, then vLLM's extras)."""
+class SamplingFields(RequestBody, StructuredOutputFields):
+    """The sampling fields chat and completions share (OpenAI's, then vLLM's extras; structured output's fields
+    are checked where they are compiled, serving/structured_output.py)."""
 
     model: str | None = None
     n: int = Field(1, ge=1, le=MAX_N)
@@ -172,7 +174,6 @@ class ChatCompletionRequest(SamplingFields):
     tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
-    response_format: dict[str, Any] | None = None
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
     # vLLM / SGLang extras
     enable_thinking: bool | None = None
@@ -201,9 +202,6 @@ class ChatCompletionRequest(SamplingFields):
     def _check_chat(self):
         if self.top_logprobs and not self.logprobs:
             raise ParamError("top_logprobs needs logprobs set to true", "top_logprobs")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise ParamError(f"response_format {self.response_format.get('type')!r} is not supported",
-                             "response_format")
         if isinstance(self.tool_choice, NamedToolChoice) or self.tool_choice == "required":
             names = {t.function.name for t in self.tools or ()}
             if not names:

@@ -17,6 +17,7 @@ split by the parser).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import uuid
@@ -26,10 +27,21 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from glmserve.serving.chat import ChatPrompt
+from glmserve.serving.chat import ChatPrompt, request_grammar
 from glmserve.serving.errors import describe
-from glmserve.serving.generation import Generation, sampling_params, stream_response, unless_disconnected
-from glmserve.serving.output_blocks import Block, BlockAssembler, BlockEvent, stream_block_events, whole_blocks
+from glmserve.serving.generation import (
+    Generation,
+    sampling_params,
+    stream_response,
+    unless_disconnected,
+)
+from glmserve.serving.output_blocks import (
+    Block,
+    BlockAssembler,
+    BlockEvent,
+    stream_block_events,
+    whole_blocks,
+)
 from glmserve.serving.protocol import ChatCompletionRequest
 from glmserve.serving.responses_protocol import NamedFunctionChoice, ResponsesRequest
 from glmserve.serving.state import ServerState
@@ -99,6 +111,7 @@ async def create_response(state: ServerState, req: ResponsesRequest, raw: Reques
     prompt = await state.prompt_workers.run(ChatPrompt, state, chat)
     params = sampling_params(chat, info, max_tokens=req.max_output_tokens, logprobs=None,
                              skip_special_tokens=not prompt.needs_special_tokens(state))
+    params = dataclasses.replace(params, grammar=await request_grammar(state, chat, prompt, info.vocab_size))
     gen = await Generation.start(state, [prompt.token_ids], params, api="responses")
     assembler = BlockAssembler(prompt.stream_parser(), max_tool_calls=None if req.parallel_tool_calls else 1)
     output = _Output(state, req, model, params)

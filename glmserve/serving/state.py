@@ -14,7 +14,9 @@ from glmserve.serving.logprobs import LogprobsFormatter
 from glmserve.serving.metrics import Metrics
 from glmserve.serving.parsers import check_parser_names
 from glmserve.serving.prompt_workers import PromptWorkers
+from glmserve.serving.structured_output import StructuredOutputCompiler
 from glmserve.serving.tokenizer import Tokenizer
+
 
 @dataclass
 class ServerState:
@@ -32,13 +34,16 @@ class ServerState:
     tokenize_without_api_key: bool = False  # --tokenize-without-api-key: /tokenize and /detokenize stay open
     in_flight: InFlight = field(default_factory=InFlight)  # ended with an error when a shutdown's grace is over
     prompt_workers: PromptWorkers = field(default_factory=PromptWorkers)  # templates and tokenizer, off the loop
+    tool_strict_level: str = "auto"  # --tool-strict-level (serving/tool_grammar.py)
     metrics: Metrics = field(init=False)
     logprobs: LogprobsFormatter = field(init=False)
+    structured_output: StructuredOutputCompiler = field(init=False)
 
     def __post_init__(self) -> None:
         check_parser_names(self.reasoning_parser, self.tool_call_parser)
         self.metrics = Metrics(self.client)
         self.logprobs = LogprobsFormatter(self.tokenizer)
+        self.structured_output = StructuredOutputCompiler(self.tokenizer)
 
     def model_name(self, requested: str | None) -> str:
         if requested is None or requested == "":

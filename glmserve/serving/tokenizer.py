@@ -143,6 +143,14 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> str | None:
         return self._tokenizer.id_to_token(token_id)
 
+    def vocab(self) -> dict[str, int]:
+        """Every token's string as tokenizer.json stores it (byte-level encoded), added tokens included."""
+        return self._tokenizer.get_vocab(with_added_tokens=True)
+
+    def backend_json(self) -> str:
+        """The tokenizer as tokenizer.json (grammar compilers read its pre-tokenizer and decoder)."""
+        return self._tokenizer.to_str()
+
 
 class IncrementalDetokenizer:
     """Turns a stream of output ids into text deltas (the prefix/read offsets of HF TGI and vLLM).
