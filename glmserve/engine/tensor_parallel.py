@@ -75,6 +75,7 @@ class TensorParallelRunner:
         self.runner = ModelRunner(model_config, config, progress=progress, rank=0, init_method=init_method)
         self.model = self.runner.model
         self.num_blocks = self.runner.num_blocks
+        self.kv_spec = self.runner.kv_spec
         logger.info("tensor parallel: %d processes (ranks 1-%d: pids %s)", config.tensor_parallel_size,
                     config.tensor_parallel_size - 1, ", ".join(str(w.pid) for w in self.workers))
 

@@ -1,0 +1,62 @@
+"""One attention layer's paged KV cache: K and V in their storage dtype, with per-tensor scales for FP8.
+
+Both tensors are [num_blocks * block_size, kv_heads, head_dim]: a token's slot is block_id * block_size + offset,
+and `blocks(...)` views the same memory as [num_blocks, block_size, kv_heads, head_dim] for block-wise reads.
+With an FP8 storage dtype a value is stored as value / scale in one byte (saturated to the format's range, as
+vLLM's CPU path does) and read back as stored * scale; the backends fold the scales into the query and the output
+instead of scaling every key and value they read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# --kv-cache-dtype values (config.KV_CACHE_DTYPES, canonical) → storage dtype; None: the compute dtype.
+KV_STORAGE_DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "fp8_e4m3": torch.float8_e4m3fn,
+                     "fp8_e5m2": torch.float8_e5m2}
+
+
+def kv_storage_dtype(kv_cache_dtype: str, compute_dtype: torch.dtype) -> torch.dtype:
+    return KV_STORAGE_DTYPES[kv_cache_dtype] or compute_dtype
+
+
+@dataclass(slots=True)
+class PagedKVCache:
+    k: torch.Tensor
+    v: torch.Tensor
+    block_size: int
+    k_scale: float = 1.0  # stored = value / scale (FP8 only; 1.0 otherwise)
+    v_scale: float = 1.0
+
+    @classmethod
+    def allocate(cls, num_blocks: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device, k_scale: float = 1.0, v_scale: float = 1.0) -> "PagedKVCache":
+        shape = (num_blocks * block_size, kv_heads, head_dim)
+        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device),
+                   block_size, k_scale, v_scale)
+
+    @property
+    def quantized(self) -> bool:
+        return self.k.dtype.itemsize == 1
+
+    def write(self, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """k, v: [T, kv_heads, head_dim] in the compute dtype, written to slots slot_mapping [T]."""
+        self.k.index_copy_(0, slot_mapping, self._store(k, self.k_scale))
+        self.v.index_copy_(0, slot_mapping, self._store(v, self.v_scale))
+
+    def _store(self, x: torch.Tensor, scale: float) -> torch.Tensor:
+        if not self.quantized:
+            return x.to(self.k.dtype)
+        limit = torch.finfo(self.k.dtype).max  # e4m3fn has no inf: an overflowing cast would give NaN
+        return (x / scale).clamp_(-limit, limit).to(self.k.dtype)
+
+    def blocks(self, cache: torch.Tensor) -> torch.Tensor:
+        """cache (self.k or self.v) viewed as [num_blocks, block_size, kv_heads, head_dim]; no copy."""
+        return cache.view(-1, self.block_size, *cache.shape[1:])
+
+    @staticmethod
+    def dequantize(stored: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Keys or values read from the cache, in the compute dtype and still divided by their scale."""
+        return stored if stored.dtype == dtype else stored.to(dtype)
