@@ -81,7 +81,7 @@ class TorchBlockwiseBackend(AttentionBackend):
             queries = q[item.row : item.row + item.num_queries]
             table = meta.block_tables[item.seq]
             if flash:
-                result = _attend_long_flash(queries, table, item.start, cache, scale)
+                result = _attend_long_flash(queries, table, item.start, cache, scale, self.CHUNK_TOKENS)
             else:  # a group of one, no padding
                 group = ShortQueries([item.seq], item.num_queries, torch.empty(0), None, torch.empty(0),
                                      item.start + torch.arange(item.num_queries, device=q.device)[None],
@@ -138,17 +138,17 @@ def _read(blocks: torch.Tensor, ids: torch.Tensor, batch: int, num_tokens: int, 
     return PagedKVCache.dequantize(chunk, dtype)
 
 
-def _attend_long_flash(q: torch.Tensor, table: torch.Tensor, start: int, cache: PagedKVCache,
-                       scale: float) -> torch.Tensor:
+def _attend_long_flash(q: torch.Tensor, table: torch.Tensor, start: int, cache: PagedKVCache, scale: float,
+                       chunk_tokens: int) -> torch.Tensor:
     """One sequence's queries at positions start..start + Q - 1 ([Q, H, D]) over its keys 0..start + Q - 1.
 
-    Keys before `start` are seen by every query: they go CHUNK_TOKENS at a time, unmasked. The last Q keys are the
+    Keys before `start` are seen by every query: they go chunk_tokens at a time, unmasked. The last Q keys are the
     queries' own: one causal call, whose top-left-aligned mask is exactly right since it is square. Each call
     returns its output and log-sum-exp; the outputs are merged weighted by exp(lse - running max)."""
     num_queries = q.shape[0]
     queries = q.transpose(0, 1)[None]  # [1, H, Q, D]; the kernel maps head h to KV head h // G itself
     k_blocks, v_blocks = cache.blocks(cache.k), cache.blocks(cache.v)
-    step = max(1, TorchBlockwiseBackend.CHUNK_TOKENS // cache.block_size) * cache.block_size
+    step = max(1, chunk_tokens // cache.block_size) * cache.block_size
     ranges = [(a, min(a + step, start), False) for a in range(0, start, step)]
     ranges.append((start, start + num_queries, True))
     m = l = acc = None

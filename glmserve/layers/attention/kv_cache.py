@@ -27,7 +27,7 @@ class PagedKVCache:
     k: torch.Tensor
     v: torch.Tensor
     block_size: int
-    k_scale: float = 1.0  # stored = value / scale (FP8 only; 1.0 otherwise)
+    k_scale: float = 1.0  # stored = value / scale (the runner sets scales for FP8 storage only)
     v_scale: float = 1.0
 
     @classmethod
@@ -42,15 +42,17 @@ class PagedKVCache:
         return self.k.dtype.itemsize == 1
 
     def write(self, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        """k, v: [T, kv_heads, head_dim] in the compute dtype, written to slots slot_mapping [T]."""
-        self.k.index_copy_(0, slot_mapping, self._store(k, self.k_scale))
-        self.v.index_copy_(0, slot_mapping, self._store(v, self.v_scale))
-
-    def _store(self, x: torch.Tensor, scale: float) -> torch.Tensor:
-        if not self.quantized:
-            return x.to(self.k.dtype)
-        limit = torch.finfo(self.k.dtype).max  # e4m3fn has no inf: an overflowing cast would give NaN
-        return (x / scale).clamp_(-limit, limit).to(self.k.dtype)
+        """k, v: [T, kv_heads, head_dim] in the compute dtype, written to slots slot_mapping [T] as value / scale."""
+        for cache, x, scale in ((self.k, k, self.k_scale), (self.v, v, self.v_scale)):
+            if scale != 1.0:
+                x = x / scale
+            if self.quantized:  # saturate (e4m3fn has no inf: an overflowing cast would give NaN)
+                limit = torch.finfo(cache.dtype).max
+                stored = x.clamp(-limit, limit).to(cache.dtype)
+                # index_copy_ has no float8 kernel on CPU: copy the bytes.
+                cache.view(torch.uint8).index_copy_(0, slot_mapping, stored.view(torch.uint8))
+            else:
+                cache.index_copy_(0, slot_mapping, x.to(cache.dtype))
 
     def blocks(self, cache: torch.Tensor) -> torch.Tensor:
         """cache (self.k or self.v) viewed as [num_blocks, block_size, kv_heads, head_dim]; no copy."""
