@@ -44,9 +44,9 @@ class LLMEngine:
         wanted = config.max_model_len or positions
         if wanted <= capacity:
             return wanted
-        needed_gib = wanted * spec.bytes_per_token / 2**30
+        needed_mib = wanted * spec.bytes_per_token / 2**20
         smaller = "" if spec.dtype.startswith("float8") else "use --kv-cache-dtype fp8, "
-        advice = (f"one request of {wanted} tokens needs {needed_gib:.2f} GiB of KV cache at {spec.dtype} "
+        advice = (f"one request of {wanted} tokens needs {needed_mib:.1f} MiB of KV cache at {spec.dtype} "
                   f"({spec.bytes_per_token} bytes per token) and the pool holds {capacity} tokens: raise "
                   f"--kv-cache-memory-gb (or --gpu-memory-utilization), {smaller}or lower "
                   f"--max-model-len")

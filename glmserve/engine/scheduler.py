@@ -2,8 +2,7 @@
 
 A request is just `num_computed_tokens` behind `num_tokens` (plus any draft tokens to verify); each step gives
 every scheduled request a chunk of the tokens it has not computed yet, within a token budget. Running requests
-go first, decoding ones before prefilling ones; when the KV cache runs out, the most recently admitted one is
-preempted and later recomputed.
+go first; when the KV cache runs out, the most recently admitted one is preempted and later recomputed.
 """
 
 from __future__ import annotations
@@ -154,32 +153,23 @@ class Scheduler:
         output = SchedulerOutput()
         budget = self.max_num_batched_tokens
 
-        # Decode first: requests with only their next token (and drafts) to compute go before those still
-        # prefilling, so a long prompt takes what budget is left each step and never holds back others' decode.
-        scheduled: dict[str, ScheduledChunk] = {}
-        for request in sorted(self.running, key=lambda r: r.num_tokens - r.num_computed_tokens > 1):
-            if budget <= 0:
-                break
-            if request.status is not RequestStatus.RUNNING:  # preempted earlier in this loop
-                continue
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
             self._cap_drafts(request)
             num_new = self._num_new_tokens(
                 request.num_tokens + len(request.draft_token_ids) - request.num_computed_tokens, budget
             )
             while not self.kv_cache.allocate_slots(request, num_new + self.num_lookahead_tokens):
-                victim = self.running.pop()  # the most recently admitted, even if scheduled already
+                victim = self.running.pop()
                 self._preempt(victim)
                 output.preempted_request_ids.append(victim.request_id)
-                undone = scheduled.pop(victim.request_id, None)
-                if undone is not None:
-                    output.chunks.remove(undone)
-                    budget += undone.num_tokens
                 if victim is request:
                     break
             else:  # allocated without preempting this request
-                chunk = scheduled[request.request_id] = self._make_chunk(request, num_new)
-                output.chunks.append(chunk)
+                output.chunks.append(self._make_chunk(request, num_new))
                 budget -= num_new
+                i += 1
 
         # Admitting while preempting would only thrash: the freed blocks are for the running requests.
         if output.preempted_request_ids:
