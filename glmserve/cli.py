@@ -49,6 +49,8 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-dtype", default="auto",
                    help="auto (the compute dtype), fp8 (= fp8_e4m3), fp8_e4m3, fp8_e5m2 or bfloat16: K and V stored "
                         "in 1 or 2 bytes with the checkpoint's k_scale/v_scale (else 1.0)")
+    p.add_argument("--calculate-kv-scales", action="store_true",
+                   help="with an fp8 KV cache: per-layer scales from the first step's keys and values (vLLM's rule)")
     p.add_argument("--attention-backend", help="torch_blockwise (default: reads the paged cache in place) or "
                                                "torch_native (the reference: gathers each context, one SDPA call)")
     p.add_argument("--max-num-seqs", "--max-running-requests", dest="max_num_seqs", type=int, default=64)
@@ -209,7 +211,7 @@ def _engine_config(parser: argparse.ArgumentParser, args, model: str):
             enable_prefix_caching=args.enable_prefix_caching and not args.disable_radix_cache, seed=args.seed,
             tensor_parallel_size=args.tensor_parallel_size, enable_expert_parallel=_expert_parallel(args),
             num_speculative_tokens=num_draft_tokens, kv_cache_dtype=args.kv_cache_dtype,
-            attention_backend=_attention_backend(args.attention_backend))
+            calculate_kv_scales=args.calculate_kv_scales, attention_backend=_attention_backend(args.attention_backend))
     except ConfigError as e:
         parser.error(str(e))
 

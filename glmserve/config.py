@@ -232,6 +232,7 @@ class EngineConfig:
     enable_expert_parallel: bool = False  # routed experts split whole across the tensor-parallel ranks
     num_speculative_tokens: int = 0  # MTP drafts per step (vLLM's speculative_config num_speculative_tokens)
     kv_cache_dtype: str = "auto"  # auto: the compute dtype; fp8 (e4m3), fp8_e5m2, bfloat16: one or two bytes
+    calculate_kv_scales: bool = False  # FP8 KV: scales from the first step's keys and values (vLLM)
     attention_backend: str | None = None  # None: layers.attention's default
 
     def __post_init__(self) -> None:

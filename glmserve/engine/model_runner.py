@@ -133,11 +133,12 @@ class ModelRunner:
         num_blocks = self.parallel.smallest(num_blocks, self.device)  # every rank must hold the same blocks
         if num_blocks < 1:
             raise ConfigError("the KV cache budget is too small for a single block")
-        quantized = storage.itemsize == 1  # the checkpoint's scales apply to an FP8 cache only, as in vLLM
+        quantized = storage.itemsize == 1  # scales apply to an FP8 cache only, as in vLLM
         for layer in layers:
             scales = (layer.k_scale, layer.v_scale) if quantized else (1.0, 1.0)
             layer.kv_cache = PagedKVCache.allocate(num_blocks, self.block_size, kv_heads, head_dim, storage,
-                                                   self.device, *scales)
+                                                   self.device, *scales,
+                                                   calculate_scales=quantized and self.config.calculate_kv_scales)
         self.kv_spec = KVCacheSpec(str(storage).removeprefix("torch."), self.block_size, num_blocks, bytes_per_token)
         logger.info(self.kv_spec.describe())
         return num_blocks

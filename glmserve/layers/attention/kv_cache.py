@@ -18,6 +18,10 @@ KV_STORAGE_DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "fp8_e4m3": torch
                      "fp8_e5m2": torch.float8_e5m2}
 
 
+K_SCALE_CONSTANT, V_SCALE_CONSTANT = 200.0, 100.0  # vLLM's defaults for --calculate-kv-scales
+_SMALLEST_SCALE = 1e-8  # all-zero first keys must not give a zero scale
+
+
 def kv_storage_dtype(kv_cache_dtype: str, compute_dtype: torch.dtype) -> torch.dtype:
     return KV_STORAGE_DTYPES[kv_cache_dtype] or compute_dtype
 
@@ -29,13 +33,17 @@ class PagedKVCache:
     block_size: int
     k_scale: float = 1.0  # stored = value / scale (the runner sets scales for FP8 storage only)
     v_scale: float = 1.0
+    # --calculate-kv-scales: the scales come from the first keys and values written (vLLM's rule: |K|max / 200,
+    # |V|max / 100, leaving room for larger values later), then stay fixed.
+    calculate_scales: bool = False
 
     @classmethod
     def allocate(cls, num_blocks: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device, k_scale: float = 1.0, v_scale: float = 1.0) -> "PagedKVCache":
+                 device: torch.device, k_scale: float = 1.0, v_scale: float = 1.0,
+                 calculate_scales: bool = False) -> "PagedKVCache":
         shape = (num_blocks * block_size, kv_heads, head_dim)
         return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device),
-                   block_size, k_scale, v_scale)
+                   block_size, k_scale, v_scale, calculate_scales)
 
     @property
     def quantized(self) -> bool:
@@ -43,6 +51,10 @@ class PagedKVCache:
 
     def write(self, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         """k, v: [T, kv_heads, head_dim] in the compute dtype, written to slots slot_mapping [T] as value / scale."""
+        if self.calculate_scales:
+            self.k_scale = max(k.abs().max().item() / K_SCALE_CONSTANT, _SMALLEST_SCALE)
+            self.v_scale = max(v.abs().max().item() / V_SCALE_CONSTANT, _SMALLEST_SCALE)
+            self.calculate_scales = False
         for cache, x, scale in ((self.k, k, self.k_scale), (self.v, v, self.v_scale)):
             if scale != 1.0:
                 x = x / scale
