@@ -102,28 +102,30 @@ class TorchBlockwiseBackend(AttentionBackend):
         row_positions = group.positions.repeat(1, g)[:, None, :, None]  # [Bg, 1, G * Qp, 1]
         bs = cache.block_size
         chunk_blocks = max(1, min(self.CHUNK_TOKENS, self.MAX_SCORES // (kv_heads * g * qp)) // bs)
-        m = torch.full((batch, kv_heads, g * qp, 1), float("-inf"), device=q.device)
-        l = torch.zeros_like(m)
-        acc = torch.zeros(batch, kv_heads, g * qp, head_dim, device=q.device)
         k_blocks, v_blocks = cache.blocks(cache.k), cache.blocks(cache.v)
         descending = [-n for n in group.seq_lens]
+        m = l = acc = None
         for first_block in range(0, -(-group.seq_lens[0] // bs), chunk_blocks):
             key_start = first_block * bs
             active = bisect.bisect_left(descending, -key_start)  # sequences with keys at or past key_start
             key_end = min(key_start + chunk_blocks * bs, group.seq_lens[0])
             ids = group.block_tables[:active, first_block : first_block + chunk_blocks].reshape(-1)
             keys = _read(k_blocks, ids, active, key_end - key_start, torch.float32)  # [a, C, Hk, D]
-            values = _read(v_blocks, ids, active, key_end - key_start, torch.float32)
+            values = _read(v_blocks, ids, active, key_end - key_start, torch.float32).transpose(1, 2)
             scores = torch.matmul(qg[:active], keys.permute(0, 2, 3, 1))  # [a, Hk, G * Qp, C]
             if key_end - 1 > group.min_starts[active - 1]:  # a key may lie past some query: mask it
                 key_pos = torch.arange(key_start, key_end, device=q.device)
                 scores.masked_fill_(key_pos > row_positions[:active], float("-inf"))
-            # Chunk 0 holds key 0, which every query sees, so the running max is finite from the first chunk on.
+            if m is None:  # chunk 0 holds key 0, which every query sees: the running max is finite from here on
+                m = scores.amax(-1, keepdim=True)
+                p = scores.sub_(m).exp_()
+                l, acc = p.sum(-1, keepdim=True), torch.matmul(p, values)
+                continue
             m_new = torch.maximum(m[:active], scores.amax(-1, keepdim=True))
             p = scores.sub_(m_new).exp_()
             alpha = torch.exp(m[:active] - m_new)
             l[:active] = l[:active] * alpha + p.sum(-1, keepdim=True)
-            acc[:active] = acc[:active] * alpha + torch.matmul(p, values.transpose(1, 2))
+            acc[:active] = acc[:active] * alpha + torch.matmul(p, values)
             m[:active] = m_new
         out = acc.div_(l).mul_(cache.v_scale) if cache.v_scale != 1.0 else acc.div_(l)
         out = out.view(batch, kv_heads, g, qp, head_dim).permute(0, 3, 1, 2, 4)
