@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
 import sys
@@ -137,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     bandwidth = measure_bandwidth(torch.device("cpu"))
     results = {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "shape": args.shape,
                "threads": args.threads, "host": platform.processor() or platform.machine(),
+               "load_average_at_start": os.getloadavg(),
                "bandwidth": bandwidth, "cases": []}
     rng = random.Random(0)
     for kv_dtype in args.kv_cache_dtypes:
@@ -167,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
             results["cases"].append(case)
             print(json.dumps(case), flush=True)
         del runner
+    results["load_average_at_end"] = os.getloadavg()  # other processes sharing the cores, 1/5/15-minute means
     if args.output_json:
         args.output_json.parent.mkdir(parents=True, exist_ok=True)
         args.output_json.write_text(json.dumps(results, indent=2) + "\n")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -74,11 +75,13 @@ def main(argv: list[str] | None = None) -> int:
     if not (directory / "model.safetensors").is_file():
         write_random_checkpoint(directory, AIR_TINY, seed=0, config_style="5")
     results = {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "threads": args.threads,
-               "host": platform.processor() or platform.machine(), "shape": AIR_TINY.__dict__, "runs": []}
+               "host": platform.processor() or platform.machine(),
+               "load_average_at_start": os.getloadavg(), "shape": AIR_TINY.__dict__, "runs": []}
     for kv_dtype in args.kv_cache_dtypes:
         run = run_once(directory, args, kv_dtype)
         results["runs"].append(run)
         print(json.dumps(run), flush=True)
+    results["load_average_at_end"] = os.getloadavg()  # other processes sharing the cores, 1/5/15-minute means
     if args.output_json:
         args.output_json.parent.mkdir(parents=True, exist_ok=True)
         args.output_json.write_text(json.dumps(results, indent=2) + "\n")
