@@ -69,6 +69,7 @@ def _scenario(seed, starts, query_lens, block_size=4, kv_heads=2, group=3, head_
 
 def _attend(backend, cache, tables, starts, query_lens, q, k, v, scale):
     cache = PagedKVCache(cache.k.clone(), cache.v.clone(), cache.block_size, cache.k_scale, cache.v_scale)
+    assert (cache.table is not None) == (cache.k.dtype.itemsize == 1)
     meta = AttentionMetadata.build(starts, query_lens, tables, cache.block_size, CPU, backend)
     return backend.forward(q, k, v, cache, meta, scale)
 
@@ -170,6 +171,15 @@ def test_low_precision_storage_dequantized_alike(storage, k_scale, v_scale):
     assert 0 < (native - exact).abs().max().item() <= bound
 
 
+@pytest.mark.parametrize("storage", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_fp8_table_lookup_equals_the_cast(storage):
+    cache = PagedKVCache.allocate(1, 256, 1, 1, storage, CPU)
+    cache.k.view(torch.uint8).copy_(torch.arange(256, dtype=torch.int32).to(torch.uint8).view(256, 1, 1))
+    assert torch.allclose(cache.dequantize(cache.k, torch.float32), cache.k.float(), equal_nan=True)
+    assert torch.allclose(cache.dequantize(cache.k[::3], torch.bfloat16), cache.k[::3].to(torch.bfloat16),
+                          equal_nan=True)
+
+
 def test_fp8_store_saturates_instead_of_nan():
     cache = PagedKVCache.allocate(1, 4, 1, 2, torch.float8_e4m3fn, CPU, k_scale=0.5, v_scale=1.0)
     cache.write(torch.tensor([[[1000.0, -3.0]]]), torch.tensor([[[1e6, 0.25]]]), torch.tensor([0]))
@@ -198,9 +208,9 @@ def test_reads_no_more_than_a_chunk_at_once(monkeypatch):
     largest = []
     read = blockwise._read
 
-    def spy(blocks, ids, batch, num_tokens, dtype):
+    def spy(cache, blocks, ids, batch, num_tokens, dtype):
         largest.append(ids.numel() * blocks.shape[1] // batch)
-        return read(blocks, ids, batch, num_tokens, dtype)
+        return read(cache, blocks, ids, batch, num_tokens, dtype)
 
     monkeypatch.setattr(blockwise, "_read", spy)
     starts, query_lens = [200, 190, 100], [1, 4, 30]

@@ -110,8 +110,8 @@ class TorchBlockwiseBackend(AttentionBackend):
             active = bisect.bisect_left(descending, -key_start)  # sequences with keys at or past key_start
             key_end = min(key_start + chunk_blocks * bs, group.seq_lens[0])
             ids = group.block_tables[:active, first_block : first_block + chunk_blocks].reshape(-1)
-            keys = _read(k_blocks, ids, active, key_end - key_start, torch.float32)  # [a, C, Hk, D]
-            values = _read(v_blocks, ids, active, key_end - key_start, torch.float32).transpose(1, 2)
+            keys = _read(cache, k_blocks, ids, active, key_end - key_start, torch.float32)  # [a, C, Hk, D]
+            values = _read(cache, v_blocks, ids, active, key_end - key_start, torch.float32).transpose(1, 2)
             scores = torch.matmul(qg[:active], keys.permute(0, 2, 3, 1))  # [a, Hk, G * Qp, C]
             if key_end - 1 > group.min_starts[active - 1]:  # a key may lie past some query: mask it
                 key_pos = torch.arange(key_start, key_end, device=q.device)
@@ -132,12 +132,13 @@ class TorchBlockwiseBackend(AttentionBackend):
         return out.reshape(batch * qp, num_heads, head_dim).to(q.dtype)
 
 
-def _read(blocks: torch.Tensor, ids: torch.Tensor, batch: int, num_tokens: int, dtype: torch.dtype) -> torch.Tensor:
+def _read(cache: PagedKVCache, blocks: torch.Tensor, ids: torch.Tensor, batch: int, num_tokens: int,
+          dtype: torch.dtype) -> torch.Tensor:
     """The blocks `ids` ([batch * n] block ids, n per sequence) of a [num_blocks, bs, Hk, D] cache as
     [batch, num_tokens, Hk, D] in dtype: only this chunk is copied, and only its first num_tokens keys kept."""
     chunk = blocks.index_select(0, ids)
     chunk = chunk.view(batch, -1, *blocks.shape[2:])[:, :num_tokens]
-    return PagedKVCache.dequantize(chunk, dtype)
+    return cache.dequantize(chunk, dtype)
 
 
 def _attend_long_flash(q: torch.Tensor, table: torch.Tensor, start: int, cache: PagedKVCache, scale: float,
@@ -158,8 +159,8 @@ def _attend_long_flash(q: torch.Tensor, table: torch.Tensor, start: int, cache: 
         first, last = key_start // cache.block_size, -(-key_end // cache.block_size)
         skip = key_start - first * cache.block_size
         ids = table[first:last]
-        keys = _read(k_blocks, ids, 1, skip + key_end - key_start, q.dtype)[:, skip:].transpose(1, 2)
-        values = _read(v_blocks, ids, 1, skip + key_end - key_start, q.dtype)[:, skip:].transpose(1, 2)
+        keys = _read(cache, k_blocks, ids, 1, skip + key_end - key_start, q.dtype)[:, skip:].transpose(1, 2)
+        values = _read(cache, v_blocks, ids, 1, skip + key_end - key_start, q.dtype)[:, skip:].transpose(1, 2)
         out, lse = _cpu_flash(queries, keys, values, 0.0, causal, scale=scale * cache.k_scale)
         out, lse = out.float(), lse[..., None]  # [1, H, Q, D], [1, H, Q, 1]
         if m is None:

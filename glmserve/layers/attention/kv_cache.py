@@ -36,6 +36,9 @@ class PagedKVCache:
     # --calculate-kv-scales: the scales come from the first keys and values written (vLLM's rule: |K|max / 200,
     # |V|max / 100, leaving room for larger values later), then stay fixed.
     calculate_scales: bool = False
+    # FP8: the fp32 value of each of the 256 bytes; a table lookup dequantizes several times faster than torch's
+    # float8 cast on CPU (BENCHMARKS.md).
+    table: torch.Tensor | None = None
 
     @classmethod
     def allocate(cls, num_blocks: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
@@ -44,6 +47,11 @@ class PagedKVCache:
         shape = (num_blocks * block_size, kv_heads, head_dim)
         return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device),
                    block_size, k_scale, v_scale, calculate_scales)
+
+    def __post_init__(self) -> None:
+        if self.quantized and self.table is None:
+            codes = torch.arange(256, dtype=torch.int32, device=self.k.device).to(torch.uint8)
+            self.table = codes.view(self.k.dtype).float()
 
     @property
     def quantized(self) -> bool:
@@ -70,7 +78,11 @@ class PagedKVCache:
         """cache (self.k or self.v) viewed as [num_blocks, block_size, kv_heads, head_dim]; no copy."""
         return cache.view(-1, self.block_size, *cache.shape[1:])
 
-    @staticmethod
-    def dequantize(stored: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Keys or values read from the cache, in the compute dtype and still divided by their scale."""
-        return stored if stored.dtype == dtype else stored.to(dtype)
+    def dequantize(self, stored: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Keys or values read from this cache, in dtype and still divided by their scale."""
+        if stored.dtype == dtype:
+            return stored
+        if self.table is None:
+            return stored.to(dtype)
+        codes = stored.reshape(-1).view(torch.uint8).int()
+        return self.table.index_select(0, codes).view(stored.shape).to(dtype)

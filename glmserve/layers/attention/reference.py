@@ -64,7 +64,7 @@ class TorchNativeBackend(AttentionBackend):
         slots = plan.kv_slots.view(-1)
 
         def gather(stored: torch.Tensor) -> torch.Tensor:  # [B, Hk, K, D]
-            rows = PagedKVCache.dequantize(stored.index_select(0, slots), q.dtype)
+            rows = cache.dequantize(stored.index_select(0, slots), q.dtype)
             return rows.view(batch, max_kv, *stored.shape[1:]).transpose(1, 2)
 
         max_q = plan.max_query_len
