@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--contexts", type=int, nargs="+", default=[4096, 32768, 131072])
     p.add_argument("--batch16-contexts", type=int, nargs="*", default=[4096])
-    p.add_argument("--prefill-context", type=int, default=32768)
+    p.add_argument("--prefill-context", type=int, default=32768, help="0: no prefill chunk")
     p.add_argument("--kv-cache-dtypes", nargs="+", default=["auto", "fp8"])
     p.add_argument("--backends", nargs="+", default=list(ATTENTION_BACKENDS))
     p.add_argument("--repeats", type=int, default=5, help="timed decode steps per case (the fastest is kept)")
@@ -163,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
                         "fraction_of_roofline": roofline_s / timing["step_s"]}
                 results["cases"].append(case)
                 print(json.dumps(case), flush=True)
+            if not args.prefill_context:
+                continue
             case = {"kind": "prefill_chunk", "backend": name, "kv_cache_dtype": runner.kv_spec.dtype,
                     "context": args.prefill_context, "chunk": PREFILL_CHUNK,
                     **prefill_case(runner, backend, args.prefill_context, rng)}
