@@ -59,7 +59,7 @@ class TorchBlockwiseBackend(AttentionBackend):
     name = "torch_blockwise"
     CHUNK_TOKENS = 4096  # keys read per chunk (rounded down to whole blocks)
     MAX_SHORT_QUERY = 16  # longer queries (prefill chunks) take the per-sequence long path
-    MAX_SCORES = 1 << 22  # scores per chunk on the short path; longer queries read fewer keys per chunk
+    MAX_SCORES = 1 << 24  # scores per chunk on the short path (64 MiB): large batches read fewer keys per chunk
     use_cpu_flash = True  # the long path's fused kernel on CPU (tests turn it off to check the other path)
 
     def plan(self, meta: AttentionMetadata, block_tables: torch.Tensor, device: torch.device) -> BlockwisePlan:
@@ -101,7 +101,7 @@ class TorchBlockwiseBackend(AttentionBackend):
         qg = qg.float() * (scale * cache.k_scale)
         row_positions = group.positions.repeat(1, g)[:, None, :, None]  # [Bg, 1, G * Qp, 1]
         bs = cache.block_size
-        chunk_blocks = max(1, min(self.CHUNK_TOKENS, self.MAX_SCORES // (kv_heads * g * qp)) // bs)
+        chunk_blocks = max(1, min(self.CHUNK_TOKENS, self.MAX_SCORES // (batch * num_heads * qp)) // bs)
         k_blocks, v_blocks = cache.blocks(cache.k), cache.blocks(cache.v)
         descending = [-n for n in group.seq_lens]
         m = l = acc = None
