@@ -1,14 +1,14 @@
 """torch_blockwise: attention that reads the paged cache in place, a chunk of blocks at a time (flash-decoding in
 torch ops), without gathering any sequence's whole context or building a mask as long as it.
 
-Short queries (decode, verification of drafts, small chunks) are batched: each sequence's query heads are grouped
-under their KV head ([B, Hk, G * Q, D], G query heads per KV head, so KV is never repeated), and keys and values
-are read `CHUNK_TOKENS` at a time through the block tables, with an online softmax in fp32 across chunks (running
-max, running sum, rescaled accumulator). Sequences are ordered longest first, so a chunk past the shorter ones'
-ends reads only the longer ones. A causal mask is built per chunk, and only where a key may lie past a query.
-Long queries (prefill chunks) go one sequence at a time; on CPU each key chunk runs through torch's fused flash
-kernel, which also returns the chunk's log-sum-exp, and the chunks are merged by it (split-K); elsewhere they take
-the short-query path.
+Keys and values are read `CHUNK_TOKENS` at a time through the block tables; each chunk's attention is folded into
+a running (max, sum, accumulator) per query, in fp32 (online softmax). GQA maps query head h to KV head h // G
+without repeating KV. Short queries (decode, verification of drafts, small chunks) are batched, sequences ordered
+longest first, so a chunk past the shorter ones' ends reads only the longer ones; a causal mask is built per chunk,
+and only where a key may lie past a query. Long queries (prefill chunks) go one sequence at a time: the keys before
+the chunk unmasked, then the chunk's own keys with a square causal mask. On CPU each chunk runs through torch's
+fused flash kernel, which returns its log-sum-exp for the merge; elsewhere (and in tests, to check it) the short
+path computes the chunk's scores and softmax in torch ops, grouping each KV head's G query heads ([B, Hk, G*Q, D]).
 """
 
 from __future__ import annotations
@@ -71,12 +71,13 @@ class TorchBlockwiseBackend(AttentionBackend):
     def attend(self, q: torch.Tensor, cache: PagedKVCache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         plan: BlockwisePlan = meta.plan
         out = q.new_empty(q.shape)
-        if plan.short is not None:
-            group = plan.short
-            rows = self._attend_short(q.index_select(0, group.rows), group, cache, scale)
-            out.index_copy_(0, group.out_rows, rows if group.keep is None else rows.index_select(0, group.keep))
         flash = self.use_cpu_flash and _cpu_flash is not None and q.device.type == "cpu" and q.dtype in (
             torch.float32, torch.bfloat16)
+        if plan.short is not None:
+            group = plan.short
+            attend_short = self._attend_short_flash if flash else self._attend_short
+            rows = attend_short(q.index_select(0, group.rows), group, cache, scale)
+            out.index_copy_(0, group.out_rows, rows if group.keep is None else rows.index_select(0, group.keep))
         for item in plan.long:
             queries = q[item.row : item.row + item.num_queries]
             table = meta.block_tables[item.seq]
@@ -132,6 +133,55 @@ class TorchBlockwiseBackend(AttentionBackend):
         return out.reshape(batch * qp, num_heads, head_dim).to(q.dtype)
 
 
+    def _attend_short_flash(self, q: torch.Tensor, group: ShortQueries, cache: PagedKVCache,
+                            scale: float) -> torch.Tensor:
+        """_attend_short through torch's fused CPU flash kernel, one call per key chunk, merged by log-sum-exp: no
+        pass over the scores in torch ops, and keys and values are read where the chunk's gather left them."""
+        batch, qp = len(group.seqs), group.padded_len
+        num_heads, head_dim = q.shape[1:]
+        queries = q.view(batch, qp, num_heads, head_dim).transpose(1, 2)  # [Bg, H, Qp, D]
+        k_blocks, v_blocks = cache.blocks(cache.k), cache.blocks(cache.v)
+        bs = cache.block_size
+        chunk_blocks = max(1, self.CHUNK_TOKENS // bs)
+        descending = [-n for n in group.seq_lens]
+        state = None
+        for first_block in range(0, -(-group.seq_lens[0] // bs), chunk_blocks):
+            key_start = first_block * bs
+            active = bisect.bisect_left(descending, -key_start)
+            key_end = min(key_start + chunk_blocks * bs, group.seq_lens[0])
+            ids = group.block_tables[:active, first_block : first_block + chunk_blocks].reshape(-1)
+            keys = _read(cache, k_blocks, ids, active, key_end - key_start, q.dtype).transpose(1, 2)  # [a, Hk, C, D]
+            values = _read(cache, v_blocks, ids, active, key_end - key_start, q.dtype).transpose(1, 2)
+            mask = hidden = None
+            if key_end - 1 > group.min_starts[active - 1]:  # a key may lie past some query: mask it
+                key_pos = torch.arange(key_start, key_end, device=q.device)
+                hidden = key_pos > group.positions[:active, None, :, None]  # [a, 1, Qp, C]
+                mask = torch.zeros(hidden.shape, dtype=q.dtype, device=q.device).masked_fill_(hidden, float("-inf"))
+            out, lse = _cpu_flash(queries[:active], keys, values, 0.0, False, attn_mask=mask,
+                                  scale=scale * cache.k_scale)
+            lse = lse[..., None]  # [a, H, Qp, 1]
+            if hidden is not None:  # the kernel gives a query that sees no key here lse 0: it must weigh nothing
+                lse = lse.masked_fill(hidden.all(-1, keepdim=True), float("-inf"))
+            state = _merge(state, active, out.float(), lse)
+        _, l, acc = state
+        out = acc.div_(l).mul_(cache.v_scale) if cache.v_scale != 1.0 else acc.div_(l)
+        return out.transpose(1, 2).reshape(batch * qp, num_heads, head_dim).to(q.dtype)
+
+
+def _merge(state: tuple | None, active: int, out: torch.Tensor, lse: torch.Tensor) -> tuple:
+    """Fold one key chunk's attention (out, normalised, and its log-sum-exp) for the first `active` sequences into
+    the running (max, sum, accumulator). Chunk 0 holds key 0, which every query sees: it starts the state."""
+    if state is None:
+        return lse, torch.ones_like(lse), out
+    m, l, acc = state
+    m_new = torch.maximum(m[:active], lse)
+    alpha, beta = torch.exp(m[:active] - m_new), torch.exp(lse - m_new)
+    l[:active] = l[:active] * alpha + beta
+    acc[:active] = acc[:active] * alpha + out * beta
+    m[:active] = m_new
+    return m, l, acc
+
+
 def _read(cache: PagedKVCache, blocks: torch.Tensor, ids: torch.Tensor, batch: int, num_tokens: int,
           dtype: torch.dtype) -> torch.Tensor:
     """The blocks `ids` ([batch * n] block ids, n per sequence) of a [num_blocks, bs, Hk, D] cache as
@@ -154,7 +204,7 @@ def _attend_long_flash(q: torch.Tensor, table: torch.Tensor, start: int, cache: 
     step = max(1, chunk_tokens // cache.block_size) * cache.block_size
     ranges = [(a, min(a + step, start), False) for a in range(0, start, step)]
     ranges.append((start, start + num_queries, True))
-    m = l = acc = None
+    state = None
     for key_start, key_end, causal in ranges:
         first, last = key_start // cache.block_size, -(-key_end // cache.block_size)
         skip = key_start - first * cache.block_size
@@ -162,15 +212,8 @@ def _attend_long_flash(q: torch.Tensor, table: torch.Tensor, start: int, cache: 
         keys = _read(cache, k_blocks, ids, 1, skip + key_end - key_start, q.dtype)[:, skip:].transpose(1, 2)
         values = _read(cache, v_blocks, ids, 1, skip + key_end - key_start, q.dtype)[:, skip:].transpose(1, 2)
         out, lse = _cpu_flash(queries, keys, values, 0.0, causal, scale=scale * cache.k_scale)
-        out, lse = out.float(), lse[..., None]  # [1, H, Q, D], [1, H, Q, 1]
-        if m is None:
-            m, l, acc = lse, torch.ones_like(lse), out
-            continue
-        m_new = torch.maximum(m, lse)
-        alpha, beta = torch.exp(m - m_new), torch.exp(lse - m_new)
-        l = l * alpha + beta
-        acc = acc * alpha + out * beta
-        m = m_new
+        state = _merge(state, 1, out.float(), lse[..., None])  # [1, H, Q, D], [1, H, Q, 1]
+    _, l, acc = state
     result = acc / l
     if cache.v_scale != 1.0:
         result = result * cache.v_scale
