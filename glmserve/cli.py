@@ -55,6 +55,8 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
                                                "torch_native (the reference: gathers each context, one SDPA call)")
     p.add_argument("--max-num-seqs", "--max-running-requests", dest="max_num_seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--long-prefill-token-threshold", type=int, default=0,
+                   help="the most prompt tokens one request prefills per step (0: up to the step's budget)")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--disable-radix-cache", action="store_true", help="SGLang's spelling of --no-enable-prefix-caching")
     p.add_argument("--seed", "--random-seed", dest="seed", type=int, default=0)
@@ -208,6 +210,7 @@ def _engine_config(parser: argparse.ArgumentParser, args, model: str):
             block_size=args.block_size, kv_cache_memory_gb=args.kv_cache_memory_gb,
             gpu_memory_utilization=args.gpu_memory_utilization, num_kv_blocks=args.num_kv_blocks,
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+            long_prefill_token_threshold=args.long_prefill_token_threshold,
             enable_prefix_caching=args.enable_prefix_caching and not args.disable_radix_cache, seed=args.seed,
             tensor_parallel_size=args.tensor_parallel_size, enable_expert_parallel=_expert_parallel(args),
             num_speculative_tokens=num_draft_tokens, kv_cache_dtype=args.kv_cache_dtype,
