@@ -2,14 +2,13 @@
 
 from glmserve.layers.attention.backend import AttentionBackend
 from glmserve.layers.attention.dense import DenseBatch, dense_causal_attention
-from glmserve.layers.attention.kv_cache import KV_STORAGE_DTYPES, PagedKVCache, kv_storage_dtype
+from glmserve.layers.attention.kv_cache import PagedKVCache, kv_storage_dtype
 from glmserve.layers.attention.metadata import AttentionMetadata
 from glmserve.layers.attention.selector import ATTENTION_BACKENDS, DEFAULT_ATTENTION_BACKEND, get_attention_backend
 
 __all__ = [
     "ATTENTION_BACKENDS",
     "DEFAULT_ATTENTION_BACKEND",
-    "KV_STORAGE_DTYPES",
     "AttentionBackend",
     "AttentionMetadata",
     "DenseBatch",

@@ -10,8 +10,8 @@ ATTENTION_BACKENDS: dict[str, type[AttentionBackend]] = {
     TorchBlockwiseBackend.name: TorchBlockwiseBackend,
     TorchNativeBackend.name: TorchNativeBackend,
 }
-# Chosen by benchmarks/long_context.py (BENCHMARKS.md): at least as fast at every length measured, far faster
-# at long contexts, and its memory does not grow with the batch's longest sequence.
+# Chosen with benchmarks/long_context.py (BENCHMARKS.md): as fast at short contexts, faster at long ones, and its
+# memory per step does not grow with the batch's longest sequence.
 DEFAULT_ATTENTION_BACKEND = TorchBlockwiseBackend.name
 
 
