@@ -8,10 +8,10 @@ import torch
 
 from glmserve.config import ConfigError, EngineConfig, ModelConfig, check_speculative_decoding
 from glmserve.distributed import init_parallel
+from glmserve.engine.kv_planning import KVCacheSpec, kv_bytes_per_token, num_blocks_for_budget
 from glmserve.engine.mtp_proposer import MTPProposer
 from glmserve.engine.rejection_sampler import RejectionSampler
 from glmserve.engine.sampler import Sampler, SamplingBatch
-from glmserve.engine.kv_planning import KVCacheSpec, kv_bytes_per_token, num_blocks_for_budget
 from glmserve.layers.attention import AttentionMetadata, PagedKVCache, get_attention_backend, kv_storage_dtype
 from glmserve.layers.linear import LinearBase
 from glmserve.layers.moe import FusedExperts

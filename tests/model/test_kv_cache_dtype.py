@@ -99,7 +99,8 @@ def _prompts() -> list[list[int]]:
 
 
 def _engine(directory, **flags) -> LLMEngine:
-    args = dict(kv_cache_dtype="fp8", num_kv_blocks=96, max_num_batched_tokens=48, long_prefill_token_threshold=20)
+    args = {"kv_cache_dtype": "fp8", "num_kv_blocks": 96, "max_num_batched_tokens": 48,
+            "long_prefill_token_threshold": 20}
     return LLMEngine(EngineConfig(model=str(directory), **{**args, **flags}), progress=False)
 
 

@@ -203,7 +203,7 @@ def test_gqa_maps_query_head_to_its_kv_head():
 def test_reads_no_more_than_a_chunk_at_once(monkeypatch):
     """The blockwise backend copies at most CHUNK_TOKENS keys per sequence out of the cache at once (a prefill
     chunk's own keys: its length, plus the block it starts in), never a whole 200-token context."""
-    import glmserve.layers.attention.blockwise as blockwise
+    from glmserve.layers.attention import blockwise
 
     largest = []
     read = blockwise._read

@@ -43,7 +43,7 @@ class PagedKVCache:
     @classmethod
     def allocate(cls, num_blocks: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device, k_scale: float = 1.0, v_scale: float = 1.0,
-                 calculate_scales: bool = False) -> "PagedKVCache":
+                 calculate_scales: bool = False) -> PagedKVCache:
         shape = (num_blocks * block_size, kv_heads, head_dim)
         return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device),
                    block_size, k_scale, v_scale, calculate_scales)

@@ -36,7 +36,7 @@ class AttentionMetadata:
 
     @classmethod
     def build(cls, starts: list[int], query_lens: list[int], block_tables: list[list[int]], block_size: int,
-              device: torch.device, backend: AttentionBackend | None = None) -> "AttentionMetadata":
+              device: torch.device, backend: AttentionBackend | None = None) -> AttentionMetadata:
         """starts[b]: tokens of sequence b already cached; query_lens[b]: new tokens this step; block_tables[b]:
         its block ids (at least enough for starts[b] + query_lens[b] tokens). backend: the default one if None."""
         if backend is None:
