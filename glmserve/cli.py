@@ -46,8 +46,17 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-memory-gb", type=float, default=1.0, help="KV cache size on CPU, in GiB")
     p.add_argument("--num-kv-blocks", type=int, help="KV cache size in blocks (overrides the memory budgets)")
     p.add_argument("--block-size", "--page-size", dest="block_size", type=int, default=16)
+    p.add_argument("--kv-cache-dtype", default="auto",
+                   help="auto (the compute dtype), fp8 (= fp8_e4m3), fp8_e4m3, fp8_e5m2 or bfloat16: K and V stored "
+                        "in 1 or 2 bytes with the checkpoint's k_scale/v_scale (else 1.0)")
+    p.add_argument("--calculate-kv-scales", action="store_true",
+                   help="with an fp8 KV cache: per-layer scales from the first step's keys and values (vLLM's rule)")
+    p.add_argument("--attention-backend", help="torch_blockwise (default: reads the paged cache in place) or "
+                                               "torch_native (the reference: gathers each context, one SDPA call)")
     p.add_argument("--max-num-seqs", "--max-running-requests", dest="max_num_seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--long-prefill-token-threshold", type=int, default=0,
+                   help="the most prompt tokens one request prefills per step (0: up to the step's budget)")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--disable-radix-cache", action="store_true", help="SGLang's spelling of --no-enable-prefix-caching")
     p.add_argument("--seed", "--random-seed", dest="seed", type=int, default=0)
@@ -231,11 +240,23 @@ def _engine_config(parser: argparse.ArgumentParser, args, model: str):
             block_size=args.block_size, kv_cache_memory_gb=args.kv_cache_memory_gb,
             gpu_memory_utilization=args.gpu_memory_utilization, num_kv_blocks=args.num_kv_blocks,
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+            long_prefill_token_threshold=args.long_prefill_token_threshold,
             enable_prefix_caching=args.enable_prefix_caching and not args.disable_radix_cache, seed=args.seed,
             tensor_parallel_size=args.tensor_parallel_size, enable_expert_parallel=_expert_parallel(args),
-            num_speculative_tokens=num_draft_tokens, step_timeout=args.step_timeout)
+            num_speculative_tokens=num_draft_tokens, step_timeout=args.step_timeout,
+            kv_cache_dtype=args.kv_cache_dtype, calculate_kv_scales=args.calculate_kv_scales,
+            attention_backend=_attention_backend(args.attention_backend))
     except ConfigError as e:
         parser.error(str(e))
+
+
+def _attention_backend(name: str | None) -> str | None:
+    from glmserve.config import ConfigError
+    from glmserve.layers.attention import ATTENTION_BACKENDS
+
+    if name is not None and name not in ATTENTION_BACKENDS:
+        raise ConfigError(f"--attention-backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {name!r}")
+    return name
 
 
 def _chat_template(parser: argparse.ArgumentParser, flag: str | None, tokenizer) -> str:

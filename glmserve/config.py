@@ -173,6 +173,9 @@ LOAD_FORMATS = ("auto", "dummy")
 MAX_SPECULATIVE_TOKENS = 16  # chained MTP drafts; acceptance decays fast, peers use 1-4
 # vLLM's names for drafting with the checkpoint's own MTP layer.
 MTP_METHODS = ("mtp", "deepseek_mtp", "glm4_moe_mtp")
+# --kv-cache-dtype: vLLM's values and SGLang's spellings → the canonical name (fp8 is e4m3, as in vLLM).
+KV_CACHE_DTYPES = {"auto": "auto", "bfloat16": "bfloat16", "bf16": "bfloat16", "fp8": "fp8_e4m3",
+                   "fp8_e4m3": "fp8_e4m3", "fp8_e5m2": "fp8_e5m2"}
 
 
 def num_speculative_tokens(speculative_config: dict | str | None) -> int:
@@ -229,8 +232,15 @@ class EngineConfig:
     enable_expert_parallel: bool = False  # routed experts split whole across the tensor-parallel ranks
     num_speculative_tokens: int = 0  # MTP drafts per step (vLLM's speculative_config num_speculative_tokens)
     step_timeout: float = 30.0  # tensor parallel: seconds a collective may wait for the other ranks while serving
+    kv_cache_dtype: str = "auto"  # auto: the compute dtype; fp8 (e4m3), fp8_e5m2, bfloat16: one or two bytes
+    calculate_kv_scales: bool = False  # FP8 KV: scales from the first step's keys and values (vLLM)
+    attention_backend: str | None = None  # None: layers.attention's default
 
     def __post_init__(self) -> None:
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError(f"--kv-cache-dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
+                              f"got {self.kv_cache_dtype!r}")
+        object.__setattr__(self, "kv_cache_dtype", KV_CACHE_DTYPES[self.kv_cache_dtype])
         if self.dtype not in DTYPES:
             raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.weight_dtype not in WEIGHT_DTYPES:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from glmserve.config import GenerationDefaults
+from glmserve.engine.kv_planning import KVCacheSpec
 from glmserve.engine.scheduler import SchedulerStats
 from glmserve.engine.stat_logger import StatLogger
 from glmserve.types import EngineOutput, ParamError, SamplingParams
@@ -58,6 +59,7 @@ class EngineInfo:
     max_model_len: int
     vocab_size: int
     generation_defaults: GenerationDefaults
+    kv_cache: KVCacheSpec | None = None  # the pool's dtype, blocks and tokens
 
 
 def _merge(a: EngineOutput, b: EngineOutput) -> EngineOutput:
@@ -280,7 +282,8 @@ class AsyncEngineClient:
     def _run(self) -> None:
         try:
             engine = self._factory()
-            info = EngineInfo(engine.max_model_len, engine.model_config.vocab_size, engine.generation_defaults)
+            info = EngineInfo(engine.max_model_len, engine.model_config.vocab_size, engine.generation_defaults,
+                              engine.kv_spec)
             self.stats = engine.scheduler.stats()
             self._call(self._on_ready, info)
             while self._serve_once(engine):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 
 from glmserve.config import ConfigError, EngineConfig, GenerationDefaults, ModelConfig
@@ -10,6 +11,8 @@ from glmserve.engine.model_runner import ModelRunner
 from glmserve.engine.scheduler import Scheduler
 from glmserve.engine.tensor_parallel import TensorParallelRunner
 from glmserve.types import EngineOutput, ParamError, Request, SamplingParams
+
+logger = logging.getLogger(__name__)
 
 
 class LLMEngine:
@@ -26,16 +29,31 @@ class LLMEngine:
         self.runner = (TensorParallelRunner(self.model_config, config, progress) if config.tensor_parallel_size > 1
                        else ModelRunner(self.model_config, config, progress=progress))
         self.kv_cache = KVCacheManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
-        # One sequence must always fit in the pool, or preemption could never make room for it.
-        capacity = self.kv_cache.capacity_tokens - max(config.num_speculative_tokens - 1, 0)  # drafter lookahead
-        if config.max_model_len is not None and config.max_model_len > capacity:
-            raise ConfigError(f"--max-model-len {config.max_model_len} does not fit in the KV cache "
-                              f"({capacity} tokens): raise the KV cache budget or lower --max-model-len")
-        self.max_model_len = config.max_model_len or min(positions, capacity)
+        self.kv_spec = self.runner.kv_spec
+        self.max_model_len = self._max_model_len(positions)
         self.scheduler = Scheduler(self.kv_cache, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens,
                                    long_prefill_token_threshold=config.long_prefill_token_threshold,
                                    num_speculative_tokens=config.num_speculative_tokens)
+
+    def _max_model_len(self, positions: int) -> int:
+        """--max-model-len, or what the model and the KV pool allow. One sequence must always fit in the pool, or
+        preemption could never make room for it."""
+        config, spec = self.config, self.kv_spec
+        capacity = self.kv_cache.capacity_tokens - max(config.num_speculative_tokens - 1, 0)  # drafter lookahead
+        wanted = config.max_model_len or positions
+        if wanted <= capacity:
+            return wanted
+        needed_mib = wanted * spec.bytes_per_token / 2**20
+        smaller = "" if spec.dtype.startswith("float8") else "use --kv-cache-dtype fp8, "
+        advice = (f"one request of {wanted} tokens needs {needed_mib:.1f} MiB of KV cache at {spec.dtype} "
+                  f"({spec.bytes_per_token} bytes per token) and the pool holds {capacity} tokens: raise "
+                  f"--kv-cache-memory-gb (or --gpu-memory-utilization), {smaller}or lower "
+                  f"--max-model-len")
+        if config.max_model_len is not None:
+            raise ConfigError(f"--max-model-len {config.max_model_len} does not fit in the KV cache: {advice}")
+        logger.warning("max_model_len %d instead of the model's %d: %s", capacity, positions, advice)
+        return capacity
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
         """Queue a request; invalid input raises ParamError before it reaches the scheduler."""

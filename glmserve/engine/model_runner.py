@@ -8,10 +8,11 @@ import torch
 
 from glmserve.config import ConfigError, EngineConfig, ModelConfig, check_speculative_decoding
 from glmserve.distributed import init_parallel
+from glmserve.engine.kv_planning import KVCacheSpec, kv_bytes_per_token, num_blocks_for_budget
 from glmserve.engine.mtp_proposer import MTPProposer
 from glmserve.engine.rejection_sampler import RejectionSampler
 from glmserve.engine.sampler import Sampler, SamplingBatch
-from glmserve.layers.attention import AttentionMetadata
+from glmserve.layers.attention import AttentionMetadata, PagedKVCache, get_attention_backend, kv_storage_dtype
 from glmserve.layers.linear import LinearBase
 from glmserve.layers.moe import FusedExperts
 from glmserve.loader import fill_dummy_weights, load_model
@@ -59,6 +60,7 @@ class ModelRunner:
             torch.cuda.set_device(self.device)
         self.dtype = resolve_dtype(engine_config.dtype, model_config, self.device)
         self.block_size = engine_config.block_size
+        self.attn_backend = get_attention_backend(engine_config.attention_backend)
 
         default_dtype = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
@@ -118,23 +120,28 @@ class ModelRunner:
         if self.proposer is not None:
             layers = layers + [self.proposer.mtp.self_attn]
         kv_heads, head_dim = layers[0].num_kv_heads, layers[0].head_dim
-        bytes_per_block = 2 * len(layers) * self.block_size * kv_heads * head_dim * self.dtype.itemsize
+        storage = kv_storage_dtype(self.config.kv_cache_dtype, self.dtype)
+        bytes_per_token = kv_bytes_per_token(len(layers), kv_heads, head_dim, storage.itemsize)
         if self.config.num_kv_blocks is not None:
             num_blocks = self.config.num_kv_blocks
         elif self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
-            num_blocks = int(free * self.config.gpu_memory_utilization) // bytes_per_block
+            num_blocks = num_blocks_for_budget(int(free * self.config.gpu_memory_utilization), self.block_size,
+                                               bytes_per_token)
         else:
-            num_blocks = int(self.config.kv_cache_memory_gb * 2**30) // bytes_per_block
+            num_blocks = num_blocks_for_budget(int(self.config.kv_cache_memory_gb * 2**30), self.block_size,
+                                               bytes_per_token)
         num_blocks = self.parallel.smallest(num_blocks, self.device)  # every rank must hold the same blocks
         if num_blocks < 1:
             raise ConfigError("the KV cache budget is too small for a single block")
+        quantized = storage.itemsize == 1  # scales apply to an FP8 cache only, as in vLLM
         for layer in layers:
-            shape = (num_blocks * self.block_size, kv_heads, head_dim)
-            layer.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            layer.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, self.block_size,
-                    num_blocks * bytes_per_block / 2**20)
+            scales = (layer.k_scale, layer.v_scale) if quantized else (1.0, 1.0)
+            layer.kv_cache = PagedKVCache.allocate(num_blocks, self.block_size, kv_heads, head_dim, storage,
+                                                   self.device, *scales,
+                                                   calculate_scales=quantized and self.config.calculate_kv_scales)
+        self.kv_spec = KVCacheSpec(str(storage).removeprefix("torch."), self.block_size, num_blocks, bytes_per_token)
+        logger.info(self.kv_spec.describe())
         return num_blocks
 
     @torch.inference_mode()
@@ -150,7 +157,7 @@ class ModelRunner:
             last_known.append(len(input_ids) - 1 - len(chunk.draft_token_ids))
         block_tables = [c.request.block_ids for c in chunks]
         meta = AttentionMetadata.build([c.start_pos for c in chunks], [c.num_tokens for c in chunks],
-                                       block_tables, self.block_size, self.device)
+                                       block_tables, self.block_size, self.device, self.attn_backend)
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         hidden = self.model(ids, pos, meta)

@@ -52,7 +52,8 @@ class MTPProposer:
         for _ in range(self.k - 1):
             # Past the model's last position the drafts are capped away anyway; clamp to stay in the RoPE table.
             pos = [min(p + 1, self.max_position) for p in pos]
-            step_meta = AttentionMetadata.build(pos, [1] * len(pos), block_tables, self.block_size, self.device)
+            step_meta = AttentionMetadata.build(pos, [1] * len(pos), block_tables, self.block_size, self.device,
+                                                meta.backend)
             h = self.mtp(torch.tensor(pos, device=self.device), draft, h, step_meta)
             draft = argmax_rows(self.mtp.compute_logits(h))
             drafts.append(draft)

@@ -88,6 +88,7 @@ class TensorParallelRunner:
         self.keep_alive_interval = config.step_timeout / 3
         self.model = self.runner.model
         self.num_blocks = self.runner.num_blocks
+        self.kv_spec = self.runner.kv_spec
         logger.info("tensor parallel: %d processes (ranks 1-%d: pids %s)", config.tensor_parallel_size,
                     config.tensor_parallel_size - 1, ", ".join(str(w.pid) for w in self.workers))
 

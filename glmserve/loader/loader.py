@@ -32,6 +32,9 @@ _STACKED = [  # (checkpoint piece, parameter piece, shard id)
     (".up_proj.", ".gate_up_proj.", 1),
 ]
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+# FP8 KV-cache scales, under the names vLLM reads (compressed-tensors stores them as k_proj/v_proj output_scale).
+_KV_SCALE = re.compile(r"^(.*\.self_attn)\.(?:attn\.|[kv]_proj\.)?([kv])_scale$"
+                       r"|^(.*\.self_attn)\.([kv])_proj\.output_scale$")
 
 
 def _target(name: str) -> tuple[str, object] | None:
@@ -57,7 +60,7 @@ def load_model(model: nn.Module, model_dir: str | Path, num_hidden_layers: int, 
     unexpected: list[str] = []
     bar = tqdm(total=count_tensors(files), desc="Loading weights", unit="tensor", disable=not progress,
                leave=False)
-    tensors = _counted(iterate_tensors(files), bar)
+    tensors = _kv_scales_taken(_counted(iterate_tensors(files), bar), model)
     if quantization is not None:
         tensors = dequantized(tensors, Fp8Scheme.from_config(quantization), TensorLookup(files).get)
     for name, tensor in tensors:
@@ -84,6 +87,24 @@ def load_model(model: nn.Module, model_dir: str | Path, num_hidden_layers: int, 
         loaded.add((param_name, shard))
     bar.close()
     _check_complete(model, params, loaded, unexpected, model_dir)
+
+
+def _kv_scales_taken(tensors: Iterator[tuple[str, torch.Tensor]], model: nn.Module):
+    """The tensors, less the KV-cache scales, which are set on their attention modules as k_scale / v_scale."""
+    for name, tensor in tensors:
+        m = _KV_SCALE.match(name)
+        if m is None:
+            yield name, tensor
+            continue
+        module_name, which = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
+        try:
+            module = model.get_submodule(module_name)
+        except AttributeError:
+            continue  # a layer this model does not build (an MTP layer it was not asked for)
+        if tensor.numel() != 1:
+            raise LoaderError(f"tensor {name!r}: a KV-cache scale must be one value per tensor, got shape "
+                              f"{tuple(tensor.shape)}")
+        setattr(module, f"{which}_scale", float(tensor.float()))
 
 
 def _counted(tensors: Iterator[tuple[str, torch.Tensor]], bar: tqdm) -> Iterator[tuple[str, torch.Tensor]]:

@@ -13,7 +13,7 @@ from torch import nn
 
 from glmserve.config import ModelConfig
 from glmserve.distributed import ParallelContext
-from glmserve.layers.attention import AttentionMetadata, DenseBatch, dense_causal_attention, paged_attention
+from glmserve.layers.attention import AttentionMetadata, DenseBatch, PagedKVCache, dense_causal_attention
 from glmserve.layers.linear import (
     MergedColumnParallelLinear,
     QKVParallelLinear,
@@ -42,9 +42,10 @@ class Glm4MoeAttention(nn.Module):
             self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
         self.rotary = rotary
         self.scale = config.head_dim**-0.5
-        # Flat slot-indexed caches [num_slots, kv_heads, head_dim], assigned by the model runner.
-        self.k_cache = torch.empty(0)
-        self.v_cache = torch.empty(0)
+        # This layer's paged KV cache, allocated by the model runner; the step's backend reads and writes it.
+        self.kv_cache: PagedKVCache | None = None
+        # FP8 KV-cache scales (stored = value / scale): the checkpoint's k_scale / v_scale when it has them.
+        self.k_scale = self.v_scale = 1.0
 
     def forward(self, rope: Rope, x: torch.Tensor, meta: AttentionMetadata | DenseBatch) -> torch.Tensor:
         heads = self.num_heads + self.num_kv_heads
@@ -56,7 +57,7 @@ class Glm4MoeAttention(nn.Module):
         if isinstance(meta, DenseBatch):
             out = dense_causal_attention(q, k, v, meta, self.scale)
         else:
-            out = paged_attention(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
+            out = meta.backend.forward(q, k, v, self.kv_cache, meta, self.scale)
         return self.o_proj(out.reshape(out.shape[0], -1))
 
     def _qk_norm_weight(self) -> torch.Tensor:

@@ -123,12 +123,14 @@ def chat(client, model: str, example: Example, max_tokens: int) -> tuple[str | N
 
 
 def serve_and_chat(model_dir: str | Path, examples: list[Example], max_tokens: int, threads: int,
-                   concurrency: int = 8) -> list[tuple[str | None, str | None, list[dict]]]:
-    """Start `glmserve serve` on the checkpoint, send every example's turn, stop the server."""
+                   concurrency: int = 8,
+                   server_args: tuple[str, ...] = ()) -> list[tuple[str | None, str | None, list[dict]]]:
+    """Start `glmserve serve` on the checkpoint (with server_args), send every example's turn, stop the server."""
     import openai
 
     with tempfile.TemporaryDirectory() as tmp:
-        server = start_server([str(model_dir), "--tool-call-parser", "glm45", "--reasoning-parser", "glm45"],
+        server = start_server([str(model_dir), "--tool-call-parser", "glm45", "--reasoning-parser", "glm45",
+                               *server_args],
                               Path(tmp) / "server.log", env={"OMP_NUM_THREADS": str(threads)}, timeout=600)
         try:
             client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="EMPTY", max_retries=0, timeout=3600)
@@ -162,11 +164,13 @@ def mtp_rates(model_dir: str | Path, seed: int, num_conversations: int, tokens_p
 
 
 def evaluate(model_dir: str | Path, seed: int = 1000, per_kind: int = 100, max_tokens: int = 256,
-             show: int = 0, mtp_conversations: int = 200, threads: int = 2, kinds: tuple[str, ...] = KINDS) -> dict:
+             show: int = 0, mtp_conversations: int = 200, threads: int = 2, kinds: tuple[str, ...] = KINDS,
+             server_args: tuple[str, ...] = ()) -> dict:
     """The rates of `kinds` on `per_kind` held-out turns each, and the MTP rates unless `mtp_conversations` is 0."""
     cases = heldout_cases(seed, per_kind, kinds)
     flat = [(kind, example) for kind in kinds for example in cases[kind]]
-    replies = serve_and_chat(model_dir, [example for _, example in flat], max_tokens, threads)
+    replies = serve_and_chat(model_dir, [example for _, example in flat], max_tokens, threads,
+                             server_args=server_args)
     passed: dict[str, dict[str, int]] = {kind: defaultdict(int) for kind in kinds}
     shown: dict[str, int] = defaultdict(int)
     for (kind, example), (reasoning, content, calls) in zip(flat, replies):
@@ -193,11 +197,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2, help="torch threads, here and in the server")
     p.add_argument("--kinds", nargs="+", choices=KINDS, default=KINDS,
                    help="measure only these kinds, e.g. one rate on many prompts (the MTP rates need all)")
+    p.add_argument("--kv-cache-dtype", default="auto", help="the server's --kv-cache-dtype (the task rates only)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     kinds = tuple(args.kinds)
     rates = evaluate(args.model, args.seed, args.per_kind, args.max_tokens, args.show,
-                     mtp_conversations=200 if set(kinds) == set(KINDS) else 0, threads=args.threads, kinds=kinds)
+                     mtp_conversations=200 if set(kinds) == set(KINDS) else 0, threads=args.threads, kinds=kinds,
+                     server_args=("--kv-cache-dtype", args.kv_cache_dtype))
     print(json.dumps({name: round(value, 4) for name, value in rates.items()}, indent=2))
 
 

@@ -37,6 +37,12 @@ class _EngineCollector(Collector):
                                   s.prefix_cache_queries)
         yield CounterMetricFamily("glmserve:prefix_cache_hits", "Prompt tokens found in the prefix cache.",
                                   s.prefix_cache_hits)
+        kv = self._client.info.kv_cache if self._client.info is not None else None
+        if kv is not None:  # vLLM's cache_config_info: the configuration as labels on a gauge of 1
+            info = GaugeMetricFamily("glmserve:cache_config_info", "The KV cache's configuration.",
+                                     labels=["cache_dtype", "block_size", "num_gpu_blocks", "num_tokens"])
+            info.add_metric([kv.dtype, str(kv.block_size), str(kv.num_blocks), str(kv.num_tokens)], 1)
+            yield info
         rate = s.prefix_cache_hits / s.prefix_cache_queries if s.prefix_cache_queries else 0.0
         yield GaugeMetricFamily("glmserve:prefix_cache_hit_rate", "Prefix-cache hits / queries, in tokens.", rate)
         spec = s.spec_decoding

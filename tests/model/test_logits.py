@@ -5,34 +5,37 @@ import torch
 
 from glmserve.config import EngineConfig, ModelConfig
 from glmserve.engine.model_runner import ModelRunner
-from glmserve.layers.attention import AttentionMetadata
+from glmserve.layers.attention import ATTENTION_BACKENDS, AttentionMetadata
 
 SHAPES = ["glm45", "air", "grouped"]
 
 
-def _runner(directory) -> ModelRunner:
-    return ModelRunner(ModelConfig.from_pretrained(directory), EngineConfig(model=str(directory), num_kv_blocks=32),
-                       progress=False)
+def _runner(directory, **engine_flags) -> ModelRunner:
+    return ModelRunner(ModelConfig.from_pretrained(directory),
+                       EngineConfig(model=str(directory), num_kv_blocks=32, **engine_flags), progress=False)
 
 
 def _forward(runner: ModelRunner, chunks: list[tuple[list[int], int, list[int]]]) -> torch.Tensor:
     """chunks: (token ids, start position, block ids) → logits of every token, flat."""
     meta = AttentionMetadata.build([s for _, s, _ in chunks], [len(t) for t, _, _ in chunks],
-                                   [b for _, _, b in chunks], runner.block_size, runner.device)
+                                   [b for _, _, b in chunks], runner.block_size, runner.device, runner.attn_backend)
     ids = torch.tensor([t for tokens, _, _ in chunks for t in tokens])
     pos = torch.tensor([p for tokens, s, _ in chunks for p in range(s, s + len(tokens))])
     with torch.inference_mode():
         return runner.model.compute_logits(runner.model(ids, pos, meta))
 
 
+@pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_prefill_and_decode_logits_match_transformers(shape, checkpoints, hf_model):
+def test_prefill_and_decode_logits_match_transformers(shape, backend, checkpoints, hf_model):
+    """Prompts of 5, 23 and 40 tokens (40: a long query, prefilled per sequence; the 13-token second chunk of the
+    23: a short one beside nothing else), then batched decodes; block tables out of order."""
     directory = checkpoints(shape)
-    runner = _runner(directory)
+    runner = _runner(directory, attention_backend=backend)
     config = ModelConfig.from_pretrained(directory)
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, config.vocab_size, (n,), generator=gen).tolist() for n in (5, 23, 40)]
-    tables = [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+    tables = [[3, 0, 2, 1], [7, 5, 4, 6], [11, 9, 10, 8]]
     hf = hf_model(shape)
 
     # Prefill all three prompts in one batch, the middle one in two chunks.
@@ -61,6 +64,13 @@ def test_prefill_and_decode_logits_match_transformers(shape, checkpoints, hf_mod
     with torch.inference_mode():
         ref_last = hf(torch.tensor([seqs[0] + [7]])).logits[0, -1]
     assert (step[0] - ref_last).abs().max().item() <= 1e-4
+
+    # A mixed step: 3 tokens to verify, a decode and an 18-token prefill chunk (a long query) together.
+    new = [torch.randint(0, config.vocab_size, (n,), generator=gen).tolist() for n in (3, 1, 18)]
+    step = _forward(runner, [(t, len(s), tab) for t, s, tab in zip(new, seqs, tables)])
+    with torch.inference_mode():
+        ref = torch.cat([hf(torch.tensor([s + t])).logits[0, -len(t):] for s, t in zip(seqs, new)])
+    assert (step - ref).abs().max().item() <= 1e-4
 
 
 def test_grouped_routing_really_limits_groups(checkpoints):

@@ -102,6 +102,9 @@ def test_metrics(server, client):
     assert metric(after, "glmserve:num_requests_running") == 0
     assert metric(after, "glmserve:num_requests_waiting") == 0
     assert metric(after, "glmserve:kv_cache_usage_perc") == 0
+    # The pool's configuration, as vLLM's cache_config_info: 256 blocks of 16 tokens in the compute dtype.
+    assert ('glmserve:cache_config_info{block_size="16",cache_dtype="float32",num_gpu_blocks="256",'
+            'num_tokens="4096"} 1.0') in after
     client.chat.completions.create(model=MODEL_NAME, messages=messages)
     again = _metrics(server)
     assert metric(again, "glmserve:prefix_cache_hits_total") > metric(after, "glmserve:prefix_cache_hits_total")

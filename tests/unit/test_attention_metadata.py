@@ -1,4 +1,5 @@
-"""AttentionMetadata.build against a plain per-token construction, for decode steps and mixed batches."""
+"""AttentionMetadata.build and the reference backend's padded plan against a plain per-token construction, for decode
+steps and mixed batches."""
 
 import random
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 
 from glmserve.layers.attention import AttentionMetadata
+from glmserve.layers.attention.reference import TorchNativeBackend
 
 
 def _reference(starts, query_lens, tables, block_size):
@@ -43,7 +45,9 @@ def test_build_matches_a_per_token_reference(seed):
     else:
         query_lens = [rng.choice((1, 2, 4, rng.randint(1, 30))) for _ in range(batch)]
     tables = [rng.sample(range(100), -(-(s + q) // 4) + rng.randint(0, 2)) for s, q in zip(starts, query_lens)]
-    meta = AttentionMetadata.build(starts, query_lens, tables, 4, torch.device("cpu"))
+    meta = AttentionMetadata.build(starts, query_lens, tables, 4, torch.device("cpu"), TorchNativeBackend())
+    assert meta.query_start_loc == [sum(query_lens[:b]) for b in range(batch + 1)]
+    assert meta.seq_lens == [s + q for s, q in zip(starts, query_lens)]
     for field, expected in _reference(starts, query_lens, tables, 4).items():
-        got = getattr(meta, field)
+        got = getattr(meta if field == "slot_mapping" else meta.plan, field)
         assert (got.tolist() if isinstance(got, torch.Tensor) else got) == expected, field

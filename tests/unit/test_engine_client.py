@@ -8,6 +8,7 @@ import pytest
 
 from glmserve.config import GenerationDefaults
 from glmserve.engine.engine_client import AsyncEngineClient, EngineDeadError, EngineRequest
+from glmserve.engine.kv_planning import KVCacheSpec
 from glmserve.engine.scheduler import SchedulerStats
 from glmserve.types import EngineOutput, ParamError, SamplingParams
 
@@ -17,6 +18,7 @@ class FakeEngine:
 
     max_model_len = 100
     generation_defaults = GenerationDefaults()
+    kv_spec = KVCacheSpec("float32", 16, 8, 4096)
 
     class model_config:  # noqa: N801 - mimics the attribute
         vocab_size = 1000

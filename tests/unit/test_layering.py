@@ -9,7 +9,8 @@ LAYERS = ["utils", "config|types", "distributed", "kernels", "layers", "model", 
 PLACED = {"models": "utils", "llm": "cli", "chat_cli": "cli", "__main__": "cli", "__init__": "cli", "testing": "cli",
           "nano": "cli", "bench": "cli"}
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names.split("|")}
-TORCH_FREE = ["types", "config", "engine.scheduler", "engine.kv_cache", "engine.stop", "serving.parsers"]
+TORCH_FREE = ["types", "config", "engine.scheduler", "engine.kv_cache", "engine.kv_planning", "engine.stop",
+              "serving.parsers"]
 
 
 def _layer_of(module: str) -> int:
