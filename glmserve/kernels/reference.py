@@ -74,7 +74,7 @@ def dequantize(weight: torch.Tensor, scales: torch.Tensor | None, group_size: in
 def linear_reference(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = None,
                      group_size: int = 0, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] fp32 @ W.T (+ bias) -> [M, N] fp32."""
-    return F.linear(x.float(), dequantize(weight, scales, group_size or weight.shape[1]), bias)
+    return F.linear(x.float(), dequantize(weight, scales, group_size or x.shape[-1]), bias)
 
 
 def moe_experts_reference(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
