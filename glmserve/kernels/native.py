@@ -18,6 +18,7 @@ import functools
 import hashlib
 import logging
 import os
+import shutil
 import subprocess
 from pathlib import Path
 from types import ModuleType
@@ -30,6 +31,15 @@ CSRC = Path(__file__).with_name("csrc")
 SOURCES = ("ops.cpp", "isa_portable.cpp", "isa_avx2.cpp", "isa_avx512.cpp")
 CFLAGS = ("-O3", "-Wall", "-Wno-unused-function")
 ISAS = ("portable", "avx2", "avx512")  # slowest first; each ISA's index is its number in csrc/ops.cpp
+
+
+def _put_ninja_on_path() -> None:
+    """cpp_extension runs `ninja` from PATH; pip installs it beside the venv's python, which `make test` runs
+    without activating the venv."""
+    if shutil.which("ninja") is None:
+        import ninja
+
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
 def _compiler_version() -> str:
@@ -61,6 +71,7 @@ def extension() -> ModuleType | None:
     try:
         from torch.utils.cpp_extension import load
 
+        _put_ninja_on_path()
         key = build_key()
         build_dir = cache_dir() / key
         build_dir.mkdir(parents=True, exist_ok=True)
