@@ -8,7 +8,7 @@ the sources, torch's version, the compiler's version and the flags, so a change 
 
 Environment:
 - GLMSERVE_KERNELS=torch: never build or load the extension; every kernel runs its torch reference.
-- GLMSERVE_KERNEL_ISA=avx512|avx2|portable: the code path the kernels take (default: the fastest this CPU has).
+- GLMSERVE_KERNEL_ISA=avx512_vnni|avx512|avx2|portable: the code path the kernels take (default: the fastest this CPU has).
 - GLMSERVE_CACHE_DIR: where builds are kept (default ~/.cache/glmserve).
 """
 
@@ -28,9 +28,9 @@ import torch
 logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = ("ops.cpp", "isa_portable.cpp", "isa_avx2.cpp", "isa_avx512.cpp")
+SOURCES = ("ops.cpp", "isa_portable.cpp", "isa_avx2.cpp", "isa_avx512.cpp", "isa_avx512_vnni.cpp")
 CFLAGS = ("-O3", "-Wall", "-Wno-unused-function")
-ISAS = ("portable", "avx2", "avx512")  # slowest first; each ISA's index is its number in csrc/ops.cpp
+ISAS = ("portable", "avx2", "avx512", "avx512_vnni")  # slowest first; each ISA's index is its number in csrc/ops.cpp
 
 
 def _put_ninja_on_path() -> None:

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from glmserve import kernels
 from glmserve.kernels import dequantize
 from kernel_cases import FORMATS, make_weight
+from test_linear import activation_step, quantizes_activations
 
 
 def expert_stack(fmt, experts, rows, cols, group_size, gen):
@@ -16,21 +17,34 @@ def expert_stack(fmt, experts, rows, cols, group_size, gen):
     return weights, None if pairs[0][1] is None else torch.stack([s for _, s in pairs])
 
 
-def expected_moe(x, topk_weights, topk_ids, w13, s13, w2, s2, group_size):
-    """fp64, one (token, slot) at a time, and a bound of 1e-4 of the sum of |weighted expert outputs|."""
+def expected_moe(x, topk_weights, topk_ids, w13, s13, w2, s2, group_size, quantized_x=False):
+    """fp64, one (token, slot) at a time, and the bound the kernel stays within, carried through the block: each
+    product's fp32 rounding (1e-5 of sum |w_k x_k|) and, with quantized activations, half a step of each input
+    (of x, then of SiLU(gate) * up) times its weight; |SiLU'| <= 1.1 carries gate's error into SiLU(gate)."""
     out = torch.zeros(x.shape[0], w2.shape[1], dtype=torch.float64)
-    magnitude = torch.zeros_like(out)
+    bound = torch.full_like(out, 1e-6)
     for t in range(x.shape[0]):
+        xt = x[t].double()
         for j, e in enumerate(topk_ids[t].tolist()):
             if e < 0:
                 continue
             gate_up = dequantize(w13[e], None if s13 is None else s13[e], group_size or x.shape[1]).double()
-            gate, up = (gate_up @ x[t].double()).chunk(2)
-            down = dequantize(w2[e], None if s2 is None else s2[e], group_size or gate.shape[0])
-            y = topk_weights[t, j].double() * (down.double() @ (F.silu(gate) * up))
-            out[t] += y
-            magnitude[t] += y.abs() + topk_weights[t, j].abs() * (down.double().abs() @ (F.silu(gate) * up).abs())
-    return out, 1e-4 * magnitude + 1e-6
+            down = dequantize(w2[e], None if s2 is None else s2[e], group_size or w13.shape[1] // 2).double()
+            gate, up = (gate_up @ xt).chunk(2)
+            h = F.silu(gate) * up
+            weight = topk_weights[t, j].double()
+            out[t] += weight * (down @ h)
+            err_gate, err_up = (1e-5 * (gate_up.abs() @ xt.abs()) + quantization_error(gate_up, xt, quantized_x)
+                                + 1e-6).chunk(2)
+            err_h = 1.1 * err_gate * (up.abs() + err_up) + F.silu(gate).abs() * err_up + 1e-6 * h.abs()
+            h_bound = h.abs() + err_h
+            bound[t] += weight * (down.abs() @ err_h + 1e-5 * (down.abs() @ h_bound)
+                                  + quantization_error(down, h_bound, quantized_x))
+    return out, bound
+
+
+def quantization_error(w, x_abs_bound, quantized_x):
+    return 0.5 * 1.001 * (w.abs() @ activation_step(x_abs_bound)) if quantized_x else 0
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -47,7 +61,8 @@ def test_moe_experts_equal_fp64_definition(fmt, tokens, group_size, isa):
         topk_ids[1, 0] = topk_ids[1, 1]  # one expert twice for one token
     topk_weights = torch.rand(tokens, top_k, generator=gen)
     out = kernels.moe_experts(x, topk_weights, topk_ids, w13, s13, w2, s2, group_size, isa=isa)
-    expected, bound = expected_moe(x, topk_weights, topk_ids, w13, s13, w2, s2, group_size)
+    expected, bound = expected_moe(x, topk_weights, topk_ids, w13, s13, w2, s2, group_size,
+                                   quantizes_activations(isa, w13))
     err = (out.double() - expected).abs()
     assert out.dtype == torch.float32 and out.shape == expected.shape
     assert (err <= bound).all(), f"max error {err.max():.3g}"

@@ -79,5 +79,5 @@ void gemm(const GemmArgs& a, int64_t n_begin, int64_t n_end) {
 }
 
 inline IsaKernels kernel_table() {
-  return {{&gemm<kF32>, &gemm<kF16>, &gemm<kBF16>, &gemm<kF8E4M3>, &gemm<kI8>, &gemm<kI4>}};
+  return {{&gemm<kF32>, &gemm<kF16>, &gemm<kBF16>, &gemm<kF8E4M3>, &gemm<kI8>, &gemm<kI4>}, {}, nullptr};
 }

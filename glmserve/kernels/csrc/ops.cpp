@@ -15,8 +15,8 @@ namespace glmserve {
 namespace {
 
 // The ISAs in the order `kernels.native` names them; higher is faster where the CPU has it.
-const char* const kIsaNames[] = {"portable", "avx2", "avx512"};
-constexpr int64_t kNumIsas = 3;
+const char* const kIsaNames[] = {"portable", "avx2", "avx512", "avx512_vnni"};
+constexpr int64_t kNumIsas = 4;
 constexpr int64_t kRowsPerTask = 16;  // output rows handed out at a time; a multiple of every ISA's tile width
 
 bool cpu_has(int64_t isa) {
@@ -28,13 +28,16 @@ bool cpu_has(int64_t isa) {
     case 2:
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && cpu_has(1);
+    case 3:
+      return __builtin_cpu_supports("avx512vnni") && cpu_has(2);
     default:
       return false;
   }
 }
 
 const IsaKernels& kernels_for(int64_t isa) {
-  static const IsaKernels tables[kNumIsas] = {portable_kernels(), avx2_kernels(), avx512_kernels()};
+  static const IsaKernels tables[kNumIsas] = {portable_kernels(), avx2_kernels(), avx512_kernels(),
+                                                  avx512_vnni_kernels()};
   TORCH_CHECK(isa >= 0 && isa < kNumIsas && cpu_has(isa), "glmserve kernels: ISA ", isa, " is not available here");
   return tables[isa];
 }
@@ -78,7 +81,40 @@ WeightView view_weight(const at::Tensor& w, const c10::optional<at::Tensor>& sca
 
 GemmArgs gemm_args(const WeightView& v, const void* w, const float* scales, const float* x, int64_t ldx,
                    int64_t rows, float* y, int64_t ldy) {
-  return GemmArgs{x, ldx, rows, w, scales, v.k, v.group_size, v.groups, nullptr, y, ldy};
+  return GemmArgs{x, ldx, rows, w, scales, v.k, v.group_size, v.groups, nullptr, y, ldy, nullptr};
+}
+
+// Whether the ISA has an integer-dot-product kernel for this weight and its scales line up with the kernel's
+// lanes (isa_avx512_vnni.cpp): groups of 32, 64 (int4), multiples of a vector's inputs, or one group per row.
+bool takes_q8(const IsaKernels& table, const WeightView& v) {
+  if (table.gemm_q8[v.type] == nullptr) return false;
+  const int64_t g = v.group_size;
+  return v.groups == 1 || g == 32 || (v.type == kI4 ? g == 64 || g % 128 == 0 : g % 64 == 0);
+}
+
+// x quantized for a gemm_q8 kernel: the buffers, and the view of them that GemmArgs::qx points to.
+struct QuantizedX {
+  at::Tensor q, lane_scale, lane_bias;
+  QuantizedRows rows;
+
+  QuantizedRows from_row(int64_t row0) const {
+    return {rows.q + row0 * rows.ld_q, rows.lane_scale + row0 * rows.ld_lane, rows.lane_bias + row0 * rows.ld_lane,
+            rows.ld_q, rows.ld_lane};
+  }
+};
+
+QuantizedX quantize_x(const IsaKernels& table, const WeightView& v, const float* x, int64_t ldx, int64_t rows) {
+  const int64_t padded = (v.k + kQ8Pad - 1) / kQ8Pad * kQ8Pad, lanes = padded / q8_lane_inputs(v.type);
+  QuantizedX out{at::empty({rows, padded}, at::kChar), at::empty({rows, lanes}, at::kFloat),
+                 at::empty({rows, lanes}, at::kInt), {}};
+  out.rows = {out.q.data_ptr<int8_t>(), out.lane_scale.data_ptr<float>(), out.lane_bias.data_ptr<int32_t>(), padded,
+              lanes};
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    table.quantize_rows(v.type, x + begin * ldx, ldx, end - begin, v.k, out.q.data_ptr<int8_t>() + begin * padded,
+                        out.lane_scale.data_ptr<float>() + begin * lanes,
+                        out.lane_bias.data_ptr<int32_t>() + begin * lanes);
+  });
+  return out;
 }
 
 // Enough rows per task that a task's work outweighs handing it out.
@@ -98,7 +134,14 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<
   GemmArgs args = gemm_args(v, w.data_ptr(), is_scaled(v.type) ? scales->data_ptr<float>() : nullptr,
                             x.data_ptr<float>(), k, m, y.data_ptr<float>(), n);
   args.bias = bias ? bias->data_ptr<float>() : nullptr;
-  const GemmFn fn = kernels_for(isa).gemm[v.type];
+  const IsaKernels& table = kernels_for(isa);
+  GemmFn fn = table.gemm[v.type];
+  QuantizedX qx;
+  if (takes_q8(table, v)) {
+    qx = quantize_x(table, v, args.x, k, m);
+    args.qx = &qx.rows;
+    fn = table.gemm_q8[v.type];
+  }
   const int64_t tasks = (n + kRowsPerTask - 1) / kRowsPerTask;
   at::parallel_for(0, tasks, grain_for(k, m), [&](int64_t begin, int64_t end) {
     fn(args, begin * kRowsPerTask, std::min(end * kRowsPerTask, n));
@@ -156,7 +199,11 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& topk_weights, cons
     }
 
   const IsaKernels& table = kernels_for(isa);
-  const GemmFn fn13 = table.gemm[v13.type], fn2 = table.gemm[v2.type];
+  const bool q8_13 = takes_q8(table, v13), q8_2 = takes_q8(table, v2);
+  const GemmFn fn13 = (q8_13 ? table.gemm_q8 : table.gemm)[v13.type];
+  const GemmFn fn2 = (q8_2 ? table.gemm_q8 : table.gemm)[v2.type];
+  QuantizedX qx13, qx2;
+  if (q8_13) qx13 = quantize_x(table, v13, xg.data_ptr<float>(), hidden, assigned);
   const auto* w13_bytes = static_cast<const uint8_t*>(w13.data_ptr());
   const auto* w2_bytes = static_cast<const uint8_t*>(w2.data_ptr());
   const float* s13 = is_scaled(v13.type) ? w13_scales->data_ptr<float>() : nullptr;
@@ -174,10 +221,14 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& topk_weights, cons
       float* g = gate.data_ptr<float>() + row0 * inter;
       float* u = up.data_ptr<float>() + row0 * inter;
       const float* xe = xg.data_ptr<float>() + row0 * hidden;
-      fn13(gemm_args(v13, w, s, xe, hidden, rows, g, inter), task.begin, task.end);
-      fn13(gemm_args(v13, w + inter * v13.row_bytes, s ? s + inter * v13.groups : nullptr, xe, hidden, rows, u,
-                     inter),
-           task.begin, task.end);
+      const QuantizedRows expert_qx = q8_13 ? qx13.from_row(row0) : QuantizedRows{};
+      GemmArgs args = gemm_args(v13, w, s, xe, hidden, rows, g, inter);
+      args.qx = q8_13 ? &expert_qx : nullptr;
+      fn13(args, task.begin, task.end);
+      args.w = w + inter * v13.row_bytes;
+      args.scales = s ? s + inter * v13.groups : nullptr;
+      args.y = u;
+      fn13(args, task.begin, task.end);
       for (int64_t r = 0; r < rows; ++r)
         for (int64_t c = task.begin; c < task.end; ++c) {
           const float a = g[r * inter + c];
@@ -186,17 +237,20 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& topk_weights, cons
     }
   });
 
+  if (q8_2) qx2 = quantize_x(table, v2, gate.data_ptr<float>(), inter, assigned);
   at::Tensor down = at::empty({assigned, hidden}, x.options());
   const std::vector<ExpertTask> tasks2 = expert_tasks(counts, hidden);
   at::parallel_for(0, static_cast<int64_t>(tasks2.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const ExpertTask& task = tasks2[t];
       const int64_t row0 = first[task.expert];
-      fn2(gemm_args(v2, w2_bytes + task.expert * hidden * v2.row_bytes, s2 ? s2 + task.expert * hidden * v2.groups
-                                                                            : nullptr,
-                    gate.data_ptr<float>() + row0 * inter, inter, counts[task.expert],
-                    down.data_ptr<float>() + row0 * hidden, hidden),
-          task.begin, task.end);
+      GemmArgs args = gemm_args(v2, w2_bytes + task.expert * hidden * v2.row_bytes,
+                                s2 ? s2 + task.expert * hidden * v2.groups : nullptr,
+                                gate.data_ptr<float>() + row0 * inter, inter, counts[task.expert],
+                                down.data_ptr<float>() + row0 * hidden, hidden);
+      const QuantizedRows expert_qx = q8_2 ? qx2.from_row(row0) : QuantizedRows{};
+      args.qx = q8_2 ? &expert_qx : nullptr;
+      fn2(args, task.begin, task.end);
     }
   });
 
