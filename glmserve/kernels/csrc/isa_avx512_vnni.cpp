@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <climits>
 
 #include "gemm.h"
 
@@ -16,12 +17,22 @@ namespace glmserve {
 namespace avx512_vnni {
 
 constexpr int kTileRows = 4, kTileCols = 4;
+// Bytes ahead of each weight row's reads to prefetch: a row of an int8 [*, 4096] weight is one 4 KiB page, where
+// the hardware prefetcher stops and restarts, so without this a GEMV is bound by latency, not bandwidth.
+constexpr int64_t kPrefetchBytes = 1024;
 
 // vpdpbusd multiplies unsigned bytes by signed ones: int8 weights are shifted to unsigned by +128 (an xor), int4
 // nibbles already are (q + 8); lane_bias takes the shift back out. Input k's weights sit at byte k (int8) or in
 // nibble k % 2 of byte k / 2 (int4), so an int4 vector's low nibbles meet the block's even inputs, high the odd.
+// Where a vector's weight scales start: `g0` advances by groups_per_vector every vector (groups of 32 or 64
+// inputs), or by one every vectors_per_group vectors (larger groups), counted rather than divided.
+struct ScaleWalk {
+  __m512i index;  // which of the 4 scales from g0 on each lane takes
+  int64_t groups_per_vector, vectors_per_group;
+};
+
 template <int T, int MB, int NR>
-inline void gemm_tile(const GemmArgs& a, int64_t m0, int64_t n0, __m512i scale_index) {
+inline void gemm_tile(const GemmArgs& a, int64_t m0, int64_t n0, const ScaleWalk& walk) {
   constexpr int64_t kInputs = T == kI4 ? 128 : 64;  // inputs one 64-byte weight vector holds
   const int64_t row_bytes = T == kI4 ? a.k / 2 : a.k, vectors = (a.k + kInputs - 1) / kInputs;
   const QuantizedRows& qx = *a.qx;
@@ -35,10 +46,10 @@ inline void gemm_tile(const GemmArgs& a, int64_t m0, int64_t n0, __m512i scale_i
   __m512 acc[MB][NR];
   for (int m = 0; m < MB; ++m)
     for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_setzero_ps();
-  for (int64_t v = 0; v < vectors; ++v) {
-    const int64_t left = row_bytes - 64 * v, g0 = v * kInputs / a.group_size;
+  for (int64_t v = 0, g0 = 0, in_group = 0; v < vectors; ++v) {
+    const int64_t left = row_bytes - 64 * v;
     const __mmask64 bytes = left >= 64 ? ~0ULL : (1ULL << left) - 1;
-    const __mmask16 scales = static_cast<__mmask16>((1 << (a.groups - g0 < 4 ? a.groups - g0 : 4)) - 1);
+    const __mmask8 scales = static_cast<__mmask8>((1 << (a.groups - g0 < 4 ? a.groups - g0 : 4)) - 1);
     __m512 x_scale[MB];
     __m512i x_bias[MB];
     for (int m = 0; m < MB; ++m) {
@@ -46,8 +57,12 @@ inline void gemm_tile(const GemmArgs& a, int64_t m0, int64_t n0, __m512i scale_i
       x_bias[m] = _mm512_loadu_si512(qx.lane_bias + (m0 + m) * qx.ld_lane + 16 * v);
     }
     for (int r = 0; r < NR; ++r) {
-      const __m512i wv = _mm512_maskz_loadu_epi8(bytes, w[r] + 64 * v);
-      const __m512 w_scale = _mm512_permutexvar_ps(scale_index, _mm512_maskz_loadu_ps(scales, s[r] + g0));
+      _mm_prefetch(reinterpret_cast<const char*>(w[r] + 64 * v + kPrefetchBytes), _MM_HINT_T0);
+      // Masked loads only at a row's end: on AMD Zen they cost several times a plain load.
+      const uint8_t* wp = w[r] + 64 * v;
+      const __m512i wv = left >= 64 ? _mm512_loadu_si512(wp) : _mm512_maskz_loadu_epi8(bytes, wp);
+      const __m128 w_scales = a.groups - g0 >= 4 ? _mm_loadu_ps(s[r] + g0) : _mm_maskz_loadu_ps(scales, s[r] + g0);
+      const __m512 w_scale = _mm512_permutexvar_ps(walk.index, _mm512_castps128_ps512(w_scales));
       for (int m = 0; m < MB; ++m) {
         const int8_t* q = qx.q + (m0 + m) * qx.ld_q + kInputs * v;
         __m512i dot;
@@ -61,23 +76,31 @@ inline void gemm_tile(const GemmArgs& a, int64_t m0, int64_t n0, __m512i scale_i
         acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(w_scale, x_scale[m]), acc[m][r]);
       }
     }
+    if (walk.groups_per_vector) {
+      g0 += walk.groups_per_vector;
+    } else if (++in_group == walk.vectors_per_group) {
+      in_group = 0;
+      ++g0;
+    }
   }
   for (int m = 0; m < MB; ++m)
     for (int r = 0; r < NR; ++r)
       a.y[(m0 + m) * a.ldy + n0 + r] = _mm512_reduce_add_ps(acc[m][r]) + (a.bias ? a.bias[n0 + r] : 0.f);
 }
 
-// Which of the 4 scales loaded from a vector's first group each lane takes (ops.cpp sends only group sizes where
-// this holds: 32, 64 for int4, or groups that a vector never straddles).
-inline __m512i scale_index(int T, int64_t group_size, int64_t groups) {
+// ops.cpp sends only group sizes whose scales line up with the lanes: 32, 64 (int4), multiples of a vector's
+// inputs, or one group per row.
+inline ScaleWalk scale_walk(int T, int64_t group_size, int64_t groups) {
+  const int64_t inputs = T == kI4 ? 128 : 64;
   const int64_t lanes_per_group = group_size / q8_lane_inputs(static_cast<WeightType>(T));
-  if (groups == 1 || lanes_per_group >= 16) return _mm512_setzero_si512();
-  const int shift = lanes_per_group == 4 ? 2 : 3;
-  return _mm512_srli_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), shift);
+  if (groups == 1) return {_mm512_setzero_si512(), 0, INT64_MAX};
+  if (group_size >= inputs) return {_mm512_setzero_si512(), 0, group_size / inputs};
+  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  return {_mm512_srli_epi32(lane, lanes_per_group == 4 ? 2 : 3), inputs / group_size, 0};
 }
 
 template <int T, int NR>
-inline void gemm_columns(const GemmArgs& a, int64_t n0, __m512i index) {
+inline void gemm_columns(const GemmArgs& a, int64_t n0, const ScaleWalk& index) {
   int64_t m0 = 0;
   for (; m0 + kTileRows <= a.rows; m0 += kTileRows) gemm_tile<T, kTileRows, NR>(a, m0, n0, index);
   switch (a.rows - m0) {
@@ -90,7 +113,7 @@ inline void gemm_columns(const GemmArgs& a, int64_t n0, __m512i index) {
 
 template <int T>
 void gemm(const GemmArgs& a, int64_t n_begin, int64_t n_end) {
-  const __m512i index = scale_index(T, a.group_size, a.groups);
+  const ScaleWalk index = scale_walk(T, a.group_size, a.groups);
   int64_t n = n_begin;
   for (; n + kTileCols <= n_end; n += kTileCols) gemm_columns<T, kTileCols>(a, n, index);
   for (; n < n_end; ++n) gemm_columns<T, 1>(a, n, index);
