@@ -8,7 +8,9 @@ the sources, torch's version, the compiler's version and the flags, so a change 
 
 Environment:
 - GLMSERVE_KERNELS=torch: never build or load the extension; every kernel runs its torch reference.
-- GLMSERVE_KERNEL_ISA=avx512_vnni|avx512|avx2|portable: the code path the kernels take (default: the fastest this CPU has).
+- GLMSERVE_KERNEL_ISA=avx512_vnni|avx512|avx2|portable: the code path the kernels take (default: the fastest this
+  CPU has). avx512_vnni multiplies int8 / int4 weights by activations quantized to int8 in blocks of 32 (as
+  llama.cpp's q8_0 dot products); every other path and format keeps fp32 activations.
 - GLMSERVE_CACHE_DIR: where builds are kept (default ~/.cache/glmserve).
 """
 
