@@ -12,11 +12,13 @@ import torch
 
 from glmserve.kernels import native
 from glmserve.kernels.reference import (
+    argmax_reference,
     dequantize,
     linear_reference,
     moe_experts_reference,
     quantize_int4,
     quantize_int8,
+    rms_norm_residual_reference,
 )
 
 NATIVE_WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.int8, torch.uint8)
@@ -54,5 +56,23 @@ def moe_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Ten
                            w2.contiguous(), contiguous_scales(w2_scales), group_size, native.isa_index(isa))
 
 
-__all__ = ["dequantize", "linear", "linear_reference", "moe_experts", "moe_experts_reference", "quantize_int4",
-           "quantize_int8"]
+def rms_norm_residual(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(RMSNorm(x + residual) * weight, x + residual) for [T, H] rows, in one pass on the native path."""
+    ext = native.extension()
+    if ext is None or not _fits_native(x, residual, weight) or x.dim() != 2 or residual.dtype != torch.float32:
+        return rms_norm_residual_reference(x, residual, weight, eps)
+    return ext.rms_norm_residual(x.contiguous(), residual.contiguous(), weight.float().contiguous(), eps)
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """int64 [B]: each row of fp32 [B, V] logits' first maximum (NaN counts as the maximum), as torch.argmax."""
+    ext = native.extension()
+    if ext is None or not _fits_native(logits) or logits.dim() != 2 or logits.shape[1] == 0:
+        return argmax_reference(logits)
+    return ext.argmax(logits.contiguous())
+
+
+__all__ = ["argmax", "argmax_reference", "dequantize", "linear", "linear_reference", "moe_experts",
+           "moe_experts_reference", "quantize_int4", "quantize_int8", "rms_norm_residual",
+           "rms_norm_residual_reference"]

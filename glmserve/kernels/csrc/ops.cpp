@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstring>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "gemm.h"
@@ -271,6 +272,60 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& topk_weights, cons
   return out;
 }
 
+// (x + residual, RMSNorm(x + residual) * weight) in one pass over each row: the sum is formed, stored and squared
+// while in cache. fp32 throughout, as F.rms_norm on fp32 rows.
+std::tuple<at::Tensor, at::Tensor> rms_norm_residual(const at::Tensor& x, const at::Tensor& residual,
+                                                     const at::Tensor& weight, double eps) {
+  TORCH_CHECK(x.dim() == 2 && x.sizes() == residual.sizes() && x.scalar_type() == at::kFloat &&
+                  residual.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat &&
+                  weight.numel() == x.size(1) && x.is_contiguous() && residual.is_contiguous() &&
+                  weight.is_contiguous(),
+              "glmserve kernels: rms_norm_residual takes contiguous fp32 x, residual [T, H] and weight [H]");
+  const int64_t rows = x.size(0), h = x.size(1);
+  at::Tensor sum = at::empty_like(x), out = at::empty_like(x);
+  const float *xp = x.data_ptr<float>(), *rp = residual.data_ptr<float>(), *wp = weight.data_ptr<float>();
+  float *sp = sum.data_ptr<float>(), *op = out.data_ptr<float>();
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      float squares = 0.f;
+      for (int64_t c = 0; c < h; ++c) {
+        const float v = xp[r * h + c] + rp[r * h + c];
+        sp[r * h + c] = v;
+        squares += v * v;
+      }
+      const float inverse = 1.f / std::sqrt(squares / static_cast<float>(h) + static_cast<float>(eps));
+      for (int64_t c = 0; c < h; ++c) op[r * h + c] = sp[r * h + c] * inverse * wp[c];
+    }
+  });
+  return {out, sum};
+}
+
+// The first index of each row's maximum, a NaN counting as the maximum (torch.argmax's rule).
+at::Tensor argmax_rows(const at::Tensor& logits) {
+  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat && logits.is_contiguous(),
+              "glmserve kernels: argmax takes contiguous fp32 [B, V] logits");
+  const int64_t rows = logits.size(0), v = logits.size(1);
+  TORCH_CHECK(v > 0, "glmserve kernels: argmax of an empty row");
+  at::Tensor out = at::empty({rows}, logits.options().dtype(at::kLong));
+  const float* lp = logits.data_ptr<float>();
+  int64_t* idx = out.data_ptr<int64_t>();
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* row = lp + r * v;
+      int64_t best = 0;
+      for (int64_t c = 0; c < v; ++c) {
+        if (std::isnan(row[c])) {
+          best = c;
+          break;
+        }
+        if (row[c] > row[best]) best = c;
+      }
+      idx[r] = best;
+    }
+  });
+  return out;
+}
+
 std::vector<std::string> available_isas() {
   std::vector<std::string> names;
   for (int64_t isa = 0; isa < kNumIsas; ++isa)
@@ -285,4 +340,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("available_isas", &glmserve::available_isas, "the ISA paths this CPU can run, slowest first");
   m.def("linear", &glmserve::linear, "x [M, K] fp32 @ W.T (+ bias) for W in any layout of kernels/reference.py");
   m.def("moe_experts", &glmserve::moe_experts, "the routed experts of one MoE block, as moe_experts_reference");
+  m.def("rms_norm_residual", &glmserve::rms_norm_residual, "(RMSNorm(x + residual) * weight, x + residual)");
+  m.def("argmax", &glmserve::argmax_rows, "each row's first maximum (NaN counts as the maximum)");
 }
