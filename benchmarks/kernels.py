@@ -62,8 +62,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=15, help="calls timed per figure (median)")
     p.add_argument("--moe-experts", type=int, default=16,
                    help="routed experts of the Air-shaped MoE block (Air has 128; top-8 of 16 keeps memory small)")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="cpu: the calling thread's CPU time (time.thread_time), which leaves out the time other "
+                        "processes hold the core: for a busy machine, and only with --threads 1")
     p.add_argument("--output-json", type=Path)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.clock == "cpu" and args.threads != [1]:
+        p.error("--clock cpu measures the calling thread alone: use it with --threads 1")
+    return args
 
 
 def make_weight(fmt: str, group_size: int, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -97,14 +103,14 @@ def pool_of(make, size: int) -> list:
     return [first] + [copy() for _ in range(max(1, -(-POOL_BYTES // max(size, 1)) - 1))]
 
 
-def median_us(fn, pool: list, repeats: int) -> float:
+def median_us(fn, pool: list, repeats: int, clock=time.perf_counter) -> float:
     fn(pool[0])
     times = []
     for i in range(repeats):
         item = pool[(i + 1) % len(pool)]
-        t0 = time.perf_counter()
+        t0 = clock()
         fn(item)
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
     return statistics.median(times) * 1e6
 
 
@@ -147,7 +153,7 @@ def torch_kernels(k: int, n: int) -> dict:
     }
 
 
-def linear_rows(shape: str, batches: list[int], repeats: int, bandwidth_gbps: float) -> list[dict]:
+def linear_rows(shape: str, batches: list[int], repeats: int, bandwidth_gbps: float, clock) -> list[dict]:
     k, n = SHAPES[shape]
     rows = []
 
@@ -156,7 +162,7 @@ def linear_rows(shape: str, batches: list[int], repeats: int, bandwidth_gbps: fl
         for batch in batches:
             x = torch.randn(batch, k)
             try:
-                us = median_us(lambda w: fn(x, w), pool, repeats)
+                us = median_us(lambda w: fn(x, w), pool, repeats, clock)
             except RuntimeError as error:  # a torch kernel this build lacks
                 rows.append({"shape": shape, "kernel": kernel, "batch": batch, "error": str(error)[:200]})
                 continue
@@ -175,7 +181,7 @@ def linear_rows(shape: str, batches: list[int], repeats: int, bandwidth_gbps: fl
     return rows
 
 
-def moe_rows(experts: int, batches: list[int], repeats: int, bandwidth_gbps: float) -> list[dict]:
+def moe_rows(experts: int, batches: list[int], repeats: int, bandwidth_gbps: float, clock) -> list[dict]:
     """One Air-shaped MoE block (hidden 4096, moe_intermediate 1408, top-8) per call, random routing each call;
     the roofline counts the distinct experts a call's tokens pick."""
     hidden, inter, top_k = 4096, 1408, 8
@@ -197,9 +203,9 @@ def moe_rows(experts: int, batches: list[int], repeats: int, bandwidth_gbps: flo
             for _ in range(repeats + 1):
                 ids = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(batch)])
                 weights = torch.rand(batch, top_k, generator=gen)
-                t0 = time.perf_counter()
+                t0 = clock()
                 kernels.moe_experts(x, weights, ids, stack13, s13, stack2, s2, group_size)
-                times.append(time.perf_counter() - t0)
+                times.append(clock() - t0)
                 roofs.append(ids.unique().numel() * expert_bytes / bandwidth_gbps / 1e3)
             us, roofline_us = statistics.median(times[1:]) * 1e6, statistics.median(roofs[1:])
             rows.append({"shape": f"air.moe_block E={experts} top-{top_k}", "kernel": f"glmserve moe_experts {name}",
@@ -212,10 +218,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if native.extension() is None:
         raise SystemExit("the native extension is not built here (see the warning above); nothing to measure")
+    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
     load = OtherLoad()
     results = {"cpu": cpu_name(), "machine": platform.machine(), "torch": torch.__version__,
                "isa": native.default_isa(), "isas": list(native.available_isas()), "revision": glmserve_revision(),
-               "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "load_average_start": os.getloadavg(),
+               "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "clock": args.clock,
+               "load_average_start": os.getloadavg(),
                "runs": []}
     for threads in args.threads:
         torch.set_num_threads(threads)
@@ -223,11 +231,11 @@ def main(argv: list[str] | None = None) -> int:
         run = {"threads": threads, "bandwidth": bandwidth, "rows": []}
         print(f"{threads} thread(s): read bandwidth {bandwidth['roofline_GBps']:.1f} GB/s")
         for shape in args.shapes:
-            rows = linear_rows(shape, args.batch_size, args.repeats, bandwidth["roofline_GBps"])
+            rows = linear_rows(shape, args.batch_size, args.repeats, bandwidth["roofline_GBps"], clock)
             print_rows(threads, rows)
             run["rows"] += rows
         rows = moe_rows(args.moe_experts, [b for b in args.batch_size if b <= 16], args.repeats,
-                        bandwidth["roofline_GBps"])
+                        bandwidth["roofline_GBps"], clock)
         print_rows(threads, rows)
         run["rows"] += rows
         results["runs"].append(run)
