@@ -22,6 +22,7 @@ import logging
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -64,6 +65,20 @@ def cache_dir() -> Path:
     return Path(os.environ.get("GLMSERVE_CACHE_DIR", Path.home() / ".cache" / "glmserve")) / "kernels"
 
 
+STALE_LOCK_S = 900  # far longer than a build takes on a busy 2-core machine
+
+
+def _drop_stale_lock(lock: Path) -> None:
+    """cpp_extension waits for as long as a build's lock file exists, and a build killed midway (a timeout, ^C)
+    leaves it behind; one older than any build could be is removed."""
+    try:
+        if time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+            lock.unlink(missing_ok=True)
+            logger.warning("removed a stale kernel build lock: %s", lock)
+    except FileNotFoundError:
+        pass
+
+
 @functools.cache
 def extension() -> ModuleType | None:
     """The built extension, or None (with one warning saying why) when kernels run on torch."""
@@ -77,6 +92,7 @@ def extension() -> ModuleType | None:
         key = build_key()
         build_dir = cache_dir() / key
         build_dir.mkdir(parents=True, exist_ok=True)
+        _drop_stale_lock(build_dir / "lock")
         return load(name=f"glmserve_kernels_{key}", sources=[str(CSRC / s) for s in SOURCES],
                     extra_cflags=list(CFLAGS), build_directory=str(build_dir), verbose=False)
     except Exception as error:  # any failed build (no compiler, no ninja, headers) leaves the torch path

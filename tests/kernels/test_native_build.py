@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -65,3 +66,15 @@ def test_glmserve_kernel_isa_forces_a_path_this_cpu_runs(wanted, monkeypatch):
                 native.default_isa()
     finally:
         native.default_isa.cache_clear()
+
+
+def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path):
+    stale, fresh = tmp_path / "stale", tmp_path / "fresh"
+    stale.touch()
+    fresh.touch()
+    old = time.time() - native.STALE_LOCK_S - 60
+    os.utime(stale, (old, old))
+    native._drop_stale_lock(stale)
+    native._drop_stale_lock(fresh)
+    native._drop_stale_lock(tmp_path / "absent")
+    assert not stale.exists() and fresh.exists()
