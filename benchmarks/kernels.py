@@ -50,7 +50,6 @@ SHAPES = {
 NATIVE_FORMATS = {"fp32": ("float32", 0), "bf16": ("bfloat16", 0), "fp16": ("float16", 0), "fp8": ("fp8", 0),
                   "int8-row": ("int8", 0), "int8-g32": ("int8", 32), "int4-g32": ("int4", 32),
                   "int4-g128": ("int4", 128)}
-POOL_BYTES = 160 * 2**20  # weight copies cycled through per measurement: several times a 32 MiB L3
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -61,7 +60,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, nargs="+", default=[2, 1])
     p.add_argument("--repeats", type=int, default=15, help="calls timed per figure (median)")
     p.add_argument("--moe-experts", type=int, default=16,
-                   help="routed experts of the Air-shaped MoE block (Air has 128; top-8 of 16 keeps memory small)")
+                   help="routed experts of the Air-shaped MoE block (Air has 128; top-8 of 16 keeps memory small); "
+                        "0 skips the block")
+    p.add_argument("--pool-mib", type=int, default=160,
+                   help="weight copies cycled through per figure, in MiB: several times the L3 cache")
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="cpu: the calling thread's CPU time (time.thread_time), which leaves out the time other "
                         "processes hold the core: for a busy machine, and only with --threads 1")
@@ -88,8 +90,8 @@ def nbytes(*tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
-def pool_of(make, size: int) -> list:
-    """Copies of one weight, enough of them to exceed POOL_BYTES (so each call reads from memory); tensors are
+def pool_of(make, size: int, pool_bytes: int) -> list:
+    """Copies of one weight, enough of them to fill pool_bytes (so each call reads from memory); tensors are
     cloned, torch's packed weights (opaque objects) made anew."""
     first = make()
 
@@ -100,7 +102,7 @@ def pool_of(make, size: int) -> list:
             return tuple(None if t is None else t.clone() for t in first)
         return make()
 
-    return [first] + [copy() for _ in range(max(1, -(-POOL_BYTES // max(size, 1)) - 1))]
+    return [first] + [copy() for _ in range(max(1, -(-pool_bytes // max(size, 1)) - 1))]
 
 
 def median_us(fn, pool: list, repeats: int, clock=time.perf_counter) -> float:
@@ -153,12 +155,13 @@ def torch_kernels(k: int, n: int) -> dict:
     }
 
 
-def linear_rows(shape: str, batches: list[int], repeats: int, bandwidth_gbps: float, clock) -> list[dict]:
+def linear_rows(shape: str, batches: list[int], repeats: int, bandwidth_gbps: float, clock,
+                pool_bytes: int) -> list[dict]:
     k, n = SHAPES[shape]
     rows = []
 
     def record(kernel: str, make, fn, weight_bytes: int):
-        pool = pool_of(make, weight_bytes)
+        pool = pool_of(make, weight_bytes, pool_bytes)
         for batch in batches:
             x = torch.randn(batch, k)
             try:
@@ -231,11 +234,12 @@ def main(argv: list[str] | None = None) -> int:
         run = {"threads": threads, "bandwidth": bandwidth, "rows": []}
         print(f"{threads} thread(s): read bandwidth {bandwidth['roofline_GBps']:.1f} GB/s")
         for shape in args.shapes:
-            rows = linear_rows(shape, args.batch_size, args.repeats, bandwidth["roofline_GBps"], clock)
+            rows = linear_rows(shape, args.batch_size, args.repeats, bandwidth["roofline_GBps"], clock,
+                               args.pool_mib * 2**20)
             print_rows(threads, rows)
             run["rows"] += rows
         rows = moe_rows(args.moe_experts, [b for b in args.batch_size if b <= 16], args.repeats,
-                        bandwidth["roofline_GBps"], clock)
+                        bandwidth["roofline_GBps"], clock) if args.moe_experts else []
         print_rows(threads, rows)
         run["rows"] += rows
         results["runs"].append(run)
