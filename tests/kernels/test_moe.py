@@ -85,3 +85,15 @@ def test_native_moe_rejects_an_expert_id_out_of_range():
     w2, _ = expert_stack("float32", 2, 16, 4, 0, torch.Generator())
     with pytest.raises(RuntimeError, match="expert id 2 of 2 experts"):
         kernels.moe_experts(torch.randn(1, 16), torch.rand(1, 1), torch.tensor([[2]]), w13, None, w2, None, isa=isa)
+
+
+def test_native_moe_rejects_scales_for_fewer_experts():
+    isa = kernels.native.default_isa()
+    if isa is None:
+        pytest.skip("no native extension here")
+    gen = torch.Generator().manual_seed(1)
+    w13, s13 = expert_stack("int8", 3, 8, 64, 32, gen)
+    w2, s2 = expert_stack("int8", 3, 64, 4, 0, gen)
+    with pytest.raises(RuntimeError, match=r"scales must be contiguous fp32 \[experts, rows, 2\]"):
+        kernels.moe_experts(torch.randn(1, 64), torch.rand(1, 1), torch.tensor([[2]]), w13, s13[:2], w2, s2, 32,
+                            isa=isa)

@@ -60,12 +60,12 @@ bool is_scaled(WeightType t) { return t == kF8E4M3 || t == kI8 || t == kI4; }
 // One weight matrix's view for GemmArgs: its format, inputs per row, and group geometry, checked against x.
 struct WeightView {
   WeightType type;
-  int64_t rows, k, group_size, groups, row_bytes, scale_rows;
+  int64_t rows, k, group_size, groups, row_bytes;
 };
 
 WeightView view_weight(const at::Tensor& w, const c10::optional<at::Tensor>& scales, int64_t k, int64_t group_size,
                        int64_t rows, int64_t stored_cols) {
-  WeightView v{weight_type(w), rows, k, 0, 1, 0, 0};
+  WeightView v{weight_type(w), rows, k, 0, 1, 0};
   TORCH_CHECK(stored_cols == (v.type == kI4 ? k / 2 : k) && (v.type != kI4 || k % 2 == 0),
               "glmserve kernels: weights of ", stored_cols, " stored columns for ", k, " inputs");
   v.row_bytes = stored_cols * w.element_size();
@@ -74,9 +74,11 @@ WeightView view_weight(const at::Tensor& w, const c10::optional<at::Tensor>& sca
   TORCH_CHECK(v.type != kI4 || v.group_size % 2 == 0, "glmserve kernels: int4 groups must be even");
   v.groups = (k + v.group_size - 1) / v.group_size;
   TORCH_CHECK(scales.has_value(), "glmserve kernels: ", w.scalar_type(), " weights need their scales");
-  TORCH_CHECK(scales->scalar_type() == at::kFloat && scales->is_contiguous() && scales->size(-1) == v.groups &&
+  TORCH_CHECK(scales->scalar_type() == at::kFloat && scales->is_contiguous() && scales->dim() == w.dim() &&
+                  (w.dim() == 2 || scales->size(0) == w.size(0)) && scales->size(-1) == v.groups &&
                   scales->size(-2) == rows,
-              "glmserve kernels: scales must be contiguous fp32 [rows, ", v.groups, "], got ", scales->sizes());
+              "glmserve kernels: scales must be contiguous fp32 [", w.dim() == 3 ? "experts, " : "", "rows, ",
+              v.groups, "], got ", scales->sizes());
   return v;
 }
 
