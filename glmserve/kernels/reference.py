@@ -74,7 +74,7 @@ def dequantize(weight: torch.Tensor, scales: torch.Tensor | None, group_size: in
 def linear_reference(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = None,
                      group_size: int = 0, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] fp32 @ W.T (+ bias) -> [M, N] fp32."""
-    return F.linear(x.float(), dequantize(weight, scales, group_size or weight.shape[1]), bias)
+    return F.linear(x.float(), dequantize(weight, scales, group_size or x.shape[-1]), bias)
 
 
 def moe_experts_reference(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
@@ -94,3 +94,15 @@ def moe_experts_reference(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids:
         down = linear_reference(F.silu(gate) * up, w2[expert], s2, group_size)
         out.index_add_(0, rows, down * topk_weights[rows, slot].float().unsqueeze(1))
     return out
+
+
+def rms_norm_residual_reference(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                                eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(RMSNorm(x + residual) * weight, x + residual): a decoder layer's residual add and the next norm."""
+    hidden = x.float() + residual.float()
+    return F.rms_norm(hidden, weight.shape, weight.float(), eps), hidden
+
+
+def argmax_reference(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's first maximum as int64 [B] (greedy sampling over the vocabulary); NaN counts as the maximum."""
+    return logits.argmax(dim=-1)

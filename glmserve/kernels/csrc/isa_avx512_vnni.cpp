@@ -1,0 +1,157 @@
+// The AVX-512 VNNI path: int8 and int4 weights against activations quantized to int8 in blocks of 32 inputs (as
+// llama.cpp's q8_0 dot products), 64 multiply-adds per instruction (vpdpbusd), so that batch-1 decode is bound by
+// memory rather than by widening weights to fp32. Other formats, and group sizes whose scales do not line up with
+// a vector's lanes, take the AVX-512 float path.
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstdint>
+#include <climits>
+
+#include "gemm.h"
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")
+
+namespace glmserve {
+namespace avx512_vnni {
+
+constexpr int kTileRows = 4, kTileCols = 4;
+// Bytes ahead of each weight row's reads to prefetch: a row of an int8 [*, 4096] weight is one 4 KiB page, where
+// the hardware prefetcher stops and restarts, so without this a GEMV is bound by latency, not bandwidth.
+constexpr int64_t kPrefetchBytes = 1024;
+
+// vpdpbusd multiplies unsigned bytes by signed ones: int8 weights are shifted to unsigned by +128 (an xor), int4
+// nibbles already are (q + 8); lane_bias takes the shift back out. Input k's weights sit at byte k (int8) or in
+// nibble k % 2 of byte k / 2 (int4), so an int4 vector's low nibbles meet the block's even inputs, high the odd.
+// Where a vector's weight scales start: `g0` advances by groups_per_vector every vector (groups of 32 or 64
+// inputs), or by one every vectors_per_group vectors (larger groups), counted rather than divided.
+struct ScaleWalk {
+  __m512i index;  // which of the 4 scales from g0 on each lane takes
+  int64_t groups_per_vector, vectors_per_group;
+};
+
+template <int T, int MB, int NR>
+inline void gemm_tile(const GemmArgs& a, int64_t m0, int64_t n0, const ScaleWalk& walk) {
+  constexpr int64_t kInputs = T == kI4 ? 128 : 64;  // inputs one 64-byte weight vector holds
+  const int64_t row_bytes = T == kI4 ? a.k / 2 : a.k, vectors = (a.k + kInputs - 1) / kInputs;
+  const QuantizedRows& qx = *a.qx;
+  const __m512i low_nibbles = _mm512_set1_epi8(0x0F), sign_bit = _mm512_set1_epi8(static_cast<char>(0x80));
+  const uint8_t* w[NR];
+  const float* s[NR];
+  for (int r = 0; r < NR; ++r) {
+    w[r] = static_cast<const uint8_t*>(a.w) + (n0 + r) * row_bytes;
+    s[r] = a.scales + (n0 + r) * a.groups;
+  }
+  __m512 acc[MB][NR];
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_setzero_ps();
+  for (int64_t v = 0, g0 = 0, in_group = 0; v < vectors; ++v) {
+    const int64_t left = row_bytes - 64 * v;
+    const __mmask64 bytes = left >= 64 ? ~0ULL : (1ULL << left) - 1;
+    const __mmask8 scales = static_cast<__mmask8>((1 << (a.groups - g0 < 4 ? a.groups - g0 : 4)) - 1);
+    __m512 x_scale[MB];
+    __m512i x_bias[MB];
+    for (int m = 0; m < MB; ++m) {
+      x_scale[m] = _mm512_loadu_ps(qx.lane_scale + (m0 + m) * qx.ld_lane + 16 * v);
+      x_bias[m] = _mm512_loadu_si512(qx.lane_bias + (m0 + m) * qx.ld_lane + 16 * v);
+    }
+    for (int r = 0; r < NR; ++r) {
+      _mm_prefetch(reinterpret_cast<const char*>(w[r] + 64 * v + kPrefetchBytes), _MM_HINT_T0);
+      // Masked loads only at a row's end: on AMD Zen they cost several times a plain load.
+      const uint8_t* wp = w[r] + 64 * v;
+      const __m512i wv = left >= 64 ? _mm512_loadu_si512(wp) : _mm512_maskz_loadu_epi8(bytes, wp);
+      const __m128 w_scales = a.groups - g0 >= 4 ? _mm_loadu_ps(s[r] + g0) : _mm_maskz_loadu_ps(scales, s[r] + g0);
+      const __m512 w_scale = _mm512_permutexvar_ps(walk.index, _mm512_castps128_ps512(w_scales));
+      for (int m = 0; m < MB; ++m) {
+        const int8_t* q = qx.q + (m0 + m) * qx.ld_q + kInputs * v;
+        __m512i dot;
+        if constexpr (T == kI4) {
+          dot = _mm512_dpbusd_epi32(x_bias[m], _mm512_and_si512(wv, low_nibbles), _mm512_loadu_si512(q));
+          dot = _mm512_dpbusd_epi32(dot, _mm512_and_si512(_mm512_srli_epi16(wv, 4), low_nibbles),
+                                    _mm512_loadu_si512(q + 64));
+        } else {
+          dot = _mm512_dpbusd_epi32(x_bias[m], _mm512_xor_si512(wv, sign_bit), _mm512_loadu_si512(q));
+        }
+        acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(w_scale, x_scale[m]), acc[m][r]);
+      }
+    }
+    if (walk.groups_per_vector) {
+      g0 += walk.groups_per_vector;
+    } else if (++in_group == walk.vectors_per_group) {
+      in_group = 0;
+      ++g0;
+    }
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < NR; ++r)
+      a.y[(m0 + m) * a.ldy + n0 + r] = _mm512_reduce_add_ps(acc[m][r]) + (a.bias ? a.bias[n0 + r] : 0.f);
+}
+
+// ops.cpp sends only group sizes whose scales line up with the lanes: 32, 64 (int4), multiples of a vector's
+// inputs, or one group per row.
+inline ScaleWalk scale_walk(int T, int64_t group_size, int64_t groups) {
+  const int64_t inputs = T == kI4 ? 128 : 64;
+  const int64_t lanes_per_group = group_size / q8_lane_inputs(static_cast<WeightType>(T));
+  if (groups == 1) return {_mm512_setzero_si512(), 0, INT64_MAX};
+  if (group_size >= inputs) return {_mm512_setzero_si512(), 0, group_size / inputs};
+  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  return {_mm512_srli_epi32(lane, lanes_per_group == 4 ? 2 : 3), inputs / group_size, 0};
+}
+
+template <int T, int NR>
+inline void gemm_columns(const GemmArgs& a, int64_t n0, const ScaleWalk& index) {
+  int64_t m0 = 0;
+  for (; m0 + kTileRows <= a.rows; m0 += kTileRows) gemm_tile<T, kTileRows, NR>(a, m0, n0, index);
+  switch (a.rows - m0) {
+    case 1: gemm_tile<T, 1, NR>(a, m0, n0, index); break;
+    case 2: gemm_tile<T, 2, NR>(a, m0, n0, index); break;
+    case 3: gemm_tile<T, 3, NR>(a, m0, n0, index); break;
+    default: break;
+  }
+}
+
+template <int T>
+void gemm(const GemmArgs& a, int64_t n_begin, int64_t n_end) {
+  const ScaleWalk index = scale_walk(T, a.group_size, a.groups);
+  int64_t n = n_begin;
+  for (; n + kTileCols <= n_end; n += kTileCols) gemm_columns<T, kTileCols>(a, n, index);
+  for (; n < n_end; ++n) gemm_columns<T, 1>(a, n, index);
+}
+
+void quantize_rows(WeightType t, const float* x, int64_t ldx, int64_t rows, int64_t k, int8_t* q, float* lane_scale,
+                   int32_t* lane_bias) {
+  const int64_t padded = (k + kQ8Pad - 1) / kQ8Pad * kQ8Pad, lane_inputs = q8_lane_inputs(t);
+  const int64_t lanes = padded / lane_inputs;
+  const int32_t zero_point = t == kI4 ? 8 : 128;
+  for (int64_t row = 0; row < rows; ++row) {
+    const float* xr = x + row * ldx;
+    int8_t* qr = q + row * padded;
+    for (int64_t lane = 0; lane < lanes; ++lane) lane_bias[row * lanes + lane] = 0;
+    for (int64_t b = 0; b < padded; b += 32) {
+      float amax = 0.f;
+      for (int64_t i = b; i < b + 32 && i < k; ++i) amax = std::fmax(amax, std::fabs(xr[i]));
+      const float scale = amax / 127.f, inverse = amax > 0.f ? 127.f / amax : 0.f;
+      for (int64_t i = b; i < b + 32; ++i) {
+        const int32_t qv = i < k ? static_cast<int32_t>(std::nearbyint(xr[i] * inverse)) : 0;
+        // int4: each 128-input block's even inputs first, then its odd ones, as the weight's nibbles.
+        qr[t == kI4 ? i / 128 * 128 + (i % 2) * 64 + (i % 128) / 2 : i] = static_cast<int8_t>(qv);
+        lane_bias[row * lanes + i / lane_inputs] -= zero_point * qv;
+        lane_scale[row * lanes + i / lane_inputs] = scale;
+      }
+    }
+  }
+}
+
+}  // namespace avx512_vnni
+}  // namespace glmserve
+
+#pragma GCC pop_options
+
+glmserve::IsaKernels glmserve::avx512_vnni_kernels() {
+  IsaKernels table = avx512_kernels();
+  table.gemm_q8[kI8] = &avx512_vnni::gemm<kI8>;
+  table.gemm_q8[kI4] = &avx512_vnni::gemm<kI4>;
+  table.quantize_rows = &avx512_vnni::quantize_rows;
+  return table;
+}

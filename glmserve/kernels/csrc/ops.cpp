@@ -1,0 +1,347 @@
+// The torch-facing ops: argument checks, the ISA a call runs on, and the split of work over torch's intra-op
+// threads (at::parallel_for, so torch.set_num_threads governs these kernels too).
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "gemm.h"
+
+namespace glmserve {
+namespace {
+
+// The ISAs in the order `kernels.native` names them; higher is faster where the CPU has it.
+const char* const kIsaNames[] = {"portable", "avx2", "avx512", "avx512_vnni"};
+constexpr int64_t kNumIsas = 4;
+constexpr int64_t kRowsPerTask = 16;  // output rows handed out at a time; a multiple of every ISA's tile width
+
+bool cpu_has(int64_t isa) {
+  switch (isa) {
+    case 0:
+      return true;
+    case 1:
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    case 2:
+      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && cpu_has(1);
+    case 3:
+      return __builtin_cpu_supports("avx512vnni") && cpu_has(2);
+    default:
+      return false;
+  }
+}
+
+const IsaKernels& kernels_for(int64_t isa) {
+  static const IsaKernels tables[kNumIsas] = {portable_kernels(), avx2_kernels(), avx512_kernels(),
+                                                  avx512_vnni_kernels()};
+  TORCH_CHECK(isa >= 0 && isa < kNumIsas && cpu_has(isa), "glmserve kernels: ISA ", isa, " is not available here");
+  return tables[isa];
+}
+
+WeightType weight_type(const at::Tensor& w) {
+  switch (w.scalar_type()) {
+    case at::kFloat: return kF32;
+    case at::kHalf: return kF16;
+    case at::kBFloat16: return kBF16;
+    case at::kFloat8_e4m3fn: return kF8E4M3;
+    case at::kChar: return kI8;
+    case at::kByte: return kI4;
+    default: TORCH_CHECK(false, "glmserve kernels: no layout for weights of dtype ", w.scalar_type());
+  }
+}
+
+bool is_scaled(WeightType t) { return t == kF8E4M3 || t == kI8 || t == kI4; }
+
+// One weight matrix's view for GemmArgs: its format, inputs per row, and group geometry, checked against x.
+struct WeightView {
+  WeightType type;
+  int64_t rows, k, group_size, groups, row_bytes;
+};
+
+WeightView view_weight(const at::Tensor& w, const c10::optional<at::Tensor>& scales, int64_t k, int64_t group_size,
+                       int64_t rows, int64_t stored_cols) {
+  WeightView v{weight_type(w), rows, k, 0, 1, 0};
+  TORCH_CHECK(stored_cols == (v.type == kI4 ? k / 2 : k) && (v.type != kI4 || k % 2 == 0),
+              "glmserve kernels: weights of ", stored_cols, " stored columns for ", k, " inputs");
+  v.row_bytes = stored_cols * w.element_size();
+  if (!is_scaled(v.type)) return v;
+  v.group_size = group_size > 0 ? group_size : k;
+  TORCH_CHECK(v.type != kI4 || v.group_size % 2 == 0, "glmserve kernels: int4 groups must be even");
+  v.groups = (k + v.group_size - 1) / v.group_size;
+  TORCH_CHECK(scales.has_value(), "glmserve kernels: ", w.scalar_type(), " weights need their scales");
+  TORCH_CHECK(scales->scalar_type() == at::kFloat && scales->is_contiguous() && scales->dim() == w.dim() &&
+                  (w.dim() == 2 || scales->size(0) == w.size(0)) && scales->size(-1) == v.groups &&
+                  scales->size(-2) == rows,
+              "glmserve kernels: scales must be contiguous fp32 [", w.dim() == 3 ? "experts, " : "", "rows, ",
+              v.groups, "], got ", scales->sizes());
+  return v;
+}
+
+GemmArgs gemm_args(const WeightView& v, const void* w, const float* scales, const float* x, int64_t ldx,
+                   int64_t rows, float* y, int64_t ldy) {
+  return GemmArgs{x, ldx, rows, w, scales, v.k, v.group_size, v.groups, nullptr, y, ldy, nullptr};
+}
+
+// Whether the ISA has an integer-dot-product kernel for this weight and its scales line up with the kernel's
+// lanes (isa_avx512_vnni.cpp): groups of 32, 64 (int4), multiples of a vector's inputs, or one group per row.
+bool takes_q8(const IsaKernels& table, const WeightView& v) {
+  if (table.gemm_q8[v.type] == nullptr) return false;
+  const int64_t g = v.group_size;
+  return v.groups == 1 || g == 32 || (v.type == kI4 ? g == 64 || g % 128 == 0 : g % 64 == 0);
+}
+
+// x quantized for a gemm_q8 kernel: the buffers, and the view of them that GemmArgs::qx points to.
+struct QuantizedX {
+  at::Tensor q, lane_scale, lane_bias;
+  QuantizedRows rows;
+
+  QuantizedRows from_row(int64_t row0) const {
+    return {rows.q + row0 * rows.ld_q, rows.lane_scale + row0 * rows.ld_lane, rows.lane_bias + row0 * rows.ld_lane,
+            rows.ld_q, rows.ld_lane};
+  }
+};
+
+QuantizedX quantize_x(const IsaKernels& table, const WeightView& v, const float* x, int64_t ldx, int64_t rows) {
+  const int64_t padded = (v.k + kQ8Pad - 1) / kQ8Pad * kQ8Pad, lanes = padded / q8_lane_inputs(v.type);
+  QuantizedX out{at::empty({rows, padded}, at::kChar), at::empty({rows, lanes}, at::kFloat),
+                 at::empty({rows, lanes}, at::kInt), {}};
+  out.rows = {out.q.data_ptr<int8_t>(), out.lane_scale.data_ptr<float>(), out.lane_bias.data_ptr<int32_t>(), padded,
+              lanes};
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    table.quantize_rows(v.type, x + begin * ldx, ldx, end - begin, v.k, out.q.data_ptr<int8_t>() + begin * padded,
+                        out.lane_scale.data_ptr<float>() + begin * lanes,
+                        out.lane_bias.data_ptr<int32_t>() + begin * lanes);
+  });
+  return out;
+}
+
+// Enough rows per task that a task's work outweighs handing it out.
+int64_t grain_for(int64_t k, int64_t rows) { return std::max<int64_t>(1, 32768 / (k * rows * kRowsPerTask)); }
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& scales,
+                  int64_t group_size, const c10::optional<at::Tensor>& bias, int64_t isa) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "glmserve kernels: x must be "
+              "contiguous fp32 [M, K]");
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), "glmserve kernels: weights must be contiguous [N, K]");
+  const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
+  const WeightView v = view_weight(w, scales, k, group_size, n, w.size(1));
+  if (bias) TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == n,
+                        "glmserve kernels: bias must be contiguous fp32 [N]");
+  at::Tensor y = at::empty({m, n}, x.options());
+  if (m == 0 || n == 0) return y;
+  GemmArgs args = gemm_args(v, w.data_ptr(), is_scaled(v.type) ? scales->data_ptr<float>() : nullptr,
+                            x.data_ptr<float>(), k, m, y.data_ptr<float>(), n);
+  args.bias = bias ? bias->data_ptr<float>() : nullptr;
+  const IsaKernels& table = kernels_for(isa);
+  GemmFn fn = table.gemm[v.type];
+  QuantizedX qx;
+  if (takes_q8(table, v)) {
+    qx = quantize_x(table, v, args.x, k, m);
+    args.qx = &qx.rows;
+    fn = table.gemm_q8[v.type];
+  }
+  const int64_t tasks = (n + kRowsPerTask - 1) / kRowsPerTask;
+  at::parallel_for(0, tasks, grain_for(k, m), [&](int64_t begin, int64_t end) {
+    fn(args, begin * kRowsPerTask, std::min(end * kRowsPerTask, n));
+  });
+  return y;
+}
+
+// One task of an MoE phase: output rows [begin, end) of one expert's product.
+struct ExpertTask {
+  int64_t expert, begin, end;
+};
+
+std::vector<ExpertTask> expert_tasks(const std::vector<int64_t>& counts, int64_t out_rows) {
+  std::vector<ExpertTask> tasks;
+  for (int64_t e = 0; e < static_cast<int64_t>(counts.size()); ++e)
+    for (int64_t r = 0; counts[e] > 0 && r < out_rows; r += kRowsPerTask)
+      tasks.push_back({e, r, std::min(r + kRowsPerTask, out_rows)});
+  return tasks;
+}
+
+at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& topk_weights, const at::Tensor& topk_ids,
+                       const at::Tensor& w13, const c10::optional<at::Tensor>& w13_scales, const at::Tensor& w2,
+                       const c10::optional<at::Tensor>& w2_scales, int64_t group_size, int64_t isa) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "glmserve kernels: x must be "
+              "contiguous fp32 [T, H]");
+  TORCH_CHECK(w13.dim() == 3 && w2.dim() == 3 && w13.is_contiguous() && w2.is_contiguous() &&
+                  w13.scalar_type() == w2.scalar_type(),
+              "glmserve kernels: w13 [E, 2I, H] and w2 [E, H, I] must be contiguous, of one dtype");
+  TORCH_CHECK(topk_ids.dim() == 2 && topk_ids.sizes() == topk_weights.sizes() && topk_ids.size(0) == x.size(0),
+              "glmserve kernels: topk_ids and topk_weights must both be [T, k]");
+  const int64_t tokens = x.size(0), hidden = x.size(1), top_k = topk_ids.size(1), experts = w13.size(0);
+  const int64_t inter = w13.size(1) / 2;
+  TORCH_CHECK(w13.size(1) == 2 * inter && w2.size(0) == experts && w2.size(1) == hidden,
+              "glmserve kernels: expert weights of mismatched shapes");
+  const WeightView v13 = view_weight(w13, w13_scales, hidden, group_size, 2 * inter, w13.size(2));
+  const WeightView v2 = view_weight(w2, w2_scales, inter, group_size, hidden, w2.size(2));
+  const at::Tensor ids = topk_ids.to(at::kLong).contiguous(), weights = topk_weights.to(at::kFloat).contiguous();
+  const int64_t* id = ids.data_ptr<int64_t>();
+
+  // Route: each (token, slot) with an expert gets a row of its expert's block; ids < 0 are skipped.
+  std::vector<int64_t> counts(experts, 0), first(experts + 1, 0), slot_row(tokens * top_k, -1);
+  for (int64_t i = 0; i < tokens * top_k; ++i) {
+    TORCH_CHECK(id[i] < experts, "glmserve kernels: expert id ", id[i], " of ", experts, " experts");
+    if (id[i] >= 0) ++counts[id[i]];
+  }
+  for (int64_t e = 0; e < experts; ++e) first[e + 1] = first[e] + counts[e];
+  std::vector<int64_t> filled(first.begin(), first.end() - 1);
+  const int64_t assigned = first[experts];
+  at::Tensor xg = at::empty({assigned, hidden}, x.options());
+  for (int64_t i = 0; i < tokens * top_k; ++i)
+    if (id[i] >= 0) {
+      slot_row[i] = filled[id[i]]++;
+      std::memcpy(xg.data_ptr<float>() + slot_row[i] * hidden, x.data_ptr<float>() + (i / top_k) * hidden,
+                  hidden * sizeof(float));
+    }
+
+  const IsaKernels& table = kernels_for(isa);
+  const bool q8_13 = takes_q8(table, v13), q8_2 = takes_q8(table, v2);
+  const GemmFn fn13 = (q8_13 ? table.gemm_q8 : table.gemm)[v13.type];
+  const GemmFn fn2 = (q8_2 ? table.gemm_q8 : table.gemm)[v2.type];
+  QuantizedX qx13, qx2;
+  if (q8_13) qx13 = quantize_x(table, v13, xg.data_ptr<float>(), hidden, assigned);
+  const auto* w13_bytes = static_cast<const uint8_t*>(w13.data_ptr());
+  const auto* w2_bytes = static_cast<const uint8_t*>(w2.data_ptr());
+  const float* s13 = is_scaled(v13.type) ? w13_scales->data_ptr<float>() : nullptr;
+  const float* s2 = is_scaled(v2.type) ? w2_scales->data_ptr<float>() : nullptr;
+
+  // Gate and up of the same rows in one task, so SiLU(gate) * up is formed while both are in cache.
+  at::Tensor gate = at::empty({assigned, inter}, x.options()), up = at::empty({assigned, inter}, x.options());
+  const std::vector<ExpertTask> tasks13 = expert_tasks(counts, inter);
+  at::parallel_for(0, static_cast<int64_t>(tasks13.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const ExpertTask& task = tasks13[t];
+      const int64_t row0 = first[task.expert], rows = counts[task.expert];
+      const uint8_t* w = w13_bytes + task.expert * 2 * inter * v13.row_bytes;
+      const float* s = s13 ? s13 + task.expert * 2 * inter * v13.groups : nullptr;
+      float* g = gate.data_ptr<float>() + row0 * inter;
+      float* u = up.data_ptr<float>() + row0 * inter;
+      const float* xe = xg.data_ptr<float>() + row0 * hidden;
+      const QuantizedRows expert_qx = q8_13 ? qx13.from_row(row0) : QuantizedRows{};
+      GemmArgs args = gemm_args(v13, w, s, xe, hidden, rows, g, inter);
+      args.qx = q8_13 ? &expert_qx : nullptr;
+      fn13(args, task.begin, task.end);
+      args.w = w + inter * v13.row_bytes;
+      args.scales = s ? s + inter * v13.groups : nullptr;
+      args.y = u;
+      fn13(args, task.begin, task.end);
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t c = task.begin; c < task.end; ++c) {
+          const float a = g[r * inter + c];
+          g[r * inter + c] = a / (1.f + std::exp(-a)) * u[r * inter + c];
+        }
+    }
+  });
+
+  if (q8_2) qx2 = quantize_x(table, v2, gate.data_ptr<float>(), inter, assigned);
+  at::Tensor down = at::empty({assigned, hidden}, x.options());
+  const std::vector<ExpertTask> tasks2 = expert_tasks(counts, hidden);
+  at::parallel_for(0, static_cast<int64_t>(tasks2.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const ExpertTask& task = tasks2[t];
+      const int64_t row0 = first[task.expert];
+      GemmArgs args = gemm_args(v2, w2_bytes + task.expert * hidden * v2.row_bytes,
+                                s2 ? s2 + task.expert * hidden * v2.groups : nullptr,
+                                gate.data_ptr<float>() + row0 * inter, inter, counts[task.expert],
+                                down.data_ptr<float>() + row0 * hidden, hidden);
+      const QuantizedRows expert_qx = q8_2 ? qx2.from_row(row0) : QuantizedRows{};
+      args.qx = q8_2 ? &expert_qx : nullptr;
+      fn2(args, task.begin, task.end);
+    }
+  });
+
+  // The weighted sum per token, in slot order (no atomics: one task owns a token's row).
+  at::Tensor out = at::zeros({tokens, hidden}, x.options());
+  const float* wt = weights.data_ptr<float>();
+  at::parallel_for(0, tokens, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t tok = begin; tok < end; ++tok)
+      for (int64_t j = 0; j < top_k; ++j) {
+        const int64_t row = slot_row[tok * top_k + j];
+        if (row < 0) continue;
+        const float* src = down.data_ptr<float>() + row * hidden;
+        float* dst = out.data_ptr<float>() + tok * hidden;
+        const float scale = wt[tok * top_k + j];
+        for (int64_t c = 0; c < hidden; ++c) dst[c] += scale * src[c];
+      }
+  });
+  return out;
+}
+
+// (x + residual, RMSNorm(x + residual) * weight) in one pass over each row: the sum is formed, stored and squared
+// while in cache. fp32 throughout, as F.rms_norm on fp32 rows.
+std::tuple<at::Tensor, at::Tensor> rms_norm_residual(const at::Tensor& x, const at::Tensor& residual,
+                                                     const at::Tensor& weight, double eps) {
+  TORCH_CHECK(x.dim() == 2 && x.sizes() == residual.sizes() && x.scalar_type() == at::kFloat &&
+                  residual.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat &&
+                  weight.numel() == x.size(1) && x.is_contiguous() && residual.is_contiguous() &&
+                  weight.is_contiguous(),
+              "glmserve kernels: rms_norm_residual takes contiguous fp32 x, residual [T, H] and weight [H]");
+  const int64_t rows = x.size(0), h = x.size(1);
+  at::Tensor sum = at::empty_like(x), out = at::empty_like(x);
+  const float *xp = x.data_ptr<float>(), *rp = residual.data_ptr<float>(), *wp = weight.data_ptr<float>();
+  float *sp = sum.data_ptr<float>(), *op = out.data_ptr<float>();
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      float squares = 0.f;
+      for (int64_t c = 0; c < h; ++c) {
+        const float v = xp[r * h + c] + rp[r * h + c];
+        sp[r * h + c] = v;
+        squares += v * v;
+      }
+      const float inverse = 1.f / std::sqrt(squares / static_cast<float>(h) + static_cast<float>(eps));
+      for (int64_t c = 0; c < h; ++c) op[r * h + c] = sp[r * h + c] * inverse * wp[c];
+    }
+  });
+  return {out, sum};
+}
+
+// The first index of each row's maximum, a NaN counting as the maximum (torch.argmax's rule).
+at::Tensor argmax_rows(const at::Tensor& logits) {
+  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat && logits.is_contiguous(),
+              "glmserve kernels: argmax takes contiguous fp32 [B, V] logits");
+  const int64_t rows = logits.size(0), v = logits.size(1);
+  TORCH_CHECK(v > 0, "glmserve kernels: argmax of an empty row");
+  at::Tensor out = at::empty({rows}, logits.options().dtype(at::kLong));
+  const float* lp = logits.data_ptr<float>();
+  int64_t* idx = out.data_ptr<int64_t>();
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* row = lp + r * v;
+      int64_t best = 0;
+      for (int64_t c = 0; c < v; ++c) {
+        if (std::isnan(row[c])) {
+          best = c;
+          break;
+        }
+        if (row[c] > row[best]) best = c;
+      }
+      idx[r] = best;
+    }
+  });
+  return out;
+}
+
+std::vector<std::string> available_isas() {
+  std::vector<std::string> names;
+  for (int64_t isa = 0; isa < kNumIsas; ++isa)
+    if (cpu_has(isa)) names.emplace_back(kIsaNames[isa]);
+  return names;
+}
+
+}  // namespace
+}  // namespace glmserve
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("available_isas", &glmserve::available_isas, "the ISA paths this CPU can run, slowest first");
+  m.def("linear", &glmserve::linear, "x [M, K] fp32 @ W.T (+ bias) for W in any layout of kernels/reference.py");
+  m.def("moe_experts", &glmserve::moe_experts, "the routed experts of one MoE block, as moe_experts_reference");
+  m.def("rms_norm_residual", &glmserve::rms_norm_residual, "(RMSNorm(x + residual) * weight, x + residual)");
+  m.def("argmax", &glmserve::argmax_rows, "each row's first maximum (NaN counts as the maximum)");
+}

@@ -1,0 +1,123 @@
+"""The native extension: built from csrc/ with torch's own cpp_extension the first time it is used on a machine,
+then loaded from the cache; and the choice of its ISA path.
+
+Compiled on first use rather than at install: an editable install (`pip install -e`, what `make install` does) has
+no build step for C++ sources, a wheel built elsewhere would be compiled for another CPU and torch, and a failed
+compile must leave glmserve running on the torch references, which a failed install could not. The cache key is
+the sources, torch's version, the compiler's version and the flags, so a change of any of them rebuilds.
+
+Environment:
+- GLMSERVE_KERNELS=torch: never build or load the extension; every kernel runs its torch reference.
+- GLMSERVE_KERNEL_ISA=avx512_vnni|avx512|avx2|portable: the code path the kernels take (default: the fastest this
+  CPU has). avx512_vnni multiplies int8 / int4 weights by activations quantized to int8 in blocks of 32 (as
+  llama.cpp's q8_0 dot products); every other path and format keeps fp32 activations.
+- GLMSERVE_CACHE_DIR: where builds are kept (default ~/.cache/glmserve).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = ("ops.cpp", "isa_portable.cpp", "isa_avx2.cpp", "isa_avx512.cpp", "isa_avx512_vnni.cpp")
+CFLAGS = ("-O3", "-Wall", "-Wno-unused-function")
+ISAS = ("portable", "avx2", "avx512", "avx512_vnni")  # slowest first; each ISA's index is its number in csrc/ops.cpp
+
+
+def _put_ninja_on_path() -> None:
+    """cpp_extension runs `ninja` from PATH; pip installs it beside the venv's python, which `make test` runs
+    without activating the venv."""
+    if shutil.which("ninja") is None:
+        import ninja
+
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
+def _compiler_version() -> str:
+    compiler = os.environ.get("CXX", "c++")
+    try:
+        return subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as error:
+        raise RuntimeError(f"no C++ compiler ({compiler}): {error}") from error
+
+
+def build_key() -> str:
+    digest = hashlib.sha256()
+    for name in sorted(p.name for p in CSRC.iterdir()):
+        digest.update(name.encode() + (CSRC / name).read_bytes())
+    digest.update(f"{torch.__version__}|{_compiler_version()}|{' '.join(CFLAGS)}".encode())
+    return digest.hexdigest()[:16]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("GLMSERVE_CACHE_DIR", Path.home() / ".cache" / "glmserve")) / "kernels"
+
+
+STALE_LOCK_S = 900  # far longer than a build takes on a busy 2-core machine
+
+
+def _drop_stale_lock(lock: Path) -> None:
+    """cpp_extension waits for as long as a build's lock file exists, and a build killed midway (a timeout, ^C)
+    leaves it behind; one older than any build could be is removed."""
+    try:
+        if time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+            lock.unlink(missing_ok=True)
+            logger.warning("removed a stale kernel build lock: %s", lock)
+    except FileNotFoundError:
+        pass
+
+
+@functools.cache
+def extension() -> ModuleType | None:
+    """The built extension, or None (with one warning saying why) when kernels run on torch."""
+    if os.environ.get("GLMSERVE_KERNELS", "native") == "torch":
+        logger.info("GLMSERVE_KERNELS=torch: kernels run on their torch references")
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        _put_ninja_on_path()
+        key = build_key()
+        build_dir = cache_dir() / key
+        build_dir.mkdir(parents=True, exist_ok=True)
+        _drop_stale_lock(build_dir / "lock")
+        return load(name=f"glmserve_kernels_{key}", sources=[str(CSRC / s) for s in SOURCES],
+                    extra_cflags=list(CFLAGS), build_directory=str(build_dir), verbose=False)
+    except Exception as error:  # any failed build (no compiler, no ninja, headers) leaves the torch path
+        logger.warning("glmserve's native kernels are unavailable, so they run on torch (slower): %s", error)
+        return None
+
+
+def available_isas() -> tuple[str, ...]:
+    ext = extension()
+    return tuple(ext.available_isas()) if ext is not None else ()
+
+
+@functools.cache
+def default_isa() -> str | None:
+    """GLMSERVE_KERNEL_ISA if set (it must be one this CPU runs), else the fastest this CPU runs."""
+    available = available_isas()
+    if not available:
+        return None
+    wanted = os.environ.get("GLMSERVE_KERNEL_ISA")
+    if wanted is None:
+        return available[-1]
+    if wanted not in available:
+        raise ValueError(f"GLMSERVE_KERNEL_ISA={wanted}: this CPU runs {', '.join(available)}")
+    return wanted
+
+
+def isa_index(isa: str | None) -> int:
+    return ISAS.index(isa or default_isa())

@@ -1,0 +1,94 @@
+"""The native small-M linear equals its definition on every weight format and code path: x @ dequantize(W).T
+computed in fp64, on random shapes whose K and N are multiples of no block or group size."""
+
+import pytest
+import torch
+
+from glmserve import kernels
+from glmserve.kernels import dequantize, quantize_int4, quantize_int8
+from kernel_cases import FORMATS, GROUPS, make_weight
+
+
+def quantizes_activations(isa: str | None, weight: torch.Tensor) -> bool:
+    """The VNNI path multiplies int8 / int4 weights by x quantized to int8 in blocks of 32 inputs."""
+    return isa == "avx512_vnni" and weight.dtype in (torch.int8, torch.uint8)
+
+
+def activation_step(x: torch.Tensor) -> torch.Tensor:
+    """Each input's quantization step when x is quantized in blocks of 32 (absmax / 127)."""
+    k = x.shape[-1]
+    blocks = torch.nn.functional.pad(x.double().abs(), (0, -k % 32)).unflatten(-1, (-1, 32)).amax(-1) / 127
+    return blocks.repeat_interleave(32, -1)[..., :k]
+
+
+def expected_linear(x, weight, scales, group_size, bias, quantized_x=False):
+    """fp64 x @ W.T + bias, and the bound the kernel stays within: fp32 rounding, 1e-5 of sum |x_k * w_k|; with
+    quantized activations also half a step of each input times its weight, sum |w_k| * step_k / 2."""
+    w = dequantize(weight, scales, group_size or x.shape[-1]).double()
+    out = x.double() @ w.T + (0 if bias is None else bias.double())
+    bound = 1e-5 * (x.double().abs() @ w.abs().T) + 1e-6
+    if quantized_x:
+        bound += 0.5 * 1.001 * activation_step(x) @ w.abs().T
+    return out, bound
+
+
+def assert_within(out, expected, bound):
+    err = (out.double() - expected).abs()
+    worst = (err - bound).argmax()
+    assert out.dtype == torch.float32 and out.shape == expected.shape
+    assert (err <= bound).all(), f"error {err.flatten()[worst]:.3g} over bound {bound.flatten()[worst]:.3g}"
+
+
+def random_cases(seed: int, count: int):
+    """(M, N, K, group_size): M spans 1..64, K is even (int4 packs two a byte) and N odd or even."""
+    gen = torch.Generator().manual_seed(seed)
+    ms = [1, 2, 3, 4, 5, 7, 8, 13, 16, 33, 64]
+    for i in range(count):
+        m = ms[(seed + i) % len(ms)]
+        n = int(torch.randint(1, 70, (1,), generator=gen))
+        k = 2 * int(torch.randint(1, 200, (1,), generator=gen))
+        yield m, n, k, GROUPS[(seed + i) % len(GROUPS)]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_linear_equals_fp64_definition(fmt, isa):
+    gen = torch.Generator().manual_seed(FORMATS.index(fmt))
+    for m, n, k, group_size in random_cases(FORMATS.index(fmt), 8):
+        weight, scales = make_weight(fmt, n, k, group_size, gen)
+        x = torch.randn(m, k, generator=gen)
+        bias = torch.randn(n, generator=gen) if m % 2 else None
+        out = kernels.linear(x, weight, scales, group_size, bias, isa=isa)
+        assert_within(out, *expected_linear(x, weight, scales, group_size, bias, quantizes_activations(isa, weight)))
+
+
+@pytest.mark.parametrize("fmt", ["float32", "int8", "int4"])
+def test_linear_keeps_leading_dims_and_handles_empty_batches(fmt, isa):
+    gen = torch.Generator().manual_seed(7)
+    weight, scales = make_weight(fmt, 20, 64, 32, gen)
+    x = torch.randn(2, 3, 64, generator=gen)
+    out = kernels.linear(x, weight, scales, 32, isa=isa)
+    assert out.shape == (2, 3, 20)
+    assert_within(out.view(6, 20), *expected_linear(x.view(6, 64), weight, scales, 32, None,
+                                                    quantizes_activations(isa, weight)))
+    assert kernels.linear(torch.empty(0, 64), weight, scales, 32, isa=isa).shape == (0, 20)
+
+
+def test_large_decode_shape(isa):
+    """One [1, 4096] x [4096 -> 1408] int4 product: many column tasks across threads, groups of 128."""
+    gen = torch.Generator().manual_seed(11)
+    weight, scales = make_weight("int4", 1408, 4096, 128, gen)
+    x = torch.randn(3, 4096, generator=gen)
+    assert_within(kernels.linear(x, weight, scales, 128, isa=isa),
+                  *expected_linear(x, weight, scales, 128, None, quantizes_activations(isa, weight)))
+
+
+@pytest.mark.parametrize("quantize,levels", [(quantize_int8, 127), (quantize_int4, 7)])
+@pytest.mark.parametrize("group_size", [32, 48, 100])
+def test_quantize_round_trip_is_within_half_a_step_of_its_own_group(quantize, levels, group_size):
+    """Each value comes back within half its own group's step: a wrong scale index in dequantize fails this."""
+    w = torch.randn(5, 100, generator=torch.Generator().manual_seed(3)) * torch.logspace(-2, 2, 100)
+    q, scales = quantize(w, group_size)
+    step = scales.repeat_interleave(group_size, 1)[:, :100]
+    assert ((dequantize(q, scales, group_size) - w).abs() <= step / 2 * 1.0001 + 1e-12).all()
+    assert torch.allclose(scales, (w.abs().view(5, -1)[:, :100]).new_tensor(
+        [[w[r, g:g + group_size].abs().max() / levels for g in range(0, 100, group_size)] for r in range(5)]))

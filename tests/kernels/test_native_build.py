@@ -1,0 +1,80 @@
+"""The extension's build, its cache, the ISA choice, and the torch fallback when it cannot be built."""
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from glmserve.kernels import native
+
+FALLBACK_SCRIPT = """
+import logging, torch
+logging.basicConfig(level=logging.WARNING)
+from glmserve import kernels
+from glmserve.kernels import native
+x, w = torch.randn(3, 64), torch.randn(20, 64)
+q, s = kernels.quantize_int4(w, 32)
+for _ in range(2):
+    assert torch.equal(kernels.linear(x, q, s, 32), kernels.linear_reference(x, q, s, 32))
+ids, weights = torch.tensor([[0, 1], [1, -1], [0, 0]]), torch.rand(3, 2)
+w13, w2 = torch.randn(2, 8, 64), torch.randn(2, 64, 4)
+out = kernels.moe_experts(x, weights, ids, w13, None, w2, None)
+assert torch.equal(out, kernels.moe_experts_reference(x, weights, ids, w13, None, w2, None))
+print("extension:", native.extension(), "isas:", native.available_isas())
+"""
+
+
+def run_fallback(tmp_path, **env):
+    return subprocess.run([sys.executable, "-c", FALLBACK_SCRIPT], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "GLMSERVE_CACHE_DIR": str(tmp_path), **env})
+
+
+def test_extension_builds_where_a_compiler_is():
+    if os.environ.get("GLMSERVE_KERNELS") == "torch" or not shutil.which(os.environ.get("CXX", "c++")):
+        pytest.skip("no C++ compiler here, or GLMSERVE_KERNELS=torch: the torch path is what runs")
+    assert native.extension() is not None
+    assert native.available_isas()[0] == "portable"
+    assert (native.cache_dir() / native.build_key()).is_dir()
+
+
+def test_without_a_compiler_kernels_run_on_torch_and_say_so_once(tmp_path):
+    result = run_fallback(tmp_path, CXX=str(tmp_path / "no-such-compiler"))
+    assert result.returncode == 0, result.stderr
+    assert "extension: None isas: ()" in result.stdout
+    assert result.stderr.count("native kernels are unavailable") == 1, result.stderr
+
+
+def test_glmserve_kernels_torch_neither_builds_nor_warns(tmp_path):
+    result = run_fallback(tmp_path, GLMSERVE_KERNELS="torch")
+    assert result.returncode == 0, result.stderr
+    assert "extension: None" in result.stdout and "unavailable" not in result.stderr
+    assert not (tmp_path / "kernels").exists()
+
+
+@pytest.mark.parametrize("wanted", [*native.available_isas(), "avx9000"])
+def test_glmserve_kernel_isa_forces_a_path_this_cpu_runs(wanted, monkeypatch):
+    monkeypatch.setenv("GLMSERVE_KERNEL_ISA", wanted)
+    native.default_isa.cache_clear()
+    try:
+        if wanted in native.available_isas():
+            assert native.default_isa() == wanted
+        else:
+            with pytest.raises(ValueError, match="GLMSERVE_KERNEL_ISA=avx9000: this CPU runs portable"):
+                native.default_isa()
+    finally:
+        native.default_isa.cache_clear()
+
+
+def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path):
+    stale, fresh = tmp_path / "stale", tmp_path / "fresh"
+    stale.touch()
+    fresh.touch()
+    old = time.time() - native.STALE_LOCK_S - 60
+    os.utime(stale, (old, old))
+    native._drop_stale_lock(stale)
+    native._drop_stale_lock(fresh)
+    native._drop_stale_lock(tmp_path / "absent")
+    assert not stale.exists() and fresh.exists()
