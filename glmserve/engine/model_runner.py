@@ -13,7 +13,7 @@ from glmserve.engine.rejection_sampler import RejectionSampler
 from glmserve.engine.sampler import Sampler, SamplingBatch
 from glmserve.layers.attention import AttentionMetadata
 from glmserve.layers.quantization import QuantMethod, get_quant_method
-from glmserve.loader import fill_dummy_weights, load_model
+from glmserve.loader import fill_dummy_weights, load_model, release_freed_heap
 from glmserve.loader.fp8 import Fp8Scheme
 from glmserve.model import get_model_class
 from glmserve.types import ScheduledChunk, SchedulerOutput, StepOutput
@@ -75,6 +75,7 @@ class ModelRunner:
         for module in self.model.modules():  # each weight once in its compute form (prepacked, fp16-packed, ...)
             if hasattr(module, "process_weights_after_loading"):
                 module.process_weights_after_loading()
+        release_freed_heap()
         self.proposer = self._make_proposer()
         self.num_blocks = self._allocate_kv_cache()
         self.sampler = Sampler()

@@ -4,9 +4,9 @@ widens the weights in registers (native) or dequantizes them (the torch referenc
 
 Weights are quantized as they stream in, a few rows at a time, so loading never holds more than the quantized
 model plus one checkpoint tensor. Every linear layer is quantized, the lm_head included (as llama.cpp's q8_0 and
-q4_0 files do); the embedding tables are kept as int8 with one scale per row under every method (a lookup
-dequantizes only the rows it reads), which is what lets the whole model fit in about one byte (int8, fp8) or
-half a byte (int4) per parameter. An FP8 checkpoint held as it is stored (fp8's float_vocab) keeps the
+q4_0 files do), and so are the embedding tables (a lookup dequantizes only the rows it reads: int8 rows under
+int8 and fp8, whose e4m3 would round them coarser for no saving; int4 under int4), which is what lets the whole
+model fit in about one byte (int8, fp8) or half a byte (int4) per parameter. An FP8 checkpoint held as it is stored (fp8's float_vocab) keeps the
 embeddings and heads its release left in bf16 as float.
 """
 
@@ -34,14 +34,17 @@ def quantize_fp8(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.
     return q, scales
 
 
+QUANTIZERS = {torch.int8: kernels.quantize_int8, torch.uint8: kernels.quantize_int4, torch.float8_e4m3fn: quantize_fp8}
+
+
 class ScaledMethod(QuantMethod):
-    """Storage: `<name>` in `storage_dtype`, [rows, cols / pack] per expert, and `<name>_scale` fp32
-    [rows, ceil(cols / group)]; the group size (`<param>.group_size`) is the method's, or the whole row
-    (per output channel) when the method has none. A stacked expert pair shares one group size, as the MoE kernel
-    takes one: per channel it is the larger of hidden and intermediate (one group per row either way)."""
+    """Storage: `<name>` in `storage_dtype` (uint8: int4, two inputs to a byte), [rows, cols / pack] per expert, and
+    `<name>_scale` fp32 [rows, ceil(cols / group)]; the group size (`<param>.group_size`) is the method's, or the
+    whole row (per output channel) when the method has none. A stacked expert pair shares one group size, as the
+    MoE kernel takes one: per channel it is the larger of hidden and intermediate (one group per row either way)."""
 
     storage_dtype: torch.dtype
-    pack = 1  # inputs per stored element
+    embedding_dtype = torch.int8  # with one scale per row
 
     def __init__(self, group_size: int | None = None, float_vocab: bool = False):
         self.group_size = group_size
@@ -52,15 +55,13 @@ class ScaledMethod(QuantMethod):
         """float_vocab: the embeddings and output heads stay float (an FP8 checkpoint's, stored in bf16)."""
         return self._vocab_method
 
-    def quantize(self, w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
-
     def keeps(self, source: QuantizedTensor, group_size: int) -> bool:
         """Whether a checkpoint's quantized weight, already in the storage dtype, is stored as it is."""
         return False
 
     def _create(self, layer: nn.Module, name: str, num_experts: int | None, rows: int, cols: int,
-                group_size: int, dtype: torch.dtype, pack: int) -> None:
+                group_size: int, dtype: torch.dtype) -> None:
+        pack = 2 if dtype == torch.uint8 else 1
         if cols % pack:
             raise ValueError(f"{self.name}: {cols} inputs do not pack {pack} to a byte")
         lead = () if num_experts is None else (num_experts,)
@@ -71,15 +72,17 @@ class ScaledMethod(QuantMethod):
                                                            dtype=torch.float32))
 
     def create_linear(self, layer: nn.Module, rows: int, cols: int) -> None:
-        self._create(layer, "weight", None, rows, cols, self.group_size or cols, self.storage_dtype, self.pack)
+        self._create(layer, "weight", None, rows, cols, self.group_size or cols, self.storage_dtype)
 
     def create_experts(self, layer: nn.Module, num_experts: int, hidden: int, intermediate: int) -> None:
         group = self.group_size or max(hidden, intermediate)
-        self._create(layer, "w13", num_experts, 2 * intermediate, hidden, group, self.storage_dtype, self.pack)
-        self._create(layer, "w2", num_experts, hidden, intermediate, group, self.storage_dtype, self.pack)
+        self._create(layer, "w13", num_experts, 2 * intermediate, hidden, group, self.storage_dtype)
+        self._create(layer, "w2", num_experts, hidden, intermediate, group, self.storage_dtype)
 
     def create_embedding(self, layer: nn.Module, vocab: int, hidden: int) -> None:
-        self._create(layer, "weight", None, vocab, hidden, hidden, torch.int8, 1)
+        same_format = self.embedding_dtype == self.storage_dtype
+        self._create(layer, "weight", None, vocab, hidden, self.group_size or hidden if same_format else hidden,
+                     self.embedding_dtype)
 
     def load_rows(self, layer: nn.Module, name: str, expert: int | None, row: int, source: Source) -> None:
         weight = getattr(layer, name)
@@ -89,7 +92,7 @@ class ScaledMethod(QuantMethod):
             values.copy_(source.values)
             scales.copy_(source.scales)
             return
-        quantize = self.quantize if weight.dtype == self.storage_dtype else kernels.quantize_int8  # (embedding)
+        quantize = QUANTIZERS[weight.dtype]
         source = float_values(source)
         step = max(1, QUANTIZE_CHUNK_ELEMENTS // source.shape[1])
         for start in range(0, count, step):
@@ -122,19 +125,12 @@ class Int8Method(ScaledMethod):
     name = "int8"
     storage_dtype = torch.int8
 
-    def quantize(self, w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return kernels.quantize_int8(w, group_size)
-
 
 class Int4Method(ScaledMethod):
     """Symmetric int4, q in [-8, 7] with scale absmax / 7 per group, two to a byte (q4_0-like, no zero point)."""
 
     name = "int4"
-    storage_dtype = torch.uint8
-    pack = 2
-
-    def quantize(self, w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return kernels.quantize_int4(w, group_size)
+    storage_dtype = embedding_dtype = torch.uint8
 
 
 class Fp8Method(ScaledMethod):
@@ -144,9 +140,6 @@ class Fp8Method(ScaledMethod):
 
     name = "fp8"
     storage_dtype = torch.float8_e4m3fn
-
-    def quantize(self, w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return quantize_fp8(w, group_size)
 
     def keeps(self, source: QuantizedTensor, group_size: int) -> bool:
         """Kept when its scales cover the same inputs as the layer's (one group per row on both sides, or equal
