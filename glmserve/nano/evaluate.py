@@ -123,12 +123,14 @@ def chat(client, model: str, example: Example, max_tokens: int) -> tuple[str | N
 
 
 def serve_and_chat(model_dir: str | Path, examples: list[Example], max_tokens: int, threads: int,
-                   concurrency: int = 8) -> list[tuple[str | None, str | None, list[dict]]]:
+                   concurrency: int = 8, quantization: str | None = None
+                   ) -> list[tuple[str | None, str | None, list[dict]]]:
     """Start `glmserve serve` on the checkpoint, send every example's turn, stop the server."""
     import openai
 
+    extra = [] if quantization is None else ["--quantization", quantization]
     with tempfile.TemporaryDirectory() as tmp:
-        server = start_server([str(model_dir), "--tool-call-parser", "glm45", "--reasoning-parser", "glm45"],
+        server = start_server([str(model_dir), "--tool-call-parser", "glm45", "--reasoning-parser", "glm45", *extra],
                               Path(tmp) / "server.log", env={"OMP_NUM_THREADS": str(threads)}, timeout=600)
         try:
             client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="EMPTY", max_retries=0, timeout=3600)
@@ -162,11 +164,14 @@ def mtp_rates(model_dir: str | Path, seed: int, num_conversations: int, tokens_p
 
 
 def evaluate(model_dir: str | Path, seed: int = 1000, per_kind: int = 100, max_tokens: int = 256,
-             show: int = 0, mtp_conversations: int = 200, threads: int = 2, kinds: tuple[str, ...] = KINDS) -> dict:
-    """The rates of `kinds` on `per_kind` held-out turns each, and the MTP rates unless `mtp_conversations` is 0."""
+             show: int = 0, mtp_conversations: int = 200, threads: int = 2, kinds: tuple[str, ...] = KINDS,
+             quantization: str | None = None) -> dict:
+    """The rates of `kinds` on `per_kind` held-out turns each (served with --quantization `quantization`), and the
+    MTP rates (of the fp32 model) unless `mtp_conversations` is 0."""
     cases = heldout_cases(seed, per_kind, kinds)
     flat = [(kind, example) for kind in kinds for example in cases[kind]]
-    replies = serve_and_chat(model_dir, [example for _, example in flat], max_tokens, threads)
+    replies = serve_and_chat(model_dir, [example for _, example in flat], max_tokens, threads,
+                             quantization=quantization)
     passed: dict[str, dict[str, int]] = {kind: defaultdict(int) for kind in kinds}
     shown: dict[str, int] = defaultdict(int)
     for (kind, example), (reasoning, content, calls) in zip(flat, replies):
@@ -193,11 +198,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2, help="torch threads, here and in the server")
     p.add_argument("--kinds", nargs="+", choices=KINDS, default=KINDS,
                    help="measure only these kinds, e.g. one rate on many prompts (the MTP rates need all)")
+    p.add_argument("--quantization", help="serve with these weights (glmserve serve --quantization); the teacher-"
+                                          "forced MTP rates, of the fp32 model, are then left out")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     kinds = tuple(args.kinds)
+    all_kinds = set(kinds) == set(KINDS) and args.quantization is None
     rates = evaluate(args.model, args.seed, args.per_kind, args.max_tokens, args.show,
-                     mtp_conversations=200 if set(kinds) == set(KINDS) else 0, threads=args.threads, kinds=kinds)
+                     mtp_conversations=200 if all_kinds else 0, threads=args.threads, kinds=kinds,
+                     quantization=args.quantization)
     print(json.dumps({name: round(value, 4) for name, value in rates.items()}, indent=2))
 
 
