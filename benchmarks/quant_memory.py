@@ -22,7 +22,7 @@ from pathlib import Path
 from glmserve.bench.memory import AIR, GLM45, count_on_meta, measure
 
 GIB = 2**30
-MEASURED = ("int8", "fp8", "int4", "q8_0", "q4_0")
+MEASURED = ("int4", "int8", "fp8", "q4_0", "q8_0")
 COUNTED = (None, *MEASURED)
 
 
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output-json", type=Path)
     args = p.parse_args(argv)
 
-    slices = []
+    slices: list[dict] = []
     for method in args.methods:
         shape = fitting_slice(method, args.moe_layers, args.headroom)
         if shape is None:
@@ -64,8 +64,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{method}: {result['moe_layers']} MoE layers, {result['params'] / 1e9:.2f} B parameters, "
               f"{result['model_rss_per_param']:.3f} bytes/param resident after loading "
               f"({result['model_rss_bytes'] / GIB:.2f} GiB; stored {result['stored_bytes'] / GIB:.2f} GiB), "
-              f"peak {(result['peak_rss_bytes'] - result['rss_before_bytes']) / GIB:.2f} GiB while loading")
+              f"peak {(result['peak_rss_bytes'] - result['rss_before_bytes']) / GIB:.2f} GiB while loading",
+              flush=True)
+        if args.output_json:  # after every format: a long run stopped early keeps what it measured
+            write_results(args, slices)
+    write_results(args, slices, report=True)
+    return 0
 
+
+def write_results(args: argparse.Namespace, slices: list[dict], report: bool = False) -> None:
+    """The measured slices, and the full models' stored bytes x each format's measured resident / stored ratio."""
     ratio = {r["quantization"]: r["model_rss_bytes"] / r["stored_bytes"] for r in slices}
     full = []
     for name, shape in (("GLM-4.5-Air", replace(AIR, num_nextn_predict_layers=1)),
@@ -75,16 +83,16 @@ def main(argv: list[str] | None = None) -> int:
             resident = counted["stored_bytes"] * ratio.get(method or "none", 1.0)
             full.append({"model": name, "quantization": method or "none", "params": counted["params"],
                          "stored_gib": counted["stored_bytes"] / GIB, "estimated_resident_gib": resident / GIB})
-            print(f"{name} (with its MTP layer) {method or 'fp32'}: {counted['params'] / 1e9:.1f} B parameters, "
-                  f"{counted['stored_bytes'] / GIB:.1f} GiB of weights, ~{resident / GIB:.1f} GiB resident")
+            if report:
+                print(f"{name} (with its MTP layer) {method or 'fp32'}: {counted['params'] / 1e9:.1f} B parameters, "
+                      f"{counted['stored_bytes'] / GIB:.1f} GiB of weights, ~{resident / GIB:.1f} GiB resident")
     if args.output_json:
         args.output_json.parent.mkdir(parents=True, exist_ok=True)
         args.output_json.write_text(json.dumps({
             "host": platform.node(), "threads": args.threads, "slice": slices, "full_models": full,
             "note": "resident = RSS after loading - RSS before building the model (interpreter, torch); peak = "
-                    "VmHWM while loading; full models: exact stored bytes x the slice's resident / stored ratio, "
-                    "weights only (no KV cache or activations)"}, indent=2))
-    return 0
+                    "VmHWM while loading; full models: exact stored bytes x the slice's resident / stored ratio "
+                    "(1 where not measured), weights only (no KV cache or activations)"}, indent=2))
 
 
 if __name__ == "__main__":
