@@ -140,9 +140,10 @@ def serve_and_chat(model_dir: str | Path, examples: list[Example], max_tokens: i
             server.stop()
 
 
-def mtp_rates(model_dir: str | Path, seed: int, num_conversations: int, tokens_per_batch: int = 8192) -> dict:
+def mtp_rates(model_dir: str | Path, seed: int, num_conversations: int, tokens_per_batch: int = 8192,
+              quantization: str | None = None) -> dict:
     """Teacher-forced next-token and MTP rates over the completions of held-out conversations."""
-    model, tokenizer = load_checkpoint(model_dir), Tokenizer(model_dir)
+    model, tokenizer = load_checkpoint(model_dir, quantization), Tokenizer(model_dir)
     pad_id = tokenizer.token_to_id("<|endoftext|>")
     stream = conversations(seed, "heldout")
     sequences = sorted((s for _ in range(num_conversations) for s in encode(tokenizer, next(stream))),
@@ -167,7 +168,7 @@ def evaluate(model_dir: str | Path, seed: int = 1000, per_kind: int = 100, max_t
              show: int = 0, mtp_conversations: int = 200, threads: int = 2, kinds: tuple[str, ...] = KINDS,
              quantization: str | None = None) -> dict:
     """The rates of `kinds` on `per_kind` held-out turns each (served with --quantization `quantization`), and the
-    MTP rates (of the fp32 model) unless `mtp_conversations` is 0."""
+    MTP rates (teacher-forced, with the same weights) unless `mtp_conversations` is 0."""
     cases = heldout_cases(seed, per_kind, kinds)
     flat = [(kind, example) for kind in kinds for example in cases[kind]]
     replies = serve_and_chat(model_dir, [example for _, example in flat], max_tokens, threads,
@@ -184,7 +185,7 @@ def evaluate(model_dir: str | Path, seed: int = 1000, per_kind: int = 100, max_t
                   f"reasoning: {reasoning!r}\ncontent: {content!r}\ntool calls: {called!r}")
     rates = {name: passed[kind][check] / per_kind for name, (kind, check) in RATES.items() if kind in kinds}
     if mtp_conversations:
-        rates.update(mtp_rates(model_dir, seed, mtp_conversations))
+        rates.update(mtp_rates(model_dir, seed, mtp_conversations, quantization=quantization))
     return rates
 
 
@@ -198,14 +199,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2, help="torch threads, here and in the server")
     p.add_argument("--kinds", nargs="+", choices=KINDS, default=KINDS,
                    help="measure only these kinds, e.g. one rate on many prompts (the MTP rates need all)")
-    p.add_argument("--quantization", help="serve with these weights (glmserve serve --quantization); the teacher-"
-                                          "forced MTP rates, of the fp32 model, are then left out")
+    p.add_argument("--quantization", help="weights held in this format (glmserve serve --quantization)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     kinds = tuple(args.kinds)
-    all_kinds = set(kinds) == set(KINDS) and args.quantization is None
     rates = evaluate(args.model, args.seed, args.per_kind, args.max_tokens, args.show,
-                     mtp_conversations=200 if all_kinds else 0, threads=args.threads, kinds=kinds,
+                     mtp_conversations=200 if set(kinds) == set(KINDS) else 0, threads=args.threads, kinds=kinds,
                      quantization=args.quantization)
     print(json.dumps({name: round(value, 4) for name, value in rates.items()}, indent=2))
 
