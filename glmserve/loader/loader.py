@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from glmserve.layers.quantization import QuantizedTensor
 from glmserve.loader.checkpoint import (
     LoaderError,
     TensorLookup,
@@ -21,7 +22,6 @@ from glmserve.loader.checkpoint import (
     count_tensors,
     iterate_tensors,
 )
-from glmserve.layers.quantization import QuantizedTensor
 from glmserve.loader.fp8 import Fp8Scheme, with_scales
 
 _EXPERT = re.compile(r"(.*\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")

@@ -116,3 +116,19 @@ def test_int8_from_an_fp8_checkpoint_requantizes_its_weights(checkpoints, tmp_pa
 def test_quantization_that_cannot_work_is_refused(flags):
     with pytest.raises(ConfigError, match="--quantization"):
         EngineConfig(model="m", **flags)
+
+
+@pytest.mark.parametrize("method", ["fp8", "int8", "int4"])
+def test_dummy_weights_load_in_each_format(method, checkpoints):
+    """--load-format dummy draws each quantized weight a slice at a time and stores it through its method (every
+    expert's scales filled); the model runs, and offline `LLM(..., quantization=...)` takes the flag."""
+    from glmserve.llm import LLM
+    from glmserve.types import SamplingParams
+
+    llm = LLM(str(checkpoints("air")), load_format="dummy", quantization=method, num_kv_blocks=8)
+    model = llm.engine.runner.model
+    experts = model.model.layers[1].mlp.experts
+    assert (experts.w13_scale.amax(dim=(1, 2)) > 0).all() and (experts.w2_scale.amax(dim=(1, 2)) > 0).all()
+    out = llm.generate([{"prompt_token_ids": list(range(5, 20))}], SamplingParams(temperature=0.0, max_tokens=4,
+                                                                                   ignore_eos=True))
+    assert len(out[0].outputs[0].token_ids) == 4

@@ -5,7 +5,12 @@ from __future__ import annotations
 
 from glmserve.config import QUANTIZATION_METHODS
 from glmserve.layers.quantization.base import QuantizedTensor, QuantMethod
-from glmserve.layers.quantization.scaled import Fp8Method, Int4Method, Int8Method, ScaledMethod
+from glmserve.layers.quantization.scaled import (
+    Fp8Method,
+    Int4Method,
+    Int8Method,
+    ScaledMethod,
+)
 from glmserve.layers.quantization.unquantized import Fp16Method, UnquantizedMethod
 
 METHODS = {"fp8": Fp8Method, "int8": Int8Method, "int4": Int4Method}
@@ -22,5 +27,14 @@ def get_quant_method(name: str | None, fp16_weights: bool = False, checkpoint_gr
     return METHODS[method](checkpoint_group_size if method == "fp8" else group_size, float_vocab)
 
 
-__all__ = ["Fp16Method", "Fp8Method", "Int4Method", "Int8Method", "QuantMethod",
-           "QuantizedTensor", "ScaledMethod", "UnquantizedMethod", "get_quant_method"]
+__all__ = [
+    "Fp8Method",
+    "Fp16Method",
+    "Int4Method",
+    "Int8Method",
+    "QuantMethod",
+    "QuantizedTensor",
+    "ScaledMethod",
+    "UnquantizedMethod",
+    "get_quant_method",
+]

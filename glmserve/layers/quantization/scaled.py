@@ -16,7 +16,13 @@ import torch
 from torch import nn
 
 from glmserve import kernels
-from glmserve.layers.quantization.base import QuantizedTensor, QuantMethod, Source, float_values, weight_rows
+from glmserve.layers.quantization.base import (
+    QuantizedTensor,
+    QuantMethod,
+    Source,
+    float_values,
+    weight_rows,
+)
 from glmserve.layers.quantization.unquantized import UnquantizedMethod
 
 QUANTIZE_CHUNK_ELEMENTS = 1 << 22  # rows quantized at a time: 16 MiB of fp32, whatever the tensor's size

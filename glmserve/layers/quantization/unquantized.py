@@ -7,7 +7,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from glmserve.layers.quantization.base import QuantMethod, Source, float_values, stacked_shape, weight_rows
+from glmserve.layers.quantization.base import (
+    QuantMethod,
+    Source,
+    float_values,
+    stacked_shape,
+    weight_rows,
+)
 
 PREPACK_MIN_ELEMENTS = 1 << 19  # 2 MiB of fp32: below it F.linear wins at every batch size measured
 # oneDNN keeps memory for every distinct row count it has seen (measured: +2.2 GiB after 2,000 distinct counts on
