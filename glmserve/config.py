@@ -17,7 +17,7 @@ class ConfigError(ValueError):
 
 
 def _check_fp8(quantization: dict) -> None:
-    """The quantization_configs whose checkpoints load (dequantized, glmserve/loader/fp8.py): FP8 weights as
+    """The quantization_configs whose checkpoints load (glmserve/loader/fp8.py; kept in fp8 on CPU): FP8 weights as
     compressed-tensors (GLM-4.5-FP8, GLM-4.5-Air-FP8) or DeepSeek-style block FP8 (quant_method "fp8")."""
     method = quantization.get("quant_method")
     if method == "fp8":
