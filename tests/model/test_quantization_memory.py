@@ -11,11 +11,10 @@ from glmserve.bench.memory import AIR, measure
 SLICE = replace(AIR, num_hidden_layers=2, n_routed_experts=8, vocab_size=16384, max_position_embeddings=4096)
 # Issue 20's bounds. Measured here: int8 and fp8 1.024 bytes per parameter, int4 0.555 (its groups of 128 add
 # 4 bytes of scale per 128 weights); the peak over the loaded model 107-130 MiB, a third of the largest tensor in
-# fp32 (342 MiB). Slow: ~10 s per method on a quiet machine, minutes on a busy one.
+# fp32 (342 MiB). ~7 s per method on a quiet machine (minutes on a busy one).
 MAX_BYTES_PER_PARAM = {"int8": 1.1, "fp8": 1.1, "int4": 0.6}
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("method", list(MAX_BYTES_PER_PARAM))
 def test_quantized_slice_is_resident_in_its_bytes_per_parameter(method):
     result = measure(SLICE, method)
