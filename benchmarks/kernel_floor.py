@@ -61,7 +61,7 @@ def gemm_step(model, batch: int, routing: torch.Generator) -> None:
         ids = torch.rand(batch, cfg.n_routed_experts, generator=routing).topk(cfg.num_experts_per_tok).indices
         for expert, rows in enumerate(torch.bincount(ids.flatten(), minlength=cfg.n_routed_experts).tolist()):
             if rows:
-                mlp.experts._expert(x[:1].expand(rows, -1).contiguous(), expert)
+                mlp.experts.quant_method.expert(mlp.experts, x[:1].expand(rows, -1).contiguous(), expert)
         mlp.shared_experts(x)
     model.lm_head(x)
 

@@ -36,6 +36,8 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-dtype", default="auto", choices=("auto", "float32", "float16"),
                    help="CPU with fp32 compute: float16 keeps large linear weights (lm_head, dense MLPs) and large "
                         "routed experts in half precision, halving the bytes a decode step reads")
+    p.add_argument("--quantization", "-q", help="weights held quantized, fp32 compute on CPU: fp8, int8 (per "
+                   "channel), int4 (groups of 128), q8_0 / q4_0 (groups of 32); an FP8 checkpoint keeps fp8 by default")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--load-format", default="auto", choices=("auto", "dummy"),
                    help="dummy: random weights from config.json alone, no safetensors read (for timing shapes)")
@@ -235,6 +237,7 @@ def _engine_config(parser: argparse.ArgumentParser, args, model: str):
         check_speculative_decoding(ModelConfig.from_pretrained(model), num_draft_tokens)
         return EngineConfig(
             model=model, dtype=args.dtype, weight_dtype=args.weight_dtype, load_format=args.load_format,
+            quantization=args.quantization,
             device=args.device,
             max_model_len=args.max_model_len,
             block_size=args.block_size, kv_cache_memory_gb=args.kv_cache_memory_gb,

@@ -17,7 +17,7 @@ class ConfigError(ValueError):
 
 
 def _check_fp8(quantization: dict) -> None:
-    """The quantization_configs whose checkpoints load (dequantized, glmserve/loader/fp8.py): FP8 weights as
+    """The quantization_configs whose checkpoints load (glmserve/loader/fp8.py; kept in fp8 on CPU): FP8 weights as
     compressed-tensors (GLM-4.5-FP8, GLM-4.5-Air-FP8) or DeepSeek-style block FP8 (quant_method "fp8")."""
     method = quantization.get("quant_method")
     if method == "fp8":
@@ -170,6 +170,18 @@ class GenerationDefaults:
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 WEIGHT_DTYPES = ("auto", "float32", "float16")
 LOAD_FORMATS = ("auto", "dummy")
+# --quantization (vLLM's flag; aliases as other engines spell them) → (method, group size of inputs per scale;
+# None: one scale per output channel). Weight-only: activations stay fp32. See glmserve/layers/quantization.
+QUANTIZATION_METHODS = {
+    "fp8": ("fp8", None),  # an FP8 checkpoint's own blocks or groups are kept
+    "int8": ("int8", None),
+    "experts_int8": ("int8", None),  # vLLM's int8 weight-only method (here every linear layer, not only experts)
+    "w8a16": ("int8", None),
+    "q8_0": ("int8", 32),  # llama.cpp's blocks of 32
+    "int4": ("int4", 128),  # AWQ / GPTQ's usual group
+    "w4a16": ("int4", 128),
+    "q4_0": ("int4", 32),
+}
 MAX_SPECULATIVE_TOKENS = 16  # chained MTP drafts; acceptance decays fast, peers use 1-4
 # vLLM's names for drafting with the checkpoint's own MTP layer.
 MTP_METHODS = ("mtp", "deepseek_mtp", "glm4_moe_mtp")
@@ -217,6 +229,7 @@ class EngineConfig:
     dtype: str = "auto"  # auto: float32 on CPU (no native bf16 here), the checkpoint's dtype on CUDA
     weight_dtype: str = "auto"  # CPU, fp32 compute: float16 stores large linear weights and experts in fp16
     load_format: str = "auto"  # dummy: random weights from config.json alone (timing real shapes)
+    quantization: str | None = None  # weights held quantized (CPU, fp32 compute); None: an FP8 checkpoint's own
     device: str = "auto"
     max_model_len: int | None = None
     block_size: int = 16
@@ -249,6 +262,13 @@ class EngineConfig:
             raise ConfigError(f"--load-format must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}")
         if self.weight_dtype == "float16" and (self.dtype not in ("auto", "float32") or self.device == "cuda"):
             raise ConfigError("--weight-dtype float16 is for fp32 compute on CPU; on CUDA choose --dtype")
+        if self.quantization is not None:
+            if self.quantization not in QUANTIZATION_METHODS:
+                raise ConfigError(f"--quantization must be one of {', '.join(QUANTIZATION_METHODS)}, "
+                                  f"got {self.quantization!r}")
+            if self.dtype not in ("auto", "float32") or self.device == "cuda" or self.weight_dtype == "float16":
+                raise ConfigError("--quantization holds weights for fp32 compute on CPU (not with --dtype other "
+                                  "than float32, --device cuda or --weight-dtype float16)")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ConfigError(f"--block-size must be a power of two, got {self.block_size}")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:

@@ -39,14 +39,14 @@ def _fp16_stored_params(model: torch.nn.Module) -> int:
     from glmserve.layers.linear import LinearBase
 
     return sum(torch.ops.quantized.linear_unpack_fp16(m.fp16_weight)[0].numel()
-               for m in model.modules() if isinstance(m, LinearBase) and m.fp16_weight is not None)
+               for m in model.modules() if isinstance(m, LinearBase) and getattr(m, "fp16_weight", None) is not None)
 
 
 def _experts_in_fp16(model: torch.nn.Module) -> bool:
     """Whether --weight-dtype float16 keeps the routed experts in half precision (for the roofline)."""
     from glmserve.layers.moe import FusedExperts
 
-    return any(isinstance(m, FusedExperts) and m.fp16_experts is not None for m in model.modules())
+    return any(isinstance(m, FusedExperts) and getattr(m, "fp16_experts", None) is not None for m in model.modules())
 
 
 class TransformersEngine:

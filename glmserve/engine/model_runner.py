@@ -6,16 +6,30 @@ import logging
 
 import torch
 
-from glmserve.config import ConfigError, EngineConfig, ModelConfig, check_speculative_decoding
+from glmserve.config import (
+    ConfigError,
+    EngineConfig,
+    ModelConfig,
+    check_speculative_decoding,
+)
 from glmserve.distributed import init_parallel
-from glmserve.engine.kv_planning import KVCacheSpec, kv_bytes_per_token, num_blocks_for_budget
+from glmserve.engine.kv_planning import (
+    KVCacheSpec,
+    kv_bytes_per_token,
+    num_blocks_for_budget,
+)
 from glmserve.engine.mtp_proposer import MTPProposer
 from glmserve.engine.rejection_sampler import RejectionSampler
 from glmserve.engine.sampler import Sampler, SamplingBatch
-from glmserve.layers.attention import AttentionMetadata, PagedKVCache, get_attention_backend, kv_storage_dtype
-from glmserve.layers.linear import LinearBase
-from glmserve.layers.moe import FusedExperts
-from glmserve.loader import fill_dummy_weights, load_model
+from glmserve.layers.attention import (
+    AttentionMetadata,
+    PagedKVCache,
+    get_attention_backend,
+    kv_storage_dtype,
+)
+from glmserve.layers.quantization import QuantMethod, get_quant_method
+from glmserve.loader import fill_dummy_weights, load_model, release_freed_heap
+from glmserve.loader.fp8 import Fp8Scheme
 from glmserve.model import get_model_class
 from glmserve.types import ScheduledChunk, SchedulerOutput, StepOutput
 
@@ -41,10 +55,6 @@ def resolve_dtype(name: str, model_config: ModelConfig, device: torch.device) ->
     return _DTYPES.get(model_config.checkpoint_dtype, torch.bfloat16)
 
 
-def _onednn_prepack_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-
-
 class ModelRunner:
     def __init__(self, model_config: ModelConfig, engine_config: EngineConfig, progress: bool = True,
                  rank: int | None = None, init_method: str | None = None):
@@ -62,11 +72,12 @@ class ModelRunner:
         self.block_size = engine_config.block_size
         self.attn_backend = get_attention_backend(engine_config.attention_backend)
 
+        self.quant_method = self._quant_method()
         default_dtype = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
         try:
             with torch.device(self.device):
-                self.model = get_model_class(model_config)(model_config, self.parallel)
+                self.model = get_model_class(model_config)(model_config, self.parallel, self.quant_method)
         finally:
             torch.set_default_dtype(default_dtype)
         self._keep_router_in_fp32()
@@ -77,29 +88,33 @@ class ModelRunner:
                        model_config.num_nextn_predict_layers, progress=progress,
                        quantization=model_config.quantization)
         self.model.eval()
-        self._prepack_linears()
+        for module in self.model.modules():  # each weight once in its compute form (prepacked, fp16-packed, ...)
+            if hasattr(module, "process_weights_after_loading"):
+                module.process_weights_after_loading()
+        release_freed_heap()
         self.proposer = self._make_proposer()
         self.num_blocks = self._allocate_kv_cache()
         self.sampler = Sampler()
         self.rejection_sampler = RejectionSampler(self.sampler)
         self.structured_output = None  # a StructuredOutputManager, made for the first constrained request
 
-    def _prepack_linears(self) -> None:
-        """Large linear weights in the fastest form for fp32 compute on CPU (oneDNN-blocked, or fp16 storage
-        with --weight-dtype float16, which also covers large routed experts)."""
+    def _quant_method(self) -> QuantMethod:
+        """--quantization's method. Without it an FP8 checkpoint is held as it is stored on CPU with fp32 compute:
+        its fp8 weights in fp8, the embeddings and heads its release left in bf16 as float (elsewhere all is
+        dequantized to the compute dtype); other checkpoints are float (fp16-stored with --weight-dtype float16)."""
         cpu_fp32 = self.device.type == "cpu" and self.dtype == torch.float32
-        if self.config.weight_dtype == "float16":
-            if not cpu_fp32 or "fbgemm" not in torch.backends.quantized.supported_engines:
-                raise ConfigError("--weight-dtype float16 stores weights for fp32 compute on a CPU with fbgemm; "
-                                  "elsewhere choose the compute dtype with --dtype")
-            weight_dtype = torch.float16
-        elif cpu_fp32 and _onednn_prepack_available():
-            weight_dtype = torch.float32
-        else:
-            return
-        for module in self.model.modules():
-            if isinstance(module, (LinearBase, FusedExperts)):  # experts pack only for float16
-                module.prepack_for_cpu(weight_dtype)
+        checkpoint = self.model_config.quantization
+        name, as_stored = self.config.quantization, False
+        if name is None and checkpoint is not None and cpu_fp32 and self.config.weight_dtype != "float16":
+            name, as_stored = "fp8", True
+        if name is not None and not cpu_fp32:
+            raise ConfigError("--quantization holds weights for fp32 compute on CPU")
+        if self.config.weight_dtype == "float16" and (not cpu_fp32 or
+                                                      "fbgemm" not in torch.backends.quantized.supported_engines):
+            raise ConfigError("--weight-dtype float16 stores weights for fp32 compute on a CPU with fbgemm; "
+                              "elsewhere choose the compute dtype with --dtype")
+        group = Fp8Scheme.from_config(checkpoint).group_size if checkpoint is not None else None
+        return get_quant_method(name, self.config.weight_dtype == "float16", group, float_vocab=as_stored)
 
     def _keep_router_in_fp32(self) -> None:
         """The router and its correction bias are fp32 in every dtype (transformers keeps them so too)."""

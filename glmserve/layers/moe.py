@@ -6,12 +6,17 @@ active experts, never a Python loop over tokens.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from glmserve.distributed import ParallelContext
 from glmserve.layers.linear import take_shard
+from glmserve.layers.quantization import QuantMethod, UnquantizedMethod
+
+ExpertFn = Callable[[nn.Module, torch.Tensor, int], torch.Tensor]
 
 
 class TopkRouter(nn.Module):
@@ -45,13 +50,6 @@ class TopkRouter(nn.Module):
         return weights, ids
 
 
-# With --weight-dtype float16, experts this large (w13 elements) are stored in fbgemm's fp16 form: streaming a
-# layer's experts from memory, a loop of fbgemm fp16 GEMMs measured 2.7x faster than torch's grouped GEMM over the
-# fp32 stack (bench-57m shapes, 16 experts x 4 rows, 3 layers: 15.7 -> 5.8 ms). Smaller experts are bound by
-# dispatch, where the grouped GEMM wins from a few tokens on.
-EXPERT_FP16_MIN_ELEMENTS = 1 << 17
-
-
 class FusedExperts(nn.Module):
     """The routed experts this rank holds, stacked: w13 [E, 2*I, H] (gate then up), w2 [E, H, I].
 
@@ -60,7 +58,8 @@ class FusedExperts(nn.Module):
     Either way each rank's output is partial and the all-reduce sums it.
     """
 
-    def __init__(self, num_experts: int, hidden: int, intermediate: int, parallel: ParallelContext):
+    def __init__(self, num_experts: int, hidden: int, intermediate: int, parallel: ParallelContext,
+                 quant_method: QuantMethod | None = None):
         super().__init__()
         self.parallel = parallel
         self.num_experts = num_experts  # in the model; this rank holds expert_ids
@@ -72,25 +71,16 @@ class FusedExperts(nn.Module):
             self.expert_ids = range(num_experts)
             self.intermediate = parallel.shard(intermediate, "moe_intermediate_size")
             self.intermediate_shards = parallel.tp_size
-        held = len(self.expert_ids)
-        self.w13 = nn.Parameter(torch.empty(held, 2 * self.intermediate, hidden), requires_grad=False)
-        self.w2 = nn.Parameter(torch.empty(held, hidden, self.intermediate), requires_grad=False)
+        self.hidden = hidden
+        self.quant_method = quant_method or UnquantizedMethod()
+        self.quant_method.create_experts(self, len(self.expert_ids), hidden, self.intermediate)
         self.w13.weight_loader = self.weight_loader
         self.w2.weight_loader = self.weight_loader
-        self.fp16_experts: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per expert (w13, w2), packed
 
-    def prepack_for_cpu(self, weight_dtype: torch.dtype) -> None:
-        """float16: each expert's weights in fbgemm's fp16 form, widened to fp32 inside its GEMM; the fp32 stack
-        is dropped. Call once, after loading (fp32 compute on CPU only)."""
-        if weight_dtype != torch.float16 or self.w13[0].numel() < EXPERT_FP16_MIN_ELEMENTS:
-            return
-        pack = torch.ops.quantized.linear_prepack_fp16
-        self.fp16_experts = [(pack(self.w13[e].contiguous(), None), pack(self.w2[e].contiguous(), None))
-                             for e in range(self.w13.shape[0])]
-        self.w13.data = torch.empty(0)
-        self.w2.data = torch.empty(0)
+    def process_weights_after_loading(self) -> None:
+        self.quant_method.process_experts(self)
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: tuple[int, str]) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded, shard_id: tuple[int, str]) -> None:
         """shard_id = (expert, "gate" | "up" | "down"), the expert numbered in the model; other ranks' experts
         are skipped."""
         expert, which = shard_id
@@ -102,32 +92,38 @@ class FusedExperts(nn.Module):
         size, shards = self.intermediate, self.intermediate_shards
         rank = self.parallel.tp_rank % shards
         if which == "down":
-            target, source = param.data[expert], take_shard(loaded, 1, rank, size, size * shards)
+            name, row, shape = "w2", 0, (self.hidden, size)
+            source = take_shard(loaded, 1, rank, size, size * shards)
         else:
-            offset = 0 if which == "gate" else size
-            target = param.data[expert].narrow(0, offset, size)
+            name, row, shape = "w13", 0 if which == "gate" else size, (size, self.hidden)
             source = take_shard(loaded, 0, rank, size, size * shards)
-        if target.shape != source.shape:
-            raise ValueError(f"shape mismatch: expected {tuple(target.shape)}, checkpoint has {tuple(loaded.shape)}")
-        target.copy_(source)
+        if tuple(source.shape) != shape:
+            raise ValueError(f"shape mismatch: expected {shape}, checkpoint has {tuple(loaded.shape)}")
+        self.quant_method.load_rows(self, name, expert, row, source)
 
     # On CPU, up to this many (token, expert) choices run one by one: each costs ~5 small ops, where sorting
     # rows by expert costs ~11 ops plus ~7 per active expert (measured: 2.2x faster at 2 choices, even at 8).
     MAX_CHOICES_ONE_BY_ONE = 8
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """x: [T, H]; weights, ids: [T, k]. Rows are sorted by expert, each expert multiplies its run of rows,
-        then each token's rows are summed with its routing weights (small decodes on CPU skip the sorting)."""
+        """x: [T, H]; weights, ids: [T, k] -> [T, H], summed over the ranks."""
+        return self.parallel.all_reduce(self.quant_method.apply_experts(self, x, weights, ids))
+
+    def grouped_forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, expert_fn: ExpertFn,
+                        allow_grouped_mm: bool) -> torch.Tensor:
+        """This rank's part, with `expert_fn(self, rows, expert)` for one expert's SwiGLU (float weights). Rows are
+        sorted by expert, each expert multiplies its run of rows, then each token's rows are summed with its
+        routing weights (small decodes on CPU skip the sorting)."""
         top_k = ids.shape[1]
         if x.device.type == "cpu" and ids.numel() <= self.MAX_CHOICES_ONE_BY_ONE:
-            return self.parallel.all_reduce(self._one_by_one(x, weights, ids))
+            return self._one_by_one(x, weights, ids, expert_fn)
         choices, counts = self._sort_choices(ids.flatten())
         grouped_x = x.index_select(0, choices // top_k)  # (index_select: ~5x faster than x[...] on CPU)
-        if self._prefer_grouped_mm(x, counts, choices.numel()):
+        if allow_grouped_mm and self._prefer_grouped_mm(x, counts, choices.numel()):
             grouped_out = self._grouped_mm(grouped_x, counts)
         else:
-            grouped_out = self._expert_loop(grouped_x, counts.tolist())
-        return self.parallel.all_reduce(self._combine(grouped_out, choices, weights))
+            grouped_out = self._expert_loop(grouped_x, counts.tolist(), expert_fn)
+        return self._combine(grouped_out, choices, weights)
 
     def _sort_choices(self, flat_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The (token, k) choices this rank computes, as flat indices sorted by expert, and how many rows each
@@ -164,7 +160,7 @@ class FusedExperts(nn.Module):
         """torch's grouped GEMM runs on CPU in any float dtype, on CUDA with bf16 on Hopper or newer. On CPU it
         visits every expert, empty ones too (~20 us each), while the Python loop costs ~100 us of dispatch per
         active expert: the loop wins only when fewer than a quarter of the experts are active (small decodes)."""
-        if not hasattr(F, "grouped_mm") or self.fp16_experts is not None:
+        if not hasattr(F, "grouped_mm"):
             return False
         held = len(self.expert_ids)
         if x.device.type == "cpu":  # at most num_choices experts are active: small decodes need not count them
@@ -177,16 +173,17 @@ class FusedExperts(nn.Module):
         gate, up = F.grouped_mm(grouped_x, self.w13.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
         return F.grouped_mm(F.silu(gate) * up, self.w2.transpose(1, 2), offs=offsets)
 
-    def _one_by_one(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def _one_by_one(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                    expert_fn: ExpertFn) -> torch.Tensor:
         """Small decodes: each token's row through each of its experts, no sorting or regrouping."""
         outs = []
         for row, experts in zip(x.split(1), ids.tolist()):
             for expert in experts:  # (expert parallel: another rank's expert adds nothing here)
-                outs.append(self._expert(row, expert - self.expert_ids.start) if expert in self.expert_ids
+                outs.append(expert_fn(self, row, expert - self.expert_ids.start) if expert in self.expert_ids
                             else row.new_zeros(row.shape))
         return (torch.cat(outs).view(*ids.shape, -1) * weights.to(x.dtype)[..., None]).sum(1)
 
-    def _expert_loop(self, grouped_x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    def _expert_loop(self, grouped_x: torch.Tensor, counts: list[int], expert_fn: ExpertFn) -> torch.Tensor:
         """The plain reference: one matmul pair per active expert."""
         grouped_out = torch.empty_like(grouped_x)
         start = 0
@@ -194,17 +191,6 @@ class FusedExperts(nn.Module):
             if count == 0:
                 continue
             end = start + count
-            grouped_out[start:end] = self._expert(grouped_x[start:end], expert)
+            grouped_out[start:end] = expert_fn(self, grouped_x[start:end], expert)
             start = end
         return grouped_out
-
-    def _expert(self, x: torch.Tensor, expert: int) -> torch.Tensor:
-        """One expert's SwiGLU over rows x."""
-        if self.fp16_experts is not None:
-            w13, w2 = self.fp16_experts[expert]
-            gate, up = torch.ops.quantized.linear_dynamic_fp16(x, w13).chunk(2, dim=-1)
-            return torch.ops.quantized.linear_dynamic_fp16(F.silu(gate) * up, w2)
-        gate, up = F.linear(x, self.w13[expert]).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.w2[expert])
-
-

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from glmserve.layers.quantization import QuantizedTensor
 from glmserve.loader.checkpoint import (
     LoaderError,
     TensorLookup,
@@ -21,7 +22,7 @@ from glmserve.loader.checkpoint import (
     count_tensors,
     iterate_tensors,
 )
-from glmserve.loader.fp8 import Fp8Scheme, dequantized
+from glmserve.loader.fp8 import Fp8Scheme, with_scales
 
 _EXPERT = re.compile(r"(.*\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
 _STACKED = [  # (checkpoint piece, parameter piece, shard id)
@@ -51,7 +52,8 @@ def _target(name: str) -> tuple[str, object] | None:
 
 def load_model(model: nn.Module, model_dir: str | Path, num_hidden_layers: int, num_mtp_layers: int,
                progress: bool = True, quantization: dict | None = None) -> None:
-    """quantization: config.json's quantization_config (an FP8 checkpoint's weights are dequantized)."""
+    """quantization: config.json's quantization_config (an FP8 checkpoint's weights reach their layers with their
+    scales). Tensors stream in one at a time; each layer stores its slice in its own format."""
     model_dir = Path(model_dir)
     files = checkpoint_files(model_dir)
     params = dict(model.named_parameters())
@@ -62,7 +64,7 @@ def load_model(model: nn.Module, model_dir: str | Path, num_hidden_layers: int, 
                leave=False)
     tensors = _kv_scales_taken(_counted(iterate_tensors(files), bar), model)
     if quantization is not None:
-        tensors = dequantized(tensors, Fp8Scheme.from_config(quantization), TensorLookup(files).get)
+        tensors = with_scales(tensors, Fp8Scheme.from_config(quantization), TensorLookup(files).get)
     for name, tensor in tensors:
         layer = _LAYER.match(name)
         if layer and int(layer.group(1)) >= num_hidden_layers + num_mtp_layers:
@@ -76,6 +78,8 @@ def load_model(model: nn.Module, model_dir: str | Path, num_hidden_layers: int, 
         try:
             loader = getattr(param, "weight_loader", None)
             if loader is None:
+                if isinstance(tensor, QuantizedTensor):
+                    tensor = tensor.dequantize()
                 if param.shape != tensor.shape:
                     raise ValueError(f"shape mismatch: expected {tuple(param.shape)}, "
                                      f"checkpoint has {tuple(tensor.shape)}")

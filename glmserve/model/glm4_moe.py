@@ -13,7 +13,13 @@ from torch import nn
 
 from glmserve.config import ModelConfig
 from glmserve.distributed import ParallelContext
-from glmserve.layers.attention import AttentionMetadata, DenseBatch, PagedKVCache, dense_causal_attention
+from glmserve.layers.attention import (
+    AttentionMetadata,
+    DenseBatch,
+    PagedKVCache,
+    dense_causal_attention,
+)
+from glmserve.layers.embedding import VocabEmbedding
 from glmserve.layers.linear import (
     MergedColumnParallelLinear,
     QKVParallelLinear,
@@ -22,20 +28,22 @@ from glmserve.layers.linear import (
 )
 from glmserve.layers.moe import FusedExperts, TopkRouter
 from glmserve.layers.norm import RMSNorm, rms_normalize
+from glmserve.layers.quantization import QuantMethod
 from glmserve.layers.rotary import PartialRotaryEmbedding
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin) rows of this step's positions
 
 
 class Glm4MoeAttention(nn.Module):
-    def __init__(self, config: ModelConfig, parallel: ParallelContext, rotary: PartialRotaryEmbedding):
+    def __init__(self, config: ModelConfig, parallel: ParallelContext, rotary: PartialRotaryEmbedding,
+                 quant: QuantMethod | None = None):
         super().__init__()
         self.head_dim = config.head_dim
         self.qkv_proj = QKVParallelLinear(config.hidden_size, config.head_dim, config.num_attention_heads,
-                                          config.num_key_value_heads, config.attention_bias, parallel)
+                                          config.num_key_value_heads, config.attention_bias, parallel, quant)
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.o_proj = RowParallelLinear(config.num_attention_heads * config.head_dim, config.hidden_size,
-                                        bias=False, parallel=parallel)
+                                        bias=False, parallel=parallel, quant_method=quant)
         self.use_qk_norm = config.use_qk_norm
         if self.use_qk_norm:
             self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
@@ -70,10 +78,11 @@ class Glm4MoeAttention(nn.Module):
 class Glm4MoeMLP(nn.Module):
     """Dense SwiGLU (also the shared expert)."""
 
-    def __init__(self, hidden: int, intermediate: int, parallel: ParallelContext):
+    def __init__(self, hidden: int, intermediate: int, parallel: ParallelContext, quant: QuantMethod | None = None):
         super().__init__()
-        self.gate_up_proj = MergedColumnParallelLinear(hidden, [intermediate] * 2, bias=False, parallel=parallel)
-        self.down_proj = RowParallelLinear(intermediate, hidden, bias=False, parallel=parallel)
+        self.gate_up_proj = MergedColumnParallelLinear(hidden, [intermediate] * 2, bias=False, parallel=parallel,
+                                                       quant_method=quant)
+        self.down_proj = RowParallelLinear(intermediate, hidden, bias=False, parallel=parallel, quant_method=quant)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -81,15 +90,15 @@ class Glm4MoeMLP(nn.Module):
 
 
 class Glm4MoeMoE(nn.Module):
-    def __init__(self, config: ModelConfig, parallel: ParallelContext):
+    def __init__(self, config: ModelConfig, parallel: ParallelContext, quant: QuantMethod | None = None):
         super().__init__()
         self.gate = TopkRouter(config.hidden_size, config.n_routed_experts, config.num_experts_per_tok,
                                config.n_group, config.topk_group, config.norm_topk_prob,
                                config.routed_scaling_factor)
         self.experts = FusedExperts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size,
-                                    parallel)
+                                    parallel, quant)
         self.shared_experts = Glm4MoeMLP(config.hidden_size,
-                                         config.moe_intermediate_size * config.n_shared_experts, parallel)
+                                         config.moe_intermediate_size * config.n_shared_experts, parallel, quant)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.gate(x)
@@ -98,11 +107,11 @@ class Glm4MoeMoE(nn.Module):
 
 class Glm4MoeDecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int, parallel: ParallelContext,
-                 rotary: PartialRotaryEmbedding):
+                 rotary: PartialRotaryEmbedding, quant: QuantMethod | None = None):
         super().__init__()
-        self.self_attn = Glm4MoeAttention(config, parallel, rotary)
-        self.mlp = (Glm4MoeMoE(config, parallel) if config.is_moe_layer(layer_idx)
-                    else Glm4MoeMLP(config.hidden_size, config.intermediate_size, parallel))
+        self.self_attn = Glm4MoeAttention(config, parallel, rotary, quant)
+        self.mlp = (Glm4MoeMoE(config, parallel, quant) if config.is_moe_layer(layer_idx)
+                    else Glm4MoeMLP(config.hidden_size, config.intermediate_size, parallel, quant))
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -118,17 +127,17 @@ class Glm4MoeMTPLayer(Glm4MoeDecoderLayer):
     Its weights are loaded with the model; engine/mtp_proposer.py drives it for speculative decoding.
     """
 
-    def __init__(self, config: ModelConfig, parallel: ParallelContext, rotary: PartialRotaryEmbedding):
-        super().__init__(config, config.num_hidden_layers, parallel, rotary)
+    def __init__(self, config: ModelConfig, parallel: ParallelContext, rotary: PartialRotaryEmbedding,
+                 quant: QuantMethod | None = None):
+        super().__init__(config, config.num_hidden_layers, parallel, rotary, quant)
         hidden = config.hidden_size
-        self.embed_tokens = nn.Embedding(config.vocab_size, hidden)
-        self.embed_tokens.weight.requires_grad_(False)
+        self.embed_tokens = VocabEmbedding(config.vocab_size, hidden, quant and quant.vocab_method)
         self.enorm = RMSNorm(hidden, config.rms_norm_eps)
         self.hnorm = RMSNorm(hidden, config.rms_norm_eps)
-        self.eh_proj = ReplicatedLinear(2 * hidden, hidden)
+        self.eh_proj = ReplicatedLinear(2 * hidden, hidden, quant_method=quant)
         self.shared_head = nn.Module()
         self.shared_head.norm = RMSNorm(hidden, config.rms_norm_eps)
-        self.shared_head.head = ReplicatedLinear(hidden, config.vocab_size)
+        self.shared_head.head = ReplicatedLinear(hidden, config.vocab_size, quant_method=quant and quant.vocab_method)
 
     def forward(self, positions: torch.Tensor, token_ids: torch.Tensor, hidden: torch.Tensor,
                 meta: AttentionMetadata | DenseBatch) -> torch.Tensor:
@@ -140,16 +149,15 @@ class Glm4MoeMTPLayer(Glm4MoeDecoderLayer):
 
 
 class Glm4MoeModel(nn.Module):
-    def __init__(self, config: ModelConfig, parallel: ParallelContext):
+    def __init__(self, config: ModelConfig, parallel: ParallelContext, quant: QuantMethod | None = None):
         super().__init__()
         self.rotary = PartialRotaryEmbedding(config.head_dim, config.rotary_dim, config.max_position_embeddings,
                                              config.rope_theta)
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.embed_tokens.weight.requires_grad_(False)
-        layers: list[nn.Module] = [Glm4MoeDecoderLayer(config, i, parallel, self.rotary)
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, quant and quant.vocab_method)
+        layers: list[nn.Module] = [Glm4MoeDecoderLayer(config, i, parallel, self.rotary, quant)
                                    for i in range(config.num_hidden_layers)]
         if config.num_nextn_predict_layers > 0:
-            layers.append(Glm4MoeMTPLayer(config, parallel, self.rotary))
+            layers.append(Glm4MoeMTPLayer(config, parallel, self.rotary, quant))
         self.layers = nn.ModuleList(layers)
         self.num_hidden_layers = config.num_hidden_layers
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -164,12 +172,14 @@ class Glm4MoeModel(nn.Module):
 
 
 class Glm4MoeForCausalLM(nn.Module):
-    def __init__(self, config: ModelConfig, parallel: ParallelContext | None = None):
+    def __init__(self, config: ModelConfig, parallel: ParallelContext | None = None, quant: QuantMethod | None = None):
+        """quant: the weight format of every linear layer, the routed experts and the embeddings (default float)."""
         super().__init__()
         parallel = parallel or ParallelContext()
         self.config = config
-        self.model = Glm4MoeModel(config, parallel)
-        self.lm_head = ReplicatedLinear(config.hidden_size, config.vocab_size)
+        self.model = Glm4MoeModel(config, parallel, quant)
+        self.lm_head = ReplicatedLinear(config.hidden_size, config.vocab_size,
+                                        quant_method=quant and quant.vocab_method)
 
     @property
     def mtp_layer(self) -> Glm4MoeMTPLayer | None:

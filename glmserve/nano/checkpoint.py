@@ -113,10 +113,13 @@ def save_checkpoint(model: Glm4MoeForCausalLM, config: dict, directory: str | Pa
     return directory
 
 
-def load_checkpoint(directory: str | Path) -> Glm4MoeForCausalLM:
-    """A written checkpoint as an fp32 model (MTP layer included), through glmserve's loader."""
+def load_checkpoint(directory: str | Path, quantization: str | None = None) -> Glm4MoeForCausalLM:
+    """A written checkpoint as an fp32 model (MTP layer included), through glmserve's loader; with `quantization`
+    (--quantization's names), its weights held in that format."""
+    from glmserve.layers.quantization import get_quant_method
+
     config = ModelConfig.from_pretrained(directory)
-    model = Glm4MoeForCausalLM(config)
+    model = Glm4MoeForCausalLM(config, quant=get_quant_method(quantization) if quantization else None)
     load_model(model, directory, config.num_hidden_layers, config.num_nextn_predict_layers, progress=False)
     return model.eval()
 

@@ -123,14 +123,15 @@ def chat(client, model: str, example: Example, max_tokens: int) -> tuple[str | N
 
 
 def serve_and_chat(model_dir: str | Path, examples: list[Example], max_tokens: int, threads: int,
-                   concurrency: int = 8,
-                   server_args: tuple[str, ...] = ()) -> list[tuple[str | None, str | None, list[dict]]]:
+                   concurrency: int = 8, server_args: tuple[str, ...] = (),
+                   quantization: str | None = None) -> list[tuple[str | None, str | None, list[dict]]]:
     """Start `glmserve serve` on the checkpoint (with server_args), send every example's turn, stop the server."""
     import openai
 
+    extra = [] if quantization is None else ["--quantization", quantization]
     with tempfile.TemporaryDirectory() as tmp:
         server = start_server([str(model_dir), "--tool-call-parser", "glm45", "--reasoning-parser", "glm45",
-                               *server_args],
+                               *server_args, *extra],
                               Path(tmp) / "server.log", env={"OMP_NUM_THREADS": str(threads)}, timeout=600)
         try:
             client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="EMPTY", max_retries=0, timeout=3600)
@@ -140,9 +141,10 @@ def serve_and_chat(model_dir: str | Path, examples: list[Example], max_tokens: i
             server.stop()
 
 
-def mtp_rates(model_dir: str | Path, seed: int, num_conversations: int, tokens_per_batch: int = 8192) -> dict:
+def mtp_rates(model_dir: str | Path, seed: int, num_conversations: int, tokens_per_batch: int = 8192,
+              quantization: str | None = None) -> dict:
     """Teacher-forced next-token and MTP rates over the completions of held-out conversations."""
-    model, tokenizer = load_checkpoint(model_dir), Tokenizer(model_dir)
+    model, tokenizer = load_checkpoint(model_dir, quantization), Tokenizer(model_dir)
     pad_id = tokenizer.token_to_id("<|endoftext|>")
     stream = conversations(seed, "heldout")
     sequences = sorted((s for _ in range(num_conversations) for s in encode(tokenizer, next(stream))),
@@ -165,12 +167,13 @@ def mtp_rates(model_dir: str | Path, seed: int, num_conversations: int, tokens_p
 
 def evaluate(model_dir: str | Path, seed: int = 1000, per_kind: int = 100, max_tokens: int = 256,
              show: int = 0, mtp_conversations: int = 200, threads: int = 2, kinds: tuple[str, ...] = KINDS,
-             server_args: tuple[str, ...] = ()) -> dict:
-    """The rates of `kinds` on `per_kind` held-out turns each, and the MTP rates unless `mtp_conversations` is 0."""
+             server_args: tuple[str, ...] = (), quantization: str | None = None) -> dict:
+    """The rates of `kinds` on `per_kind` held-out turns each (served with server_args and --quantization
+    `quantization`), and the MTP rates (teacher-forced, with the same weights) unless `mtp_conversations` is 0."""
     cases = heldout_cases(seed, per_kind, kinds)
     flat = [(kind, example) for kind in kinds for example in cases[kind]]
     replies = serve_and_chat(model_dir, [example for _, example in flat], max_tokens, threads,
-                             server_args=server_args)
+                             server_args=server_args, quantization=quantization)
     passed: dict[str, dict[str, int]] = {kind: defaultdict(int) for kind in kinds}
     shown: dict[str, int] = defaultdict(int)
     for (kind, example), (reasoning, content, calls) in zip(flat, replies):
@@ -183,7 +186,7 @@ def evaluate(model_dir: str | Path, seed: int = 1000, per_kind: int = 100, max_t
                   f"reasoning: {reasoning!r}\ncontent: {content!r}\ntool calls: {called!r}")
     rates = {name: passed[kind][check] / per_kind for name, (kind, check) in RATES.items() if kind in kinds}
     if mtp_conversations:
-        rates.update(mtp_rates(model_dir, seed, mtp_conversations))
+        rates.update(mtp_rates(model_dir, seed, mtp_conversations, quantization=quantization))
     return rates
 
 
@@ -198,12 +201,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--kinds", nargs="+", choices=KINDS, default=KINDS,
                    help="measure only these kinds, e.g. one rate on many prompts (the MTP rates need all)")
     p.add_argument("--kv-cache-dtype", default="auto", help="the server's --kv-cache-dtype (the task rates only)")
+    p.add_argument("--quantization", help="weights held in this format (glmserve serve --quantization)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     kinds = tuple(args.kinds)
     rates = evaluate(args.model, args.seed, args.per_kind, args.max_tokens, args.show,
                      mtp_conversations=200 if set(kinds) == set(KINDS) else 0, threads=args.threads, kinds=kinds,
-                     server_args=("--kv-cache-dtype", args.kv_cache_dtype))
+                     server_args=("--kv-cache-dtype", args.kv_cache_dtype), quantization=args.quantization)
     print(json.dumps({name: round(value, 4) for name, value in rates.items()}, indent=2))
 
 

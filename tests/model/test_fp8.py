@@ -1,5 +1,6 @@
 """FP8 checkpoints: float8 weights with per-row (compressed-tensors, as GLM-4.5-FP8) or per-block (DeepSeek-style)
-scales load as their dequantized weights, run like any checkpoint, and broken ones fail clearly."""
+scales are kept in fp8 on CPU (the embeddings and heads the release left in float stay float), compute what their
+dequantized weights compute, and broken ones fail clearly."""
 
 import json
 
@@ -11,6 +12,7 @@ from glmserve.engine.model_runner import ModelRunner
 from glmserve.layers.attention import AttentionMetadata
 from glmserve.loader import LoaderError
 from glmserve.testing.checkpoint import write_fp8_checkpoint
+from glmserve.testing.quantization import dequantized_weights
 
 
 def _load(directory) -> ModelRunner:
@@ -19,10 +21,11 @@ def _load(directory) -> ModelRunner:
 
 
 def _checkpoint_names(runner: ModelRunner) -> dict[str, torch.Tensor]:
-    """The loaded parameters under their checkpoint names (the fused and stacked ones split back)."""
+    """The values the loaded parameters stand for, under their checkpoint names (the fused and stacked ones split
+    back)."""
     model, out = runner.model, {}
     config = runner.model_config
-    for name, param in model.state_dict().items():
+    for name, param in dequantized_weights(model).items():
         if ".qkv_proj." in name:
             q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
             for piece, part in zip("qkv", param.split([q, kv, kv])):
@@ -44,12 +47,18 @@ def _checkpoint_names(runner: ModelRunner) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("block", [None, (24, 16)], ids=["compressed-tensors-per-row", "block-fp8"])
-def test_fp8_checkpoint_loads_as_its_dequantized_weights(block, checkpoints, tmp_path):
-    """Every projection (attention, dense MLP, experts, shared experts, the MTP layer's) equals its fp8 values times
-    its scales, exactly; the rest is untouched. Blocks of 24 x 16 leave partial blocks at the edges."""
+def test_fp8_checkpoint_keeps_its_fp8_weights(block, checkpoints, tmp_path):
+    """Every projection (attention, dense MLP, experts, shared experts, the MTP layer's) is held in fp8 and stands
+    for its fp8 values times its scales, exactly; the rest is untouched. Blocks of 24 x 16 leave partial blocks at
+    the edges."""
     directory, expected = write_fp8_checkpoint(tmp_path / "fp8", checkpoints("glm45"), block)
     assert any(t.dtype == torch.float8_e4m3fn for t in _stored_tensors(directory))
-    got = _checkpoint_names(_load(directory))
+    runner = _load(directory)
+    layers = runner.model.model.layers
+    assert layers[0].self_attn.qkv_proj.weight.dtype == torch.float8_e4m3fn
+    assert layers[-1].mlp.experts.w13.dtype == torch.float8_e4m3fn
+    assert runner.model.lm_head.weight.dtype == torch.float32  # stored in float by the release: kept so
+    got = _checkpoint_names(runner)
     for name, want in expected.items():
         assert torch.equal(got[name].float(), want), name
     # fp8's rounding is real: the weights differ from the source checkpoint's.
@@ -106,3 +115,32 @@ def test_other_quantization_methods_are_refused_by_name(quantization, checkpoint
     (tmp_path / "config.json").write_text(json.dumps({**config, "quantization_config": quantization}))
     with pytest.raises(ConfigError, match="quantization_config"):
         ModelConfig.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("block", [None, (24, 16)], ids=["compressed-tensors-per-row", "block-fp8"])
+@pytest.mark.parametrize("shape", ["glm45", "air"])
+def test_fp8_greedy_tokens_equal_the_dequantized_checkpoints(shape, block, checkpoints, tmp_path):
+    """Held in fp8, the checkpoint generates what its weights dequantized to fp32 (written as a float checkpoint)
+    generate: the same values, multiplied in another order."""
+    from safetensors.torch import save_file
+
+    from glmserve.llm import LLM
+    from glmserve.types import SamplingParams
+
+    directory, expected = write_fp8_checkpoint(tmp_path / "fp8", checkpoints(shape), block)
+    dequantized = tmp_path / "dequantized"
+    dequantized.mkdir()
+    config = json.loads((directory / "config.json").read_text())
+    del config["quantization_config"]
+    (dequantized / "config.json").write_text(json.dumps(config))
+    for extra in ("generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        (dequantized / extra).write_bytes((directory / extra).read_bytes())
+    save_file({k: v.contiguous() for k, v in expected.items()}, str(dequantized / "model.safetensors"))
+    gen = torch.Generator().manual_seed(0)
+    prompts = [{"prompt_token_ids": torch.randint(0, 1000, (n,), generator=gen).tolist()} for n in (5, 17, 40)]
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    fp8 = LLM(str(directory), num_kv_blocks=32)
+    assert fp8.engine.runner.quant_method.name == "fp8"
+    got = [o.outputs[0].token_ids for o in fp8.generate(prompts, params)]
+    want = [o.outputs[0].token_ids for o in LLM(str(dequantized), num_kv_blocks=32).generate(prompts, params)]
+    assert got == want

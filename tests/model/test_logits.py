@@ -119,8 +119,8 @@ def test_grouped_gemm_experts_equal_the_per_expert_loop():
     order = ids.flatten().argsort(stable=True)
     counts = torch.bincount(ids.flatten(), minlength=8)
     grouped_x = x[order // 3]
-    assert torch.allclose(experts._grouped_mm(grouped_x, counts), experts._expert_loop(grouped_x, counts.tolist()),
-                          atol=1e-5)
+    loop = experts._expert_loop(grouped_x, counts.tolist(), experts.quant_method.expert)
+    assert torch.allclose(experts._grouped_mm(grouped_x, counts), loop, atol=1e-5)
 
 
 @pytest.mark.parametrize("add_in_place", [True, False])
@@ -166,11 +166,10 @@ def test_fp16_weight_storage_stays_close_to_transformers(shape, checkpoints, hf_
     shapes take it): the logits move by fp16's rounding of the weights (measured: 0.24% of their spread, where the
     same weights rounded to bf16 moved them by 44%, far past the bound), and the top token stays the same; in a
     prefill (experts sorted by row) and in a batch-1 decode (each expert choice on its own)."""
-    import glmserve.layers.linear as linear
-    import glmserve.layers.moe as moe
+    import glmserve.layers.quantization.unquantized as unquantized
 
-    monkeypatch.setattr(linear, "PREPACK_MIN_ELEMENTS", 0)
-    monkeypatch.setattr(moe, "EXPERT_FP16_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(unquantized, "PREPACK_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(unquantized, "EXPERT_FP16_MIN_ELEMENTS", 0)
     directory = checkpoints(shape)
     runner = ModelRunner(ModelConfig.from_pretrained(directory),
                          EngineConfig(model=str(directory), num_kv_blocks=32, weight_dtype="float16"), progress=False)

@@ -10,10 +10,10 @@ from glmserve.layers.attention import AttentionMetadata
 from glmserve.testing.server import free_port
 
 
-def _logits(directory: str, tp: int, ep: bool = False) -> torch.Tensor:
+def _logits(directory: str, tp: int, ep: bool = False, quantization: str | None = None) -> torch.Tensor:
     runner = ModelRunner(ModelConfig.from_pretrained(directory),
                          EngineConfig(model=directory, num_kv_blocks=8, tensor_parallel_size=tp,
-                                      enable_expert_parallel=ep), progress=False)
+                                      enable_expert_parallel=ep, quantization=quantization), progress=False)
     if ep:  # whole experts, half of them on each rank
         from glmserve.layers.moe import FusedExperts
 
@@ -25,12 +25,12 @@ def _logits(directory: str, tp: int, ep: bool = False) -> torch.Tensor:
         return runner.model.compute_logits(runner.model(tokens, torch.arange(len(tokens)), meta))
 
 
-def _worker(rank: int, directory: str, port: int, ep: bool, results) -> None:
+def _worker(rank: int, directory: str, port: int, ep: bool, results, quantization: str | None = None) -> None:
     import os
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
     torch.set_num_threads(1)
-    results[rank] = _logits(directory, tp=2, ep=ep)
+    results[rank] = _logits(directory, tp=2, ep=ep, quantization=quantization)
     torch.distributed.destroy_process_group()
 
 
@@ -39,18 +39,46 @@ def test_tp2_logits_equal_tp1(checkpoints, ep):
     """Experts sliced (tensor parallel) or split whole, 8 per rank (expert parallel)."""
     directory = str(checkpoints("glm45"))
     expected = _logits(directory, tp=1)
+    for rank_logits in _tp2_logits(directory, ep):
+        assert (rank_logits - expected).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("ep", [False, True], ids=["tensor-parallel", "expert-parallel"])
+def test_tp2_fp8_checkpoint_logits_equal_tp1(checkpoints, tmp_path, ep):
+    """An FP8 checkpoint held in fp8, its blocks of 16 inputs whole in every shard: each rank keeps its slice of the
+    fp8 values and scales, so the sum over ranks is tp=1's."""
+    from glmserve.testing.checkpoint import write_fp8_checkpoint
+
+    directory, _ = write_fp8_checkpoint(tmp_path / "fp8", checkpoints("glm45"), (24, 16))
+    expected = _logits(str(directory), tp=1)
+    for rank_logits in _tp2_logits(str(directory), ep):
+        assert (rank_logits - expected).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("method,ep", [("int8", False), ("int4", True)])
+def test_tp2_quantized_logits_stay_as_close_to_fp32_as_tp1(checkpoints, method, ep):
+    """int8 / int4 quantize each rank's shard (a row-parallel shard's groups start at its own first input), so the
+    ranks' rounding differs from tp=1's: both are held to the same bound from fp32 (test_quantization.py)."""
+    from test_quantization import BOUNDS
+
+    directory = str(checkpoints("glm45"))
+    fp32 = _logits(directory, tp=1)
+    for logits in [_logits(directory, tp=1, quantization=method), *_tp2_logits(directory, ep, method)]:
+        assert ((logits - fp32).pow(2).mean().sqrt() / fp32.std()).item() <= BOUNDS[method][0]
+
+
+def _tp2_logits(directory: str, ep: bool, quantization: str | None = None) -> list[torch.Tensor]:
     ctx = mp.get_context("spawn")
     with ctx.Manager() as manager:
         results = manager.dict()
         port = free_port()
-        procs = [ctx.Process(target=_worker, args=(r, directory, port, ep, results)) for r in range(2)]
+        procs = [ctx.Process(target=_worker, args=(r, directory, port, ep, results, quantization)) for r in range(2)]
         for p in procs:
             p.start()
         for p in procs:
             p.join(timeout=120)
         assert all(p.exitcode == 0 for p in procs)
-        for rank in range(2):
-            assert (results[rank] - expected).abs().max().item() <= 1e-4
+        return [results[rank] for rank in range(2)]
 
 
 def _generate(directory: str, tp: int, k: int, ep: bool = False) -> dict[str, list[int]]:

@@ -1,0 +1,128 @@
+"""Float weights: unquantized (the compute dtype; on CPU in fp32 large linear weights are oneDNN-prepacked) and fp16
+storage for fp32 compute on CPU (`--weight-dtype float16`: fbgemm's fp16 GEMM widens the weights to fp32 inside)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from glmserve.layers.quantization.base import (
+    QuantMethod,
+    Source,
+    float_values,
+    stacked_shape,
+    weight_rows,
+)
+
+PREPACK_MIN_ELEMENTS = 1 << 19  # 2 MiB of fp32: below it F.linear wins at every batch size measured
+# oneDNN keeps memory for every distinct row count it has seen (measured: +2.2 GiB after 2,000 distinct counts on
+# one [4096, 512] weight, and it outlives ONEDNN_PRIMITIVE_CACHE_CAPACITY), so a server whose prefill chunks vary
+# would grow without bound. Up to 128 rows (decode steps) the packed path is 1.1-2.5x faster and its memory
+# plateaus (+40 MiB); above, F.linear is within 15% and keeps nothing.
+PACKED_MAX_ROWS = 128
+# With fp16 storage, experts this large (w13 elements) are stored in fbgemm's fp16 form: streaming a layer's experts
+# from memory, a loop of fbgemm fp16 GEMMs measured 2.7x faster than torch's grouped GEMM over the fp32 stack
+# (bench-57m shapes, 16 experts x 4 rows, 3 layers: 15.7 -> 5.8 ms). Smaller experts are bound by dispatch, where
+# the grouped GEMM wins from a few tokens on.
+EXPERT_FP16_MIN_ELEMENTS = 1 << 17
+
+
+def _onednn_prepack_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+class UnquantizedMethod(QuantMethod):
+    """Weights in the compute dtype, as the checkpoint (or an FP8 checkpoint dequantized) gives them."""
+
+    def create_linear(self, layer: nn.Module, rows: int, cols: int) -> None:
+        self._create(layer, "weight", None, rows, cols)
+        layer.packed_weight = None  # oneDNN-blocked fp32 copy (process_linear)
+
+    def create_experts(self, layer: nn.Module, num_experts: int, hidden: int, intermediate: int) -> None:
+        self._create(layer, "w13", num_experts, 2 * intermediate, hidden)
+        self._create(layer, "w2", num_experts, hidden, intermediate)
+
+    def create_embedding(self, layer: nn.Module, vocab: int, hidden: int) -> None:
+        self._create(layer, "weight", None, vocab, hidden)
+
+    def _create(self, layer: nn.Module, name: str, num_experts: int | None, rows: int, cols: int) -> None:
+        shape = stacked_shape(num_experts, rows, cols)
+        self._register(layer, name, nn.Parameter(torch.empty(shape), requires_grad=False), shape)
+
+    def load_rows(self, layer: nn.Module, name: str, expert: int | None, row: int, source: Source) -> None:
+        weight_rows(getattr(layer, name), expert, row, source.shape[0]).copy_(float_values(source))
+
+    def process_linear(self, layer: nn.Module) -> None:
+        """On CPU in fp32, a large weight also gets a oneDNN-blocked copy (what inductor's CPU weight freezing
+        does), 1.5-2.5x faster than F.linear's MKL path for the decode shapes. A oneDNN call costs ~35 us more than
+        F.linear, though, which is 2-10x F.linear's whole time on a small weight (measured on [128-512, 128-512]),
+        so small weights stay as they are."""
+        weight = layer.weight
+        if (weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.numel() >= PREPACK_MIN_ELEMENTS
+                and _onednn_prepack_available()):
+            layer.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+
+    def apply_linear(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if layer.packed_weight is not None and x.shape[0] <= PACKED_MAX_ROWS and not torch.is_grad_enabled():
+            return torch.ops.mkldnn._linear_pointwise(x, layer.packed_weight, bias, "none", [], "")
+        return F.linear(x, layer.weight, bias)
+
+    def apply_experts(self, layer: nn.Module, x: torch.Tensor, weights: torch.Tensor,
+                      ids: torch.Tensor) -> torch.Tensor:
+        return layer.grouped_forward(x, weights, ids, self.expert, allow_grouped_mm=True)
+
+    def expert(self, layer: nn.Module, x: torch.Tensor, expert: int) -> torch.Tensor:
+        """One expert's SwiGLU over rows x (expert numbered on this rank)."""
+        gate, up = F.linear(x, layer.w13[expert]).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, layer.w2[expert])
+
+    def embed(self, layer: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, layer.weight)
+
+
+class Fp16Method(UnquantizedMethod):
+    """fp32 compute on CPU with large weights stored in fbgemm's fp16 form: decode on CPU is bound by weight reads,
+    and fbgemm's GEMM reads half the bytes (measured 2x faster at 1 row on the [32000, 512] lm_head, 1.6x at 8).
+    Weights load in fp32 and are packed once after loading (their fp32 copy dropped); small weights, which
+    fbgemm's fp16 does not speed up, and the embedding stay in fp32."""
+
+    def create_linear(self, layer: nn.Module, rows: int, cols: int) -> None:
+        super().create_linear(layer, rows, cols)
+        layer.fp16_weight = None  # fbgemm-packed fp16 weight and bias
+
+    def create_experts(self, layer: nn.Module, num_experts: int, hidden: int, intermediate: int) -> None:
+        super().create_experts(layer, num_experts, hidden, intermediate)
+        layer.fp16_experts = None  # per expert (w13, w2), packed
+
+    def process_linear(self, layer: nn.Module) -> None:
+        if layer.weight.numel() < PREPACK_MIN_ELEMENTS:
+            return
+        bias = None if layer.bias is None else layer.bias.detach()
+        layer.fp16_weight = torch.ops.quantized.linear_prepack_fp16(layer.weight.detach(), bias)
+        layer.weight.data = torch.empty(0)
+
+    def apply_linear(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if layer.fp16_weight is not None:
+            return torch.ops.quantized.linear_dynamic_fp16(x, layer.fp16_weight)
+        return F.linear(x, layer.weight, bias)
+
+    def process_experts(self, layer: nn.Module) -> None:
+        if layer.w13[0].numel() < EXPERT_FP16_MIN_ELEMENTS:
+            return
+        pack = torch.ops.quantized.linear_prepack_fp16
+        layer.fp16_experts = [(pack(layer.w13[e].contiguous(), None), pack(layer.w2[e].contiguous(), None))
+                              for e in range(layer.w13.shape[0])]
+        layer.w13.data = torch.empty(0)
+        layer.w2.data = torch.empty(0)
+
+    def apply_experts(self, layer: nn.Module, x: torch.Tensor, weights: torch.Tensor,
+                      ids: torch.Tensor) -> torch.Tensor:
+        return layer.grouped_forward(x, weights, ids, self.expert, allow_grouped_mm=layer.fp16_experts is None)
+
+    def expert(self, layer: nn.Module, x: torch.Tensor, expert: int) -> torch.Tensor:
+        if layer.fp16_experts is None:
+            return super().expert(layer, x, expert)
+        w13, w2 = layer.fp16_experts[expert]
+        gate, up = torch.ops.quantized.linear_dynamic_fp16(x, w13).chunk(2, dim=-1)
+        return torch.ops.quantized.linear_dynamic_fp16(F.silu(gate) * up, w2)
