@@ -8,6 +8,9 @@ BIN := $(VENV)/bin
 $(BIN)/activate: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -e '.[test]'
+	# Build the native kernels now (cached under ~/.cache/glmserve), not at the first quantized request; without a
+	# compiler this warns once and glmserve runs on the torch references.
+	$(BIN)/python -c 'from glmserve.kernels import native; native.extension()'
 	touch $(BIN)/activate
 
 install: $(BIN)/activate

@@ -36,6 +36,7 @@ def test_health_is_503_until_the_engine_is_ready(tokenizer):
     class Engine:  # just enough of LLMEngine for start-up
         max_model_len = 64
         generation_defaults = None
+        kv_spec = None  # no KV pool to report
 
         class model_config:  # noqa: N801
             vocab_size = 1000

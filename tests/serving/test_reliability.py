@@ -44,6 +44,7 @@ class _GatedEngine:
 
     max_model_len = 100
     generation_defaults = GenerationDefaults()
+    kv_spec = None  # no KV pool to report
 
     class model_config:  # noqa: N801 - mimics the attribute
         vocab_size = 1000
