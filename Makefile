@@ -16,6 +16,7 @@ $(BIN)/activate: pyproject.toml
 install: $(BIN)/activate
 
 test: install
+	$(BIN)/ruff check .
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q
 
 bench: install

@@ -154,7 +154,8 @@ def report(args, results: list[dict], serving: dict, other_cores: float) -> str:
     for e in results:
         g, v, c = e["glmserve"], e["vllm"], e["comparisons"]["vllm"]
         lines.append(f"{e['batch']:5d} | {g['median_decode_tps']:21.1f} | {v['median_decode_tps']:17.1f} | "
-                     f"{c['ratio']:14.2f}x | {g['median_prefill_s'] * 1e3:12.1f} / {v['median_prefill_s'] * 1e3:9.1f} | "
+                     f"{c['ratio']:14.2f}x | {g['median_prefill_s'] * 1e3:12.1f} / "
+                     f"{v['median_prefill_s'] * 1e3:9.1f} | "
                      f"{c['greedy_mismatched_sequences']}/{e['batch']}")
     if serving:
         lines += ["", f"== serving: {args.serve_prompts} requests at concurrency {args.serve_concurrency}, "

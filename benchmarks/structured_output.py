@@ -9,8 +9,9 @@ constrained requests beside 8 unconstrained ones.
   applied to one row of logits (xgrammar's CPU kernel, and glmserve's torch version, which the engine uses),
   both vocabularies.
 * step: the embedded model, greedy, 8 unconstrained requests alone, with 8 more unconstrained ones, and with 8
-  JSON-schema requests in the same batch (alternating); step times over the steps where all 8 (or 16) decode, and the runner's own grammar work
-  in them (mask fill and apply, matcher advance). The unconstrained outputs are checked equal.
+  JSON-schema requests in the same batch (alternating); step times over the steps where all 8 (or 16) decode, and
+  the runner's own grammar work in them (mask fill and apply, matcher advance). The unconstrained outputs are
+  checked equal.
 Micro-timings are the fastest of many calls: other processes on a shared machine only ever add time.
 
 Example:
@@ -92,7 +93,8 @@ def compile_times(tokenizer, vocab_size: int) -> dict:
     setup_ms = (time.perf_counter() - start) * 1e3
     cold = [_ms(lambda s=s: compiler.compile_now(s, vocab_size)) for s in specs]
     cached = [_ms(lambda s=s: compiler.compile_now(s, vocab_size), 5) for s in specs]
-    return {"tokenizer_info_ms": round(setup_ms, 1), "json_schema_cold_ms_median": round(statistics.median(cold[:-1]), 2),
+    return {"tokenizer_info_ms": round(setup_ms, 1),
+            "json_schema_cold_ms_median": round(statistics.median(cold[:-1]), 2),
             "json_schema_cold_ms_max": round(max(cold[:-1]), 2), "tool_calls_5_tools_cold_ms": round(cold[-1], 2),
             "cached_ms_median": round(statistics.median(cached), 3)}
 

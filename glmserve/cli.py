@@ -77,7 +77,8 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     spec.add_argument("--speculative-num-steps", type=int, help="draft tokens per step (chained MTP steps)")
     spec.add_argument("--speculative-eagle-topk", type=int, default=1, help="only 1 (chain drafting)")
     spec.add_argument("--speculative-num-draft-tokens", type=int, help="with topk 1: num-steps + 1")
-    spec.add_argument("--speculative-config", help='vLLM\'s JSON, e.g. \'{"method": "mtp", "num_speculative_tokens": 3}\'')
+    spec.add_argument("--speculative-config",
+                      help='vLLM\'s JSON, e.g. \'{"method": "mtp", "num_speculative_tokens": 3}\'')
 
 
 def _build_parser() -> argparse.ArgumentParser:

@@ -84,7 +84,8 @@ def run_fault(workdir: Path, fault: str, args) -> dict:
         faulted.set()
         while server.process.poll() is None and time.monotonic() - at < args.step_timeout + 30:
             try:
-                health.append((round(time.monotonic() - at, 2), httpx.get(f"{server.url}/health", timeout=2).status_code))
+                status = httpx.get(f"{server.url}/health", timeout=2).status_code
+                health.append((round(time.monotonic() - at, 2), status))
             except httpx.TransportError:
                 health.append((round(time.monotonic() - at, 2), None))
             time.sleep(0.1)

@@ -31,7 +31,8 @@ def checkpoint_key(directory: Path) -> str:
     return h.hexdigest()[:12]
 
 
-def ensure_gguf(python: Path, converter: Path, directory: Path, outtype: str, gguf_dir: Path) -> tuple[Path, list[str] | None]:
+def ensure_gguf(python: Path, converter: Path, directory: Path, outtype: str,
+                gguf_dir: Path) -> tuple[Path, list[str] | None]:
     """The checkpoint as a GGUF of `outtype`, converted unless already cached; and the command (None if cached)."""
     path = gguf_dir / f"{directory.name}-{checkpoint_key(directory)}-{outtype}.gguf"
     if path.is_file():

@@ -12,7 +12,6 @@ argmax, EOS ignored, no BOS added (the prompt ids are used exactly), the KV cach
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import logging
 import os

@@ -92,11 +92,11 @@ def measure_bandwidth(device: torch.device, size_bytes: int = GIB, reps: int = 5
     read = size_bytes / _best_time(lambda: x.sum(), reps, sync) / 1e9
     y = torch.empty_like(x)
     copy = 2 * size_bytes / _best_time(lambda: y.copy_(x), reps, sync) / 1e9
-    del y
+    y = None  # free it before the GEMV
     side = int(n**0.5)
     w, v = x[: side * side].view(side, side), torch.ones(side, device=device)
     gemv = side * side * 4 / _best_time(lambda: torch.mv(w, v), reps, sync) / 1e9
-    del x, w
+    x = w = None
     gc.collect()
     return {"sum_read_GBps": read, "copy_read_write_GBps": copy, "gemv_read_GBps": gemv,
             "roofline_GBps": max(read, gemv)}

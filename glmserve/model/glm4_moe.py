@@ -162,7 +162,8 @@ class Glm4MoeModel(nn.Module):
         self.num_hidden_layers = config.num_hidden_layers
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata | DenseBatch) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                meta: AttentionMetadata | DenseBatch) -> torch.Tensor:
         """Returns the last decoder layer's hidden states, before the final norm (what the MTP layer reads)."""
         x = self.embed_tokens(input_ids)
         rope = self.rotary.lookup(positions, x.dtype)  # once per step, shared by every layer
@@ -191,7 +192,8 @@ class Glm4MoeForCausalLM(nn.Module):
         """The main decoder layers' attention (the MTP layer's cache is set up by the speculative path)."""
         return [layer.self_attn for layer in self.model.layers[: self.config.num_hidden_layers]]
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata | DenseBatch) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                meta: AttentionMetadata | DenseBatch) -> torch.Tensor:
         return self.model(input_ids, positions, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file
 
 from glmserve.nano.checkpoint import WEIGHTS_FILE, write_derived_checkpoint

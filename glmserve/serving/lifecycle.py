@@ -5,9 +5,9 @@
   then ended with an error (a stream: an error event and [DONE]; glmserve.serving.drain), which aborts them in the
   engine; the process exits 0. A second SIGINT stops at once.
 * If the engine fails (loading or stepping), every request in flight gets an OpenAI error at once (503, naming the
-  kind of failure; the details go to the log), /health answers 503, and the server shuts down the same way and exits 1, as vLLM does, so that
-  a supervisor restarts it. With GLMSERVE_KEEP_ALIVE_ON_ENGINE_DEATH=1 (vLLM's VLLM_KEEP_ALIVE_ON_ENGINE_DEATH)
-  it stays up instead, answering 503, for whoever wants to inspect it.
+  kind of failure; the details go to the log), /health answers 503, and the server shuts down the same way and
+  exits 1, as vLLM does, so that a supervisor restarts it. With GLMSERVE_KEEP_ALIVE_ON_ENGINE_DEATH=1 (vLLM's
+  VLLM_KEEP_ALIVE_ON_ENGINE_DEATH) it stays up instead, answering 503, for whoever wants to inspect it.
 """
 
 from __future__ import annotations

@@ -2,13 +2,13 @@
 
 A request names at most one grammar (two are a 400), in any of the spellings of structured_fields.py:
 
-| kind | fields |
-| --- | --- |
-| JSON schema | `response_format` `{"type": "json_schema", "json_schema": {"schema": ...}}`, `structured_outputs.json`, `guided_json`, SGLang's `json_schema` |
-| any JSON | `response_format` `{"type": "json_object"}`, `structured_outputs.json_object` |
-| regular expression | `structured_outputs.regex`, `guided_regex`, SGLang's `regex` |
-| one of a list | `structured_outputs.choice`, `guided_choice` |
-| grammar | `structured_outputs.grammar`, `guided_grammar` (EBNF with `::=`, else Lark, as vLLM tells them apart), SGLang's `ebnf` |
+* JSON schema: `response_format` `{"type": "json_schema", "json_schema": {"schema": ...}}`,
+  `structured_outputs.json`, `guided_json`, SGLang's `json_schema`
+* any JSON: `response_format` `{"type": "json_object"}`, `structured_outputs.json_object`
+* regular expression: `structured_outputs.regex`, `guided_regex`, SGLang's `regex`
+* one of a list: `structured_outputs.choice`, `guided_choice`
+* grammar: `structured_outputs.grammar`, `guided_grammar` (EBNF with `::=`, else Lark, as vLLM tells them
+  apart), SGLang's `ebnf`
 
 Tool calls held to their schemas (tool_grammar.py) are a structural tag compiled here the same way. What is
 compiled is what vLLM's xgrammar backend compiles: JSON with any whitespace (unless `disable_any_whitespace`),
@@ -71,8 +71,8 @@ class GrammarSpec:
                                    _from_structured_outputs(req), _from_guided(req)) if spec is not None]
         found += _from_sglang(req)
         if len(found) > 1:
-            raise ParamError(f"give one structured output constraint, not several ({', '.join(s.param for s in found)})",
-                             found[1].param)
+            names = ", ".join(s.param for s in found)
+            raise ParamError(f"give one structured output constraint, not several ({names})", found[1].param)
         return found[0] if found else None
 
 

@@ -3,10 +3,10 @@ computed in fp64, on random shapes whose K and N are multiples of no block or gr
 
 import pytest
 import torch
+from kernel_cases import FORMATS, GROUPS, make_weight
 
 from glmserve import kernels
 from glmserve.kernels import dequantize, quantize_int4, quantize_int8
-from kernel_cases import FORMATS, GROUPS, make_weight
 
 
 def quantizes_activations(isa: str | None, weight: torch.Tensor) -> bool:

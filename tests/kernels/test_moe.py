@@ -4,11 +4,11 @@ path, experts that get no rows, ids < 0 (skipped), and a token that picks one ex
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_cases import FORMATS, make_weight
+from test_linear import activation_step, quantizes_activations
 
 from glmserve import kernels
 from glmserve.kernels import dequantize
-from kernel_cases import FORMATS, make_weight
-from test_linear import activation_step, quantizes_activations
 
 
 def expert_stack(fmt, experts, rows, cols, group_size, gen):

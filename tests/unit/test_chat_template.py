@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
-from glm45_examples import E8_TOOLS_BLOCK, EXAMPLES, TOOLS_FOOTER, TOOLS_HEADER, WEATHER_TOOL, user
+from glm45_examples import EXAMPLES, TOOLS_FOOTER, TOOLS_HEADER, WEATHER_TOOL, user
 
 from glmserve.serving.chat_template import ChatTemplateError, normalize_messages, render_chat
 

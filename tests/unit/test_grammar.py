@@ -183,7 +183,8 @@ def test_auto_holds_only_strict_tools_or_by_server_level(compiler):
 # ---- the engine's matcher state ----------------------------------------------------------------------------------
 
 def _request(rid, constraint, output=()):
-    request = Request(rid, [1, 2, 3], SamplingParams(max_tokens=50, grammar=constraint), eos_token_ids=frozenset({2012}))
+    request = Request(rid, [1, 2, 3], SamplingParams(max_tokens=50, grammar=constraint),
+                      eos_token_ids=frozenset({2012}))
     request.token_ids += list(output)
     return request
 

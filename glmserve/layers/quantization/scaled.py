@@ -6,8 +6,8 @@ Weights are quantized as they stream in, a few rows at a time, so loading never 
 model plus one checkpoint tensor. Every linear layer is quantized, the lm_head included (as llama.cpp's q8_0 and
 q4_0 files do), and so are the embedding tables (a lookup dequantizes only the rows it reads: int8 rows under
 int8 and fp8, whose e4m3 would round them coarser for no saving; int4 under int4), which is what lets the whole
-model fit in about one byte (int8, fp8) or half a byte (int4) per parameter. An FP8 checkpoint held as it is stored (fp8's float_vocab) keeps the
-embeddings and heads its release left in bf16 as float.
+model fit in about one byte (int8, fp8) or half a byte (int4) per parameter. An FP8 checkpoint held as it is
+stored (fp8's float_vocab) keeps the embeddings and heads its release left in bf16 as float.
 """
 
 from __future__ import annotations
