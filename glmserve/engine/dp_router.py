@@ -50,8 +50,8 @@ class _CacheRecord:
         return n
 
     def insert(self, hashes: Sequence[int]) -> None:
-        for h in hashes:  # inserted or touched in order, so that a prefix outlives its continuations
-            self.hashes[h] = None
+        for h in reversed(hashes):  # the first block touched last: a prefix outlives its continuations, as the
+            self.hashes[h] = None  # replicas free a sequence's blocks tail first
             self.hashes.move_to_end(h)
         while len(self.hashes) > self.capacity:
             self.hashes.popitem(last=False)
