@@ -2,6 +2,7 @@
 requests, send a conversation's follow-up to the replica holding its prefix, and fail cleanly when one dies."""
 
 import asyncio
+import dataclasses
 import functools
 import os
 import signal
@@ -77,6 +78,21 @@ def test_dp2_greedy_tokens_equal_one_engine_and_requests_spread(checkpoints):
     assert sorted(dp.router.routed) == [3, 3]  # all at once: the loads alternate
     assert all(s.num_steps > 0 for s in dp.replica_stats())
     assert dp.router.loads == [0, 0]
+
+
+def test_tensor_parallel_replicas_give_the_same_tokens(checkpoints):
+    """dp 2 x tp 2: four processes, each replica starting its own rank."""
+    directory = checkpoints("glm45")
+    prompts = _prompts()[:4]
+    expected = _single_engine_tokens(_config(directory), prompts)
+    config = dataclasses.replace(_config(directory), tensor_parallel_size=2)
+    dp = DataParallelEngine(functools.partial(LLMEngine, config, progress=False), 2, tensor_parallel_size=2)
+
+    async def body(client):
+        return await asyncio.gather(*(_generate(client, str(i), p) for i, p in enumerate(prompts)))
+
+    assert asyncio.run(_with_client(dp, body)) == expected
+    assert dp.router.routed == [2, 2]
 
 
 def test_a_conversations_follow_ups_hit_their_replicas_prefix_cache(checkpoints):
