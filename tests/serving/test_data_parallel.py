@@ -91,6 +91,20 @@ def test_follow_ups_land_on_the_replica_holding_their_prefix(dp_server, dp_clien
     assert metric(_metrics(dp_server), 'glmserve:dp_router_decisions_total{reason="affinity"}') >= 6
 
 
+def test_structured_output_is_refused_with_400(dp_server):
+    body = {"model": "x", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+            "response_format": {"type": "json_object"}}
+    response = httpx.post(f"{dp_server.url}/v1/chat/completions", json=body, timeout=30)
+    assert response.status_code == 400 and "--data-parallel-size" in response.json()["error"]["message"]
+
+
+def test_sigterm_stops_the_replicas_and_exits_0(dp_server):
+    pids = _replica_pids(dp_server)
+    dp_server.process.send_signal(signal.SIGTERM)
+    assert dp_server.process.wait(timeout=30) == 0
+    assert all(_gone(pid) for pid in pids)
+
+
 def test_start_up_errors(checkpoint, tmp_path):
     for flags, message in ((["--dp-size", "0"], "--data-parallel-size must be at least 1"),
                            (["--dp-size", str(os.cpu_count() + 1)], "cores are available")):
