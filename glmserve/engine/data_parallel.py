@@ -180,8 +180,8 @@ class DataParallelEngine:
             infos = self._wait_ready()
         info = infos[0]
         self.max_model_len = min(i.max_model_len for i in infos)
-        self.model_config, self.generation_defaults, self.kv_spec = info.model_config, info.generation_defaults, \
-            info.kv_spec
+        self.model_config, self.generation_defaults = info.model_config, info.generation_defaults
+        self.kv_spec = info.kv_spec  # one replica's pool (each has its own, alike)
         options = self._router_options
         if not info.enable_prefix_caching:
             options = RouterOptions(options.cache_threshold, options.balance_abs_threshold,
@@ -234,8 +234,8 @@ class DataParallelEngine:
         if request_id in self._owner:
             raise ParamError(f"duplicate request id {request_id!r}")
         replica = self.router.route(prompt_token_ids)
-        if not any(owner == replica for owner in self._owner.values()):
-            self._last_heard[replica] = time.monotonic()  # its silence counts from now
+        if self.router.loads[replica] == 1:  # it held nothing: its silence counts from now
+            self._last_heard[replica] = time.monotonic()
         self._owner[request_id] = replica
         self._sequences[request_id] = list(prompt_token_ids)
         self._commands[replica].put(("add", [EngineRequest(request_id, prompt_token_ids, params)]))
@@ -319,7 +319,7 @@ class DataParallelEngine:
 
     def _check_silence(self) -> None:
         now = time.monotonic()
-        for index in set(self._owner.values()):
-            if now - self._last_heard[index] > self._step_timeout:
+        for index, load in enumerate(self.router.loads):
+            if load and now - self._last_heard[index] > self._step_timeout:
                 raise ReplicaFailedError(f"data-parallel replica {index} holds requests and has sent nothing for "
                                          f"{self._step_timeout:g} s (--step-timeout)")
