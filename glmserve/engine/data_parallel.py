@@ -23,6 +23,7 @@ replica whose server process is gone exits by itself. On CPU only for now (each 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import queue
 import signal
@@ -184,8 +185,7 @@ class DataParallelEngine:
         self.kv_spec = info.kv_spec  # one replica's pool (each has its own, alike)
         options = self._router_options
         if not info.enable_prefix_caching:
-            options = RouterOptions(options.cache_threshold, options.balance_abs_threshold,
-                                    options.balance_rel_threshold, prefix_affinity=False)
+            options = dataclasses.replace(options, prefix_affinity=False)
         self.router = CacheAwareRouter(self.size, info.block_size, info.num_blocks, options)
         logger.info("data parallel: %d replicas (pids %s), %d threads each", self.size,
                     ", ".join(str(p.pid) for p in self._processes), threads)

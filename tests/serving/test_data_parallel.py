@@ -113,6 +113,14 @@ def test_start_up_errors(checkpoint, tmp_path):
         assert message in (tmp_path / "out.log").read_text()
 
 
+def test_a_replica_that_fails_to_load_ends_the_server_with_1(checkpoint, tmp_path):
+    process = run_glmserve(["serve", str(checkpoint), "--dp-size", "2", "--max-model-len", "100000",
+                            "--host", "127.0.0.1", "--port", "0"], tmp_path / "out.log")
+    assert process.wait(timeout=120) == 1
+    log = (tmp_path / "out.log").read_text()
+    assert "data-parallel replica" in log and "exceeds the model's max_position_embeddings" in log
+
+
 def _replica_pids(server) -> list[int]:
     found = re.search(r"data parallel: 2 replicas \(pids (\d+), (\d+)\)", server.output())
     return [int(pid) for pid in found.groups()]
