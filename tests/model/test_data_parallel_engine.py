@@ -27,10 +27,15 @@ def _prompts() -> list[list[int]]:
     return [[(7 * i + 3 * j) % 1000 + 1 for j in range(5 + 9 * i)] for i in range(6)]
 
 
+def _params(i: int) -> SamplingParams:
+    """Greedy, and every third request sampled with a seed of its own (the same tokens on any replica)."""
+    return SamplingParams(temperature=0.9, seed=i, max_tokens=12, ignore_eos=True) if i % 3 == 2 else GREEDY
+
+
 def _single_engine_tokens(config: EngineConfig, prompts: list[list[int]]) -> list[list[int]]:
     engine = LLMEngine(config, progress=False)
     for i, prompt in enumerate(prompts):
-        engine.add_request(str(i), prompt, GREEDY)
+        engine.add_request(str(i), prompt, _params(i))
     tokens: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
     while engine.has_unfinished_requests():
         for output in engine.step():
@@ -61,14 +66,14 @@ async def _with_client(dp: DataParallelEngine, body):
         await asyncio.to_thread(client.join, 30)
 
 
-def test_dp2_greedy_tokens_equal_one_engine_and_requests_spread(checkpoints):
+def test_dp2_greedy_and_seeded_tokens_equal_one_engine_and_requests_spread(checkpoints):
     directory = checkpoints("glm45")
     prompts = _prompts()
     expected = _single_engine_tokens(_config(directory), prompts)
     dp = _dp_engine(directory)
 
     async def body(client):
-        got = await asyncio.gather(*(_generate(client, str(i), p) for i, p in enumerate(prompts)))
+        got = await asyncio.gather(*(_generate(client, str(i), p, _params(i)) for i, p in enumerate(prompts)))
         with pytest.raises(ParamError):  # checked before a replica is chosen, as the engine checks it
             await client.add_request("bad", [10**9], GREEDY)
         return got
@@ -89,7 +94,7 @@ def test_tensor_parallel_replicas_give_the_same_tokens(checkpoints):
     dp = DataParallelEngine(functools.partial(LLMEngine, config, progress=False), 2, tensor_parallel_size=2)
 
     async def body(client):
-        return await asyncio.gather(*(_generate(client, str(i), p) for i, p in enumerate(prompts)))
+        return await asyncio.gather(*(_generate(client, str(i), p, _params(i)) for i, p in enumerate(prompts)))
 
     assert asyncio.run(_with_client(dp, body)) == expected
     assert dp.router.routed == [2, 2]
