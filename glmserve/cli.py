@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import functools
 import logging
 import os
 import socket
@@ -117,6 +118,10 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--disable-shared-experts-fusion", action="store_true",
                        help="accepted for SGLang's command line; glmserve has no fusion to disable")
     serve.add_argument("--cpu-offload-gb", type=float, default=0.0)
+    serve.add_argument("--data-parallel-size", "--dp-size", "-dp", dest="data_parallel_size", type=int, default=1,
+                       help="engine replicas behind this server, each in its own process with its share of the CPU "
+                            "threads; requests go to the replica holding the longest cached prefix, else the least "
+                            "loaded (glmserve.engine.data_parallel)")
     serve.add_argument("--uvicorn-log-level", default="warning", help="uvicorn's own logging (info: access log)")
     limits = serve.add_argument_group("limits and lifecycle (glmserve.serving.limits, glmserve.serving.lifecycle)")
     limits.add_argument("--max-queued-requests", type=int, default=1024,
@@ -291,7 +296,6 @@ def serve(parser: argparse.ArgumentParser, args) -> int:
     limits = _serving_limits(parser, args)
 
     from glmserve.engine.engine_client import AsyncEngineClient
-    from glmserve.engine.llm_engine import LLMEngine
     from glmserve.serving.app import build_app
     from glmserve.serving.lifecycle import run_server
     from glmserve.serving.state import ServerState
@@ -300,20 +304,10 @@ def serve(parser: argparse.ArgumentParser, args) -> int:
     tokenizer = Tokenizer(model)
     template = _chat_template(parser, args.chat_template, tokenizer)
 
-    def load_engine() -> LLMEngine:
-        engine = LLMEngine(config, progress=False)
-        if args.scripted_output_file:
-            from glmserve.testing.scripted import ScriptedRunner
-
-            engine.runner = ScriptedRunner.from_file(engine.runner, args.scripted_output_file, tokenizer)
-        if args.inject_fault_after_steps is not None or args.inject_step_delay_ms:
-            from glmserve.testing.faults import FaultyRunner
-
-            engine.runner = FaultyRunner(engine.runner, args.inject_fault_after_steps,
-                                         (args.inject_step_delay_ms or 0) / 1000)
-        return engine
-
-    client = AsyncEngineClient(load_engine)
+    load_engine = functools.partial(_load_engine, config, args.scripted_output_file, args.inject_fault_after_steps,
+                                    args.inject_step_delay_ms)
+    data_parallel = _data_parallel_engine(parser, args, config, load_engine)
+    client = AsyncEngineClient(load_engine if data_parallel is None else data_parallel.start)
     # vLLM names a served model by the path it was given; the built-in default goes by its directory's name.
     given = args.model_path or args.model
     names = args.served_model_name or [model if given else Path(model).name]
@@ -321,6 +315,10 @@ def serve(parser: argparse.ArgumentParser, args) -> int:
                         args.api_key, limits, args.enable_log_requests, args.max_log_len,
                         tokenize_without_api_key=args.tokenize_without_api_key,
                         tool_strict_level=args.tool_strict_level)
+    if data_parallel is not None:
+        from glmserve.serving.dp_metrics import DataParallelCollector
+
+        state.metrics.registry.register(DataParallelCollector(data_parallel))
     try:
         sock = socket.create_server((args.host, args.port), family=socket.AF_INET6 if ":" in args.host
                                     else socket.AF_INET)
@@ -331,6 +329,44 @@ def serve(parser: argparse.ArgumentParser, args) -> int:
                                   shutdown_timeout=args.shutdown_timeout, in_flight=state.in_flight,
                                   request_read_timeout=args.request_read_timeout,
                                   limit_concurrency=args.limit_concurrency, keep_alive_on_engine_death=keep_alive))
+
+
+def _load_engine(config, scripted_output_file: str | None, inject_fault_after_steps: int | None,
+                 inject_step_delay_ms: float | None):
+    """The serving engine, with the test-only runners when asked for; a module-level function, so that
+    data-parallel replicas can build theirs in their own processes."""
+    from glmserve.engine.llm_engine import LLMEngine
+
+    engine = LLMEngine(config, progress=False)
+    if scripted_output_file:
+        from glmserve.serving.tokenizer import Tokenizer
+        from glmserve.testing.scripted import ScriptedRunner
+
+        engine.runner = ScriptedRunner.from_file(engine.runner, scripted_output_file, Tokenizer(config.model))
+    if inject_fault_after_steps is not None or inject_step_delay_ms:
+        from glmserve.testing.faults import FaultyRunner
+
+        engine.runner = FaultyRunner(engine.runner, inject_fault_after_steps, (inject_step_delay_ms or 0) / 1000)
+    return engine
+
+
+def _data_parallel_engine(parser: argparse.ArgumentParser, args, config, load_engine):
+    """With --data-parallel-size > 1, the engine over the replicas (not started yet); else None."""
+    dp = args.data_parallel_size
+    if dp < 1:
+        parser.error(f"--data-parallel-size must be at least 1, got {dp}")
+    if dp == 1:
+        return None
+    from glmserve.engine.data_parallel import DataParallelEngine
+    from glmserve.engine.model_runner import resolve_device
+
+    if resolve_device(config.device).type != "cpu":
+        parser.error("--data-parallel-size > 1 runs on CPU only for now (each replica would need GPUs of its own)")
+    processes, cores = dp * config.tensor_parallel_size, len(os.sched_getaffinity(0))
+    if processes > cores:
+        parser.error(f"--data-parallel-size {dp} x --tensor-parallel-size {config.tensor_parallel_size} needs "
+                     f"{processes} processes, one CPU core each at least, but {cores} cores are available")
+    return DataParallelEngine(load_engine, dp, config.tensor_parallel_size, config.step_timeout)
 
 
 def _serving_limits(parser: argparse.ArgumentParser, args):

@@ -62,6 +62,19 @@ class EngineInfo:
     kv_cache: KVCacheSpec | None = None  # the pool's dtype, blocks and tokens
 
 
+def add_all_or_none(engine: LLMEngine, requests: list[EngineRequest]) -> ParamError | None:
+    """Add the requests of one group, or none: a refused request takes its siblings back out. The refusal, if any."""
+    added = []
+    try:
+        for r in requests:
+            engine.add_request(r.request_id, r.prompt_token_ids, r.params)
+            added.append(r.request_id)
+    except ValueError as e:  # ParamError, or the scheduler refusing a request that cannot fit
+        engine.abort(added)
+        return e if isinstance(e, ParamError) else ParamError(str(e))
+    return None
+
+
 def _merge(a: EngineOutput, b: EngineOutput) -> EngineOutput:
     logprobs = None if a.new_logprobs is None and b.new_logprobs is None else (a.new_logprobs or []) + (
         b.new_logprobs or [])
@@ -311,7 +324,7 @@ class AsyncEngineClient:
             return True
         for command in self._take_commands():
             if command[0] == "add":
-                self._call(self._settle, command[2], self._add(engine, command[1]))
+                self._call(self._settle, command[2], add_all_or_none(engine, command[1]))
             else:
                 engine.abort(command[1])
         outputs = []
@@ -323,16 +336,3 @@ class AsyncEngineClient:
         if outputs:
             self._call(self._dispatch, outputs)
         return True
-
-    @staticmethod
-    def _add(engine: LLMEngine, requests: list[EngineRequest]) -> ParamError | None:
-        """Add all or none: a refused request takes its siblings back out."""
-        added = []
-        try:
-            for r in requests:
-                engine.add_request(r.request_id, r.prompt_token_ids, r.params)
-                added.append(r.request_id)
-        except ValueError as e:  # ParamError, or the scheduler refusing a request that cannot fit
-            engine.abort(added)
-            return e if isinstance(e, ParamError) else ParamError(str(e))
-        return None

@@ -10,6 +10,7 @@ holds a registered hash stays findable until allocation reuses it for new conten
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from glmserve.types import Request
@@ -28,6 +29,16 @@ class Block:
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def chain_block_hashes(token_ids: Sequence[int], block_size: int, hashes: list[int], num_tokens: int) -> list[int]:
+    """Extend `hashes` (those of the leading blocks, already computed) to cover the full blocks of the first
+    `num_tokens` of `token_ids`; returns it. Also what the data-parallel router keys its per-replica record with
+    (engine/dp_router.py), so that it matches prompts exactly as the replicas' caches do."""
+    for i in range(len(hashes), num_tokens // block_size):
+        parent = hashes[i - 1] if i else None
+        hashes.append(hash((parent, tuple(token_ids[i * block_size : (i + 1) * block_size]))))
+    return hashes
 
 
 class KVCacheManager:
@@ -190,8 +201,4 @@ class KVCacheManager:
     def _update_block_hashes(self, request: Request, num_tokens: int) -> list[int]:
         """Extend request.block_hashes to cover the full blocks of its first num_tokens tokens; old entries are
         kept, so each block is hashed once over the request's life."""
-        hashes = request.block_hashes
-        for i in range(len(hashes), num_tokens // self.block_size):
-            parent = hashes[i - 1] if i else None
-            hashes.append(hash((parent, self._block_tokens(request, i))))
-        return hashes
+        return chain_block_hashes(request.token_ids, self.block_size, request.block_hashes, num_tokens)

@@ -15,6 +15,25 @@ from glmserve.types import EngineOutput, ParamError, Request, SamplingParams
 logger = logging.getLogger(__name__)
 
 
+def check_request(prompt_token_ids: list[int], params: SamplingParams, vocab_size: int, max_model_len: int,
+                  tensor_parallel_size: int = 1) -> None:
+    """Raise ParamError for a request no engine could take (also checked by the data-parallel front, before it
+    picks a replica: engine/data_parallel.py)."""
+    if not prompt_token_ids:
+        raise ParamError("The prompt must contain at least one token.", "prompt")
+    if any(t < 0 or t >= vocab_size for t in prompt_token_ids):
+        raise ParamError(f"Prompt token ids must be in [0, {vocab_size}).", "prompt")
+    if any(t >= vocab_size for t in params.stop_token_ids):
+        raise ParamError(f"stop_token_ids must be in [0, {vocab_size}).", "stop_token_ids")
+    if params.grammar is not None and tensor_parallel_size > 1:
+        # The other ranks would need the compiled grammar, which does not pickle; not built yet.
+        raise ParamError("structured output is not supported with --tensor-parallel-size > 1")
+    if len(prompt_token_ids) >= max_model_len:
+        raise ParamError(
+            f"This model's maximum context length is {max_model_len} tokens. However, your request has "
+            f"{len(prompt_token_ids)} input tokens, which leaves no room for output.", "prompt")
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig, progress: bool = True):
         self.config = config
@@ -57,20 +76,8 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
         """Queue a request; invalid input raises ParamError before it reaches the scheduler."""
-        vocab = self.model_config.vocab_size
-        if not prompt_token_ids:
-            raise ParamError("The prompt must contain at least one token.", "prompt")
-        if any(t < 0 or t >= vocab for t in prompt_token_ids):
-            raise ParamError(f"Prompt token ids must be in [0, {vocab}).", "prompt")
-        if any(t >= vocab for t in params.stop_token_ids):
-            raise ParamError(f"stop_token_ids must be in [0, {vocab}).", "stop_token_ids")
-        if params.grammar is not None and self.config.tensor_parallel_size > 1:
-            # The other ranks would need the compiled grammar, which does not pickle; not built yet.
-            raise ParamError("structured output is not supported with --tensor-parallel-size > 1")
-        if len(prompt_token_ids) >= self.max_model_len:
-            raise ParamError(
-                f"This model's maximum context length is {self.max_model_len} tokens. However, your request has "
-                f"{len(prompt_token_ids)} input tokens, which leaves no room for output.", "prompt")
+        check_request(prompt_token_ids, params, self.model_config.vocab_size, self.max_model_len,
+                      self.config.tensor_parallel_size)
         request = Request(request_id, list(prompt_token_ids), params, eos_token_ids=self.eos_token_ids,
                           max_model_len=self.max_model_len)
         self.scheduler.add_request(request)
