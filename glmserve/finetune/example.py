@@ -1,11 +1,16 @@
-"""The worked example: teach the embedded model a fixed answer style it never writes, JSON answers.
+"""The worked example: teach the embedded model a fixed answer style it never writes.
 
-Asked "What is 47 + 38?", glm-4.5-nano reasons and answers "47 + 38 = 85."; the adapter makes it answer
-`{"answer": 85}` (a machine-readable style people fine-tune for), keeping the reasoning. The data are the embedded
-model's own arithmetic conversations (glmserve.nano.dialogues) with the answer rewritten, split by problem as its
-corpus splits them, so no held-out problem is ever trained on. The held-out rate: the share of held-out
-two-digit problems (thinking on) whose greedy reply's content is exactly that JSON with the right number,
-generated through glmserve's engine (`LLM`) on a copy of the checkpoint with the adapter merged into its weights.
+Asked "What is 47 + 38?", glm-4.5-nano reasons and answers in one of its styles ("47 + 38 = 85.", "The answer is
+85.", "It is 85."); the adapter makes it always answer "The result of 47 + 38 is 85.", keeping the reasoning. The
+data are the embedded model's own arithmetic conversations (glmserve.nano.dialogues) with the answer rewritten,
+split by problem as its corpus splits them, so no held-out problem is ever trained on. The held-out rate: the
+share of held-out two-digit problems (thinking on) whose greedy reply's content is exactly that sentence with the
+right numbers, generated through glmserve's engine (`LLM`) on a copy of the checkpoint with the adapter merged
+into its weights.
+
+A style made of tokens the model never writes (JSON such as `{"answer": 85}`: `{"`, `":` and `}` never occur in
+its completions) is out of reach of an attention-only adapter in minutes: those tokens' output-head rows were
+never trained, and the loss on them stayed at ~6.6 after 100 steps while every other token was learnt.
 
 `python -m glmserve.finetune.example --out DIR` writes the data, measures the base model, fine-tunes, measures the
 adapter and prints both rates (README: "Fine-tuning a LoRA adapter").
@@ -16,17 +21,21 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import tempfile
 from pathlib import Path
 
 from glmserve.finetune.data import load_conversations, render_turns
+from glmserve.nano.arithmetic import Problem
 from glmserve.nano.corpus import is_heldout
 from glmserve.nano.dialogues import arithmetic_dialogue
 from glmserve.serving.templates import glm45_chat_template
 
 
-def styled(answer: int) -> str:
-    return json.dumps({"answer": answer})
+def styled(problem_key: str, answer: int) -> str:
+    """The answer in the taught style; `problem_key` as the corpus writes it ("47+38", "12*3")."""
+    a, op, b = re.fullmatch(r"(\d+)([-+*])(\d+)", problem_key).groups()
+    return f"The result of {Problem(int(a), op, int(b)).expression()} is {answer}."
 
 
 def conversation(rng: random.Random, thinking: bool) -> tuple[dict, dict, bool]:
@@ -34,14 +43,15 @@ def conversation(rng: random.Random, thinking: bool) -> tuple[dict, dict, bool]:
     dialogue = arithmetic_dialogue(rng, thinking)
     expected = dialogue.expected[0]
     messages = [dict(m) for m in dialogue.messages]
-    messages[-1]["content"] = styled(expected["answer"])
+    messages[-1]["content"] = styled(expected["problem"], expected["answer"])
     record = {"messages": messages}
     if not thinking:
         record["chat_template_kwargs"] = {"enable_thinking": False}
     return record, expected, any(map(is_heldout, dialogue.keys))
 
 
-def write_data(out: str | Path, train_count: int, heldout_count: int, seed: int = 0) -> tuple[Path, Path]:
+def write_data(out: str | Path, train_count: int, heldout_count: int, seed: int = 0, thinking_share: float = 0.5
+               ) -> tuple[Path, Path]:
     """train.jsonl (both thinking modes) and heldout.jsonl (two-digit sums and differences, thinking on: the
     problems the base model gets right 98% of the time, so the rate measures the style), deterministic in seed."""
     out = Path(out)
@@ -49,7 +59,7 @@ def write_data(out: str | Path, train_count: int, heldout_count: int, seed: int 
     rng = random.Random(f"finetune-example-{seed}")
     train, heldout = [], []
     while len(train) < train_count or len(heldout) < heldout_count:
-        thinking = rng.random() < 0.5
+        thinking = rng.random() < thinking_share
         record, expected, held = conversation(rng, thinking)
         if not held and len(train) < train_count:
             train.append(record)
@@ -66,13 +76,6 @@ def reply_content(text: str) -> str:
     return text.split("</think>")[-1].strip()
 
 
-def is_styled_answer(content: str, answer: int) -> bool:
-    try:
-        return json.loads(content) == {"answer": answer}
-    except json.JSONDecodeError:
-        return False
-
-
 def merged_checkpoint(model_dir: str | Path, adapter_dir: str | Path, out: str | Path) -> Path:
     """A copy of the checkpoint with the adapter merged into its weights, in fp32 (bf16 would round the small
     deltas away)."""
@@ -87,21 +90,20 @@ def merged_checkpoint(model_dir: str | Path, adapter_dir: str | Path, out: str |
 
 def heldout_rate(model_dir: str | Path, heldout: str | Path, adapter_dir: str | Path | None = None,
                  max_tokens: int = 160) -> tuple[float, list[str]]:
-    """(share of held-out questions answered exactly in the JSON style with the right number, the contents)."""
+    """(share of held-out questions whose reply's content is exactly the held-out answer, the contents)."""
     from glmserve import LLM
     from glmserve.types import SamplingParams
 
     template = glm45_chat_template()
     prompts, answers = [], []
     for conv in load_conversations(heldout):
-        turn = render_turns(template, conv)[-1]
-        prompts.append(turn.prompt)
-        answers.append(json.loads(reply_content(turn.completion.removesuffix("<|user|>")))["answer"])
+        prompts.append(render_turns(template, conv)[-1].prompt)
+        answers.append(conv.messages[-1]["content"])
     with tempfile.TemporaryDirectory() as tmp:
         model = merged_checkpoint(model_dir, adapter_dir, tmp) if adapter_dir else model_dir
         outputs = LLM(model).generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens))
     contents = [reply_content(o.outputs[0].text) for o in outputs]
-    hits = sum(is_styled_answer(c, a) for c, a in zip(contents, answers))
+    hits = sum(c == a for c, a in zip(contents, answers))
     return hits / len(prompts), contents
 
 
