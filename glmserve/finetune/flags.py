@@ -15,21 +15,28 @@ CHECKPOINT_DIR = "checkpoint"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("--model", default=str(EMBEDDED_MODEL), help="base checkpoint directory (default: the embedded "
-                                                                 "glm-4.5-nano)")
+    """The flags, with PEFT's and Hugging Face trainers' spellings as aliases (--lora-r, --lora-alpha,
+    --lora-target-modules, --output-dir, --num-train-epochs, --learning-rate)."""
+    p.add_argument("--model", default=str(EMBEDDED_MODEL),
+                   help="base checkpoint directory (default: the embedded glm-4.5-nano)")
     p.add_argument("--data", required=True, help="training JSONL, one OpenAI-format conversation a line")
     p.add_argument("--eval-data", help="held-out JSONL (default: --eval-fraction of --data)")
     p.add_argument("--eval-fraction", type=float, default=0.05, help="share of --data held out without --eval-data")
-    p.add_argument("--output", required=True, help="adapter directory to write (PEFT layout)")
-    p.add_argument("--rank", "-r", type=int, default=8, help="LoRA rank r")
-    p.add_argument("--alpha", type=float, default=16.0, help="lora_alpha: the update is scaled by alpha / r")
+    p.add_argument("--output", "--output-dir", dest="output", required=True,
+                   help="adapter directory to write (PEFT layout)")
+    p.add_argument("--rank", "--lora-r", "-r", dest="rank", type=int, default=8, help="LoRA rank r")
+    p.add_argument("--alpha", "--lora-alpha", dest="alpha", type=float, default=16.0,
+                   help="lora_alpha: the update is scaled by alpha / r")
     p.add_argument("--use-rslora", action="store_true", help="scale by alpha / sqrt(r) (rank-stabilized LoRA)")
-    p.add_argument("--target-modules", nargs="+", default=list(ATTENTION_TARGETS), choices=TARGETS,
-                   metavar="MODULE", help=f"modules to adapt, of {', '.join(TARGETS)} (gate/up/down_proj: the dense "
-                                          "MLP and the shared experts)")
-    p.add_argument("--epochs", type=float, default=1.0, help="passes over the data (unless --max-steps)")
+    p.add_argument("--target-modules", "--lora-target-modules", dest="target_modules", nargs="+",
+                   default=list(ATTENTION_TARGETS), choices=TARGETS, metavar="MODULE",
+                   help=f"modules to adapt, of {', '.join(TARGETS)} (gate/up/down_proj: the dense MLP and the shared "
+                        "experts; peft 0.21 with transformers 5 loads only the attention ones)")
+    p.add_argument("--epochs", "--num-train-epochs", dest="epochs", type=float, default=1.0,
+                   help="passes over the data (unless --max-steps)")
     p.add_argument("--max-steps", type=int, help="optimizer steps; overrides --epochs")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (linear warmup, cosine decay)")
+    p.add_argument("--lr", "--learning-rate", dest="lr", type=float, default=1e-3,
+                   help="peak learning rate (linear warmup, cosine decay)")
     p.add_argument("--warmup-ratio", type=float, default=0.05)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--batch-size", type=int, default=8, help="sequences per optimizer step")
@@ -46,5 +53,6 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="LoRA fine-tuning of a checkpoint on the CPU; writes a PEFT adapter.")
+    p = argparse.ArgumentParser(prog="python -m glmserve.finetune",
+                                description="LoRA fine-tuning of a checkpoint on the CPU; writes a PEFT adapter.")
     return add_arguments(p).parse_args(argv)

@@ -84,44 +84,52 @@ def _save_state(adapter: LoraAdapter, optimizer: torch.optim.Optimizer, step: in
     torch.save({"step": step, "optimizer": optimizer.state_dict()}, directory / STATE_FILE)
 
 
+def _chat_template(args: argparse.Namespace, tokenizer: Tokenizer) -> str:
+    if args.chat_template:
+        return Path(args.chat_template).read_text(encoding="utf-8")
+    from glmserve.serving.templates import glm45_chat_template
+
+    return tokenizer.chat_template or glm45_chat_template()
+
+
+def _adapter_and_optimizer(args: argparse.Namespace, model, output: Path
+                           ) -> tuple[LoraAdapter, torch.optim.Optimizer, int]:
+    """A fresh adapter at step 0, or with --resume the checkpoint's adapter, optimizer state and step."""
+    if args.resume is None:
+        adapter = LoraAdapter(model, args.target_modules, args.rank, args.alpha, args.use_rslora, args.seed)
+        return adapter, torch.optim.AdamW(adapter.parameters(), lr=args.lr, weight_decay=args.weight_decay), 0
+    resume = Path(args.resume or output / CHECKPOINT_DIR)
+    adapter = adapter_from_directory(model, resume)
+    if (adapter.rank, adapter.targets) != (args.rank, list(dict.fromkeys(args.target_modules))):
+        raise ValueError(f"{resume} holds a rank-{adapter.rank} adapter of {adapter.targets}; resume it with "
+                         f"the same --rank and --target-modules")
+    optimizer = torch.optim.AdamW(adapter.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    state = torch.load(resume / STATE_FILE, weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    return adapter, optimizer, state["step"]
+
+
 def finetune(args: argparse.Namespace) -> dict:
     """Train and write the adapter; returns the run's summary (steps, held-out loss before and after)."""
     if args.threads:
         torch.set_num_threads(args.threads)
     output = Path(args.output)
     tokenizer = Tokenizer(args.model)
-    if args.chat_template:
-        template = Path(args.chat_template).read_text(encoding="utf-8")
-    else:
-        from glmserve.serving.templates import glm45_chat_template
-
-        template = tokenizer.chat_template or glm45_chat_template()
-    train, heldout = _data(args, tokenizer, template)
+    train, heldout = _data(args, tokenizer, _chat_template(args, tokenizer))
     pad_id = tokenizer.token_to_id("<|endoftext|>")
 
     model = load_checkpoint(args.model)  # fp32, every parameter frozen (the loader's default)
-    batches_per_epoch = math.ceil(len(train) / args.batch_size)
-    total = args.max_steps or max(1, round(args.epochs * batches_per_epoch))
-    adapter = LoraAdapter(model, args.target_modules, args.rank, args.alpha, args.use_rslora, args.seed)
-    optimizer = torch.optim.AdamW(adapter.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    step = 0
-    if args.resume is not None:
-        resume = Path(args.resume or output / CHECKPOINT_DIR)
-        adapter = adapter_from_directory(model, resume)
-        optimizer = torch.optim.AdamW(adapter.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-        state = torch.load(resume / STATE_FILE, weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
-        step = state["step"]
+    total = args.max_steps or max(1, round(args.epochs * math.ceil(len(train) / args.batch_size)))
+    adapter, optimizer, step = _adapter_and_optimizer(args, model, output)
     adapter.attach()
 
     output.mkdir(parents=True, exist_ok=True)
-    log = open(output / LOG_FILE, "a", encoding="utf-8")
 
     def record(**fields) -> None:
         line = json.dumps(fields)
         tqdm.write(line)
-        log.write(line + "\n")
-        log.flush()
+        with open(output / LOG_FILE, "a", encoding="utf-8") as log:
+            log.write(line + "\n")
 
     summary = {"train_sequences": len(train), "heldout_sequences": len(heldout), "steps": total}
     if heldout:
@@ -145,16 +153,13 @@ def finetune(args: argparse.Namespace) -> dict:
         bar.update()
         bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
         if heldout and (step % args.eval_steps == 0 or step == total):
-            record(step=step, loss=round(loss.item(), 4),
-                   heldout_loss=round(heldout_loss(model, heldout, pad_id, args.batch_size), 4),
+            summary["heldout_loss_end"] = heldout_loss(model, heldout, pad_id, args.batch_size)
+            record(step=step, loss=round(loss.item(), 4), heldout_loss=round(summary["heldout_loss_end"], 4),
                    minutes=round((time.monotonic() - start) / 60, 2))
         if step % args.save_steps == 0 or step == total:
             _save_state(adapter, optimizer, step, args, output)
     bar.close()
-    log.close()
     write_adapter(adapter, output, args.model)
-    if heldout:
-        summary["heldout_loss_end"] = heldout_loss(model, heldout, pad_id, args.batch_size)
     summary["minutes"] = (time.monotonic() - start) / 60
     print(f"wrote the adapter to {output} ({json.dumps(summary)})", flush=True)
     return summary
