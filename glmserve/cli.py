@@ -1,5 +1,6 @@
 """`glmserve serve` (OpenAI-compatible server), `glmserve chat` (terminal chat, glmserve.chat_cli),
-`glmserve generate` (one-shot generation) and `glmserve bench serve|offline` (benchmarks, glmserve.bench).
+`glmserve generate` (one-shot generation), `glmserve bench serve|offline` (benchmarks, glmserve.bench) and
+`glmserve finetune` (LoRA fine-tuning, glmserve.finetune).
 
 Flags carry both spellings where vLLM and SGLang differ, so the model card's commands work with `vllm serve` /
 `python3 -m sglang.launch_server` replaced by `glmserve serve`. A flag value that cannot work is refused before
@@ -396,12 +397,11 @@ def bench(parser: argparse.ArgumentParser, args) -> int:
 
 
 def finetune(parser: argparse.ArgumentParser, args) -> int:
-    from glmserve.finetune.data import DataError
     from glmserve.finetune.train import finetune as run_finetune
 
     try:
         run_finetune(args)
-    except (DataError, ValueError) as e:
+    except ValueError as e:  # bad data (DataError), a bad flag value, an unusable checkpoint to resume
         parser.error(str(e))
     return 0
 

@@ -103,6 +103,8 @@ def _adapter_and_optimizer(args: argparse.Namespace, model, output: Path
     if (adapter.rank, adapter.targets) != (args.rank, list(dict.fromkeys(args.target_modules))):
         raise ValueError(f"{resume} holds a rank-{adapter.rank} adapter of {adapter.targets}; resume it with "
                          f"the same --rank and --target-modules")
+    if not (resume / STATE_FILE).is_file():
+        raise ValueError(f"{resume} has no {STATE_FILE}: resume from the {CHECKPOINT_DIR} directory a run writes")
     optimizer = torch.optim.AdamW(adapter.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     state = torch.load(resume / STATE_FILE, weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
@@ -114,6 +116,8 @@ def finetune(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     output = Path(args.output)
+    if not Path(args.model, "config.json").is_file():
+        raise ValueError(f"--model {args.model} is not a checkpoint directory (no config.json)")
     tokenizer = Tokenizer(args.model)
     train, heldout = _data(args, tokenizer, _chat_template(args, tokenizer))
     pad_id = tokenizer.token_to_id("<|endoftext|>")
@@ -169,6 +173,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         finetune(args)
-    except (DataError, ValueError) as e:
+    except ValueError as e:  # DataError included
         raise SystemExit(f"glmserve finetune: error: {e}") from e
     return 0
