@@ -1,5 +1,6 @@
 """`glmserve serve` (OpenAI-compatible server), `glmserve chat` (terminal chat, glmserve.chat_cli),
-`glmserve generate` (one-shot generation) and `glmserve bench serve|offline` (benchmarks, glmserve.bench).
+`glmserve generate` (one-shot generation), `glmserve bench serve|offline` (benchmarks, glmserve.bench) and
+`glmserve finetune` (LoRA fine-tuning, glmserve.finetune).
 
 Flags carry both spellings where vLLM and SGLang differ, so the model card's commands work with `vllm serve` /
 `python3 -m sglang.launch_server` replaced by `glmserve serve`. A flag value that cannot work is refused before
@@ -161,6 +162,11 @@ def _build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-tokens", type=int, default=1024, help="the longest reply, reasoning included")
     chat.add_argument("--temperature", type=float, help="default: the checkpoint's generation_config.json")
     chat.add_argument("--scripted-output-file", help=argparse.SUPPRESS)  # test-only, as for serve
+
+    from glmserve.finetune.flags import add_arguments as add_finetune_arguments
+
+    add_finetune_arguments(commands.add_parser("finetune", help="train a LoRA adapter (PEFT layout) on chat data",
+                                               allow_abbrev=False))
 
     from glmserve.bench import (
         add_parsers,  # flag definitions only; the benchmarks import their code when run
@@ -426,6 +432,16 @@ def bench(parser: argparse.ArgumentParser, args) -> int:
     return run_bench(args, parser)
 
 
+def finetune(parser: argparse.ArgumentParser, args) -> int:
+    from glmserve.finetune.train import finetune as run_finetune
+
+    try:
+        run_finetune(args)
+    except ValueError as e:  # bad data (DataError), a bad flag value, an unusable checkpoint to resume
+        parser.error(str(e))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s %(name)s: %(message)s")
     parser = _build_parser()
@@ -433,6 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     from glmserve.config import ConfigError
 
     try:
-        return {"serve": serve, "chat": chat, "generate": generate, "bench": bench}[args.command](parser, args)
+        return {"serve": serve, "chat": chat, "generate": generate, "bench": bench,
+                "finetune": finetune}[args.command](parser, args)
     except ConfigError as e:
         parser.error(str(e))

@@ -42,18 +42,28 @@ def _loss(logits: torch.Tensor, labels: torch.Tensor, emphasis: torch.Tensor,
     return (F.cross_entropy(logits, labels, reduction="none") * weights).sum() / weights.sum(), guesses
 
 
+def next_token_loss(model: Glm4MoeForCausalLM, batch: Batch, name_weight: float = 1.0
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The main model's loss on `batch` (h[i] predicts token[i+1], on target tokens only): (hidden states [B, S, H],
+    loss, greedy guesses, labels). Fine-tuning (glmserve.finetune) trains on this loss alone."""
+    ids, target = batch.ids, batch.target
+    b, s = ids.shape
+    hidden = model(ids.flatten(), torch.arange(s).repeat(b), DenseBatch(b)).view(b, s, -1)
+    keep = target[:, 1:]
+    labels = ids[:, 1:][keep]
+    loss, guesses = _loss(model.compute_logits(hidden[:, :-1][keep]), labels, batch.emphasis[:, 1:][keep],
+                          name_weight)
+    return hidden, loss, guesses, labels
+
+
 def compute_losses(model: Glm4MoeForCausalLM, batch: Batch, name_weight: float = 1.0) -> Losses:
     """The losses on `batch`; `name_weight` > 1 weighs the tokens of called tools' names more (the one choice a
     tool-call turn makes: which listed tool fits the request), for the main and the MTP loss alike."""
     ids, target, emphasis = batch.ids, batch.target, batch.emphasis
     b, s = ids.shape
-    positions = torch.arange(s).repeat(b)
-    hidden = model(ids.flatten(), positions, DenseBatch(b)).view(b, s, -1)
-
-    # Main model: h[i] predicts token[i+1]. Guesses are kept per predicted token to compare with the MTP's.
+    # Main model. Guesses are kept per predicted token to compare with the MTP's.
+    hidden, main, main_guess, labels = next_token_loss(model, batch, name_weight)
     keep = target[:, 1:]
-    labels = ids[:, 1:][keep]
-    main, main_guess = _loss(model.compute_logits(hidden[:, :-1][keep]), labels, emphasis[:, 1:][keep], name_weight)
     main_guesses = torch.full_like(ids, -1)
     main_guesses[:, 1:][keep] = main_guess
 

@@ -1,0 +1,5 @@
+import sys
+
+from glmserve.finetune.train import main
+
+sys.exit(main())
