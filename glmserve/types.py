@@ -35,6 +35,16 @@ class GrammarConstraint:
     description: str = ""  # what it was compiled from, for logs (e.g. "json_schema", "tool_calls(required)")
 
 
+@dataclass(frozen=True, slots=True)
+class LoRARequest:
+    """A LoRA adapter a request runs with (vLLM's name). lora_int_id is unique per load of an adapter (it salts
+    the prefix-cache hash, so an adapter reloaded under the same name never reuses the old one's blocks)."""
+
+    lora_name: str
+    lora_int_id: int
+    lora_path: str
+
+
 @dataclass(slots=True)
 class SamplingParams:
     """vLLM's field names and defaults. Validated once, at construction."""
@@ -57,6 +67,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     grammar: GrammarConstraint | None = None  # structured output: a constraint on the output tokens
+    lora_request: LoRARequest | None = None  # the adapter the request runs with; None: the base model
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
