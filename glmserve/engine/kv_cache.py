@@ -26,6 +26,13 @@ class Block:
     token_ids: tuple[int, ...] = ()
 
 
+def _cache_salt(request: Request) -> tuple | None:
+    """What a request's first block hash chains from: its LoRA adapter (one load of it), so blocks computed with
+    different adapters, or without one, are never shared."""
+    lora = request.sampling_params.lora_request
+    return None if lora is None else ("lora", lora.lora_int_id)
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -192,6 +199,6 @@ class KVCacheManager:
         kept, so each block is hashed once over the request's life."""
         hashes = request.block_hashes
         for i in range(len(hashes), num_tokens // self.block_size):
-            parent = hashes[i - 1] if i else None
+            parent = hashes[i - 1] if i else _cache_salt(request)
             hashes.append(hash((parent, self._block_tokens(request, i))))
         return hashes

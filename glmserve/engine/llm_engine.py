@@ -7,10 +7,12 @@ from collections.abc import Iterable
 
 from glmserve.config import ConfigError, EngineConfig, GenerationDefaults, ModelConfig
 from glmserve.engine.kv_cache import KVCacheManager
+from glmserve.engine.lora_registry import LoRARegistry
 from glmserve.engine.model_runner import ModelRunner
 from glmserve.engine.scheduler import Scheduler
 from glmserve.engine.tensor_parallel import TensorParallelRunner
-from glmserve.types import EngineOutput, ParamError, Request, SamplingParams
+from glmserve.loader.peft import AdapterError
+from glmserve.types import EngineOutput, LoRARequest, ParamError, Request, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +36,14 @@ class LLMEngine:
         self.scheduler = Scheduler(self.kv_cache, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens,
                                    long_prefill_token_threshold=config.long_prefill_token_threshold,
-                                   num_speculative_tokens=config.num_speculative_tokens)
+                                   num_speculative_tokens=config.num_speculative_tokens,
+                                   max_loras=config.max_loras if config.enable_lora else 0)
+        self.loras = LoRARegistry(self.runner.lora)
+        for name, path in config.lora_modules:
+            try:
+                self.loras.add(name, path)
+            except AdapterError as e:
+                raise ConfigError(f"--lora-modules {name}={path}: {e}") from None
 
     def _max_model_len(self, positions: int) -> int:
         """--max-model-len, or what the model and the KV pool allow. One sequence must always fit in the pool, or
@@ -67,6 +76,7 @@ class LLMEngine:
         if params.grammar is not None and self.config.tensor_parallel_size > 1:
             # The other ranks would need the compiled grammar, which does not pickle; not built yet.
             raise ParamError("structured output is not supported with --tensor-parallel-size > 1")
+        self.loras.check(params.lora_request)
         if len(prompt_token_ids) >= self.max_model_len:
             raise ParamError(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, your request has "
@@ -75,6 +85,14 @@ class LLMEngine:
                           max_model_len=self.max_model_len)
         self.scheduler.add_request(request)
         return request
+
+    def add_lora(self, name: str, path: str) -> LoRARequest:
+        """Load an adapter (vLLM's /v1/load_lora_adapter). Raises AdapterError for a bad one."""
+        return self.loras.add(name, path)
+
+    def remove_lora(self, name: str) -> None:
+        """Unload an adapter; refused (LoRAInUseError) while unfinished requests use it."""
+        self.loras.remove(name, self.scheduler.requests.values())
 
     def abort(self, request_ids: Iterable[str]) -> None:
         for request in self.scheduler.abort_requests(list(request_ids)):
