@@ -24,6 +24,19 @@ class ParamError(ValueError):
         self.param = param
 
 
+class AdapterError(ValueError):
+    """A LoRA adapter that cannot be served (missing or malformed, unsupported, too large a rank, a target module
+    the model lacks): the message says what is wrong and where."""
+
+
+class LoRAInUseError(ValueError):
+    """An adapter that running or waiting requests use cannot be unloaded."""
+
+
+class LoRANotFoundError(ValueError):
+    """No adapter of that name is loaded."""
+
+
 @dataclass(frozen=True, slots=True, eq=False)
 class GrammarConstraint:
     """A compiled grammar that a request's output is held to: serving/structured_output.py compiles it (off the

@@ -11,8 +11,7 @@ from glmserve.engine.lora_registry import LoRARegistry
 from glmserve.engine.model_runner import ModelRunner
 from glmserve.engine.scheduler import Scheduler
 from glmserve.engine.tensor_parallel import TensorParallelRunner
-from glmserve.loader.peft import AdapterError
-from glmserve.types import EngineOutput, LoRARequest, ParamError, Request, SamplingParams
+from glmserve.types import AdapterError, EngineOutput, LoRARequest, ParamError, Request, SamplingParams
 
 logger = logging.getLogger(__name__)
 

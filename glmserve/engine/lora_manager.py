@@ -17,8 +17,8 @@ from glmserve.layers.linear import LinearBase
 from glmserve.layers.lora import ExpertLoRASlots, LinearLoRASlots, LoRABatch
 from glmserve.layers.lora.batch import BASE
 from glmserve.layers.quantization import UnquantizedMethod
-from glmserve.loader.peft import AdapterError, LoRAWeights, read_peft_adapter
-from glmserve.types import LoRARequest, ScheduledChunk
+from glmserve.loader.peft import LoRAWeights, read_peft_adapter
+from glmserve.types import AdapterError, LoRARequest, ScheduledChunk
 
 # LoRA layers and how many projections each stacks (its slots are that many ranks wide).
 _STACKED = {"qkv_proj": 3, "gate_up_proj": 2, "o_proj": 1, "down_proj": 1}

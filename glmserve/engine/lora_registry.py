@@ -4,18 +4,12 @@ id; a request must name one that is loaded. Unloading an adapter that unfinished
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
-from glmserve.engine.lora_manager import LoRAManager
-from glmserve.loader.peft import AdapterError
-from glmserve.types import LoRARequest, ParamError, Request
+from glmserve.types import AdapterError, LoRAInUseError, LoRANotFoundError, LoRARequest, ParamError, Request
 
-
-class LoRAInUseError(ValueError):
-    """An adapter that running or waiting requests use cannot be unloaded."""
-
-
-class LoRANotFoundError(ValueError):
-    """No adapter of that name is loaded."""
+if TYPE_CHECKING:
+    from glmserve.engine.lora_manager import LoRAManager
 
 
 class LoRARegistry:

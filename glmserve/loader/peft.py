@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from glmserve.config import ModelConfig
+from glmserve.types import AdapterError
 
 LoRAPair = tuple[torch.Tensor, torch.Tensor]  # (A [r, in], B [out, r] with the scale folded in)
 
@@ -30,10 +31,6 @@ _PROJ = r"model\.layers\.(\d+)\."
 _MODULE = re.compile(_PROJ + r"(self_attn\.[qkvo]_proj|mlp\.(?:shared_experts\.)?(?:gate|up|down)_proj|"
                      r"mlp\.experts\.\d+\.(?:gate|up|down)_proj)$")
 _FUSED_EXPERTS = re.compile(_PROJ + r"mlp\.experts$")
-
-
-class AdapterError(ValueError):
-    """An adapter that cannot be served: the message says what is wrong and where."""
 
 
 @dataclass

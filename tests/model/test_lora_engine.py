@@ -8,11 +8,9 @@ import torch
 
 from glmserve.config import ConfigError, EngineConfig
 from glmserve.engine.llm_engine import LLMEngine
-from glmserve.engine.lora_registry import LoRAInUseError, LoRANotFoundError
-from glmserve.loader.peft import AdapterError
 from glmserve.testing.checkpoint import SHAPES
 from glmserve.testing.lora import write_random_adapter
-from glmserve.types import LoRARequest, ParamError, SamplingParams
+from glmserve.types import AdapterError, LoRAInUseError, LoRANotFoundError, LoRARequest, ParamError, SamplingParams
 
 SHAPE = "glm45"
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
