@@ -183,3 +183,19 @@ def test_bad_adapters_are_refused_clearly(checkpoints, adapters, tmp_path):
         _engine(directory, [("bad", str(tmp_path / "missing"))])
     with pytest.raises(ConfigError, match="tensor-parallel"):
         EngineConfig(model=str(directory), enable_lora=True, tensor_parallel_size=2)
+
+
+def test_offline_llm_and_mtp_drafts_with_adapters(checkpoints, adapters):
+    """LLM.generate(..., lora_request=...) as in vLLM. With MTP drafts on, the base model's MTP layer drafts for
+    adapter requests too and verification keeps the adapter's greedy tokens unchanged."""
+    from glmserve import LLM
+
+    directory = checkpoints(SHAPE)
+    _, tails = _prompts()
+    expected = _run(_engine(directory, adapters), {"x": (tails[0], "a1"), "y": (tails[1], None),
+                                                   "z": (tails[2], "a2")})
+    llm = LLM(directory, enable_lora=True, max_loras=2, num_kv_blocks=64, block_size=4, num_speculative_tokens=2)
+    loras = [LoRARequest("a1", 7, adapters[1][1]), None, LoRARequest("a2", 8, adapters[2][1])]
+    outs = llm.generate([{"prompt_token_ids": t} for t in tails[:3]], GREEDY, lora_request=loras)
+    assert [o.outputs[0].token_ids for o in outs] == [expected["x"], expected["y"], expected["z"]]
+    assert llm.engine.scheduler.spec_decoding.num_drafts > 0
