@@ -199,3 +199,16 @@ def test_offline_llm_and_mtp_drafts_with_adapters(checkpoints, adapters):
     outs = llm.generate([{"prompt_token_ids": t} for t in tails[:3]], GREEDY, lora_request=loras)
     assert [o.outputs[0].token_ids for o in outs] == [expected["x"], expected["y"], expected["z"]]
     assert llm.engine.scheduler.spec_decoding.num_drafts > 0
+
+
+def test_adapters_beyond_max_cpu_loras_are_read_again(checkpoints, adapters):
+    """--max-loras 1 --max-cpu-loras 1 with three adapters: each use swaps the slot and re-reads the evicted
+    adapter from disk, and the tokens stay those of an engine that holds them all."""
+    directory = checkpoints(SHAPE)
+    _, tails = _prompts()
+    expected = _run(_engine(directory, adapters), {f"r{i}": (tails[i], f"a{i}") for i in range(3)})
+    engine = _engine(directory, adapters, max_loras=1, max_cpu_loras=1)
+    for rid in ["r0", "r1", "r2", "r0", "r2"]:
+        i = int(rid[1])
+        assert _run(engine, {rid: (tails[i], f"a{i}")})[rid] == expected[rid]
+        assert list(engine.runner.lora.cache) == [engine.loras.adapters[f"a{i}"].lora_int_id]
