@@ -37,7 +37,7 @@ class LLMEngine:
                                    long_prefill_token_threshold=config.long_prefill_token_threshold,
                                    num_speculative_tokens=config.num_speculative_tokens,
                                    max_loras=config.max_loras if config.enable_lora else 0)
-        self.loras = LoRARegistry(self.runner.lora)
+        self.loras = LoRARegistry(getattr(self.runner, "lora", None))  # (None: LoRA off, or tensor parallel)
         for name, path in config.lora_modules:
             try:
                 self.loras.add(name, path)
