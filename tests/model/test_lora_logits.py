@@ -8,6 +8,7 @@ import transformers
 from glmserve.config import EngineConfig, ModelConfig
 from glmserve.engine.model_runner import ModelRunner
 from glmserve.layers.attention import AttentionMetadata
+from glmserve.layers.lora import batch as lora_batch
 from glmserve.testing.checkpoint import SHAPES
 from glmserve.testing.lora import merge_into, write_random_adapter
 from glmserve.types import LoRARequest, Request, SamplingParams, ScheduledChunk
@@ -43,18 +44,21 @@ def _reference(directory, deltas=None) -> transformers.Glm4MoeForCausalLM:
     return model
 
 
-CASES = [  # shape, rank, targets, layout, rsLoRA
-    ("glm45", 8, ("attn",), "per_expert", False),
-    ("glm45", 4, ("attn", "mlp", "experts"), "per_expert", True),
-    ("air", 16, ("mlp", "experts"), "fused", False),
-    ("air", 2, ("attn", "mlp"), "per_expert", False),
+CASES = [  # shape, rank, targets, layout, rsLoRA, rows_path
+    ("glm45", 8, ("attn",), "per_expert", False, "grouped"),
+    ("glm45", 4, ("attn", "mlp", "experts"), "per_expert", True, "masked"),
+    ("air", 16, ("mlp", "experts"), "fused", False, "grouped"),
+    ("air", 2, ("attn", "mlp"), "per_expert", False, "masked"),
 ]
 
 
-@pytest.mark.parametrize("shape,rank,targets,layout,rslora", CASES)
-def test_adapter_logits_match_merged_transformers(shape, rank, targets, layout, rslora, checkpoints, tmp_path):
+@pytest.mark.parametrize("shape,rank,targets,layout,rslora,rows_path", CASES)
+def test_adapter_logits_match_merged_transformers(shape, rank, targets, layout, rslora, rows_path, checkpoints,
+                                                  tmp_path, monkeypatch):
     """Two adapters and the base model in one batch: each sequence's logits equal transformers' with that
-    adapter merged (the base sequence: the plain model)."""
+    adapter merged (the base sequence: the plain model). rows_path: the linear layers' per-slot matmuls
+    (sgmv-like) or every slot at once, masked per row (bgmv-like), whatever the step's size."""
+    monkeypatch.setattr(lora_batch, "MASKED_MAX_ROWS", 0 if rows_path == "grouped" else 10**6)
     directory = checkpoints(shape)
     tiny = SHAPES[shape]
     deltas = [write_random_adapter(tmp_path / f"a{i}", tiny, rank, targets, layout, use_rslora=rslora, seed=i)

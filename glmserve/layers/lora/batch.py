@@ -6,17 +6,34 @@ request, so an adapter's rows are usually one contiguous run (a slice, no copy);
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 BASE = -1  # the slot of rows that run the base model
+# Steps of at most this many rows compute every slot's LoRA for every row and mask (LinearLoRASlots.add_to).
+MASKED_MAX_ROWS = 32
 
 
 @dataclass(slots=True)
 class LoRABatch:
     row_slots: torch.Tensor  # [T] long: the slot of each row, BASE for the base model
     groups: list[tuple[int, slice | torch.Tensor]]  # (slot, its rows) for every slot with rows in the step
+    masks: dict[tuple, torch.Tensor] = field(default_factory=dict)  # slot_mask's, per (width, slots, dtype)
+
+    @property
+    def masked(self) -> bool:
+        return self.row_slots.shape[0] <= MASKED_MAX_ROWS
+
+    def slot_mask(self, width: int, num_slots: int, dtype: torch.dtype) -> torch.Tensor:
+        """[T, num_slots * width]: 1 in the `width` columns of each row's own slot, 0 elsewhere (base rows: all 0).
+        Made once per step for each slot width."""
+        mask = self.masks.get((width, num_slots, dtype))
+        if mask is None:
+            columns = torch.arange(num_slots * width, device=self.row_slots.device) // width
+            mask = (self.row_slots[:, None] == columns).to(dtype)
+            self.masks[(width, num_slots, dtype)] = mask
+        return mask
 
     @classmethod
     def build(cls, runs: list[tuple[int, int]], device: torch.device) -> LoRABatch | None:
