@@ -7,8 +7,9 @@ Configurations on one random checkpoint (bench-57m by default) and random rank-1
 - lora-1: every stream on one adapter;
 - lora-4: four adapters, four streams each, mixed in every step.
 Each run: 16 prompts of 32 random tokens, greedy, 64 new tokens each (ignore_eos); decode tokens/s counts the
-tokens of the steps after every stream has its first token, over those steps' time. Configurations alternate
-within each repetition, so machine noise hits all of them; medians are reported.
+tokens of the steps after every stream has its first token, over those steps' wall time, and over this
+process's CPU time (which other processes' load moves less). Configurations alternate within each repetition, so
+machine noise hits all of them; medians are reported.
 
 Examples:
     python benchmarks/lora_decode.py --json benchmarks/results/lora-decode-bench-57m.json
@@ -37,22 +38,24 @@ from glmserve.types import SamplingParams
 STREAMS, PROMPT_LEN = 16, 32
 
 
-def decode_rate(engine: LLMEngine, prompts: list[list[int]], adapters: list[str | None], max_tokens: int) -> float:
+def decode_rate(engine: LLMEngine, prompts: list[list[int]], adapters: list[str | None],
+                max_tokens: int) -> tuple[float, float]:
+    """(decode tokens per wall second, per CPU second of this process: less moved by other processes' load)."""
     for i, (prompt, name) in enumerate(zip(prompts, adapters)):
         lora = None if name is None else engine.loras.adapters[name]
         engine.add_request(f"{i}-{time.monotonic_ns()}", prompt, SamplingParams(
             temperature=0.0, max_tokens=max_tokens, ignore_eos=True, lora_request=lora))
     started: set[str] = set()
     gc.collect()
-    t0, tokens = None, 0
+    t0, cpu0, tokens = None, None, 0
     while engine.has_unfinished_requests():
         outputs = engine.step()
         if t0 is not None:
             tokens += sum(len(o.new_token_ids) for o in outputs)
         started |= {o.request_id for o in outputs}
         if t0 is None and len(started) == len(prompts):
-            t0 = time.perf_counter()
-    return tokens / (time.perf_counter() - t0)
+            t0, cpu0 = time.perf_counter(), time.process_time()
+    return tokens / (time.perf_counter() - t0), tokens / (time.process_time() - cpu0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,18 +89,26 @@ def main(argv: list[str] | None = None) -> int:
     for name, (engine, adapters) in configs.items():  # warm-up
         decode_rate(engines[engine], prompts, adapters, 8)
     rates: dict[str, list[float]] = {name: [] for name in configs}
+    cpu_rates: dict[str, list[float]] = {name: [] for name in configs}
     for _ in range(args.reps):
         for name, (engine, adapters) in configs.items():
-            rates[name].append(decode_rate(engines[engine], prompts, adapters, args.max_tokens))
+            wall, cpu = decode_rate(engines[engine], prompts, adapters, args.max_tokens)
+            rates[name].append(wall)
+            cpu_rates[name].append(cpu)
     medians = {name: statistics.median(r) for name, r in rates.items()}
+    cpu_medians = {name: statistics.median(r) for name, r in cpu_rates.items()}
     for name, rate in medians.items():
-        print(f"{name:7s} {rate:8.1f} decode tok/s  ({rate / medians['base']:.2f} x base)")
+        cpu = cpu_medians[name]
+        print(f"{name:7s} {rate:8.1f} decode tok/s  ({rate / medians['base']:.2f} x base)   {cpu:8.1f} tok per CPU s "
+              f"({cpu / cpu_medians['base']:.2f} x base)")
     if args.json:
         result = {"benchmark": "lora_decode", "model": args.model, "streams": STREAMS, "prompt_len": PROMPT_LEN,
                   "max_tokens": args.max_tokens, "rank": args.rank, "targets": args.targets, "reps": args.reps,
                   "threads": args.threads, "machine": platform.processor() or platform.machine(),
                   "torch": torch.__version__, "decode_tok_s_median": medians, "decode_tok_s_runs": rates,
-                  "relative_to_base": {n: r / medians["base"] for n, r in medians.items()}}
+                  "relative_to_base": {n: r / medians["base"] for n, r in medians.items()},
+                  "decode_tok_per_cpu_s_median": cpu_medians, "decode_tok_per_cpu_s_runs": cpu_rates,
+                  "cpu_relative_to_base": {n: r / cpu_medians["base"] for n, r in cpu_medians.items()}}
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0
 
