@@ -1,8 +1,8 @@
 """glmserve: inference engine and OpenAI-compatible server for GLM-4.5 models."""
 
-from glmserve.types import SamplingParams
+from glmserve.types import LoRARequest, SamplingParams
 
-__all__ = ["LLM", "SamplingParams"]
+__all__ = ["LLM", "LoRARequest", "SamplingParams"]
 
 
 def __getattr__(name: str):

@@ -19,6 +19,8 @@ import socket
 import sys
 from pathlib import Path
 
+from glmserve.cli_lora import add_lora_flags, lora_engine_fields
+
 logger = logging.getLogger("glmserve")
 
 SPECULATIVE_ALGORITHMS = ("EAGLE", "NEXTN", "MTP")  # SGLang's names; for GLM-4.5 each drafts with the MTP layer
@@ -73,6 +75,7 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ep-size", "--expert-parallel-size", dest="ep_size", type=int, default=1,
                    help="SGLang's spelling: the same as --enable-expert-parallel when it equals --tp-size")
     p.add_argument("--trust-remote-code", action="store_true", help="accepted; glmserve never runs checkpoint code")
+    add_lora_flags(p)
     spec = p.add_argument_group("speculative decoding with the checkpoint's MTP layer (SGLang's or vLLM's flags)")
     spec.add_argument("--speculative-algorithm", type=str.upper, choices=SPECULATIVE_ALGORITHMS,
                       help="EAGLE, NEXTN or MTP: all draft with the MTP layer")
@@ -246,7 +249,8 @@ def _engine_config(parser: argparse.ArgumentParser, args, model: str):
     _check_devices(parser, args.tensor_parallel_size, args.device)
     try:
         num_draft_tokens = _speculative_tokens(args)
-        check_speculative_decoding(ModelConfig.from_pretrained(model), num_draft_tokens)
+        model_config = ModelConfig.from_pretrained(model)
+        check_speculative_decoding(model_config, num_draft_tokens)
         return EngineConfig(
             model=model, dtype=args.dtype, weight_dtype=args.weight_dtype, load_format=args.load_format,
             quantization=args.quantization,
@@ -260,7 +264,8 @@ def _engine_config(parser: argparse.ArgumentParser, args, model: str):
             tensor_parallel_size=args.tensor_parallel_size, enable_expert_parallel=_expert_parallel(args),
             num_speculative_tokens=num_draft_tokens, step_timeout=args.step_timeout,
             kv_cache_dtype=args.kv_cache_dtype, calculate_kv_scales=args.calculate_kv_scales,
-            attention_backend=_attention_backend(args.attention_backend))
+            attention_backend=_attention_backend(args.attention_backend),
+            **lora_engine_fields(parser, args, model_config))
     except ConfigError as e:
         parser.error(str(e))
 

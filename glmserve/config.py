@@ -248,6 +248,13 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"  # auto: the compute dtype; fp8 (e4m3), fp8_e5m2, bfloat16: one or two bytes
     calculate_kv_scales: bool = False  # FP8 KV: scales from the first step's keys and values (vLLM)
     attention_backend: str | None = None  # None: layers.attention's default
+    # LoRA serving (vLLM's flags): adapters per step, their largest rank, how many are kept read in memory, and
+    # the adapters loaded at start-up as (name, path) pairs.
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None  # None: max_loras
+    lora_modules: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
@@ -279,6 +286,21 @@ class EngineConfig:
             raise ConfigError("--tensor-parallel-size must be positive")
         if not self.step_timeout > 0:
             raise ConfigError(f"--step-timeout must be positive, got {self.step_timeout}")
+        self._check_lora()
         if not 0 <= self.num_speculative_tokens <= MAX_SPECULATIVE_TOKENS:
             raise ConfigError(f"the number of speculative tokens must be in [0, {MAX_SPECULATIVE_TOKENS}], "
                               f"got {self.num_speculative_tokens}")
+
+    def _check_lora(self) -> None:
+        if self.max_loras < 1 or self.max_lora_rank < 1 or (self.max_cpu_loras is not None and
+                                                            self.max_cpu_loras < self.max_loras):
+            raise ConfigError("--max-loras and --max-lora-rank must be positive, --max-cpu-loras at least "
+                              "--max-loras")
+        if self.lora_modules and not self.enable_lora:
+            raise ConfigError("--lora-modules needs --enable-lora")
+        if self.enable_lora and self.tensor_parallel_size > 1:
+            raise ConfigError("LoRA serving runs with one rank: --enable-lora is not supported with "
+                              "--tensor-parallel-size > 1")
+        names = [name for name, _ in self.lora_modules]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"--lora-modules names an adapter twice: {names}")

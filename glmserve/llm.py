@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +14,7 @@ from glmserve.engine.llm_engine import LLMEngine
 from glmserve.models import EMBEDDED_MODEL
 from glmserve.serving.output_processor import OutputProcessor, default_sampling
 from glmserve.serving.tokenizer import Tokenizer
-from glmserve.types import SamplingParams, TokenLogprobs
+from glmserve.types import LoRARequest, SamplingParams, TokenLogprobs
 
 
 @dataclass
@@ -61,15 +62,21 @@ class LLM:
         return SamplingParams(**default_sampling(self.engine.generation_defaults))
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 use_tqdm: bool = False) -> list[RequestOutput]:
+                 use_tqdm: bool = False, lora_request: LoRARequest | list[LoRARequest | None] | None = None,
+                 ) -> list[RequestOutput]:
         """prompts: a string, a list of strings, or vLLM's `{"prompt_token_ids": [...]}` dicts (or a list of them).
-        Returns one RequestOutput per prompt, in order. Without sampling_params, the checkpoint's defaults."""
+        Returns one RequestOutput per prompt, in order. Without sampling_params, the checkpoint's defaults.
+        lora_request (LLM(enable_lora=True)): the adapter of every prompt, or one per prompt; an adapter not yet
+        loaded is loaded under its name (its lora_int_id is the engine's own)."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         params = sampling_params if sampling_params is not None else self.get_default_sampling_params()
         params_list = params if isinstance(params, list) else [params] * len(prompts)
-        if len(params_list) != len(prompts):
-            raise ValueError("sampling_params must be one SamplingParams or one per prompt")
+        loras = lora_request if isinstance(lora_request, list) else [lora_request] * len(prompts)
+        if len(params_list) != len(prompts) or len(loras) != len(prompts):
+            raise ValueError("sampling_params and lora_request must be one for all or one per prompt")
+        params_list = [p if lora is None else dataclasses.replace(p, lora_request=self._lora(lora))
+                       for p, lora in zip(params_list, loras)]
 
         results: list[RequestOutput] = []
         requests: dict[str, tuple[OutputProcessor, RequestOutput]] = {}  # by engine request id
@@ -94,6 +101,14 @@ class LLM:
                     bar.update()
         bar.close()
         return results
+
+    def _lora(self, lora: LoRARequest) -> LoRARequest:
+        loaded = self.engine.loras.adapters.get(lora.lora_name)
+        if loaded is None:
+            return self.engine.add_lora(lora.lora_name, lora.lora_path)
+        if loaded.lora_path != str(lora.lora_path):
+            raise ValueError(f"an adapter named {lora.lora_name!r} is loaded from {loaded.lora_path}")
+        return loaded
 
     def _apply(self, outputs: OutputProcessor, step, result: RequestOutput) -> bool:
         """One engine step of one sample into its CompletionOutput; True when the sample has just finished."""

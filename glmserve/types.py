@@ -24,6 +24,19 @@ class ParamError(ValueError):
         self.param = param
 
 
+class AdapterError(ValueError):
+    """A LoRA adapter that cannot be served (missing or malformed, unsupported, too large a rank, a target module
+    the model lacks): the message says what is wrong and where."""
+
+
+class LoRAInUseError(ValueError):
+    """An adapter that running or waiting requests use cannot be unloaded."""
+
+
+class LoRANotFoundError(ValueError):
+    """No adapter of that name is loaded."""
+
+
 @dataclass(frozen=True, slots=True, eq=False)
 class GrammarConstraint:
     """A compiled grammar that a request's output is held to: serving/structured_output.py compiles it (off the
@@ -33,6 +46,16 @@ class GrammarConstraint:
     # With thinking on, the constraint starts once this token (`</think>`) has been generated: reasoning is free.
     start_token_id: int | None = None
     description: str = ""  # what it was compiled from, for logs (e.g. "json_schema", "tool_calls(required)")
+
+
+@dataclass(frozen=True, slots=True)
+class LoRARequest:
+    """A LoRA adapter a request runs with (vLLM's name). lora_int_id is unique per load of an adapter (it salts
+    the prefix-cache hash, so an adapter reloaded under the same name never reuses the old one's blocks)."""
+
+    lora_name: str
+    lora_int_id: int
+    lora_path: str
 
 
 @dataclass(slots=True)
@@ -57,6 +80,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     grammar: GrammarConstraint | None = None  # structured output: a constraint on the output tokens
+    lora_request: LoRARequest | None = None  # the adapter the request runs with; None: the base model
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

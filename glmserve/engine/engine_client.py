@@ -23,7 +23,7 @@ from glmserve.config import GenerationDefaults
 from glmserve.engine.kv_planning import KVCacheSpec
 from glmserve.engine.scheduler import SchedulerStats
 from glmserve.engine.stat_logger import StatLogger
-from glmserve.types import EngineOutput, ParamError, SamplingParams
+from glmserve.types import EngineOutput, LoRARequest, ParamError, SamplingParams
 
 if TYPE_CHECKING:  # the client itself needs no torch; only the factory it is given builds an engine
     from glmserve.engine.llm_engine import LLMEngine
@@ -60,6 +60,7 @@ class EngineInfo:
     vocab_size: int
     generation_defaults: GenerationDefaults
     kv_cache: KVCacheSpec | None = None  # the pool's dtype, blocks and tokens
+    lora_requests: tuple[LoRARequest, ...] = ()  # adapters loaded at start-up
 
 
 def add_all_or_none(engine: LLMEngine, requests: list[EngineRequest]) -> ParamError | None:
@@ -140,13 +141,15 @@ class AsyncEngineClient:
     def __init__(self, engine_factory: Callable[[], LLMEngine]):
         self._factory = engine_factory
         self._cond = threading.Condition()
-        self._commands: deque[tuple] = deque()  # ("add", requests, future) | ("abort", ids); guarded by _cond
+        # ("add", requests, future) | ("abort", ids) | ("call", fn, future); guarded by _cond
+        self._commands: deque[tuple] = deque()
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ready: asyncio.Future[EngineInfo] | None = None
         self._streams: dict[str, RequestStream] = {}  # event-loop side only
         self.info: EngineInfo | None = None
+        self.loras: dict[str, LoRARequest] = {}  # the engine's LoRA adapters by name (event-loop side)
         self.error: BaseException | None = None
         self.stats = SchedulerStats(0, 0, 0.0, 0, 0)  # replaced (never mutated) by the engine thread
         self.num_steps = 0  # engine steps run; only the engine thread writes it
@@ -231,6 +234,14 @@ class AsyncEngineClient:
     async def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> RequestStream:
         return await self.add_requests([EngineRequest(request_id, prompt_token_ids, params)])
 
+    async def call(self, fn: Callable[[LLMEngine], object]) -> object:
+        """Run fn(engine) in the engine thread between two steps (LoRA loads and unloads); its result comes back,
+        or its exception is raised here."""
+        self.require_info()
+        done = self._loop.create_future()
+        self._send(("call", fn, done))
+        return await done
+
     def abort(self, request_ids: Iterable[str]) -> None:
         """Abort requests, from any thread: queued, and applied between two engine steps. Unknown or finished
         ids are ignored. (Their stream, if any, must stop reading them: `RequestStream.abort` does.)"""
@@ -265,6 +276,7 @@ class AsyncEngineClient:
 
     def _on_ready(self, info: EngineInfo) -> None:
         self.info = info
+        self.loras = {lora.lora_name: lora for lora in info.lora_requests}
         self._ready.set_result(info)
 
     def _on_dead(self, error: BaseException) -> None:
@@ -278,15 +290,15 @@ class AsyncEngineClient:
         self._streams.clear()
         # The engine thread has stopped taking commands: answer the adds still queued.
         for command in self._take_commands():
-            if command[0] == "add":
+            if command[0] in ("add", "call"):
                 self._settle(command[2], dead)
 
     @staticmethod
-    def _settle(future: asyncio.Future, error: BaseException | None) -> None:
+    def _settle(future: asyncio.Future, error: BaseException | None, result: object = None) -> None:
         if future.done():  # the waiting caller was cancelled; add_requests has aborted its requests
             return
         if error is None:
-            future.set_result(None)
+            future.set_result(result)
         else:
             future.set_exception(error)
 
@@ -295,8 +307,9 @@ class AsyncEngineClient:
     def _run(self) -> None:
         try:
             engine = self._factory()
+            loras = getattr(engine, "loras", None)  # (test fakes of the engine have none)
             info = EngineInfo(engine.max_model_len, engine.model_config.vocab_size, engine.generation_defaults,
-                              engine.kv_spec)
+                              engine.kv_spec, tuple(loras.adapters.values()) if loras is not None else ())
             self.stats = engine.scheduler.stats()
             self._call(self._on_ready, info)
             while self._serve_once(engine):
@@ -325,6 +338,8 @@ class AsyncEngineClient:
         for command in self._take_commands():
             if command[0] == "add":
                 self._call(self._settle, command[2], add_all_or_none(engine, command[1]))
+            elif command[0] == "call":
+                self._call(self._settle, command[2], *self._apply(engine, command[1]))
             else:
                 engine.abort(command[1])
         outputs = []
@@ -336,3 +351,10 @@ class AsyncEngineClient:
         if outputs:
             self._call(self._dispatch, outputs)
         return True
+
+    @staticmethod
+    def _apply(engine: LLMEngine, fn: Callable) -> tuple[BaseException | None, object]:
+        try:
+            return None, fn(engine)
+        except ValueError as e:  # a refused call (a bad adapter, one in use); anything else kills the engine
+            return e, None

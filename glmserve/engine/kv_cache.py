@@ -27,16 +27,25 @@ class Block:
     token_ids: tuple[int, ...] = ()
 
 
+def _cache_salt(request: Request) -> tuple | None:
+    """What a request's first block hash chains from: its LoRA adapter (one load of it), so blocks computed with
+    different adapters, or without one, are never shared."""
+    lora = request.sampling_params.lora_request
+    return None if lora is None else ("lora", lora.lora_int_id)
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def chain_block_hashes(token_ids: Sequence[int], block_size: int, hashes: list[int], num_tokens: int) -> list[int]:
+def chain_block_hashes(token_ids: Sequence[int], block_size: int, hashes: list[int], num_tokens: int,
+                       salt: tuple | None = None) -> list[int]:
     """Extend `hashes` (those of the leading blocks, already computed) to cover the full blocks of the first
-    `num_tokens` of `token_ids`; returns it. Also what the data-parallel router keys its per-replica record with
-    (engine/dp_router.py), so that it matches prompts exactly as the replicas' caches do."""
+    `num_tokens` of `token_ids`; returns it. The first block chains from `salt` (`_cache_salt`). Also what the
+    data-parallel router keys its per-replica record with (engine/dp_router.py), so that it matches prompts exactly
+    as the replicas' caches do."""
     for i in range(len(hashes), num_tokens // block_size):
-        parent = hashes[i - 1] if i else None
+        parent = hashes[i - 1] if i else salt
         hashes.append(hash((parent, tuple(token_ids[i * block_size : (i + 1) * block_size]))))
     return hashes
 
@@ -201,4 +210,5 @@ class KVCacheManager:
     def _update_block_hashes(self, request: Request, num_tokens: int) -> list[int]:
         """Extend request.block_hashes to cover the full blocks of its first num_tokens tokens; old entries are
         kept, so each block is hashed once over the request's life."""
-        return chain_block_hashes(request.token_ids, self.block_size, request.block_hashes, num_tokens)
+        return chain_block_hashes(request.token_ids, self.block_size, request.block_hashes, num_tokens,
+                                  _cache_salt(request))

@@ -7,10 +7,11 @@ from collections.abc import Iterable
 
 from glmserve.config import ConfigError, EngineConfig, GenerationDefaults, ModelConfig
 from glmserve.engine.kv_cache import KVCacheManager
+from glmserve.engine.lora_registry import LoRARegistry
 from glmserve.engine.model_runner import ModelRunner
 from glmserve.engine.scheduler import Scheduler
 from glmserve.engine.tensor_parallel import TensorParallelRunner
-from glmserve.types import EngineOutput, ParamError, Request, SamplingParams
+from glmserve.types import AdapterError, EngineOutput, LoRARequest, ParamError, Request, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +54,14 @@ class LLMEngine:
         self.scheduler = Scheduler(self.kv_cache, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens,
                                    long_prefill_token_threshold=config.long_prefill_token_threshold,
-                                   num_speculative_tokens=config.num_speculative_tokens)
+                                   num_speculative_tokens=config.num_speculative_tokens,
+                                   max_loras=config.max_loras if config.enable_lora else 0)
+        self.loras = LoRARegistry(getattr(self.runner, "lora", None))  # (None: LoRA off, or tensor parallel)
+        for name, path in config.lora_modules:
+            try:
+                self.loras.add(name, path)
+            except AdapterError as e:
+                raise ConfigError(f"--lora-modules {name}={path}: {e}") from None
 
     def _max_model_len(self, positions: int) -> int:
         """--max-model-len, or what the model and the KV pool allow. One sequence must always fit in the pool, or
@@ -78,10 +86,19 @@ class LLMEngine:
         """Queue a request; invalid input raises ParamError before it reaches the scheduler."""
         check_request(prompt_token_ids, params, self.model_config.vocab_size, self.max_model_len,
                       self.config.tensor_parallel_size)
+        self.loras.check(params.lora_request)
         request = Request(request_id, list(prompt_token_ids), params, eos_token_ids=self.eos_token_ids,
                           max_model_len=self.max_model_len)
         self.scheduler.add_request(request)
         return request
+
+    def add_lora(self, name: str, path: str) -> LoRARequest:
+        """Load an adapter (vLLM's /v1/load_lora_adapter). Raises AdapterError for a bad one."""
+        return self.loras.add(name, path)
+
+    def remove_lora(self, name: str) -> None:
+        """Unload an adapter; refused (LoRAInUseError) while unfinished requests use it."""
+        self.loras.remove(name, self.scheduler.requests.values())
 
     def abort(self, request_ids: Iterable[str]) -> None:
         for request in self.scheduler.abort_requests(list(request_ids)):

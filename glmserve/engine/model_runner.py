@@ -18,6 +18,7 @@ from glmserve.engine.kv_planning import (
     kv_bytes_per_token,
     num_blocks_for_budget,
 )
+from glmserve.engine.lora_manager import LoRAManager
 from glmserve.engine.mtp_proposer import MTPProposer
 from glmserve.engine.rejection_sampler import RejectionSampler
 from glmserve.engine.sampler import Sampler, SamplingBatch
@@ -93,6 +94,9 @@ class ModelRunner:
                 module.process_weights_after_loading()
         release_freed_heap()
         self.proposer = self._make_proposer()
+        self.lora = None if not engine_config.enable_lora else LoRAManager(
+            self.model, model_config, engine_config.max_loras, engine_config.max_lora_rank,
+            engine_config.max_cpu_loras or engine_config.max_loras, self.dtype, self.device)
         self.num_blocks = self._allocate_kv_cache()
         self.sampler = Sampler()
         self.rejection_sampler = RejectionSampler(self.sampler)
@@ -173,6 +177,8 @@ class ModelRunner:
         block_tables = [c.request.block_ids for c in chunks]
         meta = AttentionMetadata.build([c.start_pos for c in chunks], [c.num_tokens for c in chunks],
                                        block_tables, self.block_size, self.device, self.attn_backend)
+        if self.lora is not None:
+            meta.lora = self.lora.prepare(chunks)
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         hidden = self.model(ids, pos, meta)

@@ -79,6 +79,7 @@ class Scheduler:
         max_num_batched_tokens: int = 2048,
         long_prefill_token_threshold: int = 0,
         num_speculative_tokens: int = 0,
+        max_loras: int = 0,
     ):
         if max_num_seqs < 1 or max_num_batched_tokens < 1 or long_prefill_token_threshold < 0:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1, the threshold >= 0")
@@ -86,6 +87,7 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.long_prefill_token_threshold = long_prefill_token_threshold
+        self.max_loras = max_loras  # distinct LoRA adapters in one step (0: LoRA off)
         # Slots reserved past each chunk for the drafter's chained steps: k MTP drafts write k - 1 positions
         # beyond the last kept token.
         self.num_lookahead_tokens = max(num_speculative_tokens - 1, 0)
@@ -152,10 +154,14 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         output = SchedulerOutput()
         budget = self.max_num_batched_tokens
+        loras: set[int] = set()  # the step's adapters
 
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
+            if not self._lora_fits(request, loras):  # it waits, with its blocks, for a step with room
+                i += 1
+                continue
             self._cap_drafts(request)
             num_new = self._num_new_tokens(
                 request.num_tokens + len(request.draft_token_ids) - request.num_computed_tokens, budget
@@ -167,6 +173,7 @@ class Scheduler:
                 if victim is request:
                     break
             else:  # allocated without preempting this request
+                self._add_lora(request, loras)
                 output.chunks.append(self._make_chunk(request, num_new))
                 budget -= num_new
                 i += 1
@@ -176,6 +183,8 @@ class Scheduler:
             return output
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
+            if not self._lora_fits(request, loras):
+                break
             computed_blocks, num_cached = self.kv_cache.get_computed_blocks(request)
             num_new = self._num_new_tokens(request.num_tokens - num_cached, budget)
             if not self.kv_cache.allocate_slots(request, num_new + self.num_lookahead_tokens, computed_blocks):
@@ -186,9 +195,20 @@ class Scheduler:
                 request.num_cached_tokens = num_cached
             request.status = RequestStatus.RUNNING
             self.running.append(request)
+            self._add_lora(request, loras)
             output.chunks.append(self._make_chunk(request, num_new))
             budget -= num_new
         return output
+
+    def _lora_fits(self, request: Request, loras: set[int]) -> bool:
+        """Whether the request's adapter is in the step already or there is room for one more (--max-loras)."""
+        lora = request.sampling_params.lora_request
+        return lora is None or lora.lora_int_id in loras or len(loras) < self.max_loras
+
+    @staticmethod
+    def _add_lora(request: Request, loras: set[int]) -> None:
+        if request.sampling_params.lora_request is not None:
+            loras.add(request.sampling_params.lora_request.lora_int_id)
 
     def _num_new_tokens(self, num_remaining: int, budget: int) -> int:
         num_new = min(num_remaining, budget)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from glmserve.distributed import ParallelContext
+from glmserve.layers.lora import LinearLoRASlots, LoRABatch
 from glmserve.layers.quantization import QuantMethod, UnquantizedMethod
 
 
@@ -26,7 +27,10 @@ def take_shard(loaded: torch.Tensor, dim: int, index: int, size: int, total: int
 
 
 class LinearBase(nn.Module):
-    """The weight is held by a QuantMethod (float by default), which also computes the product."""
+    """The weight is held by a QuantMethod (float by default), which also computes the product. With LoRA
+    serving, `lora` holds the adapters' weights for this layer and forward adds each row's delta."""
+
+    lora: LinearLoRASlots | None = None
 
     def __init__(self, in_features: int, out_features: int, bias: bool, parallel: ParallelContext,
                  quant_method: QuantMethod | None = None):
@@ -60,8 +64,11 @@ class LinearBase(nn.Module):
     def _linear(self, x: torch.Tensor) -> torch.Tensor:
         return self.quant_method.apply_linear(self, x, self.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._linear(x)
+    def _add_lora(self, out: torch.Tensor, x: torch.Tensor, lora: LoRABatch | None) -> torch.Tensor:
+        return out if lora is None or self.lora is None else self.lora.add_to(out, x, lora)
+
+    def forward(self, x: torch.Tensor, lora: LoRABatch | None = None) -> torch.Tensor:
+        return self._add_lora(self._linear(x), x, lora)
 
 
 class ReplicatedLinear(LinearBase):
@@ -132,5 +139,6 @@ class RowParallelLinear(LinearBase):
         size, tp = self.in_features, self.parallel
         self._store(param, 0, self.out_features, take_shard(loaded, 1, tp.tp_rank, size, size * tp.tp_size))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.parallel.all_reduce(self._linear(x))
+    def forward(self, x: torch.Tensor, lora: LoRABatch | None = None) -> torch.Tensor:
+        # (LoRA serving runs with one rank only: the delta is added to the whole output.)
+        return self._add_lora(self.parallel.all_reduce(self._linear(x)), x, lora)

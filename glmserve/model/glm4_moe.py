@@ -26,12 +26,18 @@ from glmserve.layers.linear import (
     ReplicatedLinear,
     RowParallelLinear,
 )
+from glmserve.layers.lora import ExpertLoRASlots, LoRABatch, experts_with_lora
 from glmserve.layers.moe import FusedExperts, TopkRouter
 from glmserve.layers.norm import RMSNorm, rms_normalize
 from glmserve.layers.quantization import QuantMethod
 from glmserve.layers.rotary import PartialRotaryEmbedding
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin) rows of this step's positions
+
+
+def _lora(meta: AttentionMetadata | DenseBatch) -> LoRABatch | None:
+    """The step's rows' adapter slots (serving with LoRA adapters), or None."""
+    return getattr(meta, "lora", None)
 
 
 class Glm4MoeAttention(nn.Module):
@@ -57,7 +63,8 @@ class Glm4MoeAttention(nn.Module):
 
     def forward(self, rope: Rope, x: torch.Tensor, meta: AttentionMetadata | DenseBatch) -> torch.Tensor:
         heads = self.num_heads + self.num_kv_heads
-        qkv = self.qkv_proj(x).view(x.shape[0], -1, self.head_dim)
+        lora = _lora(meta)
+        qkv = self.qkv_proj(x, lora).view(x.shape[0], -1, self.head_dim)
         qk, v = qkv[:, :heads], qkv[:, heads:]
         if self.use_qk_norm:  # per head, after the bias and before RoPE
             qk = rms_normalize(qk, self.q_norm.eps) * self._qk_norm_weight()
@@ -66,7 +73,7 @@ class Glm4MoeAttention(nn.Module):
             out = dense_causal_attention(q, k, v, meta, self.scale)
         else:
             out = meta.backend.forward(q, k, v, self.kv_cache, meta, self.scale)
-        return self.o_proj(out.reshape(out.shape[0], -1))
+        return self.o_proj(out.reshape(out.shape[0], -1), lora)
 
     def _qk_norm_weight(self) -> torch.Tensor:
         """q_norm's weight for every query head, then k_norm's for every key head: [heads, D]. q and k heads are
@@ -84,9 +91,9 @@ class Glm4MoeMLP(nn.Module):
                                                        quant_method=quant)
         self.down_proj = RowParallelLinear(intermediate, hidden, bias=False, parallel=parallel, quant_method=quant)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+    def forward(self, x: torch.Tensor, lora: LoRABatch | None = None) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x, lora).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up, lora)
 
 
 class Glm4MoeMoE(nn.Module):
@@ -100,9 +107,16 @@ class Glm4MoeMoE(nn.Module):
         self.shared_experts = Glm4MoeMLP(config.hidden_size,
                                          config.moe_intermediate_size * config.n_shared_experts, parallel, quant)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    # With LoRA serving: the routed experts' adapter weights (the experts' rows then take the LoRA path).
+    experts_lora: ExpertLoRASlots | None = None
+
+    def forward(self, x: torch.Tensor, lora: LoRABatch | None = None) -> torch.Tensor:
         weights, ids = self.gate(x)
-        return self.experts(x, weights, ids) + self.shared_experts(x)
+        if lora is not None and self.experts_lora is not None and self.experts_lora.targets(lora):
+            routed = experts_with_lora(self.experts, self.experts_lora, x, weights, ids, lora)
+        else:
+            routed = self.experts(x, weights, ids)
+        return routed + self.shared_experts(x, lora)
 
 
 class Glm4MoeDecoderLayer(nn.Module):
@@ -117,7 +131,7 @@ class Glm4MoeDecoderLayer(nn.Module):
 
     def forward(self, rope: Rope, x: torch.Tensor, meta: AttentionMetadata | DenseBatch) -> torch.Tensor:
         h = x + self.self_attn(rope, self.input_layernorm(x), meta)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        return h + self.mlp(self.post_attention_layernorm(h), _lora(meta))
 
 
 class Glm4MoeMTPLayer(Glm4MoeDecoderLayer):

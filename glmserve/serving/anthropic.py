@@ -141,7 +141,8 @@ async def create_message(state: ServerState, req: MessagesRequest, raw: Request)
     chat = chat_request(req)
     prompt = await state.prompt_workers.run(ChatPrompt, state, chat)
     params = sampling_params(chat, info, max_tokens=req.max_tokens, logprobs=None,
-                             skip_special_tokens=not prompt.needs_special_tokens(state))
+                             skip_special_tokens=not prompt.needs_special_tokens(state),
+                             lora_request=state.lora_request(model))
     params = dataclasses.replace(params, grammar=await request_grammar(state, chat, prompt, info.vocab_size))
     gen = await Generation.start(state, [prompt.token_ids], params, api="anthropic")
     single_call = req.tool_choice is not None and req.tool_choice.disable_parallel_tool_use

@@ -23,6 +23,7 @@ from glmserve.serving.chat import create_chat_completion, render_prompt
 from glmserve.serving.completions import create_completion
 from glmserve.serving.errors import error_response, install_error_handlers
 from glmserve.serving.limits import BodySizeLimit
+from glmserve.serving.lora_routes import lora_router, runtime_updates_allowed
 from glmserve.serving.prompt_workers import check_fits
 from glmserve.serving.protocol import (
     ChatCompletionRequest,
@@ -59,11 +60,15 @@ def build_app(state: ServerState) -> FastAPI:
     v1 = APIRouter(prefix="/v1")
 
     def card(name: str) -> ModelCard:
-        return ModelCard(id=name, root=state.model_path, max_model_len=state.client.require_info().max_model_len)
+        max_len = state.client.require_info().max_model_len
+        lora = state.client.loras.get(name) if name not in state.model_names else None
+        if lora is not None:  # an adapter: its base model is the parent, as in vLLM
+            return ModelCard(id=name, root=lora.lora_path, parent=state.model_names[0], max_model_len=max_len)
+        return ModelCard(id=name, root=state.model_path, max_model_len=max_len)
 
     @v1.get("/models")
     async def models() -> ModelList:
-        return ModelList(data=[card(name) for name in state.model_names])
+        return ModelList(data=[card(name) for name in [*state.model_names, *state.client.loras]])
 
     @v1.get("/models/{model_id:path}")
     async def model(model_id: str) -> ModelCard:
@@ -90,6 +95,8 @@ def build_app(state: ServerState) -> FastAPI:
         return await create_response(state, req, raw)
 
     app.include_router(v1)
+    if runtime_updates_allowed():
+        app.include_router(lora_router(state))
 
     @app.get("/health")
     async def health() -> Response:

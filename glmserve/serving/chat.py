@@ -190,7 +190,8 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
     params = sampling_params(
         req, info, max_tokens=max_tokens,
         logprobs=(req.top_logprobs or 0) if req.logprobs else None,
-        skip_special_tokens=req.skip_special_tokens and not prompt.needs_special_tokens(state))
+        skip_special_tokens=req.skip_special_tokens and not prompt.needs_special_tokens(state),
+        lora_request=state.lora_request(model, req.lora_path))
     params = dataclasses.replace(params, grammar=await request_grammar(state, req, prompt, info.vocab_size))
     gen = await Generation.start(state, [prompt.token_ids], params, api="chat")
     response_id, created = random_id("chatcmpl"), int(time.time())

@@ -44,7 +44,8 @@ async def create_completion(state: ServerState, req: CompletionRequest, raw: Req
     info = state.client.require_info()
     state.limits.check_max_tokens(req.max_tokens, "max_tokens")
     params = sampling_params(req, info, max_tokens=req.max_tokens, logprobs=req.logprobs,
-                             skip_special_tokens=req.skip_special_tokens)
+                             skip_special_tokens=req.skip_special_tokens,
+                             lora_request=state.lora_request(model, req.lora_path))
     spec = GrammarSpec.from_request(req)
     if spec is not None:
         params = dataclasses.replace(params, grammar=await state.structured_output.compile(spec, info.vocab_size))

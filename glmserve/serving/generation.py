@@ -25,15 +25,15 @@ from glmserve.serving.metrics import RequestTimer
 from glmserve.serving.output_processor import ChoiceDelta, OutputProcessor, default_sampling
 from glmserve.serving.protocol import SamplingFields, UsageInfo, random_id
 from glmserve.serving.state import ServerState
-from glmserve.types import SamplingParams
+from glmserve.types import LoRARequest, SamplingParams
 
 logger = logging.getLogger(__name__)
 
 
 def sampling_params(req: SamplingFields, info: EngineInfo, *, max_tokens: int | None, logprobs: int | None,
-                    skip_special_tokens: bool) -> SamplingParams:
+                    skip_special_tokens: bool, lora_request: LoRARequest | None = None) -> SamplingParams:
     """The request's sampling fields, with the checkpoint's generation_config defaults where the request has none
-    (as vLLM applies them). Raises ParamError."""
+    (as vLLM applies them), and the LoRA adapter it runs with. Raises ParamError."""
     return SamplingParams(
         n=req.n, **default_sampling(info.generation_defaults, req.temperature, req.top_p, req.top_k),
         min_p=req.min_p if req.min_p is not None else 0.0, presence_penalty=req.presence_penalty,
@@ -42,6 +42,7 @@ def sampling_params(req: SamplingFields, info: EngineInfo, *, max_tokens: int | 
         seed=req.seed, max_tokens=max_tokens, min_tokens=req.min_tokens, stop=req.stop,
         stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, logprobs=logprobs,
         skip_special_tokens=skip_special_tokens, include_stop_str_in_output=req.include_stop_str_in_output,
+        lora_request=lora_request,
     )
 
 

@@ -94,6 +94,7 @@ class SamplingFields(RequestBody, StructuredOutputFields):
     are checked where they are compiled, serving/structured_output.py)."""
 
     model: str | None = None
+    lora_path: str | None = None  # SGLang: the LoRA adapter (its --lora-paths name) to run with, over `model`
     n: int = Field(1, ge=1, le=MAX_N)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)

@@ -110,7 +110,8 @@ async def create_response(state: ServerState, req: ResponsesRequest, raw: Reques
     chat = chat_request(req)
     prompt = await state.prompt_workers.run(ChatPrompt, state, chat)
     params = sampling_params(chat, info, max_tokens=req.max_output_tokens, logprobs=None,
-                             skip_special_tokens=not prompt.needs_special_tokens(state))
+                             skip_special_tokens=not prompt.needs_special_tokens(state),
+                             lora_request=state.lora_request(model))
     params = dataclasses.replace(params, grammar=await request_grammar(state, chat, prompt, info.vocab_size))
     gen = await Generation.start(state, [prompt.token_ids], params, api="responses")
     assembler = BlockAssembler(prompt.stream_parser(), max_tool_calls=None if req.parallel_tool_calls else 1)

@@ -16,6 +16,7 @@ from glmserve.serving.parsers import check_parser_names
 from glmserve.serving.prompt_workers import PromptWorkers
 from glmserve.serving.structured_output import StructuredOutputCompiler
 from glmserve.serving.tokenizer import Tokenizer
+from glmserve.types import LoRARequest
 
 
 @dataclass
@@ -46,11 +47,23 @@ class ServerState:
         self.structured_output = StructuredOutputCompiler(self.tokenizer)
 
     def model_name(self, requested: str | None) -> str:
+        """The served model name or LoRA adapter a request names (404 if none)."""
         if requested is None or requested == "":
             return self.model_names[0]
-        if requested not in self.model_names:
+        if requested not in self.model_names and requested not in self.client.loras:
+            if self.client.info is None:
+                self.client.require_info()  # adapters are known once the engine has loaded: 503 until then
             raise APIError(404, f"The model `{requested}` does not exist.", "model", "model_not_found")
         return requested
+
+    def lora_request(self, model: str, lora_path: str | None = None) -> LoRARequest | None:
+        """The adapter a request runs with: SGLang's `lora_path` (an adapter's name) if given, else its model."""
+        if lora_path is not None:
+            if lora_path not in self.client.loras:
+                raise APIError(404, f"The LoRA adapter `{lora_path}` does not exist.", "lora_path",
+                               "model_not_found")
+            return self.client.loras[lora_path]
+        return self.client.loras.get(model)
 
     def authorized(self, authorization: str | None) -> bool:
         if self.api_key is None:

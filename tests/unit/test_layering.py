@@ -7,7 +7,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "glmserve"
 LAYERS = ["utils", "config|types", "distributed", "kernels", "layers", "model", "loader", "engine", "serving", "cli"]
 # Modules that are not a DESIGN.md package of their own, and the layer they sit in.
 PLACED = {"models": "utils", "llm": "cli", "chat_cli": "cli", "__main__": "cli", "__init__": "cli", "testing": "cli",
-          "nano": "cli", "bench": "cli", "finetune": "cli"}
+          "nano": "cli", "bench": "cli", "finetune": "cli", "cli_lora": "cli"}
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names.split("|")}
 TORCH_FREE = ["types", "config", "engine.scheduler", "engine.kv_cache", "engine.kv_planning", "engine.stop",
               "serving.parsers"]

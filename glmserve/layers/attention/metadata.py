@@ -16,6 +16,7 @@ import torch
 
 if TYPE_CHECKING:
     from glmserve.layers.attention.backend import AttentionBackend
+    from glmserve.layers.lora import LoRABatch
 
 
 @dataclass(slots=True)
@@ -29,6 +30,7 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] cache slot of each new token
     block_size: int
     plan: object = None
+    lora: LoRABatch | None = None  # each row's adapter slot, set by the runner when a step runs adapters
 
     @property
     def max_query_len(self) -> int:
