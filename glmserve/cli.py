@@ -371,6 +371,8 @@ def _data_parallel_engine(parser: argparse.ArgumentParser, args, config, load_en
     from glmserve.engine.data_parallel import DataParallelEngine
     from glmserve.engine.model_runner import resolve_device
 
+    if config.enable_lora:  # the replicas would each need the adapters, and the router their names
+        parser.error("--enable-lora with --data-parallel-size > 1 is not supported yet")
     if resolve_device(config.device).type != "cpu":
         parser.error("--data-parallel-size > 1 runs on CPU only for now (each replica would need GPUs of its own)")
     processes, cores = dp * config.tensor_parallel_size, len(os.sched_getaffinity(0))

@@ -107,7 +107,8 @@ def test_sigterm_stops_the_replicas_and_exits_0(dp_server):
 
 def test_start_up_errors(checkpoint, tmp_path):
     for flags, message in ((["--dp-size", "0"], "--data-parallel-size must be at least 1"),
-                           (["--dp-size", str(os.cpu_count() + 1)], "cores are available")):
+                           (["--dp-size", str(os.cpu_count() + 1)], "cores are available"),
+                           (["--dp-size", "2", "--enable-lora"], "--enable-lora with --data-parallel-size")):
         process = run_glmserve(["serve", str(checkpoint), *flags], tmp_path / "out.log")
         assert process.wait(timeout=60) == 2
         assert message in (tmp_path / "out.log").read_text()
