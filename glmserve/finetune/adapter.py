@@ -12,10 +12,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from glmserve.finetune.lora import LoraAdapter
+from glmserve.loader.peft import load_adapter_tensors, read_adapter_config
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -55,20 +55,10 @@ def write_adapter(adapter: LoraAdapter, directory: str | Path, base_model: str) 
     return directory
 
 
-def read_adapter(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(adapter_config.json, tensors) of an adapter this module wrote, for resuming and merging."""
-    directory = Path(directory)
-    if not (directory / CONFIG_FILE).is_file() or not (directory / WEIGHTS_FILE).is_file():
-        raise ValueError(f"{directory} is not a PEFT adapter directory ({CONFIG_FILE} and {WEIGHTS_FILE})")
-    config = json.loads((directory / CONFIG_FILE).read_text())
-    if config.get("peft_type") != "LORA":
-        raise ValueError(f"{directory}: peft_type {config.get('peft_type')!r}, only LORA is supported")
-    return config, load_file(str(directory / WEIGHTS_FILE))
-
-
 def adapter_from_directory(model, directory: str | Path) -> LoraAdapter:
     """A LoraAdapter for `model` holding the adapter in `directory` (not attached)."""
-    config, tensors = read_adapter(directory)
+    directory = Path(directory)
+    config, tensors = read_adapter_config(directory), load_adapter_tensors(directory)
     adapter = LoraAdapter(model, config["target_modules"], config["r"], config["lora_alpha"],
                           config.get("use_rslora", False))
     adapter.load_peft_tensors(tensors)

@@ -128,10 +128,11 @@ class LoraAdapter(nn.Module):
 
     @torch.no_grad()
     def load_peft_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        """The inverse of `peft_tensors`: every site's A and B must be present with this adapter's shapes."""
+        """The inverse of `peft_tensors` (read back by loader/peft.py, without PEFT's `base_model.model.` prefix):
+        every site's A and B must be present with this adapter's shapes."""
         for site, a, b in zip(self.sites, self.lora_A, self.lora_B):
             for param, kind in ((a, "lora_A"), (b, "lora_B")):
-                key = f"base_model.model.{site.name}.{kind}.weight"
+                key = f"{site.name}.{kind}.weight"
                 if key not in tensors:
                     raise ValueError(f"the adapter has no tensor {key}")
                 if tuple(tensors[key].shape) != tuple(param.shape):

@@ -70,7 +70,8 @@ def read_adapter_config(directory: Path) -> dict:
     return config
 
 
-def _load_tensors(directory: Path) -> dict[str, torch.Tensor]:
+def load_adapter_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    """The adapter's tensors in fp32, under the model's module names (PEFT's `base_model.model.` prefix off)."""
     path = directory / "adapter_model.safetensors"
     if not path.is_file():
         if (directory / "adapter_model.bin").is_file():
@@ -205,7 +206,7 @@ def read_peft_adapter(directory: str | Path, model: ModelConfig, max_lora_rank: 
     above max_lora_rank, or a target module the model lacks."""
     directory = Path(directory)
     config = read_adapter_config(directory)
-    tensors = _load_tensors(directory)
+    tensors = load_adapter_tensors(directory)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         for side in ("lora_A", "lora_B"):
