@@ -25,8 +25,10 @@ class LLMEngine:
         if config.max_model_len is not None and config.max_model_len > positions:
             raise ConfigError(f"--max-model-len {config.max_model_len} exceeds the model's "
                               f"max_position_embeddings ({positions})")
-        # Tensor parallel: this process is rank 0 and starts the others (they step in lockstep with it).
-        self.runner = (TensorParallelRunner(self.model_config, config, progress) if config.tensor_parallel_size > 1
+        # Tensor / pipeline parallel: this process is rank 0 and starts (or meets) the others, which step in
+        # lockstep with it.
+        parallel = config.tensor_parallel_size * config.pipeline_parallel_size > 1
+        self.runner = (TensorParallelRunner(self.model_config, config, progress) if parallel
                        else ModelRunner(self.model_config, config, progress=progress))
         self.kv_cache = KVCacheManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.kv_spec = self.runner.kv_spec
@@ -64,9 +66,10 @@ class LLMEngine:
             raise ParamError(f"Prompt token ids must be in [0, {vocab}).", "prompt")
         if any(t >= vocab for t in params.stop_token_ids):
             raise ParamError(f"stop_token_ids must be in [0, {vocab}).", "stop_token_ids")
-        if params.grammar is not None and self.config.tensor_parallel_size > 1:
+        if params.grammar is not None and self.config.tensor_parallel_size * self.config.pipeline_parallel_size > 1:
             # The other ranks would need the compiled grammar, which does not pickle; not built yet.
-            raise ParamError("structured output is not supported with --tensor-parallel-size > 1")
+            raise ParamError("structured output is not supported with --tensor-parallel-size or "
+                             "--pipeline-parallel-size > 1")
         if len(prompt_token_ids) >= self.max_model_len:
             raise ParamError(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, your request has "
