@@ -119,6 +119,13 @@ def _run_steps(runner: ModelRunner, config: EngineConfig) -> None:
     torch.distributed.destroy_process_group()
 
 
+def _describe(workers: list, rank: int) -> str:
+    """The ranks a node's first process (rank) started, with their pids, for the log."""
+    if not workers:
+        return "none"
+    return f"(ranks {rank + 1}-{rank + len(workers)}: pids {', '.join(str(w.pid) for w in workers)})"
+
+
 def _kill(workers: list) -> None:
     for worker in workers:
         worker.kill()  # SIGKILL: it ends a stopped process too
@@ -135,8 +142,8 @@ def run_worker_node(model_config: ModelConfig, config: EngineConfig) -> int:
             store, config = _join_world(config, config.node_rank)
             rank = config.node_rank * config.ranks_per_node
             workers = _start_ranks(range(rank + 1, rank + config.ranks_per_node), model_config, config)
-        logger.info("node %d: rank %d (and %d more here) of %d, running node 0's steps", config.node_rank, rank,
-                    len(workers), config.tensor_parallel_size * config.pipeline_parallel_size)
+        logger.info("node %d: rank %d of %d, running node 0's steps; this node's others: %s", config.node_rank, rank,
+                    config.tensor_parallel_size * config.pipeline_parallel_size, _describe(workers, rank))
         _run_steps(ModelRunner(model_config, config, progress=False, rank=rank, store=store), config)
     except Exception as e:  # noqa: BLE001 - any failure ends the node; the message says which
         logger.error("node %d stops: %s", config.node_rank, e)
@@ -170,8 +177,7 @@ class TensorParallelRunner:
         self.kv_spec = self.runner.kv_spec
         logger.info("parallel: tp %d x pp %d ranks on %d node(s); this node's others: %s",
                     config.tensor_parallel_size, config.pipeline_parallel_size, config.nnodes,
-                    f"(ranks 1-{len(self.workers)}: pids {', '.join(str(w.pid) for w in self.workers)})"
-                    if self.workers else "none")
+                    _describe(self.workers, 0))
 
     def execute(self, scheduler_output: SchedulerOutput) -> StepOutput:
         with self._killing_workers_on_failure():
