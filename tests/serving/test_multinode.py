@@ -150,3 +150,26 @@ def test_a_wrong_launch_exits_with_a_message_within_the_timeout(checkpoint, tmp_
     assert all(code != 0 for code in codes), (codes, logs)
     for log in logs:  # every node says what is wrong
         assert message in log, log
+
+
+def test_torchrun_starts_the_ranks_and_rank_0_serves(checkpoint, tmp_path):
+    """Under torchrun every rank is its own process, found in the environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT):
+    rank 0 serves and schedules, rank 1 (pipeline stage 1) runs its steps; nothing is spawned by glmserve."""
+    import subprocess
+    import sys
+
+    from glmserve.testing.server import Server, wait_ready
+
+    port = free_port()
+    with open(tmp_path / "torchrun.log", "wb") as out:
+        process = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                                    "--master-port", str(free_port()), "-m", "glmserve", "serve", str(checkpoint),
+                                    "--pp", "2", "--kv-cache-memory-gb", "0.05", "--host", "127.0.0.1", "--port",
+                                    str(port)], stdout=out, stderr=subprocess.STDOUT)
+    server = wait_ready(Server(process, f"http://127.0.0.1:{port}", tmp_path / "torchrun.log"), 120, "torchrun")
+    try:
+        reply = httpx.post(f"{server.url}/v1/chat/completions", json={**CHAT, "max_tokens": 8}, timeout=60)
+        assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 8
+        assert "parallel: tp 1 x pp 2 ranks on 1 node(s); this node's others: none" in server.output()
+    finally:
+        server.stop()
