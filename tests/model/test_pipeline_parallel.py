@@ -162,3 +162,34 @@ def test_each_stage_holds_only_its_layers_weights_and_kv_cache(checkpoints, tp, 
         per_layer_token = whole["bytes_per_token"] // 6 // tp  # 5 layers + MTP; KV heads split across tp
         assert report["bytes_per_token"] == layers * per_layer_token
         assert report["kv_bytes"] == 8 * 16 * layers * per_layer_token  # 8 blocks of 16 tokens
+
+
+@pytest.mark.parametrize("fault", ["stop", "kill"])
+def test_a_hung_or_dead_stage_fails_the_engine_within_the_step_timeout(checkpoints, fault):
+    """pp 2: rank 0 (stage 0) waits for stage 1's hidden states to come back as the step's tokens. A stage that
+    dies fails that wait at once; one that hangs (stopped) fails it at --step-timeout, not gloo's 10 minutes."""
+    import os
+    import signal
+    import time
+
+    from glmserve.engine.llm_engine import LLMEngine
+    from glmserve.types import SamplingParams
+
+    engine = LLMEngine(EngineConfig(model=str(checkpoints("glm45")), num_kv_blocks=16, pipeline_parallel_size=2,
+                                    step_timeout=2), progress=False)
+    (worker,) = engine.runner.workers
+    engine.add_request("a", list(range(5, 20)), SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True))
+    engine.step()  # the pipeline works
+    os.kill(worker.pid, signal.SIGSTOP if fault == "stop" else signal.SIGKILL)
+    start = time.monotonic()
+    try:
+        with pytest.raises(RuntimeError):
+            while engine.has_unfinished_requests():
+                engine.step()
+        elapsed = time.monotonic() - start
+        assert (1.5 <= elapsed if fault == "stop" else True) and elapsed < 10, elapsed
+        worker.join(timeout=5)
+        assert not worker.is_alive()
+    finally:
+        if worker.is_alive():
+            worker.kill()
