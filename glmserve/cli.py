@@ -65,6 +65,8 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tensor-parallel-size", "--tp-size", "--tp", dest="tensor_parallel_size", type=int, default=1)
     p.add_argument("--pipeline-parallel-size", "--pp-size", "--pp", dest="pipeline_parallel_size", type=int,
                    default=1, help="split the layers across this many stages (ranks: tensor x pipeline size)")
+    p.add_argument("--pp-max-micro-batch-size", type=int,
+                   help="SGLang's: requests per pipeline micro-batch (default: each step's batch in pp-size parts)")
     p.add_argument("--step-timeout", type=float, default=30.0,
                    help="tensor parallel: seconds a rank may keep the others waiting in a step before the engine "
                         "fails (a hung rank)")
@@ -262,7 +264,8 @@ def _engine_config(parser: argparse.ArgumentParser, args, model: str):
             enable_prefix_caching=args.enable_prefix_caching and not args.disable_radix_cache, seed=args.seed,
             tensor_parallel_size=args.tensor_parallel_size, enable_expert_parallel=_expert_parallel(args),
             num_speculative_tokens=num_draft_tokens, step_timeout=args.step_timeout,
-            pipeline_parallel_size=args.pipeline_parallel_size, **_node_flags(args),
+            pipeline_parallel_size=args.pipeline_parallel_size,
+            pp_max_micro_batch_size=args.pp_max_micro_batch_size, **_node_flags(args),
             kv_cache_dtype=args.kv_cache_dtype, calculate_kv_scales=args.calculate_kv_scales,
             attention_backend=_attention_backend(args.attention_backend))
     except ConfigError as e:

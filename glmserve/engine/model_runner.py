@@ -96,7 +96,8 @@ class ModelRunner:
         self.proposer = self._make_proposer()
         self.num_blocks = self._allocate_kv_cache()
         self.pipeline = (PipelineStage(self.model, self.parallel, model_config.hidden_size, self.dtype, self.device,
-                                       self.block_size, self.attn_backend, engine_config.step_timeout)
+                                       self.block_size, self.attn_backend, engine_config.step_timeout,
+                                       engine_config.pp_max_micro_batch_size)
                          if self.parallel.pp_size > 1 else None)
         self.sampler = Sampler()
         self.rejection_sampler = RejectionSampler(self.sampler)

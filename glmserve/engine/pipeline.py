@@ -37,7 +37,8 @@ class PipelineStage:
     """This rank's stage of the model: forward over a step's micro-batches, hidden states in and out by p2p."""
 
     def __init__(self, model: torch.nn.Module, parallel: ParallelContext, hidden_size: int, dtype: torch.dtype,
-                 device: torch.device, block_size: int, attn_backend, timeout: float):
+                 device: torch.device, block_size: int, attn_backend, timeout: float,
+                 max_micro_batch_size: int | None = None):
         self.model = model
         self.parallel = parallel
         self.hidden_size = hidden_size
@@ -46,7 +47,7 @@ class PipelineStage:
         self.block_size = block_size
         self.attn_backend = attn_backend
         self.timeout = timeout  # how long to wait for the previous stage's hidden states (a hung stage)
-        self.micro_batches = parallel.pp_size  # enough to keep every stage busy once the pipe is full
+        self.max_micro_batch_size = max_micro_batch_size  # requests; None: pp_size micro-batches a step
 
     def forward(self, chunks: list[ScheduledChunk], input_ids: torch.Tensor,
                 positions: torch.Tensor) -> torch.Tensor | None:
@@ -55,7 +56,9 @@ class PipelineStage:
         sizes = [c.num_tokens for c in chunks]
         outputs, sending = [], []
         row = 0
-        for run in split_micro_batches(sizes, self.micro_batches):
+        count = (-(-len(chunks) // self.max_micro_batch_size) if self.max_micro_batch_size
+                 else parallel.pp_size)  # pp_size: enough to keep every stage busy once the pipe is full
+        for run in split_micro_batches(sizes, count):
             rows = slice(row, row + sum(sizes[i] for i in run))
             row = rows.stop
             part = [chunks[i] for i in run]

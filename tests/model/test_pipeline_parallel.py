@@ -35,7 +35,8 @@ def test_micro_batches_are_contiguous_runs_of_chunks_with_even_token_shares():
     assert [i for run in runs for i in run] == list(range(7)) and len(runs) == 3
 
 
-def _generate(directory: str, tp: int = 1, pp: int = 1, nnodes: int = 1, log: Path | None = None) -> dict:
+def _generate(directory: str, tp: int = 1, pp: int = 1, nnodes: int = 1, log: Path | None = None,
+              micro_batch: int | None = None) -> dict:
     """Greedy and seeded requests through chunked prefill (24-token steps), MTP drafts, an abort and a prefix-cache
     hit; every KV block back in the pool at the end."""
     from glmserve.engine.llm_engine import LLMEngine
@@ -51,7 +52,7 @@ def _generate(directory: str, tp: int = 1, pp: int = 1, nnodes: int = 1, log: Pa
     engine = LLMEngine(EngineConfig(model=directory, num_kv_blocks=64, max_num_batched_tokens=24,
                                     tensor_parallel_size=tp, pipeline_parallel_size=pp, num_speculative_tokens=K,
                                     nnodes=nnodes, dist_init_addr=address if nnodes > 1 else None,
-                                    dist_timeout=60), progress=False)
+                                    dist_timeout=60, pp_max_micro_batch_size=micro_batch), progress=False)
     try:
         if tp * pp > 1:  # really several processes on this node
             assert len(engine.runner.workers) == tp * pp // nnodes - 1
@@ -91,13 +92,16 @@ def expected(checkpoints):
     return _generate(str(checkpoints("glm45")))
 
 
-@pytest.mark.parametrize("tp,pp,nnodes", [(2, 1, 2), (4, 1, 2), (1, 2, 1), (2, 2, 1), (2, 2, 2)],
-                         ids=["2-nodes-x-tp1", "2-nodes-x-tp2", "pp2", "tp2-x-pp2", "2-nodes-tp2-x-pp2"])
-def test_parallel_engines_generate_what_one_process_does(checkpoints, expected, tmp_path, tp, pp, nnodes):
+@pytest.mark.parametrize("tp,pp,nnodes,micro_batch", [(2, 1, 2, None), (4, 1, 2, None), (1, 2, 1, None),
+                                                     (1, 2, 1, 1), (2, 2, 1, None), (2, 2, 2, None)],
+                         ids=["2-nodes-x-tp1", "2-nodes-x-tp2", "pp2", "pp2-micro-batches-of-1", "tp2-x-pp2",
+                              "2-nodes-tp2-x-pp2"])
+def test_parallel_engines_generate_what_one_process_does(checkpoints, expected, tmp_path, tp, pp, nnodes,
+                                                         micro_batch):
     """Rank 0 broadcasts every step to the whole world; pipeline stages pass micro-batches' hidden states on, the
     last stage samples and drafts. Greedy and seeded tokens equal one process's."""
     torch.set_num_threads(1)
-    got = _generate(str(checkpoints("glm45")), tp, pp, nnodes, tmp_path / "node1.log")
+    got = _generate(str(checkpoints("glm45")), tp, pp, nnodes, tmp_path / "node1.log", micro_batch)
     assert got == expected
     assert all(len(v) == 12 for name, v in got.items() if name not in ("gone", "a-again"))
 
