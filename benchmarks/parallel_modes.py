@@ -9,7 +9,7 @@ not know (dp 2 before data parallelism is merged) is reported as failed and the 
 exclusive CPU lock: the numbers are only comparable on a quiet machine.
 
     flock -x /work/cpu.lock python benchmarks/parallel_modes.py --output-json benchmarks/results/parallel-modes.json
-    python benchmarks/parallel_modes.py --modes 1x2threads pp2 pp2-one-micro-batch
+    python benchmarks/parallel_modes.py --offline --modes 1x2threads pp2 pp2-one-micro-batch   # the engine alone
 """
 
 from __future__ import annotations
@@ -19,24 +19,71 @@ import json
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from glmserve.bench.checkpoints import prepare_checkpoint
-from glmserve.testing.server import free_port, start_server
+from glmserve.testing.server import start_server
 
 THREADS = 2  # the cores every mode gets
-MODES: dict[str, list[str]] = {
-    "1x2threads": [],  # one process, 2 intra-op threads
-    "tp2": ["--tensor-parallel-size", "2"],  # 2 processes of 1 thread (the engine splits the threads)
-    "pp2": ["--pipeline-parallel-size", "2"],  # a step's batch in 2 micro-batches through 2 stages
-    "pp2-one-micro-batch": ["--pipeline-parallel-size", "2", "--pp-max-micro-batch-size", "1024"],  # no overlap
-    "dp2": ["--data-parallel-size", "2"],  # 2 replicas behind one server
+# EngineConfig's fields; the server gets them as flags of the same names.
+MODES: dict[str, dict[str, int]] = {
+    "1x2threads": {},  # one process, 2 intra-op threads
+    "tp2": {"tensor_parallel_size": 2},  # 2 processes of 1 thread (the engine splits the threads)
+    "pp2": {"pipeline_parallel_size": 2},  # 2 stages; a step in 2 micro-batches when each gets >= 128 tokens
+    "pp2-micro-batches-of-8": {"pipeline_parallel_size": 2, "pp_max_micro_batch_size": 8},  # decode split too
+    "pp2-one-micro-batch": {"pipeline_parallel_size": 2, "pp_max_micro_batch_size": 1024},  # never split
+    "dp2": {"data_parallel_size": 2},  # 2 replicas behind one server
 }
 
 
-def run_mode(name: str, checkpoint: Path, args, workdir: Path) -> dict:
+def flags(name: str) -> list[str]:
+    return [arg for key, value in MODES[name].items() for arg in (f"--{key.replace('_', '-')}", str(value))]
+
+
+def run_offline(name: str, checkpoint: Path, args) -> dict:
+    """The engine alone, in this process (no HTTP, no client): all prompts at once, at most --concurrency running;
+    decode tok/s over the steps after the last prefill."""
+    import torch
+
+    from glmserve.bench.offline import random_prompts
+    from glmserve.config import EngineConfig
+    from glmserve.engine.llm_engine import LLMEngine
+    from glmserve.types import SamplingParams
+
+    torch.set_num_threads(THREADS)
     try:
-        server = start_server([str(checkpoint), *MODES[name], "--kv-cache-memory-gb", "0.5",
+        engine = LLMEngine(EngineConfig(model=str(checkpoint), kv_cache_memory_gb=0.5, max_num_seqs=args.concurrency,
+                                        **MODES[name]), progress=False)
+    except TypeError as e:  # a mode this build does not have
+        return {"mode": name, "error": str(e)}
+    try:
+        for seed, max_tokens in ((1, 4), (0, args.output_len)):  # a short warm-up first
+            params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+            for i, prompt in enumerate(random_prompts(checkpoint, args.concurrency, args.input_len, seed)):
+                engine.add_request(f"{seed}-{i}", prompt, params)
+            if seed:
+                while engine.has_unfinished_requests():
+                    engine.step()
+        steps, start = [], time.perf_counter()
+        while engine.has_unfinished_requests():
+            t = time.perf_counter()
+            tokens = sum(len(o.new_token_ids) for o in engine.step())
+            steps.append((time.perf_counter() - t, tokens))
+        total = time.perf_counter() - start
+    finally:
+        engine.close()
+    decode = steps[-(args.output_len - 1):]  # one token per request each; all were prefilled in the first steps
+    return {"mode": name, "offline": True, "output_tok_s": round(sum(n for _, n in steps) / total, 1),
+            "decode_tok_s": round(sum(n for _, n in decode) / sum(t for t, _ in decode), 1),
+            "mean_tpot_ms": round(1e3 * sum(t for t, _ in decode) / len(decode), 2)}
+
+
+def run_mode(name: str, checkpoint: Path, args, workdir: Path) -> dict:
+    if args.offline:
+        return run_offline(name, checkpoint, args)
+    try:
+        server = start_server([str(checkpoint), *flags(name), "--kv-cache-memory-gb", "0.5",
                                "--max-num-seqs", str(args.concurrency)], workdir / f"{name}.log",
                               env={"OMP_NUM_THREADS": str(THREADS)}, timeout=300)
     except RuntimeError as e:
@@ -56,7 +103,7 @@ def run_mode(name: str, checkpoint: Path, args, workdir: Path) -> dict:
             results = json.loads(out.read_text())["results"][0]
     finally:
         server.stop()
-    return {"mode": name, "flags": MODES[name], "output_tok_s": round(results["output_throughput"], 1),
+    return {"mode": name, "flags": flags(name), "output_tok_s": round(results["output_throughput"], 1),
             "mean_tpot_ms": round(results["mean_tpot_ms"], 2), "median_tpot_ms": round(results["median_tpot_ms"], 2),
             "mean_ttft_ms": round(results["mean_ttft_ms"], 1), "completed": results["completed"],
             "failed": results["failed"]}
@@ -71,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "glmserve-bench"))
+    p.add_argument("--offline", action="store_true",
+                   help="the engine in this process instead of a server (--concurrency prompts, all at once)")
     p.add_argument("--output-json", help="also write the rows here")
     args = p.parse_args(argv)
     checkpoint = prepare_checkpoint(args.model, Path(args.cache_dir))
@@ -78,16 +127,18 @@ def main(argv: list[str] | None = None) -> int:
         rows = [run_mode(name, checkpoint, args, Path(tmp)) for name in args.modes]
     print(f"{args.model}: {args.num_prompts} prompts of {args.input_len} tokens, {args.output_len} out each, "
           f"{args.concurrency} at once, {THREADS} cores per mode")
-    print(f"{'mode':<22} {'output tok/s':>12} {'mean TPOT ms':>13} {'median TPOT ms':>15} {'mean TTFT ms':>13}")
+    columns = (["output_tok_s", "decode_tok_s", "mean_tpot_ms"] if args.offline else
+               ["output_tok_s", "mean_tpot_ms", "median_tpot_ms", "mean_ttft_ms"])
+    print(f"{'mode':<22}" + "".join(f"{c:>16}" for c in columns))
     for row in rows:
         if "error" in row:
             print(f"{row['mode']:<22} failed: {row['error']}")
         else:
-            print(f"{row['mode']:<22} {row['output_tok_s']:>12} {row['mean_tpot_ms']:>13} "
-                  f"{row['median_tpot_ms']:>15} {row['mean_ttft_ms']:>13}")
+            print(f"{row['mode']:<22}" + "".join(f"{row[c]:>16}" for c in columns))
     if args.output_json:
-        report = {"model": args.model, "concurrency": args.concurrency, "num_prompts": args.num_prompts,
-                  "input_len": args.input_len, "output_len": args.output_len, "threads": THREADS, "rows": rows}
+        report = {"model": args.model, "offline": args.offline, "concurrency": args.concurrency,
+                  "num_prompts": args.num_prompts, "input_len": args.input_len, "output_len": args.output_len,
+                  "threads": THREADS, "rows": rows}
         Path(args.output_json).write_text(json.dumps(report, indent=2) + "\n")
     return 0 if all("error" not in row for row in rows) else 1
 

@@ -66,7 +66,8 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pipeline-parallel-size", "--pp-size", "--pp", dest="pipeline_parallel_size", type=int,
                    default=1, help="split the layers across this many stages (ranks: tensor x pipeline size)")
     p.add_argument("--pp-max-micro-batch-size", type=int,
-                   help="SGLang's: requests per pipeline micro-batch (default: each step's batch in pp-size parts)")
+                   help="SGLang's: requests per pipeline micro-batch (default: a step's batch in pp-size parts "
+                        "when each gets 128 tokens or more, else whole)")
     p.add_argument("--step-timeout", type=float, default=30.0,
                    help="tensor parallel: seconds a rank may keep the others waiting in a step before the engine "
                         "fails (a hung rank)")

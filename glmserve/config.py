@@ -246,7 +246,7 @@ class EngineConfig:
     num_speculative_tokens: int = 0  # MTP drafts per step (vLLM's speculative_config num_speculative_tokens)
     step_timeout: float = 30.0  # tensor parallel: seconds a collective may wait for the other ranks while serving
     pipeline_parallel_size: int = 1  # layers split across this many stages (ranks = tp x pp)
-    pp_max_micro_batch_size: int | None = None  # requests per pipeline micro-batch; None: a step's in pp parts
+    pp_max_micro_batch_size: int | None = None  # requests per pipeline micro-batch; None: by tokens
     nnodes: int = 1  # the ranks spread evenly over this many nodes (SGLang's --nnodes)
     node_rank: int = 0  # this node's place (0: the API server and the scheduler)
     dist_init_addr: str | None = None  # HOST:PORT where the ranks meet (node 0 listens); None: a local port

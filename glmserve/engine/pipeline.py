@@ -7,6 +7,10 @@ works on micro-batch 0: with m micro-batches and p stages a step takes m + p - 1
 The last stage joins the micro-batches' hidden states back into the step's rows, in order, and samples (and drafts)
 over the whole batch exactly as one process does. The scheduler still waits for each step's tokens, so two steps are
 never in flight at once (SGLang's pipeline keeps several batches in flight; not built here).
+
+Each micro-batch reads the stage's weights again, so splitting pays only when a step is compute-bound (prefill):
+a step is split into pp_size micro-batches when each gets at least MIN_MICRO_BATCH_TOKENS tokens, and decode
+batches go through whole (BENCHMARKS.md has the measurement); --pp-max-micro-batch-size sets the split instead.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import torch
 from glmserve.distributed import ParallelContext
 from glmserve.layers.attention import AttentionMetadata
 from glmserve.types import ScheduledChunk
+
+MIN_MICRO_BATCH_TOKENS = 128
 
 
 def split_micro_batches(tokens: list[int], count: int) -> list[range]:
@@ -47,7 +53,7 @@ class PipelineStage:
         self.block_size = block_size
         self.attn_backend = attn_backend
         self.timeout = timeout  # how long to wait for the previous stage's hidden states (a hung stage)
-        self.max_micro_batch_size = max_micro_batch_size  # requests; None: pp_size micro-batches a step
+        self.max_micro_batch_size = max_micro_batch_size  # requests; None: by the step's tokens
 
     def forward(self, chunks: list[ScheduledChunk], input_ids: torch.Tensor,
                 positions: torch.Tensor) -> torch.Tensor | None:
@@ -56,8 +62,10 @@ class PipelineStage:
         sizes = [c.num_tokens for c in chunks]
         outputs, sending = [], []
         row = 0
-        count = (-(-len(chunks) // self.max_micro_batch_size) if self.max_micro_batch_size
-                 else parallel.pp_size)  # pp_size: enough to keep every stage busy once the pipe is full
+        if self.max_micro_batch_size:
+            count = -(-len(chunks) // self.max_micro_batch_size)
+        else:  # pp_size: enough to keep every stage busy once the pipe is full, when it pays (see above)
+            count = parallel.pp_size if sum(sizes) >= MIN_MICRO_BATCH_TOKENS * parallel.pp_size else 1
         for run in split_micro_batches(sizes, count):
             rows = slice(row, row + sum(sizes[i] for i in run))
             row = rows.stop

@@ -93,9 +93,9 @@ def expected(checkpoints):
 
 
 @pytest.mark.parametrize("tp,pp,nnodes,micro_batch", [(2, 1, 2, None), (4, 1, 2, None), (1, 2, 1, None),
-                                                     (1, 2, 1, 1), (2, 2, 1, None), (2, 2, 2, None)],
-                         ids=["2-nodes-x-tp1", "2-nodes-x-tp2", "pp2", "pp2-micro-batches-of-1", "tp2-x-pp2",
-                              "2-nodes-tp2-x-pp2"])
+                                                     (1, 2, 1, 1), (2, 2, 1, 2), (2, 2, 2, None)],
+                         ids=["2-nodes-x-tp1", "2-nodes-x-tp2", "pp2", "pp2-micro-batches-of-1",
+                              "tp2-x-pp2-micro-batches-of-2", "2-nodes-tp2-x-pp2"])
 def test_parallel_engines_generate_what_one_process_does(checkpoints, expected, tmp_path, tp, pp, nnodes,
                                                          micro_batch):
     """Rank 0 broadcasts every step to the whole world; pipeline stages pass micro-batches' hidden states on, the
