@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -67,7 +68,8 @@ class ModelRunner:
         self.parallel = init_parallel(engine_config.tensor_parallel_size, self.device, rank, store,
                                       engine_config.enable_expert_parallel, engine_config.pipeline_parallel_size)
         if self.device.type == "cuda" and self.parallel.world_size > 1:  # one GPU per rank, numbered on its node
-            self.device = torch.device("cuda", self.parallel.rank % engine_config.ranks_per_node)
+            local_rank = os.environ.get("LOCAL_RANK", self.parallel.rank % engine_config.ranks_per_node)  # torchrun's
+            self.device = torch.device("cuda", int(local_rank))
             torch.cuda.set_device(self.device)
         self.dtype = resolve_dtype(engine_config.dtype, model_config, self.device)
         self.block_size = engine_config.block_size
