@@ -114,6 +114,29 @@ def test_a_node_killed_under_load_fails_the_server_instead_of_hanging(checkpoint
             _kill(pid)
 
 
+def test_the_other_nodes_exit_when_node_0_dies(checkpoint, tmp_path):
+    """SIGKILL of node 0 (no "stop" can be sent): node 1's ranks fail their next collective on the closed
+    connection, and node 1 exits 1; node 1's other rank and node 0's orphaned rank exit too, within seconds (not
+    the step timeout)."""
+    node0, node1, node1_ranks = _start_two_nodes(checkpoint, tmp_path)
+    ranks = node1_ranks + [int(pid) for pid in re.findall(r"\(ranks 1-1: pids (\d+)\)", node0.output())]
+    try:
+        assert len(ranks) == 2
+        node0.process.kill()
+        killed = time.monotonic()
+        assert node1.wait(timeout=30) == 1
+        deadline = time.monotonic() + 15
+        while not all(_gone(pid) for pid in ranks) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert all(_gone(pid) for pid in ranks) and time.monotonic() - killed < 20
+        assert "node 1 stops" in (tmp_path / "node1.log").read_text()
+    finally:
+        node0.stop()
+        node1.kill()
+        for pid in ranks:
+            _kill(pid)
+
+
 def _exit_within(processes, seconds: float) -> list[int]:
     deadline = time.monotonic() + seconds
     return [p.wait(timeout=max(0.1, deadline - time.monotonic())) for p in processes]
