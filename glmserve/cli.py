@@ -67,6 +67,11 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--disable-radix-cache", action="store_true", help="SGLang's spelling of --no-enable-prefix-caching")
     p.add_argument("--seed", "--random-seed", dest="seed", type=int, default=0)
     p.add_argument("--tensor-parallel-size", "--tp-size", "--tp", dest="tensor_parallel_size", type=int, default=1)
+    p.add_argument("--pipeline-parallel-size", "--pp-size", "--pp", dest="pipeline_parallel_size", type=int,
+                   default=1, help="split the layers across this many stages (ranks: tensor x pipeline size)")
+    p.add_argument("--pp-max-micro-batch-size", type=int,
+                   help="SGLang's: requests per pipeline micro-batch (default: a step's batch in pp-size parts "
+                        "when each gets 128 tokens or more, else whole)")
     p.add_argument("--step-timeout", type=float, default=30.0,
                    help="tensor parallel: seconds a rank may keep the others waiting in a step before the engine "
                         "fails (a hung rank)")
@@ -127,6 +132,17 @@ def _build_parser() -> argparse.ArgumentParser:
                             "threads; requests go to the replica holding the longest cached prefix, else the least "
                             "loaded (glmserve.engine.data_parallel)")
     serve.add_argument("--uvicorn-log-level", default="warning", help="uvicorn's own logging (info: access log)")
+    nodes = serve.add_argument_group("several nodes (SGLang's flags; vLLM's --headless, --master-addr/-port)")
+    nodes.add_argument("--nnodes", type=int, default=1, help="nodes the tensor x pipeline ranks are spread over")
+    nodes.add_argument("--node-rank", type=int, default=0,
+                       help="this node's place; node 0 serves HTTP and schedules, the others run ranks only")
+    nodes.add_argument("--dist-init-addr", help="HOST:PORT of node 0, where every node meets (the same on all)")
+    nodes.add_argument("--master-addr", help="vLLM's spelling: with --master-port, the same as --dist-init-addr")
+    nodes.add_argument("--master-port", type=int)
+    nodes.add_argument("--headless", action="store_true",
+                       help="a node other than node 0: no API server, its ranks run node 0's steps")
+    nodes.add_argument("--dist-timeout", type=float, default=120.0,
+                       help="seconds a node waits at --dist-init-addr for the others before it fails")
     limits = serve.add_argument_group("limits and lifecycle (glmserve.serving.limits, glmserve.serving.lifecycle)")
     limits.add_argument("--max-queued-requests", type=int, default=1024,
                         help="sequences that may wait beyond --max-num-seqs; more get 503 with Retry-After (SGLang)")
@@ -246,7 +262,8 @@ def _engine_config(parser: argparse.ArgumentParser, args, model: str):
         check_speculative_decoding,
     )
 
-    _check_devices(parser, args.tensor_parallel_size, args.device)
+    nnodes = getattr(args, "nnodes", 1)
+    _check_devices(parser, args.tensor_parallel_size * args.pipeline_parallel_size // max(nnodes, 1), args.device)
     try:
         num_draft_tokens = _speculative_tokens(args)
         model_config = ModelConfig.from_pretrained(model)
@@ -263,11 +280,30 @@ def _engine_config(parser: argparse.ArgumentParser, args, model: str):
             enable_prefix_caching=args.enable_prefix_caching and not args.disable_radix_cache, seed=args.seed,
             tensor_parallel_size=args.tensor_parallel_size, enable_expert_parallel=_expert_parallel(args),
             num_speculative_tokens=num_draft_tokens, step_timeout=args.step_timeout,
+            pipeline_parallel_size=args.pipeline_parallel_size,
+            pp_max_micro_batch_size=args.pp_max_micro_batch_size, **_node_flags(args),
             kv_cache_dtype=args.kv_cache_dtype, calculate_kv_scales=args.calculate_kv_scales,
             attention_backend=_attention_backend(args.attention_backend),
             **lora_engine_fields(parser, args, model_config))
     except ConfigError as e:
         parser.error(str(e))
+
+
+def _node_flags(args) -> dict:
+    """--nnodes, --node-rank, --dist-init-addr (or vLLM's --master-addr/--master-port), --dist-timeout."""
+    from glmserve.config import ConfigError
+
+    if not hasattr(args, "nnodes"):  # generate / chat: one node
+        return {}
+    address = args.dist_init_addr
+    if args.master_addr is not None or args.master_port is not None:
+        if address is not None or args.master_addr is None or args.master_port is None:
+            raise ConfigError("give either --dist-init-addr HOST:PORT or both --master-addr and --master-port")
+        address = f"{args.master_addr}:{args.master_port}"
+    if args.headless and args.node_rank == 0:
+        raise ConfigError("--headless is for the nodes other than node 0 (--node-rank 1 and up): node 0 serves")
+    return {"nnodes": args.nnodes, "node_rank": args.node_rank, "dist_init_addr": address,
+            "dist_timeout": args.dist_timeout}
 
 
 def _attention_backend(name: str | None) -> str | None:
@@ -304,6 +340,12 @@ def serve(parser: argparse.ArgumentParser, args) -> int:
         parser.error(str(e))
     model = _model_path(parser, args)
     config = _engine_config(parser, args, model)
+    from glmserve.engine.tensor_parallel import run_worker_node, torchrun_rank
+
+    if config.node_rank > 0 or torchrun_rank() not in (None, 0):  # a worker node: no server, node 0's steps
+        from glmserve.config import ModelConfig
+
+        return run_worker_node(ModelConfig.from_pretrained(model), config)
     limits = _serving_limits(parser, args)
 
     from glmserve.engine.engine_client import AsyncEngineClient
@@ -375,11 +417,14 @@ def _data_parallel_engine(parser: argparse.ArgumentParser, args, config, load_en
         parser.error("--enable-lora with --data-parallel-size > 1 is not supported yet")
     if resolve_device(config.device).type != "cpu":
         parser.error("--data-parallel-size > 1 runs on CPU only for now (each replica would need GPUs of its own)")
-    processes, cores = dp * config.tensor_parallel_size, len(os.sched_getaffinity(0))
+    if config.nnodes > 1:
+        parser.error("--data-parallel-size > 1 runs on one node for now (its replicas are local processes)")
+    ranks = config.tensor_parallel_size * config.pipeline_parallel_size
+    processes, cores = dp * ranks, len(os.sched_getaffinity(0))
     if processes > cores:
-        parser.error(f"--data-parallel-size {dp} x --tensor-parallel-size {config.tensor_parallel_size} needs "
-                     f"{processes} processes, one CPU core each at least, but {cores} cores are available")
-    return DataParallelEngine(load_engine, dp, config.tensor_parallel_size, config.step_timeout)
+        parser.error(f"--data-parallel-size {dp} x {ranks} ranks (--tensor-parallel-size x --pipeline-parallel-size)"
+                     f" needs {processes} processes, one CPU core each at least, but {cores} cores are available")
+    return DataParallelEngine(load_engine, dp, ranks, config.step_timeout)
 
 
 def _serving_limits(parser: argparse.ArgumentParser, args):

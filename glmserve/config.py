@@ -245,6 +245,12 @@ class EngineConfig:
     enable_expert_parallel: bool = False  # routed experts split whole across the tensor-parallel ranks
     num_speculative_tokens: int = 0  # MTP drafts per step (vLLM's speculative_config num_speculative_tokens)
     step_timeout: float = 30.0  # tensor parallel: seconds a collective may wait for the other ranks while serving
+    pipeline_parallel_size: int = 1  # layers split across this many stages (ranks = tp x pp)
+    pp_max_micro_batch_size: int | None = None  # requests per pipeline micro-batch; None: by tokens
+    nnodes: int = 1  # the ranks spread evenly over this many nodes (SGLang's --nnodes)
+    node_rank: int = 0  # this node's place (0: the API server and the scheduler)
+    dist_init_addr: str | None = None  # HOST:PORT where the ranks meet (node 0 listens); None: a local port
+    dist_timeout: float = 120.0  # seconds a node waits at the rendezvous for the others
     kv_cache_dtype: str = "auto"  # auto: the compute dtype; fp8 (e4m3), fp8_e5m2, bfloat16: one or two bytes
     calculate_kv_scales: bool = False  # FP8 KV: scales from the first step's keys and values (vLLM)
     attention_backend: str | None = None  # None: layers.attention's default
@@ -255,6 +261,10 @@ class EngineConfig:
     max_lora_rank: int = 16
     max_cpu_loras: int | None = None  # None: max_loras
     lora_modules: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size // self.nnodes
 
     def __post_init__(self) -> None:
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
@@ -284,6 +294,24 @@ class EngineConfig:
             raise ConfigError("--num-kv-blocks must be positive")
         if self.tensor_parallel_size < 1:
             raise ConfigError("--tensor-parallel-size must be positive")
+        if self.pipeline_parallel_size < 1:
+            raise ConfigError("--pipeline-parallel-size must be positive")
+        if self.pp_max_micro_batch_size is not None and self.pp_max_micro_batch_size < 1:
+            raise ConfigError("--pp-max-micro-batch-size must be positive")
+        world = self.tensor_parallel_size * self.pipeline_parallel_size
+        if self.nnodes < 1 or world % self.nnodes:
+            raise ConfigError(f"--nnodes {self.nnodes} must divide the {world} ranks (tensor-parallel size x "
+                              f"pipeline-parallel size) evenly")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ConfigError(f"--node-rank must be in [0, {self.nnodes}) with --nnodes {self.nnodes}, "
+                              f"got {self.node_rank}")
+        if self.dist_init_addr is not None and not self.dist_init_addr.rpartition(":")[2].isdigit():
+            raise ConfigError(f"--dist-init-addr must be HOST:PORT, got {self.dist_init_addr!r}")
+        if self.nnodes > 1 and self.dist_init_addr is None:
+            raise ConfigError("--nnodes > 1 needs --dist-init-addr HOST:PORT (node 0's address, the same on every "
+                              "node)")
+        if not self.dist_timeout > 0:
+            raise ConfigError(f"--dist-timeout must be positive, got {self.dist_timeout}")
         if not self.step_timeout > 0:
             raise ConfigError(f"--step-timeout must be positive, got {self.step_timeout}")
         self._check_lora()

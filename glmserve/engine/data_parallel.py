@@ -144,11 +144,11 @@ class DataParallelEngine:
     `start` (the client's engine factory) spawns the replicas and returns once all have loaded.
     """
 
-    def __init__(self, engine_factory: Callable[[], LLMEngine], size: int, tensor_parallel_size: int = 1,
+    def __init__(self, engine_factory: Callable[[], LLMEngine], size: int, model_parallel_ranks: int = 1,
                  step_timeout: float = 30.0, router_options: RouterOptions = RouterOptions()):
         self._factory = engine_factory
         self.size = size
-        self._tensor_parallel_size = tensor_parallel_size
+        self._model_parallel_ranks = model_parallel_ranks
         self._step_timeout = step_timeout
         self._router_options = router_options
         self._processes: list = []
@@ -228,7 +228,7 @@ class DataParallelEngine:
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         check_request(prompt_token_ids, params, self.model_config.vocab_size, self.max_model_len,
-                      self._tensor_parallel_size)
+                      self._model_parallel_ranks)
         if params.grammar is not None:  # a compiled grammar does not pickle (as with tensor parallelism)
             raise ParamError("structured output is not supported with --data-parallel-size > 1")
         if request_id in self._owner:

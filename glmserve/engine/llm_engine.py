@@ -17,7 +17,7 @@ logger = logging.getLogger(__name__)
 
 
 def check_request(prompt_token_ids: list[int], params: SamplingParams, vocab_size: int, max_model_len: int,
-                  tensor_parallel_size: int = 1) -> None:
+                  model_parallel_ranks: int = 1) -> None:
     """Raise ParamError for a request no engine could take (also checked by the data-parallel front, before it
     picks a replica: engine/data_parallel.py)."""
     if not prompt_token_ids:
@@ -26,9 +26,10 @@ def check_request(prompt_token_ids: list[int], params: SamplingParams, vocab_siz
         raise ParamError(f"Prompt token ids must be in [0, {vocab_size}).", "prompt")
     if any(t >= vocab_size for t in params.stop_token_ids):
         raise ParamError(f"stop_token_ids must be in [0, {vocab_size}).", "stop_token_ids")
-    if params.grammar is not None and tensor_parallel_size > 1:
+    if params.grammar is not None and model_parallel_ranks > 1:
         # The other ranks would need the compiled grammar, which does not pickle; not built yet.
-        raise ParamError("structured output is not supported with --tensor-parallel-size > 1")
+        raise ParamError("structured output is not supported with --tensor-parallel-size or "
+                         "--pipeline-parallel-size > 1")
     if len(prompt_token_ids) >= max_model_len:
         raise ParamError(
             f"This model's maximum context length is {max_model_len} tokens. However, your request has "
@@ -45,8 +46,10 @@ class LLMEngine:
         if config.max_model_len is not None and config.max_model_len > positions:
             raise ConfigError(f"--max-model-len {config.max_model_len} exceeds the model's "
                               f"max_position_embeddings ({positions})")
-        # Tensor parallel: this process is rank 0 and starts the others (they step in lockstep with it).
-        self.runner = (TensorParallelRunner(self.model_config, config, progress) if config.tensor_parallel_size > 1
+        # Tensor / pipeline parallel: this process is rank 0 and starts (or meets) the others, which step in
+        # lockstep with it.
+        parallel = config.tensor_parallel_size * config.pipeline_parallel_size > 1
+        self.runner = (TensorParallelRunner(self.model_config, config, progress) if parallel
                        else ModelRunner(self.model_config, config, progress=progress))
         self.kv_cache = KVCacheManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.kv_spec = self.runner.kv_spec
@@ -85,7 +88,7 @@ class LLMEngine:
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
         """Queue a request; invalid input raises ParamError before it reaches the scheduler."""
         check_request(prompt_token_ids, params, self.model_config.vocab_size, self.max_model_len,
-                      self.config.tensor_parallel_size)
+                      self.config.tensor_parallel_size * self.config.pipeline_parallel_size)
         self.loras.check(params.lora_request)
         request = Request(request_id, list(prompt_token_ids), params, eos_token_ids=self.eos_token_ids,
                           max_model_len=self.max_model_len)

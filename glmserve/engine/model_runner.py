@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -20,6 +21,7 @@ from glmserve.engine.kv_planning import (
 )
 from glmserve.engine.lora_manager import LoRAManager
 from glmserve.engine.mtp_proposer import MTPProposer
+from glmserve.engine.pipeline import PipelineStage
 from glmserve.engine.rejection_sampler import RejectionSampler
 from glmserve.engine.sampler import Sampler, SamplingBatch
 from glmserve.layers.attention import (
@@ -58,16 +60,17 @@ def resolve_dtype(name: str, model_config: ModelConfig, device: torch.device) ->
 
 class ModelRunner:
     def __init__(self, model_config: ModelConfig, engine_config: EngineConfig, progress: bool = True,
-                 rank: int | None = None, init_method: str | None = None):
-        """rank, init_method: this process's place in a tensor-parallel group (engine/tensor_parallel.py);
-        None with tensor_parallel_size > 1: the group torchrun describes in the environment."""
+                 rank: int | None = None, store=None):
+        """rank, store: this process's place in the tensor x pipeline-parallel world and the store its ranks meet
+        at (engine/tensor_parallel.py); None with several ranks: the world torchrun describes in the environment."""
         self.model_config = model_config
         self.config = engine_config
         self.device = resolve_device(engine_config.device)
-        self.parallel = init_parallel(engine_config.tensor_parallel_size, self.device, rank, init_method,
-                                      engine_config.enable_expert_parallel)
-        if self.device.type == "cuda" and self.parallel.tp_size > 1:  # one GPU per rank
-            self.device = torch.device("cuda", self.parallel.tp_rank)
+        self.parallel = init_parallel(engine_config.tensor_parallel_size, self.device, rank, store,
+                                      engine_config.enable_expert_parallel, engine_config.pipeline_parallel_size)
+        if self.device.type == "cuda" and self.parallel.world_size > 1:  # one GPU per rank, numbered on its node
+            local_rank = os.environ.get("LOCAL_RANK", self.parallel.rank % engine_config.ranks_per_node)  # torchrun's
+            self.device = torch.device("cuda", int(local_rank))
             torch.cuda.set_device(self.device)
         self.dtype = resolve_dtype(engine_config.dtype, model_config, self.device)
         self.block_size = engine_config.block_size
@@ -98,6 +101,10 @@ class ModelRunner:
             self.model, model_config, engine_config.max_loras, engine_config.max_lora_rank,
             engine_config.max_cpu_loras or engine_config.max_loras, self.dtype, self.device)
         self.num_blocks = self._allocate_kv_cache()
+        self.pipeline = (PipelineStage(self.model, self.parallel, model_config.hidden_size, self.dtype, self.device,
+                                       self.block_size, self.attn_backend, engine_config.step_timeout,
+                                       engine_config.pp_max_micro_batch_size)
+                         if self.parallel.pp_size > 1 else None)
         self.sampler = Sampler()
         self.rejection_sampler = RejectionSampler(self.sampler)
         self.structured_output = None  # a StructuredOutputManager, made for the first constrained request
@@ -128,9 +135,9 @@ class ModelRunner:
 
     def _make_proposer(self) -> MTPProposer | None:
         k = self.config.num_speculative_tokens
-        if not k:
-            return None
         check_speculative_decoding(self.model_config, k)
+        if not k or not self.parallel.is_last_stage:  # the MTP layer lives on the last pipeline stage
+            return None
         return MTPProposer(self.model.mtp_layer, k, self.block_size, self.model_config.max_position_embeddings,
                            self.device)
 
@@ -181,7 +188,12 @@ class ModelRunner:
             meta.lora = self.lora.prepare(chunks)
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
-        hidden = self.model(ids, pos, meta)
+        if self.pipeline is None:
+            hidden = self.model(ids, pos, meta)
+        else:
+            hidden = self.pipeline.forward(chunks, ids, pos)
+            if hidden is None:  # an earlier stage: the last one samples, and its first rank tells rank 0
+                return self._step_from_last_stage() if self.parallel.rank == 0 else None
 
         sampling = [i for i, c in enumerate(chunks) if c.sample]
         if any(c.draft_token_ids for c in chunks):
@@ -191,7 +203,14 @@ class ModelRunner:
         drafts = None
         if self.proposer is not None:
             drafts = self._propose(chunks, sampled, last_known, hidden, pos, meta)
-        return StepOutput(sampled_token_ids=sampled, logprobs=logprobs, draft_token_ids=drafts)
+        step = StepOutput(sampled_token_ids=sampled, logprobs=logprobs, draft_token_ids=drafts)
+        if self.pipeline is not None and self.parallel.tp_rank == 0:
+            self.parallel.send_object(step, 0)
+        return step
+
+    def _step_from_last_stage(self) -> StepOutput:
+        last_stage_first_rank = (self.parallel.pp_size - 1) * self.parallel.tp_size
+        return self.parallel.recv_object(last_stage_first_rank, self.config.step_timeout)
 
     def _sample(self, chunks: list[ScheduledChunk], sampling: list[int], last_known: list[int],
                 hidden: torch.Tensor) -> tuple[list[list[int]], list | None]:

@@ -62,7 +62,8 @@ def load_model(model: nn.Module, model_dir: str | Path, num_hidden_layers: int, 
     unexpected: list[str] = []
     bar = tqdm(total=count_tensors(files), desc="Loading weights", unit="tensor", disable=not progress,
                leave=False)
-    tensors = _kv_scales_taken(_counted(iterate_tensors(files), bar), model)
+    held = getattr(model, "holds", lambda name: True)  # a pipeline stage holds only its layers
+    tensors = _kv_scales_taken(((n, t) for n, t in _counted(iterate_tensors(files), bar) if held(n)), model)
     if quantization is not None:
         tensors = with_scales(tensors, Fp8Scheme.from_config(quantization), TensorLookup(files).get)
     for name, tensor in tensors:

@@ -7,6 +7,8 @@ Inputs are flat: all tokens of all sequences in one [T] vector, with their posit
 
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -162,53 +164,90 @@ class Glm4MoeMTPLayer(Glm4MoeDecoderLayer):
         return self.shared_head.head(self.shared_head.norm(hidden))
 
 
+def stage_layers(num_hidden_layers: int, pp_rank: int, pp_size: int) -> range:
+    """The decoder layers pipeline stage pp_rank holds: an even split, the remainder on the earlier stages (the
+    last one also holds the norm, the LM head and the MTP layer)."""
+    if pp_size > num_hidden_layers:
+        raise ValueError(f"--pipeline-parallel-size {pp_size} exceeds the model's {num_hidden_layers} layers")
+    base, extra = divmod(num_hidden_layers, pp_size)
+    start = pp_rank * base + min(pp_rank, extra)
+    return range(start, start + base + (pp_rank < extra))
+
+
+class MissingLayer(nn.Module):
+    """A layer another pipeline stage holds: it keeps the layer numbering (module paths stay the checkpoint's
+    tensor names) and holds nothing."""
+
+
 class Glm4MoeModel(nn.Module):
     def __init__(self, config: ModelConfig, parallel: ParallelContext, quant: QuantMethod | None = None):
         super().__init__()
         self.rotary = PartialRotaryEmbedding(config.head_dim, config.rotary_dim, config.max_position_embeddings,
                                              config.rope_theta)
-        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, quant and quant.vocab_method)
-        layers: list[nn.Module] = [Glm4MoeDecoderLayer(config, i, parallel, self.rotary, quant)
-                                   for i in range(config.num_hidden_layers)]
+        self.held = stage_layers(config.num_hidden_layers, parallel.pp_rank, parallel.pp_size)
+        self.embed_tokens = (VocabEmbedding(config.vocab_size, config.hidden_size, quant and quant.vocab_method)
+                             if parallel.is_first_stage else None)
+        layers: list[nn.Module] = [Glm4MoeDecoderLayer(config, i, parallel, self.rotary, quant) if i in self.held
+                                   else MissingLayer() for i in range(config.num_hidden_layers)]
         if config.num_nextn_predict_layers > 0:
-            layers.append(Glm4MoeMTPLayer(config, parallel, self.rotary, quant))
+            layers.append(Glm4MoeMTPLayer(config, parallel, self.rotary, quant) if parallel.is_last_stage
+                          else MissingLayer())
         self.layers = nn.ModuleList(layers)
         self.num_hidden_layers = config.num_hidden_layers
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if parallel.is_last_stage else None
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+    def forward(self, inputs: torch.Tensor, positions: torch.Tensor,
                 meta: AttentionMetadata | DenseBatch) -> torch.Tensor:
-        """Returns the last decoder layer's hidden states, before the final norm (what the MTP layer reads)."""
-        x = self.embed_tokens(input_ids)
+        """inputs: token ids on the first pipeline stage, the previous stage's hidden states on the others.
+        Returns this stage's last layer's hidden states, before the final norm (what the MTP layer reads)."""
+        x = self.embed_tokens(inputs) if self.embed_tokens is not None else inputs
         rope = self.rotary.lookup(positions, x.dtype)  # once per step, shared by every layer
-        for layer in self.layers[: self.num_hidden_layers]:
-            x = layer(rope, x, meta)
+        for i in self.held:
+            x = self.layers[i](rope, x, meta)
         return x
+
+
+_LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 class Glm4MoeForCausalLM(nn.Module):
     def __init__(self, config: ModelConfig, parallel: ParallelContext | None = None, quant: QuantMethod | None = None):
-        """quant: the weight format of every linear layer, the routed experts and the embeddings (default float)."""
+        """quant: the weight format of every linear layer, the routed experts and the embeddings (default float).
+        parallel: with pp_size > 1, only this pipeline stage's layers are built."""
         super().__init__()
         parallel = parallel or ParallelContext()
         self.config = config
         self.model = Glm4MoeModel(config, parallel, quant)
-        self.lm_head = ReplicatedLinear(config.hidden_size, config.vocab_size,
-                                        quant_method=quant and quant.vocab_method)
+        self.lm_head = (ReplicatedLinear(config.hidden_size, config.vocab_size,
+                                         quant_method=quant and quant.vocab_method)
+                        if parallel.is_last_stage else None)
+
+    def holds(self, tensor_name: str) -> bool:
+        """Whether this pipeline stage holds the checkpoint tensor (the loader skips the others' unread)."""
+        layer = _LAYER_NAME.match(tensor_name)
+        if layer:  # (a layer past the model's is an MTP layer not asked for: the loader skips it)
+            index = int(layer.group(1))
+            return index >= len(self.model.layers) or not isinstance(self.model.layers[index], MissingLayer)
+        if tensor_name.startswith("model.embed_tokens."):
+            return self.model.embed_tokens is not None
+        if tensor_name.startswith(("model.norm.", "lm_head.")):
+            return self.lm_head is not None
+        return True
 
     @property
     def mtp_layer(self) -> Glm4MoeMTPLayer | None:
         layers = self.model.layers
-        return layers[-1] if len(layers) > self.config.num_hidden_layers else None
+        mtp = layers[-1] if len(layers) > self.config.num_hidden_layers else None
+        return mtp if isinstance(mtp, Glm4MoeMTPLayer) else None
 
     @property
     def attention_layers(self) -> list[Glm4MoeAttention]:
-        """The main decoder layers' attention (the MTP layer's cache is set up by the speculative path)."""
-        return [layer.self_attn for layer in self.model.layers[: self.config.num_hidden_layers]]
+        """This stage's decoder layers' attention (the MTP layer's cache is set up by the speculative path)."""
+        return [self.model.layers[i].self_attn for i in self.model.held]
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+    def forward(self, inputs: torch.Tensor, positions: torch.Tensor,
                 meta: AttentionMetadata | DenseBatch) -> torch.Tensor:
-        return self.model(input_ids, positions, meta)
+        return self.model(inputs, positions, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.model.norm(hidden))

@@ -49,7 +49,7 @@ def test_sglang_card_command_with_two_tensor_parallel_processes(server, checkpoi
                        tmp_path / "tp2.log")
     try:
         two = httpx.post(f"{srv.url}/v1/chat/completions", json={**body, "model": "glm-4.5-air"}, timeout=60)
-        assert "tensor parallel: 2 processes" in srv.output()
+        assert "parallel: tp 2 x pp 1 ranks on 1 node(s)" in srv.output()
     finally:
         srv.stop()
     assert two.status_code == 200 and one.status_code == 200

@@ -109,7 +109,7 @@ LEAKS = ("gloo", "127.0.0.1", ".cc", "/__w", "pytorch")  # what gloo's error mes
 
 def _rank_pid(server) -> int:
     """Rank 1's pid, from the log line the engine writes when it has started its ranks."""
-    return int(re.search(r"tensor parallel: 2 processes \(ranks 1-1: pids (\d+)\)", server.output()).group(1))
+    return int(re.search(r"parallel: tp 2 x pp 1 .*\(ranks 1-1: pids (\d+)\)", server.output()).group(1))
 
 
 def _gone(pid: int) -> bool:
