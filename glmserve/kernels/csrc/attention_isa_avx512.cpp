@@ -20,7 +20,7 @@ namespace avx512_attention {
 
 struct V {
   using F = __m512;
-  static constexpr int kWidth = 16;
+  static constexpr int kWidth = 16, kScoreRows = 4;  // query rows scored together (16 accumulators of 32)
   static F zero() { return _mm512_setzero_ps(); }
   static F load(const float* p) { return _mm512_loadu_ps(p); }
   static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
@@ -30,6 +30,15 @@ struct V {
   static F max(F a, F b) { return _mm512_max_ps(a, b); }
   static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
   static float reduce(F a) { return _mm512_reduce_add_ps(a); }
+  // The four sums of a0..a3 into out[0..3]: pairs interleaved and added within each 128-bit lane, then the lanes.
+  static void reduce4(F a0, F a1, F a2, F a3, float* out) {
+    const F t0 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
+    const F t1 = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
+    const F t2 = _mm512_add_ps(_mm512_shuffle_ps(t0, t1, _MM_SHUFFLE(1, 0, 1, 0)),
+                               _mm512_shuffle_ps(t0, t1, _MM_SHUFFLE(3, 2, 3, 2)));
+    const __m256 u = _mm256_add_ps(_mm512_castps512_ps256(t2), _mm512_extractf32x8_ps(t2, 1));
+    _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1)));
+  }
   static float reduce_max(F a) { return _mm512_reduce_max_ps(a); }
   // Cephes' expf: 2^n times a degree-6 polynomial on [-ln2/2, ln2/2]; inputs at or below -88.38 (-inf) give 0.
   static F exp(F x) {
@@ -57,12 +66,15 @@ inline __m512 V::load_kv<kKvBF16>(const uint8_t* row, int64_t d) {
   const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 2 * d)));
   return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
 }
+// e4m3 as an fp16 (sign, and exponent and mantissa shifted into fp16's: the value / 2^8, e4m3's subnormals landing on
+// fp16 subnormals), widened by the conversion instruction: no arithmetic on subnormal fp32s, which stalls for
+// microcode on some CPUs.
 template <>
 inline __m512 V::load_kv<kKvF8E4M3>(const uint8_t* row, int64_t d) {
-  const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + d)));
-  const __m512i sign = _mm512_slli_epi32(_mm512_and_si512(b, _mm512_set1_epi32(0x80)), 24);
-  const __m512i magnitude = _mm512_slli_epi32(_mm512_and_si512(b, _mm512_set1_epi32(0x7F)), 20);
-  return _mm512_mul_ps(_mm512_castsi512_ps(_mm512_or_si512(sign, magnitude)), _mm512_set1_ps(kFp8Rebias));
+  const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + d)));
+  const __m256i half = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x80)), 8),
+                                       _mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x7F)), 7));
+  return _mm512_mul_ps(_mm512_cvtph_ps(half), _mm512_set1_ps(256.f));
 }
 template <>
 inline __m512 V::load_kv<kKvF8E5M2>(const uint8_t* row, int64_t d) {  // the high bytes of 16 fp16s

@@ -15,7 +15,7 @@ namespace portable_attention {
 
 struct V {
   using F = float;
-  static constexpr int kWidth = 1;
+  static constexpr int kWidth = 1, kScoreRows = 2;  // query rows scored together
   static F zero() { return 0.f; }
   static F load(const float* p) { return *p; }
   static void store(float* p, F v) { *p = v; }
@@ -25,6 +25,12 @@ struct V {
   static F max(F a, F b) { return a > b ? a : b; }
   static F fma(F a, F b, F c) { return a * b + c; }
   static float reduce(F a) { return a; }
+  static void reduce4(F a0, F a1, F a2, F a3, float* out) {
+    out[0] = a0;
+    out[1] = a1;
+    out[2] = a2;
+    out[3] = a3;
+  }
   static float reduce_max(F a) { return a; }
   static F exp(F a) { return std::exp(a); }
   template <int T>

@@ -62,9 +62,9 @@ void paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::T
                 "glmserve paged_attention: block tables, lengths and indices must be contiguous int64 on the CPU");
   const int64_t batch = seq_lens.numel(), max_blocks = block_tables.size(1);
   TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == batch && query_start_loc.numel() == batch + 1 &&
-                  block_size > 0 && k_cache.size(0) % block_size == 0,
+                  block_size > 0 && (block_size & (block_size - 1)) == 0 && k_cache.size(0) % block_size == 0,
               "glmserve paged_attention: block_tables [B, max_blocks], query_start_loc [B + 1] for B sequences, "
-              "and a cache of whole blocks");
+              "and a cache of whole blocks of a power of two");
   const int64_t heads = q.size(1), kv_heads = k_cache.size(1), dim = q.size(2), group = heads / kv_heads;
   const int64_t num_blocks = k_cache.size(0) / block_size;
   const int64_t *lens = seq_lens.data_ptr<int64_t>(), *starts = query_start_loc.data_ptr<int64_t>();
@@ -114,6 +114,7 @@ void paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::T
 
   const PagedAttentionArgs args{q.data_ptr<float>(), static_cast<const uint8_t*>(k_cache.data_ptr()),
                                 static_cast<const uint8_t*>(v_cache.data_ptr()), tables, max_blocks, block_size,
+                                __builtin_ctzll(static_cast<uint64_t>(block_size)),
                                 heads, kv_heads, dim, k_cache.element_size(),
                                 static_cast<float>(scale * k_scale)};
   const AttendFn attend = attention_kernels_for(isa).attend[kv_type(k_cache)];

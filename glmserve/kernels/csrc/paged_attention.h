@@ -15,7 +15,7 @@ struct PagedAttentionArgs {
   const uint8_t* k;
   const uint8_t* v;
   const int64_t* block_tables;  // [B, max_blocks]
-  int64_t max_blocks, block_size;
+  int64_t max_blocks, block_size, block_shift;  // block_size = 1 << block_shift
   int64_t heads, kv_heads, head_dim;
   int64_t kv_elem_bytes;  // bytes of one stored value
   float qk_scale;         // softmax scale times the keys' storage scale

@@ -40,34 +40,37 @@ inline const float* widen_row(const uint8_t* row, int64_t d_total, float* buffer
   }
 }
 
-// Dot products of 4 query rows (ld apart) with one key row.
-inline void dot4(const float* q, int64_t ld, const float* key, int64_t d_total, float* out, int64_t out_ld) {
-  typename V::F a0 = V::zero(), a1 = V::zero(), a2 = V::zero(), a3 = V::zero();
+// Scores of MR query rows (ld apart) against 4 keys: out[m * out_ld + j] = q_m . key_j. Each key vector loaded
+// feeds MR FMAs and each query vector 4; one reduce4 per row turns its 4 accumulators into 4 scores.
+template <int MR>
+inline void score_block(const float* q, int64_t ld, const float* const* keys, int64_t d_total, float* out,
+                        int64_t out_ld) {
+  typename V::F acc[MR][4];
+  for (int m = 0; m < MR; ++m)
+    for (int j = 0; j < 4; ++j) acc[m][j] = V::zero();
   int64_t d = 0;
   for (; d + V::kWidth <= d_total; d += V::kWidth) {
-    const typename V::F kv = V::load(key + d);
-    a0 = V::fma(V::load(q + d), kv, a0);
-    a1 = V::fma(V::load(q + ld + d), kv, a1);
-    a2 = V::fma(V::load(q + 2 * ld + d), kv, a2);
-    a3 = V::fma(V::load(q + 3 * ld + d), kv, a3);
+    const typename V::F k0 = V::load(keys[0] + d), k1 = V::load(keys[1] + d), k2 = V::load(keys[2] + d),
+                        k3 = V::load(keys[3] + d);
+    for (int m = 0; m < MR; ++m) {
+      const typename V::F qv = V::load(q + m * ld + d);
+      acc[m][0] = V::fma(qv, k0, acc[m][0]);
+      acc[m][1] = V::fma(qv, k1, acc[m][1]);
+      acc[m][2] = V::fma(qv, k2, acc[m][2]);
+      acc[m][3] = V::fma(qv, k3, acc[m][3]);
+    }
   }
-  float s[4] = {V::reduce(a0), V::reduce(a1), V::reduce(a2), V::reduce(a3)};
-  for (; d < d_total; ++d)
-    for (int j = 0; j < 4; ++j) s[j] += q[j * ld + d] * key[d];
-  for (int j = 0; j < 4; ++j) out[j * out_ld] = s[j];
+  for (int m = 0; m < MR; ++m) {
+    float s[4];
+    V::reduce4(acc[m][0], acc[m][1], acc[m][2], acc[m][3], s);
+    for (int64_t e = d; e < d_total; ++e)
+      for (int j = 0; j < 4; ++j) s[j] += q[m * ld + e] * keys[j][e];
+    for (int j = 0; j < 4; ++j) out[m * out_ld + j] = s[j];
+  }
 }
 
-inline float dot1(const float* q, const float* key, int64_t d_total) {
-  typename V::F a = V::zero();
-  int64_t d = 0;
-  for (; d + V::kWidth <= d_total; d += V::kWidth) a = V::fma(V::load(q + d), V::load(key + d), a);
-  float s = V::reduce(a);
-  for (; d < d_total; ++d) s += q[d] * key[d];
-  return s;
-}
-
-// Folds one row's tile of scores (kTile, -inf past its visible keys) into its running max and sum: the scores
-// become their weights exp(s - m_new), and the accumulator is rescaled if the max moved.
+// Folds one row's tile of scores (kTile, -inf past its visible keys, at least one visible) into its running max and
+// sum: the scores become their weights exp(s - m_new), and the accumulator is rescaled if the max moved.
 inline void softmax_tile(float* s, float& m, float& l, float* acc, int64_t d_total) {
   typename V::F mv = V::load(s);
   for (int64_t t = V::kWidth; t < kTile; t += V::kWidth) mv = V::max(mv, V::load(s + t));
@@ -86,26 +89,34 @@ inline void softmax_tile(float* s, float& m, float& l, float* acc, int64_t d_tot
   m = m_new;
 }
 
-// acc[d] += sum over the tile's keys t < n of p[t] * value_t[d], the accumulator kept in registers over the tile.
+// acc_m[d] += sum over keys t < n of p_m[t] * value_t[d] for MR rows (accumulators D apart, weights kTile apart),
+// each value vector loaded once for the MR rows, the accumulators kept in registers over the tile.
+template <int MR>
 inline void accumulate_values(float* acc, const float* p, const float* const* values, int64_t n, int64_t d_total) {
   int64_t d = 0;
   for (; d + V::kWidth <= d_total; d += V::kWidth) {
-    typename V::F a = V::load(acc + d);
-    for (int64_t t = 0; t < n; ++t) a = V::fma(V::set1(p[t]), V::load(values[t] + d), a);
-    V::store(acc + d, a);
+    typename V::F a[MR];
+    for (int m = 0; m < MR; ++m) a[m] = V::load(acc + m * d_total + d);
+    for (int64_t t = 0; t < n; ++t) {
+      const typename V::F value = V::load(values[t] + d);
+      for (int m = 0; m < MR; ++m) a[m] = V::fma(V::set1(p[m * kTile + t]), value, a[m]);
+    }
+    for (int m = 0; m < MR; ++m) V::store(acc + m * d_total + d, a[m]);
   }
   for (; d < d_total; ++d)
-    for (int64_t t = 0; t < n; ++t) acc[d] += p[t] * values[t][d];
+    for (int m = 0; m < MR; ++m)
+      for (int64_t t = 0; t < n; ++t) acc[m * d_total + d] += p[m * kTile + t] * values[t][d];
 }
 
 template <int T>
 void attend(const PagedAttentionArgs& a, const AttentionTask& task) {
+  constexpr int MR = V::kScoreRows;
   const int64_t dim = a.head_dim, group = a.heads / a.kv_heads, rows = task.num_queries * group;
   const int64_t row_bytes = a.kv_heads * dim * a.kv_elem_bytes, head_offset = task.kv_head * dim * a.kv_elem_bytes;
   const int64_t* table = a.block_tables + task.seq * a.max_blocks;
   constexpr float kMinusInf = -std::numeric_limits<float>::infinity();
   std::vector<float> scratch(rows * dim + rows * kTile + 2 * kTile * dim);
-  float* queries = scratch.data();     // [R, D], scaled
+  float* queries = scratch.data();       // [R, D], scaled
   float* scores = queries + rows * dim;  // [R, kTile]
   float* widened_k = scores + rows * kTile;
   float* widened_v = widened_k + kTile * dim;
@@ -118,33 +129,43 @@ void attend(const PagedAttentionArgs& a, const AttentionTask& task) {
   std::fill(task.acc, task.acc + rows * dim, 0.f);
   const float* key_rows[kTile];
   const float* value_rows[kTile];
+  int64_t visible[MR];
   for (int64_t k0 = task.key_begin; k0 < task.key_end; k0 += kTile) {
-    const int64_t n = std::min(kTile, task.key_end - k0);
+    const int64_t n = std::min(kTile, task.key_end - k0), mask = a.block_size - 1;
     for (int64_t t = 0; t < n; ++t) {
-      const int64_t p = k0 + t, slot = table[p / a.block_size] * a.block_size + p % a.block_size;
-      key_rows[t] = widen_row<T>(a.k + slot * row_bytes + head_offset, dim, widened_k + t * dim);
+      const int64_t p = k0 + t;
+      const int64_t offset = ((table[p >> a.block_shift] << a.block_shift) + (p & mask)) * row_bytes + head_offset;
+      key_rows[t] = widen_row<T>(a.k + offset, dim, widened_k + t * dim);
+      value_rows[t] = widen_row<T>(a.v + offset, dim, widened_v + t * dim);
     }
-    // Query i sees keys up to first_position + i: its rows score that many of the tile's keys, -inf after.
-    int64_t r = 0;
-    const int64_t all_visible = task.first_position - k0 + 1 >= n ? rows : 0;  // every row sees the whole tile
-    for (; r + 4 <= all_visible; r += 4)
-      for (int64_t t = 0; t < n; ++t) dot4(queries + r * dim, dim, key_rows[t], dim, scores + r * kTile + t, kTile);
-    for (; r < rows; ++r) {
-      const int64_t visible = std::clamp<int64_t>(task.first_position + r / group - k0 + 1, 0, n);
-      for (int64_t t = 0; t < visible; ++t) scores[r * kTile + t] = dot1(queries + r * dim, key_rows[t], dim);
-      std::fill(scores + r * kTile + visible, scores + (r + 1) * kTile, kMinusInf);
-    }
-    if (n < kTile)
-      for (int64_t q = 0; q < all_visible; ++q) std::fill(scores + q * kTile + n, scores + (q + 1) * kTile, kMinusInf);
-    for (int64_t t = 0; t < n; ++t) {
-      const int64_t p = k0 + t, slot = table[p / a.block_size] * a.block_size + p % a.block_size;
-      value_rows[t] = widen_row<T>(a.v + slot * row_bytes + head_offset, dim, widened_v + t * dim);
-    }
-    for (r = 0; r < rows; ++r) {
-      const int64_t visible = std::clamp<int64_t>(task.first_position + r / group - k0 + 1, 0, n);
-      if (visible == 0) continue;  // a later query's key: this row's state is unchanged
-      softmax_tile(scores + r * kTile, task.m[r], task.l[r], task.acc + r * dim, dim);
-      accumulate_values(task.acc + r * dim, scores + r * kTile, value_rows, visible, dim);
+    for (int64_t t = n; t < (n + 3) / 4 * 4; ++t) key_rows[t] = key_rows[0];  // scored, then masked
+    // Query i sees keys up to first_position + i: a row block scores the whole tile, then each row masks the
+    // keys past its own position (and past n) with -inf and folds what it sees into its softmax.
+    for (int64_t r0 = 0; r0 < rows; r0 += MR) {
+      const int block = static_cast<int>(std::min<int64_t>(MR, rows - r0));
+      for (int64_t t = 0; t < n; t += 4)
+        if (block == MR)
+          score_block<MR>(queries + r0 * dim, dim, key_rows + t, dim, scores + r0 * kTile + t, kTile);
+        else
+          for (int m = 0; m < block; ++m)
+            score_block<1>(queries + (r0 + m) * dim, dim, key_rows + t, dim, scores + (r0 + m) * kTile + t, kTile);
+      int64_t most = 0;
+      for (int m = 0; m < MR; ++m) {
+        float* row = scores + (r0 + m) * kTile;
+        visible[m] = m < block ? std::clamp<int64_t>(task.first_position + (r0 + m) / group - k0 + 1, 0, n) : 0;
+        most = std::max(most, visible[m]);
+        if (m >= block) continue;
+        std::fill(row + visible[m], row + kTile, kMinusInf);
+        if (visible[m] > 0)
+          softmax_tile(row, task.m[r0 + m], task.l[r0 + m], task.acc + (r0 + m) * dim, dim);
+        else
+          std::fill(row, row + kTile, 0.f);  // a later query's keys only: this row's state is unchanged
+      }
+      if (block == MR)
+        accumulate_values<MR>(task.acc + r0 * dim, scores + r0 * kTile, value_rows, most, dim);
+      else
+        for (int m = 0; m < block; ++m)
+          accumulate_values<1>(task.acc + (r0 + m) * dim, scores + (r0 + m) * kTile, value_rows, visible[m], dim);
     }
   }
 }
