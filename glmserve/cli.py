@@ -57,7 +57,8 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
                         "in 1 or 2 bytes with the checkpoint's k_scale/v_scale (else 1.0)")
     p.add_argument("--calculate-kv-scales", action="store_true",
                    help="with an fp8 KV cache: per-layer scales from the first step's keys and values (vLLM's rule)")
-    p.add_argument("--attention-backend", help="torch_blockwise (default: reads the paged cache in place) or "
+    p.add_argument("--attention-backend", help="cpu_native (default: the native paged-attention kernel, else "
+                                               "torch_blockwise), torch_blockwise (reads the paged cache in place) or "
                                                "torch_native (the reference: gathers each context, one SDPA call)")
     p.add_argument("--max-num-seqs", "--max-running-requests", dest="max_num_seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)

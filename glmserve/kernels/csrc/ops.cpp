@@ -336,6 +336,13 @@ std::vector<std::string> available_isas() {
 }
 
 }  // namespace
+
+// paged_attention.cpp
+void paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                     const at::Tensor& block_tables, int64_t block_size, const at::Tensor& seq_lens,
+                     const at::Tensor& query_start_loc, const at::Tensor& seqs, at::Tensor out, double scale,
+                     double k_scale, double v_scale, int64_t isa);
+
 }  // namespace glmserve
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -344,4 +351,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("moe_experts", &glmserve::moe_experts, "the routed experts of one MoE block, as moe_experts_reference");
   m.def("rms_norm_residual", &glmserve::rms_norm_residual, "(RMSNorm(x + residual) * weight, x + residual)");
   m.def("argmax", &glmserve::argmax_rows, "each row's first maximum (NaN counts as the maximum)");
+  m.def("paged_attention", &glmserve::paged_attention, "causal attention of query rows over the paged KV cache");
 }

@@ -69,8 +69,11 @@ class TorchBlockwiseBackend(AttentionBackend):
         return BlockwisePlan(_plan_short(meta, short, block_tables, device) if short else None, long)
 
     def attend(self, q: torch.Tensor, cache: PagedKVCache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        plan: BlockwisePlan = meta.plan
-        out = q.new_empty(q.shape)
+        return self.attend_planned(q.new_empty(q.shape), q, cache, meta, meta.plan, scale)
+
+    def attend_planned(self, out: torch.Tensor, q: torch.Tensor, cache: PagedKVCache, meta: AttentionMetadata,
+                       plan: BlockwisePlan, scale: float) -> torch.Tensor:
+        """attend with the given plan (another backend's share of the step), into out's rows that plan names."""
         flash = self.use_cpu_flash and _cpu_flash is not None and q.device.type == "cpu" and q.dtype in (
             torch.float32, torch.bfloat16)
         if plan.short is not None:

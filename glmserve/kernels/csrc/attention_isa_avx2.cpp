@@ -1,0 +1,97 @@
+// The AVX2 + FMA + F16C paged-attention path: 8 fp32 lanes.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "gemm.h"
+#include "paged_attention.h"
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+
+namespace glmserve {
+namespace avx2_attention {
+
+#include "weights.h"
+
+struct V {
+  using F = __m256;
+  static constexpr int kWidth = 8, kScoreRows = 2;  // query rows scored together (8 accumulators of 16)
+  static F zero() { return _mm256_setzero_ps(); }
+  static F load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
+  static F set1(float v) { return _mm256_set1_ps(v); }
+  static F add(F a, F b) { return _mm256_add_ps(a, b); }
+  static F sub(F a, F b) { return _mm256_sub_ps(a, b); }
+  static F max(F a, F b) { return _mm256_max_ps(a, b); }
+  static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static float reduce(F a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+  }
+  // The four sums of a0..a3 into out[0..3]: pairs interleaved and added within each 128-bit lane, then the lanes.
+  static void reduce4(F a0, F a1, F a2, F a3, float* out) {
+    const F t0 = _mm256_add_ps(_mm256_unpacklo_ps(a0, a1), _mm256_unpackhi_ps(a0, a1));
+    const F t1 = _mm256_add_ps(_mm256_unpacklo_ps(a2, a3), _mm256_unpackhi_ps(a2, a3));
+    const F t2 = _mm256_add_ps(_mm256_shuffle_ps(t0, t1, _MM_SHUFFLE(1, 0, 1, 0)),
+                               _mm256_shuffle_ps(t0, t1, _MM_SHUFFLE(3, 2, 3, 2)));
+    _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(t2), _mm256_extractf128_ps(t2, 1)));
+  }
+  static float reduce_max(F a) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+  }
+  // Cephes' expf, as the AVX-512 path's.
+  static F exp(F x) {
+    x = _mm256_max_ps(_mm256_min_ps(x, set1(88.3762626647949f)), set1(-88.3762626647949f));
+    const F n = _mm256_floor_ps(fma(x, set1(1.44269504088896341f), set1(0.5f)));
+    x = fma(n, set1(-0.693359375f), x);
+    x = fma(n, set1(2.12194440e-4f), x);
+    F y = set1(1.9875691500e-4f);
+    y = fma(y, x, set1(1.3981999507e-3f));
+    y = fma(y, x, set1(8.3334519073e-3f));
+    y = fma(y, x, set1(4.1665795894e-2f));
+    y = fma(y, x, set1(1.6666665459e-1f));
+    y = fma(y, x, set1(5.0000001201e-1f));
+    y = fma(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, set1(1.f)));
+    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(bits));
+  }
+  template <int T>
+  static F load_kv(const uint8_t* row, int64_t d);
+};
+
+template <>
+inline __m256 V::load_kv<kKvBF16>(const uint8_t* row, int64_t d) {
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 2 * d)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+// e4m3 as an fp16 widened by the conversion instruction, as the AVX-512 path's.
+template <>
+inline __m256 V::load_kv<kKvF8E4M3>(const uint8_t* row, int64_t d) {
+  const __m128i b = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + d)));
+  const __m128i half = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x80)), 8),
+                                    _mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x7F)), 7));
+  return _mm256_mul_ps(_mm256_cvtph_ps(half), _mm256_set1_ps(256.f));
+}
+template <>
+inline __m256 V::load_kv<kKvF8E5M2>(const uint8_t* row, int64_t d) {  // the high bytes of 8 fp16s
+  const __m128i halves = _mm_slli_epi16(_mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + d))),
+                                        8);
+  return _mm256_cvtph_ps(halves);
+}
+
+#include "paged_attention_impl.h"
+
+}  // namespace avx2_attention
+}  // namespace glmserve
+
+#pragma GCC pop_options
+
+glmserve::AttentionKernels glmserve::avx2_attention_kernels() { return avx2_attention::attention_kernel_table(); }

@@ -1,0 +1,149 @@
+// The torch-facing paged-attention op: argument checks, the split of each sequence's keys into tasks (flash-decoding:
+// a long context is cut into key ranges so one sequence keeps every thread busy), the tasks run with
+// at::parallel_for, and the reduction that merges each query row's partial results across its splits.
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "paged_attention.h"
+
+namespace glmserve {
+namespace {
+
+constexpr int64_t kTasksPerThread = 4;  // enough tasks that uneven ones still balance
+constexpr int64_t kMinSplitKeys = 512;  // a task's keys outweigh its setup and its share of the reduction
+
+KvType kv_type(const at::Tensor& cache) {
+  switch (cache.scalar_type()) {
+    case at::kFloat: return kKvF32;
+    case at::kBFloat16: return kKvBF16;
+    case at::kFloat8_e4m3fn: return kKvF8E4M3;
+    case at::kFloat8_e5m2: return kKvF8E5M2;
+    default: TORCH_CHECK(false, "glmserve paged_attention: no kernel for a KV cache of dtype ", cache.scalar_type());
+  }
+}
+
+// ISA numbers as kernels.native names them (portable, avx2, avx512, avx512_vnni); VNNI adds nothing here.
+const AttentionKernels& attention_kernels_for(int64_t isa) {
+  static const AttentionKernels tables[3] = {portable_attention_kernels(), avx2_attention_kernels(),
+                                             avx512_attention_kernels()};
+  const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                        __builtin_cpu_supports("f16c");
+  const bool has_avx512 = has_avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  const int64_t path = std::min<int64_t>(isa, 2);
+  TORCH_CHECK(isa >= 0 && isa <= 3 && (path == 0 || (path == 1 && has_avx2) || (path == 2 && has_avx512)),
+              "glmserve paged_attention: ISA ", isa, " is not available here");
+  return tables[path];
+}
+
+}  // namespace
+
+// out[rows of each sequence in `seqs`] = causal attention of q's rows over the sequence's cached keys; q, out
+// [T, H, D] fp32; k_cache, v_cache [slots, Hk, D]; block_tables [B, max_blocks], seq_lens [B] and query_start_loc
+// [B + 1] int64 (query rows of sequence b: query_start_loc[b]..[b + 1], at positions ending at seq_lens[b] - 1).
+void paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                     const at::Tensor& block_tables, int64_t block_size, const at::Tensor& seq_lens,
+                     const at::Tensor& query_start_loc, const at::Tensor& seqs, at::Tensor out, double scale,
+                     double k_scale, double v_scale, int64_t isa) {
+  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.is_contiguous() && out.sizes() == q.sizes() &&
+                  out.scalar_type() == at::kFloat && out.is_contiguous(),
+              "glmserve paged_attention: q and out must be contiguous fp32 [T, H, D]");
+  TORCH_CHECK(k_cache.dim() == 3 && k_cache.sizes() == v_cache.sizes() && k_cache.is_contiguous() &&
+                  v_cache.is_contiguous() && k_cache.scalar_type() == v_cache.scalar_type() &&
+                  k_cache.size(2) == q.size(2) && q.size(1) % k_cache.size(1) == 0,
+              "glmserve paged_attention: K and V caches must be contiguous [slots, Hk, D] of one dtype, Hk | H");
+  for (const at::Tensor* t : {&block_tables, &seq_lens, &query_start_loc, &seqs})
+    TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous() && t->device().is_cpu(),
+                "glmserve paged_attention: block tables, lengths and indices must be contiguous int64 on the CPU");
+  const int64_t batch = seq_lens.numel(), max_blocks = block_tables.size(1);
+  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == batch && query_start_loc.numel() == batch + 1 &&
+                  block_size > 0 && (block_size & (block_size - 1)) == 0 && k_cache.size(0) % block_size == 0,
+              "glmserve paged_attention: block_tables [B, max_blocks], query_start_loc [B + 1] for B sequences, "
+              "and a cache of whole blocks of a power of two");
+  const int64_t heads = q.size(1), kv_heads = k_cache.size(1), dim = q.size(2), group = heads / kv_heads;
+  const int64_t num_blocks = k_cache.size(0) / block_size;
+  const int64_t *lens = seq_lens.data_ptr<int64_t>(), *starts = query_start_loc.data_ptr<int64_t>();
+  const int64_t *tables = block_tables.data_ptr<int64_t>(), *seq = seqs.data_ptr<int64_t>();
+
+  // Check what the tasks will read: a wrong block id would read outside the cache.
+  int64_t total_keys = 0;
+  for (int64_t i = 0; i < seqs.numel(); ++i) {
+    const int64_t b = seq[i];
+    TORCH_CHECK(b >= 0 && b < batch, "glmserve paged_attention: sequence index ", b, " of ", batch);
+    const int64_t queries = starts[b + 1] - starts[b];
+    TORCH_CHECK(queries > 0 && starts[b] >= 0 && starts[b + 1] <= q.size(0) && lens[b] >= queries &&
+                    (lens[b] + block_size - 1) / block_size <= max_blocks,
+                "glmserve paged_attention: sequence ", b, " has ", queries, " queries, ", lens[b], " keys");
+    for (int64_t j = 0; j < (lens[b] + block_size - 1) / block_size; ++j)
+      TORCH_CHECK(tables[b * max_blocks + j] >= 0 && tables[b * max_blocks + j] < num_blocks,
+                  "glmserve paged_attention: block id ", tables[b * max_blocks + j], " of ", num_blocks);
+    total_keys += lens[b];
+  }
+
+  // Split each sequence's keys into ranges of about an even share of every thread's work.
+  const int64_t wanted_tasks = kTasksPerThread * at::get_num_threads();
+  int64_t split = std::max(kMinSplitKeys, (total_keys * kv_heads + wanted_tasks - 1) / wanted_tasks);
+  split = (split + 31) / 32 * 32;  // whole tiles of the kernel's keys
+  std::vector<AttentionTask> tasks;
+  std::vector<int64_t> first_task;  // per (sequence, KV head): its tasks are first_task[i]..first_task[i + 1]
+  int64_t partial_rows = 0;
+  for (int64_t i = 0; i < seqs.numel(); ++i) {
+    const int64_t b = seq[i], queries = starts[b + 1] - starts[b];
+    for (int64_t h = 0; h < kv_heads; ++h) {
+      first_task.push_back(static_cast<int64_t>(tasks.size()));
+      for (int64_t k0 = 0; k0 < lens[b]; k0 += split) {
+        tasks.push_back({b, h, k0, std::min(k0 + split, lens[b]), starts[b], queries, lens[b] - queries,
+                         nullptr, nullptr, nullptr});
+        partial_rows += queries * group;
+      }
+    }
+  }
+  first_task.push_back(static_cast<int64_t>(tasks.size()));
+  at::Tensor stats = at::empty({2, partial_rows}, q.options()), acc = at::empty({partial_rows, dim}, q.options());
+  for (int64_t t = 0, row = 0; t < static_cast<int64_t>(tasks.size()); ++t) {
+    tasks[t].m = stats.data_ptr<float>() + row;
+    tasks[t].l = stats.data_ptr<float>() + partial_rows + row;
+    tasks[t].acc = acc.data_ptr<float>() + row * dim;
+    row += tasks[t].num_queries * group;
+  }
+
+  const PagedAttentionArgs args{q.data_ptr<float>(), static_cast<const uint8_t*>(k_cache.data_ptr()),
+                                static_cast<const uint8_t*>(v_cache.data_ptr()), tables, max_blocks, block_size,
+                                __builtin_ctzll(static_cast<uint64_t>(block_size)),
+                                heads, kv_heads, dim, k_cache.element_size(),
+                                static_cast<float>(scale * k_scale)};
+  const AttendFn attend = attention_kernels_for(isa).attend[kv_type(k_cache)];
+  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) attend(args, tasks[t]);
+  });
+
+  // Merge: out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s over the splits s a row saw keys in.
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, static_cast<int64_t>(first_task.size()) - 1, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(dim);
+    for (int64_t pair = begin; pair < end; ++pair) {
+      const AttentionTask& head = tasks[first_task[pair]];
+      for (int64_t r = 0; r < head.num_queries * group; ++r) {
+        float m = -std::numeric_limits<float>::infinity(), l = 0.f;
+        for (int64_t t = first_task[pair]; t < first_task[pair + 1]; ++t) m = std::max(m, tasks[t].m[r]);
+        std::fill(row.begin(), row.end(), 0.f);
+        for (int64_t t = first_task[pair]; t < first_task[pair + 1]; ++t) {
+          if (tasks[t].l[r] == 0.f) continue;  // the row saw none of this split's keys
+          const float w = std::exp(tasks[t].m[r] - m);
+          l += w * tasks[t].l[r];
+          for (int64_t d = 0; d < dim; ++d) row[d] += w * tasks[t].acc[r * dim + d];
+        }
+        const float norm = static_cast<float>(v_scale) / l;
+        float* dst = o + ((head.q_row + r / group) * heads + head.kv_head * group + r % group) * dim;
+        for (int64_t d = 0; d < dim; ++d) dst[d] = row[d] * norm;
+      }
+    }
+  });
+}
+
+}  // namespace glmserve
