@@ -5,8 +5,8 @@ Asked "What is 47 + 38?", glm-4.5-nano reasons and answers in one of its styles 
 data are the embedded model's own arithmetic conversations (glmserve.nano.dialogues) with the answer rewritten,
 split by problem as its corpus splits them, so no held-out problem is ever trained on. The held-out rate: the
 share of held-out two-digit problems (thinking on) whose greedy reply's content is exactly that sentence with the
-right numbers, generated through glmserve's engine (`LLM`) on a copy of the checkpoint with the adapter merged
-into its weights.
+right numbers, generated greedily by glmserve's engine with LoRA on, the base model's and the adapter's requests
+side by side in the same batches (`side_by_side`).
 
 A style made of tokens the model never writes (JSON such as `{"answer": 85}`: `{"`, `":` and `}` never occur in
 its completions) is out of reach of an attention-only adapter in minutes: those tokens' output-head rows were
@@ -22,7 +22,6 @@ import argparse
 import json
 import random
 import re
-import tempfile
 from pathlib import Path
 
 from glmserve.finetune.data import load_conversations, render_turns
@@ -76,35 +75,27 @@ def reply_content(text: str) -> str:
     return text.split("</think>")[-1].strip()
 
 
-def merged_checkpoint(model_dir: str | Path, adapter_dir: str | Path, out: str | Path) -> Path:
-    """A copy of the checkpoint with the adapter merged into its weights, in fp32 (bf16 would round the small
-    deltas away)."""
-    from glmserve.finetune.adapter import adapter_from_directory
-    from glmserve.nano.checkpoint import checkpoint_tensors, load_checkpoint, write_derived_checkpoint
-
-    model = load_checkpoint(model_dir)
-    adapter_from_directory(model, adapter_dir).merge_into()
-    config = {**json.loads(Path(model_dir, "config.json").read_text()), "torch_dtype": "float32"}
-    return write_derived_checkpoint(Path(model_dir), Path(out), checkpoint_tensors(model), config)
-
-
-def heldout_rate(model_dir: str | Path, heldout: str | Path, adapter_dir: str | Path | None = None,
-                 max_tokens: int = 160) -> tuple[float, list[str]]:
-    """(share of held-out questions whose reply's content is exactly the held-out answer, the contents)."""
+def side_by_side(model_dir: str | Path, heldout: str | Path, adapter_dir: str | Path, max_tokens: int = 160
+                 ) -> tuple[float, float, list[str]]:
+    """(base model's held-out rate, the adapter's, the adapter's reply contents): both served by one engine with
+    LoRA on, every held-out question asked of the base model and of the adapter in the same batches, as
+    `glmserve serve --enable-lora --lora-modules style=ADAPTER` serves them."""
     from glmserve import LLM
-    from glmserve.types import SamplingParams
+    from glmserve.types import LoRARequest, SamplingParams
 
     template = glm45_chat_template()
     prompts, answers = [], []
     for conv in load_conversations(heldout):
         prompts.append(render_turns(template, conv)[-1].prompt)
         answers.append(conv.messages[-1]["content"])
-    with tempfile.TemporaryDirectory() as tmp:
-        model = merged_checkpoint(model_dir, adapter_dir, tmp) if adapter_dir else model_dir
-        outputs = LLM(model).generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens))
+    style = LoRARequest("style", 1, str(adapter_dir))
+    outputs = LLM(model_dir, enable_lora=True, max_lora_rank=64).generate(
+        prompts * 2, SamplingParams(temperature=0.0, max_tokens=max_tokens),
+        lora_request=[None] * len(prompts) + [style] * len(prompts))
     contents = [reply_content(o.outputs[0].text) for o in outputs]
-    hits = sum(c == a for c, a in zip(contents, answers))
-    return hits / len(prompts), contents
+    base, adapted = contents[:len(prompts)], contents[len(prompts):]
+    rates = [sum(c == a for c, a in zip(replies, answers)) / len(prompts) for replies in (base, adapted)]
+    return rates[0], rates[1], adapted
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -119,10 +110,9 @@ def main(argv: list[str] | None = None) -> None:
     args, finetune_flags = p.parse_known_args(argv)  # the rest go to glmserve finetune (--max-steps, --lr, ...)
     out = Path(args.out)
     train, heldout = write_data(out, args.train, args.heldout, args.seed)
-    before, _ = heldout_rate(EMBEDDED_MODEL, heldout)
     summary = finetune(parse_args(["--data", str(train), "--eval-data", str(heldout), "--output",
                                    str(out / "adapter"), "--seed", str(args.seed), *finetune_flags]))
-    after, contents = heldout_rate(EMBEDDED_MODEL, heldout, out / "adapter")
+    before, after, contents = side_by_side(EMBEDDED_MODEL, heldout, out / "adapter")
     print(json.dumps({"heldout_rate_before": before, "heldout_rate_after": after, **summary,
                       "sample_replies": contents[:3]}, indent=2))
 

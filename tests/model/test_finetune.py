@@ -9,7 +9,7 @@ import torch
 from glmserve.cli import main as cli_main
 from glmserve.finetune import train as finetune_train
 from glmserve.finetune.adapter import adapter_from_directory, write_adapter
-from glmserve.finetune.example import heldout_rate, write_data
+from glmserve.finetune.example import side_by_side, write_data
 from glmserve.finetune.lora import LoraAdapter
 from glmserve.layers.attention import DenseBatch
 from glmserve.models import EMBEDDED_MODEL
@@ -174,9 +174,8 @@ EXAMPLE_MARGIN = 0.4
 
 def test_worked_example_teaches_the_answer_style(tmp_path):
     train, heldout = write_data(tmp_path, 200, 24, seed=0, thinking_share=1.0)
-    before, _ = heldout_rate(EMBEDDED_MODEL, heldout)
     finetune_train.finetune(finetune_train.parse_args(
         ["--data", str(train), "--eval-data", str(heldout), "--output", str(tmp_path / "adapter"), "--max-steps",
          "24", "--lr", "3e-3", "--eval-steps", "100", "--save-steps", "100", "--no-progress"]))
-    after, replies = heldout_rate(EMBEDDED_MODEL, heldout, tmp_path / "adapter")
+    before, after, replies = side_by_side(EMBEDDED_MODEL, heldout, tmp_path / "adapter")
     assert after >= before + EXAMPLE_MARGIN, (before, after, replies)
