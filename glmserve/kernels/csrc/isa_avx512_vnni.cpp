@@ -17,9 +17,11 @@ namespace glmserve {
 namespace avx512_vnni {
 
 constexpr int kTileRows = 4, kTileCols = 4;
-// Bytes ahead of each weight row's reads to prefetch: a row of an int8 [*, 4096] weight is one 4 KiB page, where
-// the hardware prefetcher stops and restarts, so without this a GEMV is bound by latency, not bandwidth.
-constexpr int64_t kPrefetchBytes = 1024;
+// A tile's NR weight rows are contiguous, and so are the next tiles': while a tile is read, a later one is
+// prefetched, NR cache lines per vector step, whole tiles and at least kPrefetchAheadBytes ahead. A row of an int8 [*, 4096] weight is one 4 KiB
+// page, where the hardware prefetcher stops and restarts, so prefetching a fixed distance along each row leaves the
+// next tile's rows cold and a GEMV bound by latency rather than bandwidth.
+constexpr int64_t kPrefetchAheadBytes = 16384;
 
 // vpdpbusd multiplies unsigned bytes by signed ones: int8 weights are shifted to unsigned by +128 (an xor), int4
 // nibbles already are (q + 8); lane_bias takes the shift back out. Input k's weights sit at byte k (int8) or in
@@ -43,6 +45,13 @@ inline void gemm_tile(const GemmArgs& a, int64_t m0, int64_t n0, const ScaleWalk
     w[r] = static_cast<const uint8_t*>(a.w) + (n0 + r) * row_bytes;
     s[r] = a.scales + (n0 + r) * a.groups;
   }
+  const int64_t tiles_ahead = (kPrefetchAheadBytes + NR * row_bytes - 1) / (NR * row_bytes);
+  const char* next_tile = reinterpret_cast<const char*>(w[0] + tiles_ahead * NR * row_bytes);
+  // The scales likewise, one line a step.
+  const char* next_scales = reinterpret_cast<const char*>(s[0] + tiles_ahead * NR * a.groups);
+  const int64_t scale_bytes = NR * a.groups * static_cast<int64_t>(sizeof(float));
+  __m512 row_scale[NR];  // one scale per row: broadcast once, not loaded per vector
+  for (int r = 0; r < NR; ++r) row_scale[r] = _mm512_set1_ps(s[r][0]);
   __m512 acc[MB][NR];
   for (int m = 0; m < MB; ++m)
     for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_setzero_ps();
@@ -56,13 +65,18 @@ inline void gemm_tile(const GemmArgs& a, int64_t m0, int64_t n0, const ScaleWalk
       x_scale[m] = _mm512_loadu_ps(qx.lane_scale + (m0 + m) * qx.ld_lane + 16 * v);
       x_bias[m] = _mm512_loadu_si512(qx.lane_bias + (m0 + m) * qx.ld_lane + 16 * v);
     }
+    if (64 * v < scale_bytes) _mm_prefetch(next_scales + 64 * v, _MM_HINT_T0);
     for (int r = 0; r < NR; ++r) {
-      _mm_prefetch(reinterpret_cast<const char*>(w[r] + 64 * v + kPrefetchBytes), _MM_HINT_T0);
+      _mm_prefetch(next_tile + 64 * (NR * v + r), _MM_HINT_T0);
       // Masked loads only at a row's end: on AMD Zen they cost several times a plain load.
       const uint8_t* wp = w[r] + 64 * v;
       const __m512i wv = left >= 64 ? _mm512_loadu_si512(wp) : _mm512_maskz_loadu_epi8(bytes, wp);
-      const __m128 w_scales = a.groups - g0 >= 4 ? _mm_loadu_ps(s[r] + g0) : _mm_maskz_loadu_ps(scales, s[r] + g0);
-      const __m512 w_scale = _mm512_permutexvar_ps(walk.index, _mm512_castps128_ps512(w_scales));
+      __m512 w_scale = row_scale[r];
+      if (a.groups > 1) {
+        const __m128 w_scales = a.groups - g0 >= 4 ? _mm_loadu_ps(s[r] + g0)
+                                                   : _mm_maskz_loadu_ps(scales, s[r] + g0);
+        w_scale = _mm512_permutexvar_ps(walk.index, _mm512_castps128_ps512(w_scales));
+      }
       for (int m = 0; m < MB; ++m) {
         const int8_t* q = qx.q + (m0 + m) * qx.ld_q + kInputs * v;
         __m512i dot;
