@@ -41,6 +41,7 @@ inline void gemm_tile(const GemmArgs& a, int64_t m0, int64_t n0, const ScaleWalk
   const __m512i low_nibbles = _mm512_set1_epi8(0x0F), sign_bit = _mm512_set1_epi8(static_cast<char>(0x80));
   const uint8_t* w[NR];
   const float* s[NR];
+  #pragma GCC unroll 16
   for (int r = 0; r < NR; ++r) {
     w[r] = static_cast<const uint8_t*>(a.w) + (n0 + r) * row_bytes;
     s[r] = a.scales + (n0 + r) * a.groups;
@@ -50,10 +51,11 @@ inline void gemm_tile(const GemmArgs& a, int64_t m0, int64_t n0, const ScaleWalk
   // The scales likewise, one line a step.
   const char* next_scales = reinterpret_cast<const char*>(s[0] + tiles_ahead * NR * a.groups);
   const int64_t scale_bytes = NR * a.groups * static_cast<int64_t>(sizeof(float));
-  __m512 row_scale[NR];  // one scale per row: broadcast once, not loaded per vector
-  for (int r = 0; r < NR; ++r) row_scale[r] = _mm512_set1_ps(s[r][0]);
+  const bool per_row = a.groups == 1;  // one weight scale per row: applied to the row's sum, not per vector
   __m512 acc[MB][NR];
+  #pragma GCC unroll 16
   for (int m = 0; m < MB; ++m)
+    #pragma GCC unroll 16
     for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_setzero_ps();
   for (int64_t v = 0, g0 = 0, in_group = 0; v < vectors; ++v) {
     const int64_t left = row_bytes - 64 * v;
@@ -61,22 +63,25 @@ inline void gemm_tile(const GemmArgs& a, int64_t m0, int64_t n0, const ScaleWalk
     const __mmask8 scales = static_cast<__mmask8>((1 << (a.groups - g0 < 4 ? a.groups - g0 : 4)) - 1);
     __m512 x_scale[MB];
     __m512i x_bias[MB];
+    #pragma GCC unroll 16
     for (int m = 0; m < MB; ++m) {
       x_scale[m] = _mm512_loadu_ps(qx.lane_scale + (m0 + m) * qx.ld_lane + 16 * v);
       x_bias[m] = _mm512_loadu_si512(qx.lane_bias + (m0 + m) * qx.ld_lane + 16 * v);
     }
     if (64 * v < scale_bytes) _mm_prefetch(next_scales + 64 * v, _MM_HINT_T0);
+    #pragma GCC unroll 16
     for (int r = 0; r < NR; ++r) {
       _mm_prefetch(next_tile + 64 * (NR * v + r), _MM_HINT_T0);
       // Masked loads only at a row's end: on AMD Zen they cost several times a plain load.
       const uint8_t* wp = w[r] + 64 * v;
       const __m512i wv = left >= 64 ? _mm512_loadu_si512(wp) : _mm512_maskz_loadu_epi8(bytes, wp);
-      __m512 w_scale = row_scale[r];
-      if (a.groups > 1) {
+      __m512 w_scale = _mm512_setzero_ps();
+      if (!per_row) {
         const __m128 w_scales = a.groups - g0 >= 4 ? _mm_loadu_ps(s[r] + g0)
                                                    : _mm_maskz_loadu_ps(scales, s[r] + g0);
         w_scale = _mm512_permutexvar_ps(walk.index, _mm512_castps128_ps512(w_scales));
       }
+      #pragma GCC unroll 16
       for (int m = 0; m < MB; ++m) {
         const int8_t* q = qx.q + (m0 + m) * qx.ld_q + kInputs * v;
         __m512i dot;
@@ -87,7 +92,8 @@ inline void gemm_tile(const GemmArgs& a, int64_t m0, int64_t n0, const ScaleWalk
         } else {
           dot = _mm512_dpbusd_epi32(x_bias[m], _mm512_xor_si512(wv, sign_bit), _mm512_loadu_si512(q));
         }
-        acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(w_scale, x_scale[m]), acc[m][r]);
+        const __m512 scale = per_row ? x_scale[m] : _mm512_mul_ps(w_scale, x_scale[m]);
+        acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[m][r]);
       }
     }
     if (walk.groups_per_vector) {
@@ -97,9 +103,12 @@ inline void gemm_tile(const GemmArgs& a, int64_t m0, int64_t n0, const ScaleWalk
       ++g0;
     }
   }
+  #pragma GCC unroll 16
   for (int m = 0; m < MB; ++m)
+    #pragma GCC unroll 16
     for (int r = 0; r < NR; ++r)
-      a.y[(m0 + m) * a.ldy + n0 + r] = _mm512_reduce_add_ps(acc[m][r]) + (a.bias ? a.bias[n0 + r] : 0.f);
+      a.y[(m0 + m) * a.ldy + n0 + r] =
+          _mm512_reduce_add_ps(acc[m][r]) * (per_row ? s[r][0] : 1.f) + (a.bias ? a.bias[n0 + r] : 0.f);
 }
 
 // ops.cpp sends only group sizes whose scales line up with the lanes: 32, 64 (int4), multiples of a vector's
