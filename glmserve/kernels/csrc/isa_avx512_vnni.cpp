@@ -4,7 +4,6 @@
 // a vector's lanes, take the AVX-512 float path.
 #include <immintrin.h>
 
-#include <cmath>
 #include <cstdint>
 #include <climits>
 
@@ -142,25 +141,54 @@ void gemm(const GemmArgs& a, int64_t n_begin, int64_t n_end) {
   for (; n < n_end; ++n) gemm_columns<T, 1>(a, n, index);
 }
 
+// The lanes of a 16-float vector that hold inputs below k, from input i on.
+inline __mmask16 inputs_below(int64_t k, int64_t i) {
+  return k - i >= 16 ? __mmask16(0xFFFF) : k <= i ? __mmask16(0) : static_cast<__mmask16>((1u << (k - i)) - 1);
+}
+
 void quantize_rows(WeightType t, const float* x, int64_t ldx, int64_t rows, int64_t k, int8_t* q, float* lane_scale,
                    int32_t* lane_bias) {
-  const int64_t padded = (k + kQ8Pad - 1) / kQ8Pad * kQ8Pad, lane_inputs = q8_lane_inputs(t);
-  const int64_t lanes = padded / lane_inputs;
-  const int32_t zero_point = t == kI4 ? 8 : 128;
+  const int64_t padded = (k + kQ8Pad - 1) / kQ8Pad * kQ8Pad, lanes = padded / q8_lane_inputs(t);
+  const __m256i minus_zero_point = _mm256_set1_epi32(t == kI4 ? -8 : -128), ones = _mm256_set1_epi8(1);
+  const __m512i evens = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  const __m512i odds = _mm512_add_epi32(evens, _mm512_set1_epi32(1));
   for (int64_t row = 0; row < rows; ++row) {
     const float* xr = x + row * ldx;
     int8_t* qr = q + row * padded;
-    for (int64_t lane = 0; lane < lanes; ++lane) lane_bias[row * lanes + lane] = 0;
-    for (int64_t b = 0; b < padded; b += 32) {
-      float amax = 0.f;
-      for (int64_t i = b; i < b + 32 && i < k; ++i) amax = std::fmax(amax, std::fabs(xr[i]));
+    float* scale_r = lane_scale + row * lanes;
+    int32_t* bias_r = lane_bias + row * lanes;
+    for (int64_t b = 0; b < padded; b += 32) {  // one block of 32 inputs, zero past k
+      const __m512 x0 = _mm512_maskz_loadu_ps(inputs_below(k, b), xr + b);
+      const __m512 x1 = _mm512_maskz_loadu_ps(inputs_below(k, b + 16), xr + b + 16);
+      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
       const float scale = amax / 127.f, inverse = amax > 0.f ? 127.f / amax : 0.f;
-      for (int64_t i = b; i < b + 32; ++i) {
-        const int32_t qv = i < k ? static_cast<int32_t>(std::nearbyint(xr[i] * inverse)) : 0;
-        // int4: each 128-input block's even inputs first, then its odd ones, as the weight's nibbles.
-        qr[t == kI4 ? i / 128 * 128 + (i % 2) * 64 + (i % 128) / 2 : i] = static_cast<int8_t>(qv);
-        lane_bias[row * lanes + i / lane_inputs] -= zero_point * qv;
-        lane_scale[row * lanes + i / lane_inputs] = scale;
+      // Rounded to nearest, ties to even (the default rounding mode, as std::nearbyint).
+      const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(x0, _mm512_set1_ps(inverse)));
+      const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(x1, _mm512_set1_ps(inverse)));
+      const __m128i bytes0 = _mm512_cvtepi32_epi8(q0), bytes1 = _mm512_cvtepi32_epi8(q1);
+      if (t == kI4) {  // each 128-input block's even inputs first, then its odd ones, as the weight's nibbles
+        int8_t* block = qr + b / 128 * 128 + (b % 128) / 2;
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(block),
+                         _mm512_cvtepi32_epi8(_mm512_permutex2var_epi32(q0, evens, q1)));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(block + 64),
+                         _mm512_cvtepi32_epi8(_mm512_permutex2var_epi32(q0, odds, q1)));
+      } else {
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(qr + b), bytes0);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(qr + b + 16), bytes1);
+      }
+      // The sums of each 4 inputs' q (ones times q), times minus the weight's zero point.
+      const __m256i sums4 = _mm256_mullo_epi32(
+          _mm256_dpbusd_epi32(_mm256_setzero_si256(), ones, _mm256_set_m128i(bytes1, bytes0)), minus_zero_point);
+      if (t == kI4) {  // lanes of 8 inputs: pairs of those sums
+        int32_t pair[8];
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(pair), sums4);
+        for (int j = 0; j < 4; ++j) {
+          bias_r[b / 8 + j] = pair[2 * j] + pair[2 * j + 1];
+          scale_r[b / 8 + j] = scale;
+        }
+      } else {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(bias_r + b / 4), sums4);
+        _mm256_storeu_ps(scale_r + b / 4, _mm256_set1_ps(scale));
       }
     }
   }
