@@ -9,9 +9,9 @@ the sources, torch's version, the compiler's version and the flags, so a change 
 Environment:
 - GLMSERVE_KERNELS=torch: never build or load the extension; every kernel runs its torch reference.
 - GLMSERVE_KERNEL_ISA=avx512_vnni|avx512|avx2|portable: the code path the kernels take (default: the fastest this
-  CPU has, but avx512_vnni only when asked for). avx512_vnni multiplies int8 / int4 weights by activations
-  quantized to int8 in blocks of 32 (as llama.cpp's q8_0 dot products); every other path and format keeps fp32
-  activations.
+  CPU has). avx512_vnni multiplies int8 / int4 weights by activations quantized to int8 in blocks of 32 (as
+  llama.cpp's q8_0 dot products; benchmarks/activation_quant_accuracy.py measures what that costs a whole model);
+  every other path and format keeps fp32 activations, so GLMSERVE_KERNEL_ISA=avx512 keeps them for int8 / int4.
 - GLMSERVE_CACHE_DIR: where builds are kept (default ~/.cache/glmserve).
 """
 
@@ -109,15 +109,13 @@ def available_isas() -> tuple[str, ...]:
 
 @functools.cache
 def default_isa() -> str | None:
-    """GLMSERVE_KERNEL_ISA if set (it must be one this CPU runs), else the fastest this CPU runs with fp32
-    activations: avx512_vnni's int8 activations are opt-in until their accuracy is shown on whole models (the
-    kernel tests bound them; the model tests hold quantized weights to their dequantized values in fp32)."""
+    """GLMSERVE_KERNEL_ISA if set (it must be one this CPU runs), else the fastest this CPU runs."""
     available = available_isas()
     if not available:
         return None
     wanted = os.environ.get("GLMSERVE_KERNEL_ISA")
     if wanted is None:
-        return [isa for isa in available if isa != "avx512_vnni"][-1]
+        return available[-1]
     if wanted not in available:
         raise ValueError(f"GLMSERVE_KERNEL_ISA={wanted}: this CPU runs {', '.join(available)}")
     return wanted

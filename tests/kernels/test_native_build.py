@@ -68,6 +68,17 @@ def test_glmserve_kernel_isa_forces_a_path_this_cpu_runs(wanted, monkeypatch):
         native.default_isa.cache_clear()
 
 
+def test_the_default_path_is_the_fastest_this_cpu_runs(monkeypatch):
+    """avx512_vnni included: its int8 activations are the default where the CPU has them (their accuracy on the
+    embedded model: benchmarks/activation_quant_accuracy.py)."""
+    monkeypatch.delenv("GLMSERVE_KERNEL_ISA", raising=False)
+    native.default_isa.cache_clear()
+    try:
+        assert native.default_isa() == (native.available_isas() or (None,))[-1]
+    finally:
+        native.default_isa.cache_clear()
+
+
 def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path):
     stale, fresh = tmp_path / "stale", tmp_path / "fresh"
     stale.touch()

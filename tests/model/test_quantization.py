@@ -6,6 +6,7 @@ import torch
 
 from glmserve.config import ConfigError, EngineConfig, ModelConfig
 from glmserve.engine.model_runner import ModelRunner
+from glmserve.kernels import native
 from glmserve.layers.attention import AttentionMetadata
 from glmserve.testing.quantization import dequantized_weights, load_float_weights
 
@@ -68,11 +69,23 @@ def test_quantized_logits_stay_close_to_fp32(shape, method, checkpoints, fp32_lo
     assert 0 < error <= max_error and agreement >= min_agreement, (error, agreement)
 
 
+@pytest.fixture
+def fp32_activations(monkeypatch):
+    """The fastest kernel path that keeps activations fp32: the default (avx512_vnni where the CPU has it) quantizes
+    int8 / int4 layers' activations, which the bounds above and tests/kernels hold to their definitions."""
+    keep_fp32 = [isa for isa in native.available_isas() if isa != "avx512_vnni"]
+    if keep_fp32:
+        monkeypatch.setenv("GLMSERVE_KERNEL_ISA", keep_fp32[-1])
+    native.default_isa.cache_clear()
+    yield
+    native.default_isa.cache_clear()
+
+
 @pytest.mark.parametrize("method", list(BOUNDS))
 @pytest.mark.parametrize("shape", SHAPES)
-def test_quantized_model_computes_what_its_dequantized_weights_do(shape, method, checkpoints):
+def test_quantized_model_computes_what_its_dequantized_weights_do(shape, method, checkpoints, fp32_activations):
     """The compute path (quantized linear layers, the MoE block, embedding lookups) against a float model given the
-    values the quantized weights stand for."""
+    values the quantized weights stand for, with fp32 activations."""
     quantized = _runner(checkpoints(shape), method)
     float_model = _runner(checkpoints(shape))
     load_float_weights(float_model.model, dequantized_weights(quantized.model))

@@ -14,15 +14,19 @@ inline void gemm_tile(const GemmArgs& a, int64_t m0, int64_t n0) {
   const int64_t row_bytes = W::row_bytes(a.k);
   const uint8_t* w[NR];
   const float* s[NR];
+  #pragma GCC unroll 16
   for (int r = 0; r < NR; ++r) {
     w[r] = static_cast<const uint8_t*>(a.w) + (n0 + r) * row_bytes;
     s[r] = W::kScaled ? a.scales + (n0 + r) * a.groups : nullptr;
   }
   const float* x[MB];
+  #pragma GCC unroll 16
   for (int m = 0; m < MB; ++m) x[m] = a.x + (m0 + m) * a.ldx;
   F acc[MB][NR];
   float tail[MB][NR];
+  #pragma GCC unroll 16
   for (int m = 0; m < MB; ++m)
+    #pragma GCC unroll 16
     for (int r = 0; r < NR; ++r) {
       acc[m][r] = V::zero();
       tail[m][r] = 0.f;
@@ -32,6 +36,7 @@ inline void gemm_tile(const GemmArgs& a, int64_t m0, int64_t n0) {
     const int64_t k1 = k0 + group < a.k ? k0 + group : a.k;
     float scale[NR];
     F scale_v[NR];
+    #pragma GCC unroll 16
     for (int r = 0; r < NR; ++r) {
       scale[r] = W::kScaled ? s[r][g] : 1.f;
       scale_v[r] = V::set1(scale[r]);
@@ -39,20 +44,27 @@ inline void gemm_tile(const GemmArgs& a, int64_t m0, int64_t n0) {
     int64_t k = k0;
     for (; k + V::kWidth <= k1; k += V::kWidth) {
       F xv[MB];
+      #pragma GCC unroll 16
       for (int m = 0; m < MB; ++m) xv[m] = V::load(x[m] + k);
+      #pragma GCC unroll 16
       for (int r = 0; r < NR; ++r) {
         F wv = V::template load_w<T>(w[r], k);
         if (W::kScaled) wv = V::mul(wv, scale_v[r]);
+        #pragma GCC unroll 16
         for (int m = 0; m < MB; ++m) acc[m][r] = V::fma(wv, xv[m], acc[m][r]);
       }
     }
     for (; k < k1; ++k)
+      #pragma GCC unroll 16
       for (int r = 0; r < NR; ++r) {
         const float wv = W::at(w[r], k) * scale[r];
+        #pragma GCC unroll 16
         for (int m = 0; m < MB; ++m) tail[m][r] += wv * x[m][k];
       }
   }
+  #pragma GCC unroll 16
   for (int m = 0; m < MB; ++m)
+    #pragma GCC unroll 16
     for (int r = 0; r < NR; ++r)
       a.y[(m0 + m) * a.ldy + n0 + r] = V::reduce(acc[m][r]) + tail[m][r] + (a.bias ? a.bias[n0 + r] : 0.f);
 }

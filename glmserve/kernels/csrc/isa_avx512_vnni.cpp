@@ -4,7 +4,6 @@
 // a vector's lanes, take the AVX-512 float path.
 #include <immintrin.h>
 
-#include <cmath>
 #include <cstdint>
 #include <climits>
 
@@ -17,9 +16,11 @@ namespace glmserve {
 namespace avx512_vnni {
 
 constexpr int kTileRows = 4, kTileCols = 4;
-// Bytes ahead of each weight row's reads to prefetch: a row of an int8 [*, 4096] weight is one 4 KiB page, where
-// the hardware prefetcher stops and restarts, so without this a GEMV is bound by latency, not bandwidth.
-constexpr int64_t kPrefetchBytes = 1024;
+// A tile's NR weight rows are contiguous, and so are the next tiles': while a tile is read, a later one is
+// prefetched, NR cache lines per vector step, whole tiles and at least kPrefetchAheadBytes ahead. A row of an int8 [*, 4096] weight is one 4 KiB
+// page, where the hardware prefetcher stops and restarts, so prefetching a fixed distance along each row leaves the
+// next tile's rows cold and a GEMV bound by latency rather than bandwidth.
+constexpr int64_t kPrefetchAheadBytes = 16384;
 
 // vpdpbusd multiplies unsigned bytes by signed ones: int8 weights are shifted to unsigned by +128 (an xor), int4
 // nibbles already are (q + 8); lane_bias takes the shift back out. Input k's weights sit at byte k (int8) or in
@@ -39,12 +40,21 @@ inline void gemm_tile(const GemmArgs& a, int64_t m0, int64_t n0, const ScaleWalk
   const __m512i low_nibbles = _mm512_set1_epi8(0x0F), sign_bit = _mm512_set1_epi8(static_cast<char>(0x80));
   const uint8_t* w[NR];
   const float* s[NR];
+  #pragma GCC unroll 16
   for (int r = 0; r < NR; ++r) {
     w[r] = static_cast<const uint8_t*>(a.w) + (n0 + r) * row_bytes;
     s[r] = a.scales + (n0 + r) * a.groups;
   }
+  const int64_t tiles_ahead = (kPrefetchAheadBytes + NR * row_bytes - 1) / (NR * row_bytes);
+  const char* next_tile = reinterpret_cast<const char*>(w[0] + tiles_ahead * NR * row_bytes);
+  // The scales likewise, one line a step.
+  const char* next_scales = reinterpret_cast<const char*>(s[0] + tiles_ahead * NR * a.groups);
+  const int64_t scale_bytes = NR * a.groups * static_cast<int64_t>(sizeof(float));
+  const bool per_row = a.groups == 1;  // one weight scale per row: applied to the row's sum, not per vector
   __m512 acc[MB][NR];
+  #pragma GCC unroll 16
   for (int m = 0; m < MB; ++m)
+    #pragma GCC unroll 16
     for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_setzero_ps();
   for (int64_t v = 0, g0 = 0, in_group = 0; v < vectors; ++v) {
     const int64_t left = row_bytes - 64 * v;
@@ -52,17 +62,25 @@ inline void gemm_tile(const GemmArgs& a, int64_t m0, int64_t n0, const ScaleWalk
     const __mmask8 scales = static_cast<__mmask8>((1 << (a.groups - g0 < 4 ? a.groups - g0 : 4)) - 1);
     __m512 x_scale[MB];
     __m512i x_bias[MB];
+    #pragma GCC unroll 16
     for (int m = 0; m < MB; ++m) {
       x_scale[m] = _mm512_loadu_ps(qx.lane_scale + (m0 + m) * qx.ld_lane + 16 * v);
       x_bias[m] = _mm512_loadu_si512(qx.lane_bias + (m0 + m) * qx.ld_lane + 16 * v);
     }
+    if (64 * v < scale_bytes) _mm_prefetch(next_scales + 64 * v, _MM_HINT_T0);
+    #pragma GCC unroll 16
     for (int r = 0; r < NR; ++r) {
-      _mm_prefetch(reinterpret_cast<const char*>(w[r] + 64 * v + kPrefetchBytes), _MM_HINT_T0);
+      _mm_prefetch(next_tile + 64 * (NR * v + r), _MM_HINT_T0);
       // Masked loads only at a row's end: on AMD Zen they cost several times a plain load.
       const uint8_t* wp = w[r] + 64 * v;
       const __m512i wv = left >= 64 ? _mm512_loadu_si512(wp) : _mm512_maskz_loadu_epi8(bytes, wp);
-      const __m128 w_scales = a.groups - g0 >= 4 ? _mm_loadu_ps(s[r] + g0) : _mm_maskz_loadu_ps(scales, s[r] + g0);
-      const __m512 w_scale = _mm512_permutexvar_ps(walk.index, _mm512_castps128_ps512(w_scales));
+      __m512 w_scale = _mm512_setzero_ps();
+      if (!per_row) {
+        const __m128 w_scales = a.groups - g0 >= 4 ? _mm_loadu_ps(s[r] + g0)
+                                                   : _mm_maskz_loadu_ps(scales, s[r] + g0);
+        w_scale = _mm512_permutexvar_ps(walk.index, _mm512_castps128_ps512(w_scales));
+      }
+      #pragma GCC unroll 16
       for (int m = 0; m < MB; ++m) {
         const int8_t* q = qx.q + (m0 + m) * qx.ld_q + kInputs * v;
         __m512i dot;
@@ -73,7 +91,8 @@ inline void gemm_tile(const GemmArgs& a, int64_t m0, int64_t n0, const ScaleWalk
         } else {
           dot = _mm512_dpbusd_epi32(x_bias[m], _mm512_xor_si512(wv, sign_bit), _mm512_loadu_si512(q));
         }
-        acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(w_scale, x_scale[m]), acc[m][r]);
+        const __m512 scale = per_row ? x_scale[m] : _mm512_mul_ps(w_scale, x_scale[m]);
+        acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[m][r]);
       }
     }
     if (walk.groups_per_vector) {
@@ -83,9 +102,12 @@ inline void gemm_tile(const GemmArgs& a, int64_t m0, int64_t n0, const ScaleWalk
       ++g0;
     }
   }
+  #pragma GCC unroll 16
   for (int m = 0; m < MB; ++m)
+    #pragma GCC unroll 16
     for (int r = 0; r < NR; ++r)
-      a.y[(m0 + m) * a.ldy + n0 + r] = _mm512_reduce_add_ps(acc[m][r]) + (a.bias ? a.bias[n0 + r] : 0.f);
+      a.y[(m0 + m) * a.ldy + n0 + r] =
+          _mm512_reduce_add_ps(acc[m][r]) * (per_row ? s[r][0] : 1.f) + (a.bias ? a.bias[n0 + r] : 0.f);
 }
 
 // ops.cpp sends only group sizes whose scales line up with the lanes: 32, 64 (int4), multiples of a vector's
@@ -119,25 +141,54 @@ void gemm(const GemmArgs& a, int64_t n_begin, int64_t n_end) {
   for (; n < n_end; ++n) gemm_columns<T, 1>(a, n, index);
 }
 
+// The lanes of a 16-float vector that hold inputs below k, from input i on.
+inline __mmask16 inputs_below(int64_t k, int64_t i) {
+  return k - i >= 16 ? __mmask16(0xFFFF) : k <= i ? __mmask16(0) : static_cast<__mmask16>((1u << (k - i)) - 1);
+}
+
 void quantize_rows(WeightType t, const float* x, int64_t ldx, int64_t rows, int64_t k, int8_t* q, float* lane_scale,
                    int32_t* lane_bias) {
-  const int64_t padded = (k + kQ8Pad - 1) / kQ8Pad * kQ8Pad, lane_inputs = q8_lane_inputs(t);
-  const int64_t lanes = padded / lane_inputs;
-  const int32_t zero_point = t == kI4 ? 8 : 128;
+  const int64_t padded = (k + kQ8Pad - 1) / kQ8Pad * kQ8Pad, lanes = padded / q8_lane_inputs(t);
+  const __m256i minus_zero_point = _mm256_set1_epi32(t == kI4 ? -8 : -128), ones = _mm256_set1_epi8(1);
+  const __m512i evens = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  const __m512i odds = _mm512_add_epi32(evens, _mm512_set1_epi32(1));
   for (int64_t row = 0; row < rows; ++row) {
     const float* xr = x + row * ldx;
     int8_t* qr = q + row * padded;
-    for (int64_t lane = 0; lane < lanes; ++lane) lane_bias[row * lanes + lane] = 0;
-    for (int64_t b = 0; b < padded; b += 32) {
-      float amax = 0.f;
-      for (int64_t i = b; i < b + 32 && i < k; ++i) amax = std::fmax(amax, std::fabs(xr[i]));
+    float* scale_r = lane_scale + row * lanes;
+    int32_t* bias_r = lane_bias + row * lanes;
+    for (int64_t b = 0; b < padded; b += 32) {  // one block of 32 inputs, zero past k
+      const __m512 x0 = _mm512_maskz_loadu_ps(inputs_below(k, b), xr + b);
+      const __m512 x1 = _mm512_maskz_loadu_ps(inputs_below(k, b + 16), xr + b + 16);
+      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
       const float scale = amax / 127.f, inverse = amax > 0.f ? 127.f / amax : 0.f;
-      for (int64_t i = b; i < b + 32; ++i) {
-        const int32_t qv = i < k ? static_cast<int32_t>(std::nearbyint(xr[i] * inverse)) : 0;
-        // int4: each 128-input block's even inputs first, then its odd ones, as the weight's nibbles.
-        qr[t == kI4 ? i / 128 * 128 + (i % 2) * 64 + (i % 128) / 2 : i] = static_cast<int8_t>(qv);
-        lane_bias[row * lanes + i / lane_inputs] -= zero_point * qv;
-        lane_scale[row * lanes + i / lane_inputs] = scale;
+      // Rounded to nearest, ties to even (the default rounding mode, as std::nearbyint).
+      const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(x0, _mm512_set1_ps(inverse)));
+      const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(x1, _mm512_set1_ps(inverse)));
+      const __m128i bytes0 = _mm512_cvtepi32_epi8(q0), bytes1 = _mm512_cvtepi32_epi8(q1);
+      if (t == kI4) {  // each 128-input block's even inputs first, then its odd ones, as the weight's nibbles
+        int8_t* block = qr + b / 128 * 128 + (b % 128) / 2;
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(block),
+                         _mm512_cvtepi32_epi8(_mm512_permutex2var_epi32(q0, evens, q1)));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(block + 64),
+                         _mm512_cvtepi32_epi8(_mm512_permutex2var_epi32(q0, odds, q1)));
+      } else {
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(qr + b), bytes0);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(qr + b + 16), bytes1);
+      }
+      // The sums of each 4 inputs' q (ones times q), times minus the weight's zero point.
+      const __m256i sums4 = _mm256_mullo_epi32(
+          _mm256_dpbusd_epi32(_mm256_setzero_si256(), ones, _mm256_set_m128i(bytes1, bytes0)), minus_zero_point);
+      if (t == kI4) {  // lanes of 8 inputs: pairs of those sums
+        int32_t pair[8];
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(pair), sums4);
+        for (int j = 0; j < 4; ++j) {
+          bias_r[b / 8 + j] = pair[2 * j] + pair[2 * j + 1];
+          scale_r[b / 8 + j] = scale;
+        }
+      } else {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(bias_r + b / 4), sums4);
+        _mm256_storeu_ps(scale_r + b / 4, _mm256_set1_ps(scale));
       }
     }
   }
