@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from test_tensor_parallel import PROMPTS, run_workload
 
 from glmserve.config import EngineConfig, ModelConfig
 from glmserve.engine.pipeline import split_micro_batches
@@ -56,23 +57,9 @@ def _generate(directory: str, tp: int = 1, pp: int = 1, nnodes: int = 1, log: Pa
     try:
         if tp * pp > 1:  # really several processes on this node
             assert len(engine.runner.workers) == tp * pp // nnodes - 1
-        prompts = {"a": list(range(5, 40)), "b": list(range(100, 109)), "c": list(range(300, 350))}
-        for name, prompt in prompts.items():
-            seeded = name == "c"
-            params = SamplingParams(temperature=1.0 if seeded else 0.0, seed=7 if seeded else None, max_tokens=12,
-                                    ignore_eos=True)
-            engine.add_request(name, prompt, params)
-        engine.add_request("gone", list(range(50, 60)), SamplingParams(temperature=0.0, max_tokens=50))
-        out: dict[str, list[int]] = {name: [] for name in prompts}
-        steps = 0
-        while engine.has_unfinished_requests():
-            for o in engine.step():
-                out.setdefault(o.request_id, []).extend(o.new_token_ids)
-            steps += 1
-            if steps == 3:
-                engine.abort(["gone"])
+        out = run_workload(engine)
         # a follow-up sharing a's first two blocks: a prefix-cache hit
-        again = engine.add_request("a-again", prompts["a"] + [7, 8, 9], SamplingParams(temperature=0.0, max_tokens=6,
+        again = engine.add_request("a-again", PROMPTS["a"] + [7, 8, 9], SamplingParams(temperature=0.0, max_tokens=6,
                                                                                           ignore_eos=True))
         while engine.has_unfinished_requests():
             for o in engine.step():

@@ -81,10 +81,34 @@ def _tp2_logits(directory: str, ep: bool, quantization: str | None = None) -> li
         return [results[rank] for rank in range(2)]
 
 
+PROMPTS = {"a": list(range(5, 40)), "b": list(range(100, 109)), "c": list(range(300, 350))}
+
+
+def run_workload(engine) -> dict[str, list[int]]:
+    """Greedy requests (a, b), a seeded one (c) and one aborted after 3 steps ("gone"), run to the end: each
+    request's tokens (also the pipeline tests' workload)."""
+    from glmserve.types import SamplingParams
+
+    for name, prompt in PROMPTS.items():
+        seeded = name == "c"
+        params = SamplingParams(temperature=1.0 if seeded else 0.0, seed=7 if seeded else None, max_tokens=12,
+                                ignore_eos=True)
+        engine.add_request(name, prompt, params)
+    engine.add_request("gone", list(range(50, 60)), SamplingParams(temperature=0.0, max_tokens=50))
+    out: dict[str, list[int]] = {name: [] for name in PROMPTS}
+    steps = 0
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            out.setdefault(o.request_id, []).extend(o.new_token_ids)
+        steps += 1
+        if steps == 3:
+            engine.abort(["gone"])
+    return out
+
+
 def _generate(directory: str, tp: int, k: int, ep: bool = False) -> dict[str, list[int]]:
     """Greedy and seeded requests through the whole engine, with chunked prefill, MTP drafts and an abort."""
     from glmserve.engine.llm_engine import LLMEngine
-    from glmserve.types import SamplingParams
 
     engine = LLMEngine(EngineConfig(model=directory, num_kv_blocks=64, max_num_batched_tokens=24,
                                     tensor_parallel_size=tp, enable_expert_parallel=ep,
@@ -92,21 +116,7 @@ def _generate(directory: str, tp: int, k: int, ep: bool = False) -> dict[str, li
     try:
         if tp > 1:  # really several processes
             assert len(engine.runner.workers) == tp - 1 and all(w.is_alive() for w in engine.runner.workers)
-        prompts = {"a": list(range(5, 40)), "b": list(range(100, 109)), "c": list(range(300, 350))}
-        for name, prompt in prompts.items():
-            seeded = name == "c"
-            params = SamplingParams(temperature=1.0 if seeded else 0.0, seed=7 if seeded else None, max_tokens=12,
-                                    ignore_eos=True)
-            engine.add_request(name, prompt, params)
-        engine.add_request("gone", list(range(50, 60)), SamplingParams(temperature=0.0, max_tokens=50))
-        out: dict[str, list[int]] = {name: [] for name in prompts}
-        steps = 0
-        while engine.has_unfinished_requests():
-            for o in engine.step():
-                out.setdefault(o.request_id, []).extend(o.new_token_ids)
-            steps += 1
-            if steps == 3:
-                engine.abort(["gone"])
+        out = run_workload(engine)
         assert engine.kv_cache.num_free_blocks == engine.kv_cache.num_blocks  # nothing leaked on any path
         return out
     finally:
