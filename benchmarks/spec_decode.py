@@ -11,6 +11,7 @@ Configurations alternate within each repetition, so machine noise hits all of th
 Examples:
     python benchmarks/spec_decode.py                                  # the embedded model, 3 reps
     python benchmarks/spec_decode.py --model DIR --reps 5 --json benchmarks/results/spec-decode-nano.json
+    python benchmarks/spec_decode.py --lora ADAPTER_DIR --batch 8      # acceptance with an adapter, base drafts
 """
 
 from __future__ import annotations
@@ -41,8 +42,10 @@ def heldout_prompts(tokenizer: Tokenizer, count: int, seed: int = 7) -> list[lis
 
 
 def generate(engine: LLMEngine, prompts: list[list[int]], batch: int, max_tokens: int) -> list[list[int]]:
-    """All prompts, `batch` at a time (each group runs to completion before the next starts)."""
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    """All prompts, `batch` at a time (each group runs to completion before the next starts), with the engine's
+    LoRA adapter if it has one loaded (--lora)."""
+    adapters = list(engine.loras.adapters.values()) if engine.config.enable_lora else []
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, lora_request=adapters[0] if adapters else None)
     outputs: dict[str, list[int]] = {}
     for start in range(0, len(prompts), batch):
         for i, prompt in enumerate(prompts[start : start + batch], start=start):
@@ -70,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=160)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--lora", help="a LoRA adapter every request runs with (drafts still come from the base model's "
+                   "MTP layer): how acceptance changes under an adapter")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -82,8 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     prompts = heldout_prompts(tokenizer, args.prompts)
     configs = [0, *args.k]
     engines = {k: LLMEngine(EngineConfig(model=args.model, num_speculative_tokens=k, enable_prefix_caching=False,
-                                         max_num_seqs=max(args.batch), num_kv_blocks=512), progress=False)
+                                         max_num_seqs=max(args.batch), num_kv_blocks=512,
+                                         enable_lora=args.lora is not None, max_lora_rank=64), progress=False)
                for k in configs}
+    if args.lora:
+        for engine in engines.values():
+            engine.add_lora("adapter", args.lora)
     results = []
     for batch in args.batch:
         times: dict[int, list[float]] = {k: [] for k in configs}
@@ -121,8 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"batch {batch}: {sum(len(t) for t in reference)} tokens over {len(prompts)} prompts", flush=True)
 
     if args.json:
-        record = {"model": args.model, "prompts": len(prompts), "max_tokens": args.max_tokens, "reps": args.reps,
-                  "threads": args.threads, "torch": torch.__version__, "machine": platform.machine(),
+        record = {"model": args.model, "lora": args.lora, "prompts": len(prompts), "max_tokens": args.max_tokens,
+                  "reps": args.reps, "threads": args.threads, "torch": torch.__version__, "machine": platform.machine(),
                   "results": results}
         with open(args.json, "w") as f:
             json.dump(record, f, indent=2)
