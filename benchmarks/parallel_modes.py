@@ -4,9 +4,10 @@
 Each mode is a fresh `glmserve serve` on a random-weight checkpoint (bench-57m by default) with the same cores: one
 process with 2 threads, or 2 processes of 1 thread each (tp 2, pp 2, dp 2). `glmserve bench serve` sends the same
 random prompts (--num-prompts, at most --concurrency at once, every answer --output-len tokens) after a short
-warm-up, and the table gives output tokens/s and time per output token (TPOT) for each mode. A mode the build does
-not know (dp 2 before data parallelism is merged) is reported as failed and the others still run. Run it under the
-exclusive CPU lock: the numbers are only comparable on a quiet machine.
+warm-up, and the table gives output tokens/s and time per output token (TPOT) for each mode. A mode that fails to
+start is reported as failed and the others still run. --offline runs one LLMEngine in this process, so it has no
+dp 2 (replicas are processes behind the server: measure it in server mode). Run it under the exclusive CPU lock:
+the numbers are only comparable on a quiet machine.
 
     flock -x /work/cpu.lock python benchmarks/parallel_modes.py --output-json benchmarks/results/parallel-modes.json
     python benchmarks/parallel_modes.py --offline --modes 1x2threads pp2 pp2-one-micro-batch   # the engine alone
@@ -51,6 +52,8 @@ def run_offline(name: str, checkpoint: Path, args) -> dict:
     from glmserve.engine.llm_engine import LLMEngine
     from glmserve.types import SamplingParams
 
+    if "data_parallel_size" in MODES[name]:
+        return {"mode": name, "error": "not an offline mode: dp replicas run behind the server (drop --offline)"}
     torch.set_num_threads(THREADS)
     try:
         engine = LLMEngine(EngineConfig(model=str(checkpoint), kv_cache_memory_gb=0.5, max_num_seqs=args.concurrency,
