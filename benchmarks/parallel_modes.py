@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -24,6 +25,7 @@ import time
 from pathlib import Path
 
 from glmserve.bench.checkpoints import prepare_checkpoint
+from glmserve.bench.host import cpu_name
 from glmserve.testing.server import start_server
 
 THREADS = 2  # the cores every mode gets
@@ -126,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output-json", help="also write the rows here")
     args = p.parse_args(argv)
     checkpoint = prepare_checkpoint(args.model, Path(args.cache_dir))
+    load_before = os.getloadavg()  # the lock keeps benchmarks apart, not everything else this machine runs
     with tempfile.TemporaryDirectory() as tmp:
         rows = [run_mode(name, checkpoint, args, Path(tmp)) for name in args.modes]
     print(f"{args.model}: {args.num_prompts} prompts of {args.input_len} tokens, {args.output_len} out each, "
@@ -141,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.output_json:
         report = {"model": args.model, "offline": args.offline, "concurrency": args.concurrency,
                   "num_prompts": args.num_prompts, "input_len": args.input_len, "output_len": args.output_len,
-                  "threads": THREADS, "rows": rows}
+                  "threads": THREADS, "cpu": cpu_name(), "load_average_before": load_before,
+                  "load_average_after": os.getloadavg(), "rows": rows}
         Path(args.output_json).write_text(json.dumps(report, indent=2) + "\n")
     return 0 if all("error" not in row for row in rows) else 1
 
