@@ -87,7 +87,9 @@ def bench_serve(args, url: str, checkpoint: Path, adapters: list[str], out: Path
                str(prompts), "--max-concurrency", str(args.concurrency), "--disable-tqdm", "--result-file", str(out)]
     if adapters:
         command += ["--lora-modules", *adapters]
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    run = subprocess.run(command, capture_output=True, text=True)
+    if run.returncode:
+        raise RuntimeError(f"glmserve bench serve failed: {(run.stderr or run.stdout).strip().splitlines()[0]}")
     (level,) = json.loads(out.read_text())["results"]
     return {k: level[k] for k in ("completed", "failed", "output_throughput", "median_tpot_ms", "median_ttft_ms")}
 
@@ -105,21 +107,29 @@ def run_engine(engine: str, args, checkpoint: Path, modules: list[str], logs: Pa
             return {"error": str(e)[-3000:]}
         startup_s = time.perf_counter() - t0
         try:
-            load = OtherLoad([server.process.pid])
-            for case, adapters in cases.items():  # warm-up: every adapter loaded, every path run once
-                bench_serve(args, server.url, checkpoint, adapters, logs / "warm.json", args.concurrency, 8)
-            runs: dict[str, list[dict]] = {case: [] for case in cases}
-            for rep in range(args.reps):
-                for case, adapters in cases.items():
-                    run = bench_serve(args, server.url, checkpoint, adapters, logs / f"{engine}-{rep}.json",
-                                      args.num_prompts, args.output_len)
-                    runs[case].append(run)
-                    print(f"  {engine:15s} rep {rep + 1} {case:10s} {run['output_throughput']:7.1f} tok/s, "
-                          f"median TPOT {run['median_tpot_ms']:6.1f} ms", flush=True)
-            other = load.cores()
+            return measure(engine, args, checkpoint, cases, server, logs) | {"startup_s": round(startup_s, 1)}
+        except RuntimeError as e:  # the engine died serving: its own log says why
+            causes = [line.split("] ", 1)[-1] for line in server.output().splitlines()
+                      if "Error: " in line and "WARNING" not in line]
+            return {"error": str(e), "root_causes": list(dict.fromkeys(causes))[:5]}
         finally:
             server.stop()
-    return {"startup_s": round(startup_s, 1), "other_processes_cores": round(other, 2),
+
+
+def measure(engine: str, args, checkpoint: Path, cases: dict, server, logs: Path) -> dict:
+    """Warm-up, then --reps repetitions of every case (cases alternating); medians per case."""
+    load = OtherLoad([server.process.pid])
+    for case, adapters in cases.items():  # warm-up: every adapter loaded, every path run once
+        bench_serve(args, server.url, checkpoint, adapters, logs / "warm.json", args.concurrency, 8)
+    runs: dict[str, list[dict]] = {case: [] for case in cases}
+    for rep in range(args.reps):
+        for case, adapters in cases.items():
+            run = bench_serve(args, server.url, checkpoint, adapters, logs / f"{engine}-{rep}-{len(adapters)}.json",
+                              args.num_prompts, args.output_len)
+            runs[case].append(run)
+            print(f"  {engine:15s} rep {rep + 1} {case:10s} {run['output_throughput']:7.1f} tok/s, "
+                  f"median TPOT {run['median_tpot_ms']:6.1f} ms", flush=True)
+    return {"other_processes_cores": round(load.cores(), 2),
             "cases": {case: {"runs": r, "output_tok_s": statistics.median(x["output_throughput"] for x in r),
                              "median_tpot_ms": statistics.median(x["median_tpot_ms"] for x in r)}
                       for case, r in runs.items()}}
@@ -137,7 +147,8 @@ def report(results: dict) -> str:
                      else "")
             lines.append(f"{case:10s} | {engine:15s} | {r['output_tok_s']:12.1f} | {r['median_tpot_ms']:14.1f} | "
                          f"{ratio}")
-    lines += [f"{engine}: failed: {r['error'].splitlines()[-1]}" for engine, r in results.items() if "error" in r]
+    lines += [f"{engine}: failed: {r['error'].splitlines()[-1]} {r.get('root_causes', '')}"
+              for engine, r in results.items() if "error" in r]
     return "\n".join(lines)
 
 
