@@ -67,23 +67,23 @@ def vllm_version(python: str) -> str | None:
     return probe.stdout.strip() if probe.returncode == 0 else None
 
 
-def start_vllm(args, directory: Path, log: Path) -> Server:
+def start_vllm(args, directory: Path, log: Path, extra: tuple[str, ...] = ()) -> Server:
     port = free_port()
     command = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(directory),
                "--dtype", args.dtype, "--max-model-len", str(args.input_len + args.output_len + 16),
                "--max-num-seqs", str(max(args.batch_size)), "--no-enable-prefix-caching",
                "--gpu-memory-utilization", str(args.vllm_memory_fraction),
-               "--served-model-name", SERVED_NAME, "--host", "127.0.0.1", "--port", str(port)]
+               "--served-model-name", SERVED_NAME, "--host", "127.0.0.1", "--port", str(port), *extra]
     # Without the binding vLLM keeps a core for its front end (BENCH.md). Bind to the CPUs this script may use.
     cpus = sorted(os.sched_getaffinity(0))[: args.threads]
     env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": f"{cpus[0]}-{cpus[-1]}", "HF_HUB_OFFLINE": "1"}
     return start_peer_server(command, port, log, env, args.startup_timeout, "vLLM")
 
 
-def start_glmserve(args, directory: Path, log: Path) -> Server:
+def start_glmserve(args, directory: Path, log: Path, extra: tuple[str, ...] = ()) -> Server:
     return start_server([str(directory), "--dtype", args.dtype, "--weight-dtype", args.glmserve_weight_dtype,
                          "--max-num-seqs", str(max(args.batch_size)),
-                         "--no-enable-prefix-caching", "--served-model-name", SERVED_NAME], log,
+                         "--no-enable-prefix-caching", "--served-model-name", SERVED_NAME, *extra], log,
                         env={"OMP_NUM_THREADS": str(args.threads)}, timeout=args.startup_timeout)
 
 

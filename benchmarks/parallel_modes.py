@@ -4,9 +4,10 @@
 Each mode is a fresh `glmserve serve` on a random-weight checkpoint (bench-57m by default) with the same cores: one
 process with 2 threads, or 2 processes of 1 thread each (tp 2, pp 2, dp 2). `glmserve bench serve` sends the same
 random prompts (--num-prompts, at most --concurrency at once, every answer --output-len tokens) after a short
-warm-up, and the table gives output tokens/s and time per output token (TPOT) for each mode. A mode the build does
-not know (dp 2 before data parallelism is merged) is reported as failed and the others still run. Run it under the
-exclusive CPU lock: the numbers are only comparable on a quiet machine.
+warm-up, and the table gives output tokens/s and time per output token (TPOT) for each mode. A mode that fails to
+start is reported as failed and the others still run. --offline runs one LLMEngine in this process, so it has no
+dp 2 (replicas are processes behind the server: measure it in server mode). Run it under the exclusive CPU lock:
+the numbers are only comparable on a quiet machine.
 
     flock -x /work/cpu.lock python benchmarks/parallel_modes.py --output-json benchmarks/results/parallel-modes.json
     python benchmarks/parallel_modes.py --offline --modes 1x2threads pp2 pp2-one-micro-batch   # the engine alone
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -23,6 +25,7 @@ import time
 from pathlib import Path
 
 from glmserve.bench.checkpoints import prepare_checkpoint
+from glmserve.bench.host import cpu_name
 from glmserve.testing.server import start_server
 
 THREADS = 2  # the cores every mode gets
@@ -51,6 +54,8 @@ def run_offline(name: str, checkpoint: Path, args) -> dict:
     from glmserve.engine.llm_engine import LLMEngine
     from glmserve.types import SamplingParams
 
+    if "data_parallel_size" in MODES[name]:
+        return {"mode": name, "error": "not an offline mode: dp replicas run behind the server (drop --offline)"}
     torch.set_num_threads(THREADS)
     try:
         engine = LLMEngine(EngineConfig(model=str(checkpoint), kv_cache_memory_gb=0.5, max_num_seqs=args.concurrency,
@@ -123,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output-json", help="also write the rows here")
     args = p.parse_args(argv)
     checkpoint = prepare_checkpoint(args.model, Path(args.cache_dir))
+    load_before = os.getloadavg()  # the lock keeps benchmarks apart, not everything else this machine runs
     with tempfile.TemporaryDirectory() as tmp:
         rows = [run_mode(name, checkpoint, args, Path(tmp)) for name in args.modes]
     print(f"{args.model}: {args.num_prompts} prompts of {args.input_len} tokens, {args.output_len} out each, "
@@ -138,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.output_json:
         report = {"model": args.model, "offline": args.offline, "concurrency": args.concurrency,
                   "num_prompts": args.num_prompts, "input_len": args.input_len, "output_len": args.output_len,
-                  "threads": THREADS, "rows": rows}
+                  "threads": THREADS, "cpu": cpu_name(), "load_average_before": load_before,
+                  "load_average_after": os.getloadavg(), "rows": rows}
         Path(args.output_json).write_text(json.dumps(report, indent=2) + "\n")
     return 0 if all("error" not in row for row in rows) else 1
 

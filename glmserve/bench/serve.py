@@ -31,6 +31,8 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--endpoint", default=ENDPOINTS[0], choices=ENDPOINTS)
     p.add_argument("--model", help="model name sent in requests (default: the first of the server's /v1/models)")
+    p.add_argument("--lora-modules", nargs="+", metavar="NAME",
+                   help="adapter names the requests take in turn instead of --model (vLLM's picks one at random)")
     p.add_argument("--tokenizer", help="checkpoint directory whose tokenizer.json makes random prompts exact in "
                                        "tokens (default: the model's directory, if the server names a local one)")
     p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="default: $OPENAI_API_KEY")
@@ -157,8 +159,9 @@ async def _run(args, parser: argparse.ArgumentParser) -> int:
         results = []
         for i, level in enumerate(args.max_concurrency):
             # Each level gets prompts of its own, so that a prefix cache cannot reuse an earlier level's.
-            bodies = [request_body(s, model, chat, args.ignore_eos) | args.extra_body
-                      for s in _samples(args, chat, tokenizer, args.num_prompts, args.seed + i)]
+            names = args.lora_modules or [model]
+            bodies = [request_body(s, names[j % len(names)], chat, args.ignore_eos) | args.extra_body
+                      for j, s in enumerate(_samples(args, chat, tokenizer, args.num_prompts, args.seed + i))]
             outputs, duration = await benchmark(client, base_url + args.endpoint, bodies, args.request_rate, level,
                                                 args.seed, args.disable_tqdm)
             metrics = calculate_metrics(outputs, duration, goodput)

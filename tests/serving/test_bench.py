@@ -156,3 +156,16 @@ def test_server_engines_are_measured_and_compared(server):
     assert len(entry["comparisons"]["b"]["first_divergence"]) == 3 and "a" not in entry["comparisons"]
     tokens = engines[0].generate(prompts, 5)
     assert [len(t) for t in tokens] == [5, 5, 5]
+
+
+def test_serve_names_the_lora_modules_in_turn(server, tmp_path):
+    """--lora-modules: request i names the (i mod n)-th; here the base model and a name the server lacks, so every
+    second request fails with the server's 404 and the others complete."""
+    log = tmp_path / "lora.log"
+    args = serve_args(server, tmp_path, "--random-input-len", "8", "--random-output-len", "2", "--ignore-eos",
+                      "--lora-modules", MODEL_NAME, "no-such-adapter")
+    assert run_glmserve(["bench", *args], log).wait(timeout=300) == 1, log.read_text()  # failures: exit 1
+    (r,) = json.loads((tmp_path / "result.json").read_text())["results"]
+    assert (r["completed"], r["failed"]) == (4, 4)
+    assert [bool(e) for e in r["errors"]] == [False, True] * 4
+    assert all("no-such-adapter" in e for e in r["errors"][1::2])
