@@ -17,6 +17,7 @@ namespace glmserve {
 namespace avx2_attention {
 
 #include "weights.h"
+#include "vector_exp.h"
 
 struct V {
   using F = __m256;
@@ -47,22 +48,13 @@ struct V {
     s = _mm_max_ps(s, _mm_movehl_ps(s, s));
     return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
   }
-  // Cephes' expf, as the AVX-512 path's.
-  static F exp(F x) {
-    x = _mm256_max_ps(_mm256_min_ps(x, set1(88.3762626647949f)), set1(-88.3762626647949f));
-    const F n = _mm256_floor_ps(fma(x, set1(1.44269504088896341f), set1(0.5f)));
-    x = fma(n, set1(-0.693359375f), x);
-    x = fma(n, set1(2.12194440e-4f), x);
-    F y = set1(1.9875691500e-4f);
-    y = fma(y, x, set1(1.3981999507e-3f));
-    y = fma(y, x, set1(8.3334519073e-3f));
-    y = fma(y, x, set1(4.1665795894e-2f));
-    y = fma(y, x, set1(1.6666665459e-1f));
-    y = fma(y, x, set1(5.0000001201e-1f));
-    y = fma(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, set1(1.f)));
-    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(y, _mm256_castsi256_ps(bits));
+  static F min(F a, F b) { return _mm256_min_ps(a, b); }
+  static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static F floor(F a) { return _mm256_floor_ps(a); }
+  static F pow2(F n) {  // 2^n for whole n in fp32's exponent range
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
   }
+  static F exp(F x) { return cephes_exp<V>(x); }
   template <int T>
   static F load_kv(const uint8_t* row, int64_t d);
 };

@@ -17,6 +17,7 @@ namespace glmserve {
 namespace avx512_attention {
 
 #include "weights.h"
+#include "vector_exp.h"
 
 struct V {
   using F = __m512;
@@ -40,23 +41,13 @@ struct V {
     _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1)));
   }
   static float reduce_max(F a) { return _mm512_reduce_max_ps(a); }
-  // Cephes' expf: 2^n times a degree-6 polynomial on [-ln2/2, ln2/2]; inputs at or below -88.38 (-inf) give 0.
-  static F exp(F x) {
-    x = _mm512_max_ps(_mm512_min_ps(x, set1(88.3762626647949f)), set1(-88.3762626647949f));
-    const F n = _mm512_roundscale_ps(fma(x, set1(1.44269504088896341f), set1(0.5f)),
-                                     _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    x = fma(n, set1(-0.693359375f), x);
-    x = fma(n, set1(2.12194440e-4f), x);
-    F y = set1(1.9875691500e-4f);
-    y = fma(y, x, set1(1.3981999507e-3f));
-    y = fma(y, x, set1(8.3334519073e-3f));
-    y = fma(y, x, set1(4.1665795894e-2f));
-    y = fma(y, x, set1(1.6666665459e-1f));
-    y = fma(y, x, set1(5.0000001201e-1f));
-    y = fma(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, set1(1.f)));
-    const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-    return _mm512_mul_ps(y, _mm512_castsi512_ps(bits));
+  static F min(F a, F b) { return _mm512_min_ps(a, b); }
+  static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static F floor(F a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC); }
+  static F pow2(F n) {  // 2^n for whole n in fp32's exponent range
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
   }
+  static F exp(F x) { return cephes_exp<V>(x); }
   template <int T>
   static F load_kv(const uint8_t* row, int64_t d);
 };
