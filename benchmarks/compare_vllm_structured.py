@@ -196,6 +196,25 @@ def lscpu() -> dict:
             if k.strip() in keep}
 
 
+def write_json(args, checkpoint: Path, version: str | None, results: dict) -> None:
+    import torch
+    import xgrammar
+
+    args.output_json.parent.mkdir(parents=True, exist_ok=True)
+    args.output_json.write_text(json.dumps({
+        "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": {"platform": platform.platform(), "lscpu": lscpu(), "cpus": os.cpu_count()},
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "vllm": version,
+                     "glmserve_xgrammar": xgrammar.__version__},
+        "glmserve_revision": glmserve_revision(),
+        "workload": {"model": args.model, "checkpoint": str(checkpoint), "threads": args.threads,
+                     "dtype": args.dtype, "concurrency": args.concurrency, "max_tokens": args.max_tokens,
+                     "reps": args.reps, "greedy": True, "endpoint": "/v1/completions", "prompt": PROMPT,
+                     "schema": SCHEMA, "cases": CASES, "prefix_caching": False, "unconstrained_ignore_eos": True},
+        "results": results}, indent=2) + "\n")
+    print(f"wrote {args.output_json}", flush=True)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     version = vllm_version(args.vllm_python) if "vllm" in args.engines else None
@@ -205,26 +224,12 @@ def main(argv=None) -> int:
     checkpoint = EMBEDDED_MODEL if args.model == "nano" else prepare_checkpoint(args.model, args.cache_dir)
     logs = Path(tempfile.mkdtemp(prefix="compare-vllm-structured-"))
     print(f"logs in {logs}", flush=True)
-    results = {engine: run_engine(engine, args, Path(checkpoint), logs) for engine in args.engines}
+    results: dict[str, dict] = {}
+    for engine in args.engines:  # the results file is rewritten after each engine: a late failure keeps the first
+        results[engine] = run_engine(engine, args, Path(checkpoint), logs)
+        if args.output_json:
+            write_json(args, checkpoint, version, results)
     print(report(results))
-    if args.output_json:
-        import torch
-        import xgrammar
-
-        args.output_json.parent.mkdir(parents=True, exist_ok=True)
-        args.output_json.write_text(json.dumps({
-            "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "machine": {"platform": platform.platform(), "lscpu": lscpu(), "cpus": os.cpu_count()},
-            "versions": {"python": platform.python_version(), "torch": torch.__version__, "vllm": version,
-                         "glmserve_xgrammar": xgrammar.__version__},
-            "glmserve_revision": glmserve_revision(),
-            "workload": {"model": args.model, "checkpoint": str(checkpoint), "threads": args.threads,
-                         "dtype": args.dtype, "concurrency": args.concurrency, "max_tokens": args.max_tokens,
-                         "reps": args.reps, "greedy": True, "endpoint": "/v1/completions", "prompt": PROMPT,
-                         "schema": SCHEMA, "cases": CASES, "prefix_caching": False,
-                         "unconstrained_ignore_eos": True},
-            "results": results}, indent=2) + "\n")
-        print(f"wrote {args.output_json}")
     return 0 if all("error" not in r for r in results.values()) else 1
 
 
