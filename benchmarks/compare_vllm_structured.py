@@ -61,7 +61,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="intra-op threads of each server")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--concurrency", type=int, default=8)
-    p.add_argument("--max-tokens", type=int, default=96)
+    p.add_argument("--max-tokens", type=int, default=64, help="of each unconstrained request")
+    p.add_argument("--json-max-tokens", type=int, default=256,
+                   help="of each constrained request (it ends where its JSON ends; JSON may hold whitespace runs)")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--startup-timeout", type=float, default=600.0)
     p.add_argument("--vllm-memory-fraction", type=float, default=0.3, help="as in compare_vllm.py")
@@ -70,7 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     # What compare_vllm's starters read: room for 2 x concurrency sequences of a short prompt plus max_tokens.
     args.glmserve_weight_dtype, args.batch_size = "auto", [2 * args.concurrency]
-    args.input_len, args.output_len = 64, args.max_tokens
+    args.input_len, args.output_len = 64, max(args.max_tokens, args.json_max_tokens)
     return args
 
 
@@ -110,10 +112,9 @@ def summarize(outputs: list[RequestFuncOutput], duration: float) -> dict:
 
 def run_case(case: str, url: str, args, tag: str) -> dict:
     """One case: its requests at once; the constrained ones' schemas are new to the server when `tag` is new."""
-    n, tokens = args.concurrency, args.max_tokens
-    single = case.startswith("1 ")
-    held = [body(i, tokens, f"{tag}-{i}") for i in range(1 if single else n)]
-    plain = [body(i, tokens, None) for i in range(n)]
+    n, single = args.concurrency, case.startswith("1 ")
+    held = [body(i, args.json_max_tokens, f"{tag}-{i}") for i in range(1 if single else n)]
+    plain = [body(i, args.max_tokens, None) for i in range(n)]
     bodies = {"unconstrained": plain, "mixed": plain + held}.get(case, held)
     outputs, duration = asyncio.run(send_all(url, bodies))
     result = summarize(outputs, duration)
@@ -209,6 +210,7 @@ def write_json(args, checkpoint: Path, version: str | None, results: dict) -> No
         "glmserve_revision": glmserve_revision(),
         "workload": {"model": args.model, "checkpoint": str(checkpoint), "threads": args.threads,
                      "dtype": args.dtype, "concurrency": args.concurrency, "max_tokens": args.max_tokens,
+                     "json_max_tokens": args.json_max_tokens,
                      "reps": args.reps, "greedy": True, "endpoint": "/v1/completions", "prompt": PROMPT,
                      "schema": SCHEMA, "cases": CASES, "prefix_caching": False, "unconstrained_ignore_eos": True},
         "results": results}, indent=2) + "\n")
