@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import json
 import os
 import platform
@@ -199,14 +200,13 @@ def lscpu() -> dict:
 
 def write_json(args, checkpoint: Path, version: str | None, results: dict) -> None:
     import torch
-    import xgrammar
 
     args.output_json.parent.mkdir(parents=True, exist_ok=True)
     args.output_json.write_text(json.dumps({
         "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": {"platform": platform.platform(), "lscpu": lscpu(), "cpus": os.cpu_count()},
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "vllm": version,
-                     "glmserve_xgrammar": xgrammar.__version__},
+                     "glmserve_xgrammar": importlib.metadata.version("xgrammar")},
         "glmserve_revision": glmserve_revision(),
         "workload": {"model": args.model, "checkpoint": str(checkpoint), "threads": args.threads,
                      "dtype": args.dtype, "concurrency": args.concurrency, "max_tokens": args.max_tokens,
