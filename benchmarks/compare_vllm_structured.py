@@ -65,6 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=64, help="of each unconstrained request")
     p.add_argument("--json-max-tokens", type=int, default=256,
                    help="of each constrained request (it ends where its JSON ends; JSON may hold whitespace runs)")
+    p.add_argument("--disable-any-whitespace", action="store_true",
+                   help="send vLLM's `structured_outputs` {json, disable_any_whitespace} instead of response_format")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--startup-timeout", type=float, default=600.0)
     p.add_argument("--vllm-memory-fraction", type=float, default=0.3, help="as in compare_vllm.py")
@@ -77,13 +79,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def body(i: int, max_tokens: int, schema_title: str | None) -> dict:
+def body(i: int, max_tokens: int, schema_title: str | None, compact: bool = False) -> dict:
     """One streamed greedy completion; constrained (response_format json_schema) when schema_title is given."""
     request = {"model": SERVED_NAME, "prompt": PROMPT.format(PEOPLE[i % len(PEOPLE)]), "max_tokens": max_tokens,
                "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}
     if schema_title is None:
         return request | {"ignore_eos": True}
     schema = {"title": schema_title, **SCHEMA}
+    if compact:
+        return request | {"structured_outputs": {"json": schema, "disable_any_whitespace": True}}
     return request | {"response_format": {"type": "json_schema",
                                           "json_schema": {"name": "user", "schema": schema, "strict": True}}}
 
@@ -114,7 +118,7 @@ def summarize(outputs: list[RequestFuncOutput], duration: float) -> dict:
 def run_case(case: str, url: str, args, tag: str) -> dict:
     """One case: its requests at once; the constrained ones' schemas are new to the server when `tag` is new."""
     n, single = args.concurrency, case.startswith("1 ")
-    held = [body(i, args.json_max_tokens, f"{tag}-{i}") for i in range(1 if single else n)]
+    held = [body(i, args.json_max_tokens, f"{tag}-{i}", args.disable_any_whitespace) for i in range(1 if single else n)]
     plain = [body(i, args.max_tokens, None) for i in range(n)]
     bodies = {"unconstrained": plain, "mixed": plain + held}.get(case, held)
     outputs, duration = asyncio.run(send_all(url, bodies))
@@ -211,6 +215,7 @@ def write_json(args, checkpoint: Path, version: str | None, results: dict) -> No
         "workload": {"model": args.model, "checkpoint": str(checkpoint), "threads": args.threads,
                      "dtype": args.dtype, "concurrency": args.concurrency, "max_tokens": args.max_tokens,
                      "json_max_tokens": args.json_max_tokens,
+                     "disable_any_whitespace": args.disable_any_whitespace,
                      "reps": args.reps, "greedy": True, "endpoint": "/v1/completions", "prompt": PROMPT,
                      "schema": SCHEMA, "cases": CASES, "prefix_caching": False, "unconstrained_ignore_eos": True},
         "results": results}, indent=2) + "\n")
