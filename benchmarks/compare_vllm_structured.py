@@ -66,7 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--json-max-tokens", type=int, default=256,
                    help="of each constrained request (it ends where its JSON ends; JSON may hold whitespace runs)")
     p.add_argument("--disable-any-whitespace", action="store_true",
-                   help="send vLLM's `structured_outputs` {json, disable_any_whitespace} instead of response_format")
+                   help="send vLLM's `structured_outputs` {json, disable_any_whitespace} instead of response_format, "
+                        "and start vLLM with it in --structured-outputs-config (it ignores the request's)")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--startup-timeout", type=float, default=600.0)
     p.add_argument("--vllm-memory-fraction", type=float, default=0.3, help="as in compare_vllm.py")
@@ -160,8 +161,12 @@ def run_engine(engine: str, args, checkpoint: Path, logs: Path) -> dict:
         load_before = os.getloadavg()
         t0 = time.perf_counter()
         try:
-            start = start_vllm if engine == "vllm" else start_glmserve
-            server = start(args, checkpoint, logs / f"{engine}.log")
+            if engine == "vllm":  # vLLM's xgrammar backend reads disable_any_whitespace from its server config only
+                extra = (("--structured-outputs-config", '{"disable_any_whitespace": true}')
+                         if args.disable_any_whitespace else ())
+                server = start_vllm(args, checkpoint, logs / f"{engine}.log", extra)
+            else:
+                server = start_glmserve(args, checkpoint, logs / f"{engine}.log")
         except RuntimeError as e:
             return {"error": str(e)[-3000:]}
         startup_s = time.perf_counter() - t0
