@@ -162,7 +162,7 @@ def run_engine(engine: str, args, checkpoint: Path, logs: Path) -> dict:
         t0 = time.perf_counter()
         try:
             if engine == "vllm":  # vLLM's xgrammar backend reads disable_any_whitespace from its server config only
-                extra = (("--structured-outputs-config", '{"disable_any_whitespace": true}')
+                extra = (("--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}')
                          if args.disable_any_whitespace else ())
                 server = start_vllm(args, checkpoint, logs / f"{engine}.log", extra)
             else:
