@@ -17,7 +17,6 @@ lock (the project's rule for benchmarks on a shared machine). Without vLLM insta
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
 import platform
@@ -26,13 +25,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 from compare_vllm import SERVED_NAME, start_glmserve, start_vllm, vllm_version
 
 from glmserve.bench.checkpoints import SHAPES, prepare_checkpoint
-from glmserve.bench.host import OtherLoad, cpu_name, glmserve_revision
+from glmserve.bench.host import OtherLoad, cpu_name, exclusive_lock, glmserve_revision
 from glmserve.bench.offline import BENCH_CACHE
 from glmserve.testing.lora import TARGETS, write_random_adapter
 
@@ -96,10 +94,7 @@ def bench_serve(args, url: str, checkpoint: Path, adapters: list[str], out: Path
 
 def run_engine(engine: str, args, checkpoint: Path, modules: list[str], logs: Path) -> dict:
     cases = {"0 adapters": []} if engine == "glmserve-nolora" else CASES
-    lock = open(args.cpu_lock, "a") if args.cpu_lock else nullcontext()  # noqa: SIM115 (closed by the with)
-    with lock:
-        if args.cpu_lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+    with exclusive_lock(args.cpu_lock):
         t0 = time.perf_counter()
         try:
             server = start(engine, args, checkpoint, modules, logs / f"{engine}.log")

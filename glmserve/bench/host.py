@@ -3,12 +3,14 @@ meanwhile (on a shared machine, the difference between a measurement and noise).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import platform
 import subprocess
 import time
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 
@@ -72,6 +74,17 @@ def wait_quiet(max_other: float, max_wait_s: float, engine_pids: Iterable[int] =
         time.sleep(1.0)
         if load.cores() <= max_other:
             return
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path | None) -> Iterator[None]:
+    """Hold `path`'s exclusive flock (the project's rule for benchmarks on a shared machine); no lock for None."""
+    if path is None:
+        yield
+        return
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield  # closing the file releases the lock
 
 
 def cpu_name() -> str:

@@ -26,6 +26,7 @@ class RequestFuncOutput:
     itl: list[float] = field(default_factory=list)  # gaps between output chunks, seconds
     latency: float = 0.0  # end to end, seconds
     error: str = ""
+    text: str = ""  # the generated text (completion text or chat content), for checks on what came back
 
 
 def request_body(sample: SampleRequest, model: str, chat: bool, ignore_eos: bool) -> dict:
@@ -64,6 +65,8 @@ async def send_request(client: httpx.AsyncClient, url: str, body: dict) -> Reque
                     output.error = json.dumps(chunk["error"])
                     return output
                 choices = chunk.get("choices")
+                if choices:
+                    output.text += choices[0].get("text") or (choices[0].get("delta") or {}).get("content") or ""
                 if choices and _has_output(choices[0]):
                     if output.ttft == 0.0:
                         output.ttft = now - start
