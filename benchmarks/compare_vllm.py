@@ -80,6 +80,15 @@ def start_vllm(args, directory: Path, log: Path, extra: tuple[str, ...] = ()) ->
     return start_peer_server(command, port, log, env, args.startup_timeout, "vLLM")
 
 
+def add_run_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of a two-server comparison run that builds on this script's starters (compare_vllm_*.py)."""
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--startup-timeout", type=float, default=600.0)
+    p.add_argument("--vllm-memory-fraction", type=float, default=0.3, help="as in compare_vllm.py")
+    p.add_argument("--cpu-lock", type=Path, help="hold this file's exclusive flock around each engine's runs")
+    p.add_argument("--output-json", type=Path)
+
+
 def start_glmserve(args, directory: Path, log: Path, extra: tuple[str, ...] = ()) -> Server:
     return start_server([str(directory), "--dtype", args.dtype, "--weight-dtype", args.glmserve_weight_dtype,
                          "--max-num-seqs", str(max(args.batch_size)),

@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from compare_vllm import SERVED_NAME, start_glmserve, start_vllm, vllm_version
+from compare_vllm import SERVED_NAME, add_run_flags, start_glmserve, start_vllm, vllm_version
 
 from glmserve.bench.checkpoints import SHAPES, prepare_checkpoint
 from glmserve.bench.host import OtherLoad, cpu_name, exclusive_lock, glmserve_revision
@@ -53,11 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-prompts", type=int, default=32)
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=64)
-    p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--startup-timeout", type=float, default=600.0)
-    p.add_argument("--vllm-memory-fraction", type=float, default=0.3, help="as in compare_vllm.py")
-    p.add_argument("--cpu-lock", type=Path, help="hold this file's exclusive flock around each engine's runs")
-    p.add_argument("--output-json", type=Path)
+    add_run_flags(p)
     args = p.parse_args(argv)
     args.glmserve_weight_dtype, args.batch_size = "auto", [args.concurrency]  # what compare_vllm's starters read
     return args

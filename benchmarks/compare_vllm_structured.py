@@ -34,7 +34,7 @@ from pathlib import Path
 
 import httpx
 import jsonschema
-from compare_vllm import SERVED_NAME, start_glmserve, start_vllm, vllm_version
+from compare_vllm import SERVED_NAME, add_run_flags, start_glmserve, start_vllm, vllm_version
 
 from glmserve.bench.checkpoints import prepare_checkpoint
 from glmserve.bench.host import OtherLoad, exclusive_lock, glmserve_revision
@@ -68,11 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--disable-any-whitespace", action="store_true",
                    help="send vLLM's `structured_outputs` {json, disable_any_whitespace} instead of response_format, "
                         "and start vLLM with it in --structured-outputs-config (it ignores the request's)")
-    p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--startup-timeout", type=float, default=600.0)
-    p.add_argument("--vllm-memory-fraction", type=float, default=0.3, help="as in compare_vllm.py")
-    p.add_argument("--cpu-lock", type=Path, help="hold this file's exclusive flock around each engine's runs")
-    p.add_argument("--output-json", type=Path)
+    add_run_flags(p)
     args = p.parse_args(argv)
     # What compare_vllm's starters read: room for 2 x concurrency sequences of a short prompt plus max_tokens.
     args.glmserve_weight_dtype, args.batch_size = "auto", [2 * args.concurrency]
