@@ -64,11 +64,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def summary(steps: list[dict], tokens: int) -> dict:
+def summary(steps: list[dict], tokens: int, threads: int) -> dict:
+    """tokens_per_s: over the active time (slowed by other processes too, where they share the cores);
+    tokens_per_s_by_cpu: over the CPU time spread on `threads` cores, what the run would take with them to itself
+    if none of its CPU time were spent waiting (an upper bound)."""
     total = {key: sum(s[key] for s in steps) for key in ("wall_s", "paused_s", "active_s", "cpu_s")}
     return {"steps": len(steps), "tokens": tokens, **total,
             "tokens_per_s": tokens / total["active_s"] if tokens else None,
-            "tokens_per_wall_s": tokens / total["wall_s"] if tokens else None}
+            "tokens_per_wall_s": tokens / total["wall_s"] if tokens else None,
+            "tokens_per_s_by_cpu": tokens * threads / total["cpu_s"] if tokens and total["cpu_s"] else None}
 
 
 def pool_gb(shape, kv_dtype: str, total_tokens: int) -> float:
@@ -99,7 +103,7 @@ def run_once(directory: Path, args: argparse.Namespace, kv_dtype: str, meter: Pa
             print(f"  {kv_dtype}: step {len(prefill) + len(decode)}, {generated} generated, "
                   f"{step['active_s']:.1f} s active ({step['paused_s']:.1f} s paused)", file=sys.stderr, flush=True)
     spec = engine.kv_spec
-    prefill_s, decode_s = summary(prefill, prompt_len), summary(decode, generated - 1)
+    prefill_s, decode_s = summary(prefill, prompt_len, args.threads), summary(decode, generated - 1, args.threads)
     return {"kv_cache_dtype": spec.dtype, "attention_backend": engine.runner.attn_backend.name,
             "kv_pool_tokens": spec.num_tokens, "kv_pool_bytes": spec.num_tokens * spec.bytes_per_token,
             "kv_bytes_per_token": spec.bytes_per_token, "kv_bytes_of_request": args.total_tokens * spec.bytes_per_token,
