@@ -7,7 +7,8 @@ peak memory.
 --shape picks the attention heads: air-tiny (the test suite's Air shape: 8 query / 2 KV heads of 16), air-gqa12
 (Air's head layout divided by 8: 12 query heads sharing 1 KV head of 128, Air's GQA ratio and head size) or
 air-heads (Air's own 96 query / 8 KV heads of 128; a 128K prefill of it is hours on 2 cores). The rest of the model
-is tiny (hidden 64, one dense layer then MoE layers), so the time is attention's.
+is tiny (hidden 64, one dense layer then MoE layers), so the time is attention's. --shape bench-57m is the
+benchmark shape (random weights, max_position_embeddings 131072) that compare_llamacpp.py --context measures.
 
 The script may run paused from outside (yield_to_benchmarks.sh stops it with SIGSTOP while others benchmark): every
 time is given as wall-clock, as active time (wall-clock less the pauses, see glmserve.bench.pauses) and as the
@@ -31,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from glmserve.bench.checkpoints import SHAPES as BENCH_SHAPES
+from glmserve.bench.checkpoints import prepare_checkpoint
 from glmserve.bench.host import cpu_name, glmserve_revision
 from glmserve.bench.offline import BENCH_CACHE
 from glmserve.bench.pauses import Clock, PauseMeter
@@ -45,6 +48,8 @@ SHAPES = {
     "air-tiny": AIR_TINY,
     "air-gqa12": replace(AIR_TINY, num_hidden_layers=2, num_attention_heads=12, num_key_value_heads=1, head_dim=128),
     "air-heads": replace(AIR_TINY, num_hidden_layers=2, num_attention_heads=96, num_key_value_heads=8, head_dim=128),
+    # compare_llamacpp.py --context's checkpoint: the 32K chunked prefill of the long-context table
+    "bench-57m": replace(BENCH_SHAPES["bench-57m"], max_position_embeddings=131072),
 }
 
 
@@ -88,6 +93,11 @@ def run_once(directory: Path, args: argparse.Namespace, kv_dtype: str, meter: Pa
                                     kv_cache_memory_gb=memory_gb, max_model_len=args.total_tokens,
                                     max_num_batched_tokens=args.max_num_batched_tokens,
                                     attention_backend=args.attention_backend), progress=False)
+    # Untimed warm-up: the native extension's load (or build) and first-call allocations; another prompt, so that
+    # the prefix cache cannot serve the timed request.
+    engine.add_request("warm-up", [1] * 64, SamplingParams(temperature=0.0, max_tokens=2))
+    while engine.has_unfinished_requests():
+        engine.step()
     prompt_len = args.total_tokens - args.output_tokens
     prompt = torch.randint(1, 1000, (prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
     engine.add_request("long", prompt, SamplingParams(temperature=0.0, max_tokens=args.output_tokens,
@@ -119,9 +129,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     shape = SHAPES[args.shape]
-    directory = args.cache_dir / f"{args.shape}-{shape.max_position_embeddings}"
-    if not (directory / "model.safetensors").is_file():
-        write_random_checkpoint(directory, shape, seed=0, config_style="5")
+    if args.shape in BENCH_SHAPES:
+        directory = prepare_checkpoint(args.shape, args.cache_dir, shape.max_position_embeddings)
+    else:
+        directory = args.cache_dir / f"{args.shape}-{shape.max_position_embeddings}"
+        if not (directory / "model.safetensors").is_file():
+            write_random_checkpoint(directory, shape, seed=0, config_style="5")
     meter = PauseMeter()
     results = {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
                "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "threads": args.threads, "host": cpu_name(),
