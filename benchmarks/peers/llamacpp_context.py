@@ -61,7 +61,6 @@ def ensure_states(args, gguf: Path, engines: dict[str, LlamaCppEngine], prompt: 
 def glmserve_runners(args, directory: Path) -> dict:
     """A model runner per glmserve KV-cache dtype, its pool holding --context + 64 blocks, filled with random K/V."""
     import torch
-
     from long_context import fill_caches
 
     from glmserve.config import EngineConfig, ModelConfig

@@ -18,8 +18,8 @@ argmax, EOS ignored, no BOS added (the prompt ids are used exactly), the KV cach
 from __future__ import annotations
 
 import argparse
-import json
 import ctypes
+import json
 import logging
 import os
 import sys
