@@ -8,8 +8,14 @@ script says so and exits 0), from GGUF files converted once per type by llama.cp
 `glmserve bench offline` draws them), greedy, EOS ignored; a max_tokens=1 run times the prefill and a full run
 the rest; engines alternate, medians, measurements disturbed by other processes left out.
 
+With --context N, one sequence's decode after an N-token context instead (benchmarks/peers/llamacpp_context.py):
+glmserve per --glmserve-kv-cache-dtypes beside llama.cpp per --llama-kv-types, on the shape with
+max_position_embeddings 131072 (as benchmarks/long_context.py), the prefills cached before any timing.
+
 Examples:
     python benchmarks/compare_llamacpp.py bench-57m --output-json benchmarks/results/llamacpp-57m.json
+    python benchmarks/compare_llamacpp.py bench-57m --context 32768 --output-len 33 --num-iters 3 \
+        --cpu-lock /work/cpu.lock --output-json benchmarks/results/llamacpp-32k-bench-57m.json
     python benchmarks/compare_llamacpp.py bench-57m --threads 1 --batch-size 1 2 --input-len 32 --output-len 16 \\
         --num-iters 1 --outtypes f32 bf16
 """
@@ -44,15 +50,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "SRC being src/ beside the --llama-python venv)")
     p.add_argument("--cache-dir", type=Path, default=BENCH_CACHE, help="where named shapes are written")
     p.add_argument("--gguf-dir", type=Path, default=BENCH_CACHE / "gguf", help="where converted GGUF files are cached")
-    p.add_argument("--outtypes", nargs="+", default=["f32", "bf16", "q8_0"], choices=["f32", "f16", "bf16", "q8_0"],
-                   help="GGUF types, one llama.cpp engine each")
+    p.add_argument("--outtypes", nargs="+", choices=["f32", "f16", "bf16", "q8_0"],
+                   help="GGUF types, one llama.cpp engine each (default f32 bf16 q8_0; with --context: f32, one type)")
     p.add_argument("--batch-size", type=int, nargs="+", default=[1, 8, 16])
     p.add_argument("--glmserve-weight-dtypes", nargs="+", default=["auto", "float16"], choices=["auto", "float16"],
                    help="glmserve engines to run: fp32 weights (auto) and fp16-stored weights (--weight-dtype)")
     p.add_argument("--threads", type=int, default=2, help="threads of every engine")
     add_measurement_args(p, num_iters=5)
     p.add_argument("--output-json", type=Path, help="write the results here")
+    long = p.add_argument_group("long context (--context)")
+    long.add_argument("--context", type=int, default=0, help="decode one sequence after this many tokens")
+    long.add_argument("--llama-kv-types", nargs="+", default=["f32", "q8_0"], choices=["f32", "f16", "q8_0"],
+                      help="llama.cpp's type_k and type_v, one engine each")
+    long.add_argument("--flash-attn", default="auto", choices=["auto", "on", "off"],
+                      help="llama.cpp's flash_attn_type (a q8_0 V cache needs it: auto turns it on)")
+    long.add_argument("--glmserve-kv-cache-dtypes", nargs="+", default=["auto", "fp8"])
+    long.add_argument("--attention-backend", help="glmserve's (default: the engine's)")
+    long.add_argument("--prefill-only", action="store_true",
+                      help="only prefill and cache llama.cpp's states (a long job: run it under yield_to_benchmarks)")
+    long.add_argument("--cpu-lock", type=Path, help="hold this file's exclusive flock while timing decode")
     args = p.parse_args(argv)
+    args.outtypes = args.outtypes or (["f32"] if args.context else ["f32", "bf16", "q8_0"])
+    if args.context and len(args.outtypes) != 1:
+        p.error("--context takes one --outtypes")
     if args.output_len < 2:
         p.error("--output-len must be at least 2 (decode time is a full run minus a max_tokens=1 run)")
     return args
@@ -93,13 +113,17 @@ def main(argv: list[str] | None = None) -> int:
     from glmserve.bench.offline import measure_batch, random_prompts
 
     torch.set_num_threads(args.threads)
-    directory = prepare_checkpoint(args.model, args.cache_dir)
+    from long_context import MAX_POSITIONS
+
+    directory = prepare_checkpoint(args.model, args.cache_dir, MAX_POSITIONS if args.context else None)
     ggufs, conversions = {}, []
     for outtype in args.outtypes:
         ggufs[outtype], command = ensure_gguf(args.llama_python, converter, directory, outtype, args.gguf_dir)
         if command:
             conversions.append(command)
 
+    if args.context:
+        return run_context(args, directory, ggufs, conversions, version)
     max_batch = max(args.batch_size)
     glmserve = [GlmserveEngine(directory, max_batch, args.input_len, args.output_len, "auto", "cpu", weight_dtype)
                 for weight_dtype in args.glmserve_weight_dtypes]
@@ -116,12 +140,46 @@ def main(argv: list[str] | None = None) -> int:
             engine.close()
     print(report(args, [e.name for e in engines], results))
     if args.output_json:
-        write_json(args, directory, llama, ggufs, conversions, version, results)
+        workload = {"input_len": args.input_len, "output_len": args.output_len, "greedy": True, "ignore_eos": True,
+                    "num_iters": args.num_iters, "prompt_seed": args.seed, "glmserve_dtype": "auto",
+                    "glmserve_weight_dtypes": args.glmserve_weight_dtypes,
+                    "glmserve_prefix_caching": False, "llama_cpp_bos_added": False}
+        write_json(args, directory, llama, ggufs, conversions, version, workload, results)
     return 0
 
 
-def write_json(args, directory: Path, llama: list, ggufs: dict, conversions: list, version: str,
-               results: list[dict]) -> None:
+def run_context(args, directory: Path, ggufs: dict, conversions: list, version: str) -> int:
+    """--context: llama.cpp's prefilled states first (cached), then the timed decode of every engine."""
+    from peers import llamacpp_context
+
+    from glmserve.bench.offline import random_prompts
+
+    gguf = ggufs[args.outtypes[0]]
+    prompt = random_prompts(directory, 1, args.context, args.seed)[0]
+    engines = llamacpp_context.llama_engines(args, gguf)
+    try:
+        states = llamacpp_context.ensure_states(args, gguf, engines, prompt)
+        if args.prefill_only:
+            return 0
+        runners = llamacpp_context.glmserve_runners(args, directory)
+        result = llamacpp_context.measure(args, runners, engines, states)
+    finally:
+        for engine in engines.values():
+            engine.close()
+    print(llamacpp_context.report(args, result, states))
+    if args.output_json:
+        workload = {"context": args.context, "batch": 1, "output_len": args.output_len, "greedy": True,
+                    "num_iters": args.num_iters, "prompt_seed": args.seed, "llama_cpp_kv_types": args.llama_kv_types,
+                    "llama_cpp_flash_attn": args.flash_attn, "llama_cpp_states": states,
+                    "glmserve_kv_cache_dtypes": args.glmserve_kv_cache_dtypes,
+                    "glmserve_cache": "random keys and values (benchmarks/long_context.py), no prefill",
+                    "cpu_lock": str(args.cpu_lock) if args.cpu_lock else None}
+        write_json(args, directory, list(engines.values()), ggufs, conversions, version, workload, result)
+    return 0
+
+
+def write_json(args, directory: Path, llama: list, ggufs: dict, conversions: list, version: str, workload: dict,
+               results) -> None:
     import tokenizers
     import torch
 
@@ -141,10 +199,7 @@ def write_json(args, directory: Path, llama: list, ggufs: dict, conversions: lis
         "commands": {"conversions (this run; none if all were cached)": [" ".join(c) for c in conversions],
                      "workers": {e.name: " ".join(e.command) for e in llama}},
         "llama_cpp_context": {e.name: e.info["context_params"] for e in llama},
-        "workload": {"input_len": args.input_len, "output_len": args.output_len, "greedy": True, "ignore_eos": True,
-                     "num_iters": args.num_iters, "prompt_seed": args.seed, "glmserve_dtype": "auto",
-                     "glmserve_weight_dtypes": args.glmserve_weight_dtypes,
-                     "glmserve_prefix_caching": False, "llama_cpp_bos_added": False},
+        "workload": workload,
         "results": results,
     }
     args.output_json.parent.mkdir(parents=True, exist_ok=True)

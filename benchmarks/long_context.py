@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import random
+import statistics
 import sys
 import time
 from dataclasses import replace
@@ -28,6 +29,7 @@ from pathlib import Path
 import torch
 
 from glmserve.bench.checkpoints import SHAPES
+from glmserve.bench.host import OtherLoad, cpu_name, glmserve_revision
 from glmserve.bench.offline import BENCH_CACHE
 from glmserve.bench.roofline import count_weight_params, measure_bandwidth, params_per_decode_step
 from glmserve.config import EngineConfig, ModelConfig
@@ -78,15 +80,20 @@ def tables_for(batch: int, context: int, num_blocks: int, block_size: int, rng: 
     return [pool[i * need : (i + 1) * need] for i in range(batch)]
 
 
-def best_time(fn, repeats: int) -> float:
-    """Fastest of `repeats`: what the hardware does when no other process competes (the machine is shared)."""
+def call_times(fn, repeats: int) -> list[float]:
+    """Seconds of each of `repeats` calls, after one untimed warm-up call."""
     fn()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return min(times)
+    return times
+
+
+def best_time(fn, repeats: int) -> float:
+    """Fastest of `repeats`: what the hardware does when no other process competes (the machine is shared)."""
+    return min(call_times(fn, repeats))
 
 
 @torch.inference_mode()
@@ -109,7 +116,9 @@ def decode_case(runner: ModelRunner, backend, batch: int, context: int, repeats:
         meta = AttentionMetadata.build(starts, [1] * batch, tables, runner.block_size, runner.device, backend)
         backend.forward(q, k, k, layer.kv_cache, meta, layer.scale)
 
-    return {"step_s": best_time(step, repeats), "attention_layer_s": best_time(attention, repeats)}
+    steps = call_times(step, repeats)
+    return {"step_s": min(steps), "step_s_median": statistics.median(steps),
+            "attention_layer_s": best_time(attention, repeats)}
 
 
 @torch.inference_mode()
@@ -136,8 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     model_config = ModelConfig.from_pretrained(directory)
     longest = max(args.contexts + [16 * c for c in args.batch16_contexts] + [args.prefill_context])
     bandwidth = measure_bandwidth(torch.device("cpu"))
+    other = OtherLoad()
     results = {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "shape": args.shape,
-               "threads": args.threads, "host": platform.processor() or platform.machine(),
+               "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "threads": args.threads,
+               "host": cpu_name() or platform.machine(), "glmserve_revision": glmserve_revision(),
                "load_average_at_start": os.getloadavg(),
                "bandwidth": bandwidth, "cases": []}
     rng = random.Random(0)
@@ -172,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(case), flush=True)
         del runner
     results["load_average_at_end"] = os.getloadavg()  # other processes sharing the cores, 1/5/15-minute means
+    results["other_processes_cores"] = other.cores()  # their mean CPU use over the run: 0 on a quiet machine
     if args.output_json:
         args.output_json.parent.mkdir(parents=True, exist_ok=True)
         args.output_json.write_text(json.dumps(results, indent=2) + "\n")

@@ -55,10 +55,10 @@ class LlamaCppEngine:
     """Greedy batched decoding in a llama.cpp worker; `generate` sends one request and waits for its reply."""
 
     def __init__(self, name: str, python: Path, gguf: Path, threads: int, max_batch: int, ctx_per_seq: int,
-                 n_batch: int, worker: Path = WORKER):
+                 n_batch: int, worker: Path = WORKER, extra_args: list[str] = ()):
         self.name = name
         self.command = [str(python), str(worker), str(gguf), "--threads", str(threads), "--max-batch",
-                        str(max_batch), "--ctx-per-seq", str(ctx_per_seq), "--n-batch", str(n_batch)]
+                        str(max_batch), "--ctx-per-seq", str(ctx_per_seq), "--n-batch", str(n_batch), *extra_args]
         self.proc = subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.pids = (self.proc.pid,)  # measure_batch: the worker's CPU is the measured work, not noise
         self.info = self._reply()
@@ -73,10 +73,14 @@ class LlamaCppEngine:
             raise RuntimeError(f"{self.name}: {reply['error']}")
         return reply
 
-    def generate(self, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
-        self.proc.stdin.write(json.dumps({"prompts": prompts, "max_tokens": max_tokens}) + "\n")
+    def request(self, request: dict) -> dict:
+        """One request line to the worker (see llamacpp_worker.py for the kinds), its reply."""
+        self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
-        return self._reply()["tokens"]
+        return self._reply()
+
+    def generate(self, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+        return self.request({"prompts": prompts, "max_tokens": max_tokens})["tokens"]
 
     def close(self) -> None:
         self.proc.stdin.close()  # the worker's loop ends at EOF

@@ -4,7 +4,7 @@ written once (in the real Hugging Face layout) into a cache directory and reused
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from glmserve.testing.checkpoint import TinyShape, write_random_checkpoint
@@ -29,21 +29,26 @@ SHAPES: dict[str, TinyShape] = {
 CHECKPOINT_SEED = 0
 
 
-def prepare_checkpoint(model: str, cache_dir: Path) -> Path:
-    """A named shape is written once into cache_dir/NAME (rewritten when the shape changed); a path is used as is."""
+def prepare_checkpoint(model: str, cache_dir: Path, max_position_embeddings: int | None = None) -> Path:
+    """A named shape is written once into cache_dir/NAME (rewritten when the shape changed); a path is used as is.
+    max_position_embeddings raises a named shape's (for long contexts), in its own directory NAME-posN."""
     if model not in SHAPES:
         path = Path(model)
         if not (path / "config.json").is_file():
             raise SystemExit(f"glmserve bench offline: {model!r} is neither a named shape ({', '.join(SHAPES)}) nor "
                              f"a checkpoint directory with a config.json")
         return path
+    shape = SHAPES[model]
+    if max_position_embeddings:
+        shape = replace(shape, max_position_embeddings=max_position_embeddings)
+        model = f"{model}-pos{max_position_embeddings}"
     directory = cache_dir / model
     stamp = directory / "bench_shape.json"
-    wanted = {"shape": asdict(SHAPES[model]), "seed": CHECKPOINT_SEED}
+    wanted = {"shape": asdict(shape), "seed": CHECKPOINT_SEED}
     if stamp.is_file() and json.loads(stamp.read_text()) == wanted and (directory / "model.safetensors").is_file():
         return directory
     print(f"writing random checkpoint {model} to {directory} ...", flush=True)
-    write_random_checkpoint(directory, SHAPES[model], seed=CHECKPOINT_SEED, config_style="5")
+    write_random_checkpoint(directory, shape, seed=CHECKPOINT_SEED, config_style="5")
     stamp.write_text(json.dumps(wanted, indent=2))
     return directory
 

@@ -20,8 +20,13 @@ def generate(prompts, max_tokens):
         raise ValueError("max_tokens must be positive")
     return [[p[-1] + i for i in range(max_tokens)] for p in prompts]
 
+def prefill(request):  # stands for the long-context kinds: a request with its key goes to its handler
+    if not request["prefill"]:
+        raise ValueError("empty prompt")
+    return {{"first_token": request["prefill"][-1] + 1, "saved": request["save"]}}
+
 print(json.dumps({{"ready": True, "argv": sys.argv[1:]}}), flush=True)
-serve(sys.stdin, sys.stdout, generate)
+serve(sys.stdin, sys.stdout, generate, {{"prefill": prefill}})
 """
 
 
@@ -68,6 +73,13 @@ def test_engine_round_trip(engine):
     assert engine.generate([[5]], 1) == [[5]]  # a failed request leaves the worker usable
     engine.close()
     assert engine.proc.returncode == 0
+
+
+def test_engine_requests_go_to_their_handlers(engine):
+    assert engine.request({"prefill": [4, 7], "save": "s.state"}) == {"first_token": 8, "saved": "s.state"}
+    with pytest.raises(RuntimeError, match="ValueError: empty prompt"):
+        engine.request({"prefill": [], "save": "s.state"})
+    assert engine.generate([[1]], 2) == [[1, 2]]  # a request without a handler's key is still a batch
 
 
 def test_engine_reports_a_dead_worker(tmp_path, monkeypatch):
