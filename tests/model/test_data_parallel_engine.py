@@ -91,7 +91,7 @@ def test_tensor_parallel_replicas_give_the_same_tokens(checkpoints):
     prompts = _prompts()[:4]
     expected = _single_engine_tokens(_config(directory), prompts)
     config = dataclasses.replace(_config(directory), tensor_parallel_size=2)
-    dp = DataParallelEngine(functools.partial(LLMEngine, config, progress=False), 2, model_parallel_ranks=2)
+    dp = DataParallelEngine(functools.partial(LLMEngine, config, progress=False), 2)
 
     async def body(client):
         return await asyncio.gather(*(_generate(client, str(i), p, _params(i)) for i, p in enumerate(prompts)))

@@ -82,11 +82,53 @@ def _tp2_logits(directory: str, ep: bool, quantization: str | None = None) -> li
 
 
 PROMPTS = {"a": list(range(5, 40)), "b": list(range(100, 109)), "c": list(range(300, 350))}
+# Held to grammars whose every output ends (no free strings: random weights would not end one).
+RECORD = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99},
+                                           "ok": {"type": "boolean"}, "tone": {"enum": ["red", "green", "blue"]}},
+          "required": ["n", "ok", "tone"]}
+ALARM = {"type": "function", "function": {"name": "set_alarm", "parameters": {
+    "type": "object", "properties": {"hour": {"type": "integer", "minimum": 0, "maximum": 23},
+                                     "mode": {"enum": ["soft", "loud"]}}, "required": ["hour", "mode"]}}}
+
+
+def _constrained_requests(directory: str) -> dict:
+    """name -> (prompt, params): a JSON schema greedy and seeded, and a named tool call in GLM-4.5's syntax."""
+    from glmserve.serving.structured_output import GrammarSpec, StructuredOutputCompiler
+    from glmserve.serving.tokenizer import Tokenizer
+    from glmserve.serving.tool_grammar import tool_call_grammar
+    from glmserve.types import SamplingParams
+
+    compiler, vocab = StructuredOutputCompiler(Tokenizer(directory)), ModelConfig.from_pretrained(directory).vocab_size
+    record = compiler.compile_now(GrammarSpec("json_schema", RECORD, "t"), vocab)
+    alarm = compiler.compile_now(tool_call_grammar([ALARM], "set_alarm", False, parallel=False), vocab)
+    return {"json": (list(range(400, 420)), SamplingParams(temperature=0.0, max_tokens=80, grammar=record)),
+            "json-seeded": (list(range(420, 433)), SamplingParams(temperature=1.0, seed=3, max_tokens=80,
+                                                                  grammar=record)),
+            "tool": (list(range(440, 460)), SamplingParams(temperature=0.0, max_tokens=80, grammar=alarm))}
+
+
+def _check_constrained(directory: str, out: dict[str, list[int]]) -> None:
+    """Each constrained output ended and validates: the JSON against its schema, the call against its tool's."""
+    import json
+
+    import jsonschema
+
+    from glmserve.serving.parsers.glm45_tools import parse_tool_calls
+    from glmserve.serving.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(directory)
+    for name in ("json", "json-seeded", "tool"):
+        assert len(out[name]) < 80, (name, out[name])  # ended on a stop token the grammar allowed
+    for name in ("json", "json-seeded"):
+        jsonschema.validate(json.loads(tokenizer.decode(out[name][:-1])), RECORD)
+    _, calls = parse_tool_calls("<tool_call>set_alarm\n" + tokenizer.decode(out["tool"][:-1]), [ALARM])
+    assert [c["function"]["name"] for c in calls] == ["set_alarm"]
+    jsonschema.validate(json.loads(calls[0]["function"]["arguments"]), ALARM["function"]["parameters"])
 
 
 def run_workload(engine) -> dict[str, list[int]]:
-    """Greedy requests (a, b), a seeded one (c) and one aborted after 3 steps ("gone"), run to the end: each
-    request's tokens (also the pipeline tests' workload)."""
+    """Greedy requests (a, b), a seeded one (c), one aborted after 3 steps ("gone") and three held to grammars, run
+    to the end: each request's tokens (also the pipeline tests' workload). Constrained outputs validate."""
     from glmserve.types import SamplingParams
 
     for name, prompt in PROMPTS.items():
@@ -95,6 +137,8 @@ def run_workload(engine) -> dict[str, list[int]]:
                                 ignore_eos=True)
         engine.add_request(name, prompt, params)
     engine.add_request("gone", list(range(50, 60)), SamplingParams(temperature=0.0, max_tokens=50))
+    for name, (prompt, params) in _constrained_requests(engine.config.model).items():
+        engine.add_request(name, prompt, params)
     out: dict[str, list[int]] = {name: [] for name in PROMPTS}
     steps = 0
     while engine.has_unfinished_requests():
@@ -103,6 +147,7 @@ def run_workload(engine) -> dict[str, list[int]]:
         steps += 1
         if steps == 3:
             engine.abort(["gone"])
+    _check_constrained(engine.config.model, out)
     return out
 
 
@@ -131,7 +176,7 @@ def test_tp2_engine_generates_what_tp1_does(checkpoints, k, ep):
     torch.set_num_threads(2)
     expected = _generate(directory, tp=1, k=k)
     got = _generate(directory, tp=2, k=k, ep=ep)
-    assert got == expected and all(len(v) == 12 for name, v in got.items() if name != "gone")
+    assert got == expected and all(len(got[name]) == 12 for name in PROMPTS)
 
 
 def test_a_dead_rank_fails_the_engine_instead_of_hanging(checkpoints):

@@ -5,7 +5,8 @@ import pytest
 import torch
 import xgrammar as xgr
 
-from glmserve.engine.grammar import GrammarState, StructuredOutputManager, apply_token_bitmask
+from glmserve.engine.grammar import GrammarState, StructuredOutputManager
+from glmserve.engine.token_bitmask import apply_token_bitmask
 from glmserve.models import EMBEDDED_MODEL
 from glmserve.serving.protocol import ChatCompletionRequest, CompletionRequest
 from glmserve.serving.structured_output import (
