@@ -36,8 +36,8 @@ import xgrammar as xgr
 from glmserve.config import EngineConfig
 from glmserve.engine import model_runner
 from glmserve.engine.grammar import StructuredOutputManager
-from glmserve.engine.token_bitmask import apply_token_bitmask
 from glmserve.engine.llm_engine import LLMEngine
+from glmserve.engine.token_bitmask import apply_token_bitmask
 from glmserve.models import EMBEDDED_MODEL
 from glmserve.serving.structured_output import GrammarSpec, StructuredOutputCompiler
 from glmserve.serving.tokenizer import Tokenizer

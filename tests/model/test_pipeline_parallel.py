@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from test_tensor_parallel import PROMPTS, run_workload
+from test_tensor_parallel import PROMPTS, check_constrained, constrained_requests, run_workload
 
 from glmserve.config import EngineConfig, ModelConfig
 from glmserve.engine.pipeline import split_micro_batches
@@ -43,6 +43,7 @@ def _generate(directory: str, tp: int = 1, pp: int = 1, nnodes: int = 1, log: Pa
     from glmserve.engine.llm_engine import LLMEngine
     from glmserve.types import SamplingParams
 
+    constrained = constrained_requests(directory)
     address = f"127.0.0.1:{free_port()}"
     others = []
     for node in range(1, nnodes):  # the other nodes, launched as an operator would
@@ -57,7 +58,7 @@ def _generate(directory: str, tp: int = 1, pp: int = 1, nnodes: int = 1, log: Pa
     try:
         if tp * pp > 1:  # really several processes on this node
             assert len(engine.runner.workers) == tp * pp // nnodes - 1
-        out = run_workload(engine)
+        out = run_workload(engine, constrained)
         # a follow-up sharing a's first two blocks: a prefix-cache hit
         again = engine.add_request("a-again", PROMPTS["a"] + [7, 8, 9], SamplingParams(temperature=0.0, max_tokens=6,
                                                                                           ignore_eos=True))
@@ -70,6 +71,7 @@ def _generate(directory: str, tp: int = 1, pp: int = 1, nnodes: int = 1, log: Pa
         engine.close()
     for other in others:  # node 0's close stops every node
         assert other.wait(timeout=30) == 0
+    check_constrained(directory, out)
     return out
 
 

@@ -91,8 +91,9 @@ ALARM = {"type": "function", "function": {"name": "set_alarm", "parameters": {
                                      "mode": {"enum": ["soft", "loud"]}}, "required": ["hour", "mode"]}}}
 
 
-def _constrained_requests(directory: str) -> dict:
-    """name -> (prompt, params): a JSON schema greedy and seeded, and a named tool call in GLM-4.5's syntax."""
+def constrained_requests(directory: str) -> dict:
+    """name -> (prompt, params): a JSON schema greedy and seeded, and a named tool call in GLM-4.5's syntax.
+    Compiled before the engine starts: its other ranks wait for the first step only --step-timeout seconds."""
     from glmserve.serving.structured_output import GrammarSpec, StructuredOutputCompiler
     from glmserve.serving.tokenizer import Tokenizer
     from glmserve.serving.tool_grammar import tool_call_grammar
@@ -107,7 +108,7 @@ def _constrained_requests(directory: str) -> dict:
             "tool": (list(range(440, 460)), SamplingParams(temperature=0.0, max_tokens=80, grammar=alarm))}
 
 
-def _check_constrained(directory: str, out: dict[str, list[int]]) -> None:
+def check_constrained(directory: str, out: dict[str, list[int]]) -> None:
     """Each constrained output ended and validates: the JSON against its schema, the call against its tool's."""
     import json
 
@@ -126,9 +127,9 @@ def _check_constrained(directory: str, out: dict[str, list[int]]) -> None:
     jsonschema.validate(json.loads(calls[0]["function"]["arguments"]), ALARM["function"]["parameters"])
 
 
-def run_workload(engine) -> dict[str, list[int]]:
-    """Greedy requests (a, b), a seeded one (c), one aborted after 3 steps ("gone") and three held to grammars, run
-    to the end: each request's tokens (also the pipeline tests' workload). Constrained outputs validate."""
+def run_workload(engine, constrained: dict) -> dict[str, list[int]]:
+    """Greedy requests (a, b), a seeded one (c), one aborted after 3 steps ("gone") and the `constrained_requests`,
+    run to the end: each request's tokens (also the pipeline tests' workload)."""
     from glmserve.types import SamplingParams
 
     for name, prompt in PROMPTS.items():
@@ -137,7 +138,7 @@ def run_workload(engine) -> dict[str, list[int]]:
                                 ignore_eos=True)
         engine.add_request(name, prompt, params)
     engine.add_request("gone", list(range(50, 60)), SamplingParams(temperature=0.0, max_tokens=50))
-    for name, (prompt, params) in _constrained_requests(engine.config.model).items():
+    for name, (prompt, params) in constrained.items():
         engine.add_request(name, prompt, params)
     out: dict[str, list[int]] = {name: [] for name in PROMPTS}
     steps = 0
@@ -147,7 +148,6 @@ def run_workload(engine) -> dict[str, list[int]]:
         steps += 1
         if steps == 3:
             engine.abort(["gone"])
-    _check_constrained(engine.config.model, out)
     return out
 
 
@@ -155,17 +155,19 @@ def _generate(directory: str, tp: int, k: int, ep: bool = False) -> dict[str, li
     """Greedy and seeded requests through the whole engine, with chunked prefill, MTP drafts and an abort."""
     from glmserve.engine.llm_engine import LLMEngine
 
+    constrained = constrained_requests(directory)
     engine = LLMEngine(EngineConfig(model=directory, num_kv_blocks=64, max_num_batched_tokens=24,
                                     tensor_parallel_size=tp, enable_expert_parallel=ep,
                                     num_speculative_tokens=k), progress=False)
     try:
         if tp > 1:  # really several processes
             assert len(engine.runner.workers) == tp - 1 and all(w.is_alive() for w in engine.runner.workers)
-        out = run_workload(engine)
+        out = run_workload(engine, constrained)
         assert engine.kv_cache.num_free_blocks == engine.kv_cache.num_blocks  # nothing leaked on any path
-        return out
     finally:
         engine.close()
+    check_constrained(directory, out)
+    return out
 
 
 @pytest.mark.parametrize("k,ep", [(0, False), (2, False), (2, True)])
