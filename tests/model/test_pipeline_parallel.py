@@ -88,7 +88,8 @@ def expected(checkpoints):
 def test_parallel_engines_generate_what_one_process_does(checkpoints, expected, tmp_path, tp, pp, nnodes,
                                                          micro_batch):
     """Rank 0 broadcasts every step to the whole world; pipeline stages pass micro-batches' hidden states on, the
-    last stage samples and drafts. Greedy and seeded tokens equal one process's."""
+    last stage samples (with rank 0's grammar bitmask) and drafts. Greedy, seeded and constrained tokens equal one
+    process's."""
     torch.set_num_threads(1)
     got = _generate(str(checkpoints("glm45")), tp, pp, nnodes, tmp_path / "node1.log", micro_batch)
     assert got == expected

@@ -1,4 +1,5 @@
-"""Tensor parallelism on torch.distributed (gloo, 2 CPU processes): the sharded model's logits equal tp=1's."""
+"""Tensor parallelism on torch.distributed (gloo, 2 CPU processes): the sharded model's logits equal tp=1's, and the
+engine's tokens, structured output included, equal one process's."""
 
 import pytest
 import torch
@@ -173,7 +174,8 @@ def _generate(directory: str, tp: int, k: int, ep: bool = False) -> dict[str, li
 @pytest.mark.parametrize("k,ep", [(0, False), (2, False), (2, True)])
 def test_tp2_engine_generates_what_tp1_does(checkpoints, k, ep):
     """The engine's own tensor parallelism (rank 0 starts rank 1 and broadcasts every step): the same greedy and
-    seeded tokens as one process, through chunked prefill, MTP drafts (k=2) and an abort."""
+    seeded tokens as one process, through chunked prefill, MTP drafts (k=2), an abort and requests held to grammars
+    (rank 0's matchers fill the bitmask every rank applies)."""
     directory = str(checkpoints("glm45"))
     torch.set_num_threads(2)
     expected = _generate(directory, tp=1, k=k)
