@@ -34,8 +34,10 @@ import torch
 import xgrammar as xgr
 
 from glmserve.config import EngineConfig
-from glmserve.engine.grammar import StructuredOutputManager, apply_token_bitmask
+from glmserve.engine import model_runner
+from glmserve.engine.grammar import StructuredOutputManager
 from glmserve.engine.llm_engine import LLMEngine
+from glmserve.engine.token_bitmask import apply_token_bitmask
 from glmserve.models import EMBEDDED_MODEL
 from glmserve.serving.structured_output import GrammarSpec, StructuredOutputCompiler
 from glmserve.serving.tokenizer import Tokenizer
@@ -148,28 +150,32 @@ def mask_costs(tokenizer, vocab_size: int) -> dict:
 
 
 class TimedManager(StructuredOutputManager):
-    """The runner's grammar work (bitmask fill and apply, matcher advance), timed per step."""
+    """The engine's grammar work (bitmask fill, the runner's apply, matcher advance), timed per step."""
 
     def __init__(self):
         super().__init__()
         self.seconds = 0.0
+        apply = model_runner.apply_token_bitmask
+        model_runner.apply_token_bitmask = lambda *args: self._timed(apply, *args)
 
-    def apply(self, *args):
+    def _timed(self, fn, *args):
         start = time.perf_counter()
-        super().apply(*args)
+        result = fn(*args)
         self.seconds += time.perf_counter() - start
+        return result
+
+    def step_bitmask(self, *args):
+        return self._timed(super().step_bitmask, *args)
 
     def accept(self, *args):
-        start = time.perf_counter()
-        super().accept(*args)
-        self.seconds += time.perf_counter() - start
+        self._timed(super().accept, *args)
 
 
 def step_times(reps: int) -> dict:
     """The two configurations alternate, `reps` times each; a step is counted when the whole batch decodes."""
     tokenizer = Tokenizer(EMBEDDED_MODEL)
     engine = LLMEngine(EngineConfig(model=str(EMBEDDED_MODEL), num_kv_blocks=1024), progress=False)
-    manager = engine.runner.structured_output = TimedManager()
+    manager = engine.structured_output = TimedManager()
     compiler = StructuredOutputCompiler(tokenizer)
     vocab = engine.model_config.vocab_size
     constraints = [compiler.compile_now(GrammarSpec("json_schema", s, "bench"), vocab) for s in JSON_SCHEMAS[:8]]

@@ -425,7 +425,7 @@ def _data_parallel_engine(parser: argparse.ArgumentParser, args, config, load_en
     if processes > cores:
         parser.error(f"--data-parallel-size {dp} x {ranks} ranks (--tensor-parallel-size x --pipeline-parallel-size)"
                      f" needs {processes} processes, one CPU core each at least, but {cores} cores are available")
-    return DataParallelEngine(load_engine, dp, ranks, config.step_timeout)
+    return DataParallelEngine(load_engine, dp, config.step_timeout)
 
 
 def _serving_limits(parser: argparse.ArgumentParser, args):

@@ -47,6 +47,12 @@ class GrammarConstraint:
     start_token_id: int | None = None
     description: str = ""  # what it was compiled from, for logs (e.g. "json_schema", "tool_calls(required)")
 
+    def __reduce__(self):
+        # Pickled without the compiled grammar (an xgrammar object, which does not pickle): tensor- and pipeline-
+        # parallel ranks get each step's requests pickled, but only rank 0's engine matches grammars and sends them
+        # the step's bitmask. A data-parallel replica gets the grammar serialized (engine/grammar.py).
+        return GrammarConstraint, (None, self.start_token_id, self.description)
+
 
 @dataclass(frozen=True, slots=True)
 class LoRARequest:
@@ -208,6 +214,9 @@ class SchedulerOutput:
 
     chunks: list[ScheduledChunk] = field(default_factory=list)
     preempted_request_ids: list[str] = field(default_factory=list)
+    # Structured output: (int32 token bitmask, rows it constrains) over the step's sampled rows, filled by the
+    # engine's grammar matchers (engine/grammar.py); the runner on every rank that samples applies it.
+    grammar_bitmask: Any = None
 
     @property
     def num_batched_tokens(self) -> int:

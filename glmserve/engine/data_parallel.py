@@ -99,6 +99,7 @@ def _replica_main(index: int, engine_factory: Callable[[], LLMEngine], threads: 
 
 def _serve(index: int, engine: LLMEngine, commands, results) -> None:
     parent = mp.parent_process()
+    grammars = None  # a GrammarReceiver, made for the first constrained request
     num_steps = 0
     interval = engine.keep_alive_interval  # None unless tensor parallel
     last_ping = time.monotonic()
@@ -119,7 +120,13 @@ def _serve(index: int, engine: LLMEngine, commands, results) -> None:
         refused: list[EngineOutput] = []
         for command in batch:
             if command[0] == "add":
-                error = add_all_or_none(engine, command[1])
+                requests = command[1]
+                if any(r.params.grammar is not None for r in requests):
+                    if grammars is None:
+                        from glmserve.engine.grammar import GrammarReceiver  # imports xgrammar: only when needed
+                        grammars = GrammarReceiver()
+                    requests = [_with_grammar_restored(r, grammars) for r in requests]
+                error = add_all_or_none(engine, requests)
                 if error is not None:  # checked by the front already; only the scheduler's capacity check is left
                     logger.warning("data-parallel replica %d refused a request: %s", index, error)
                     refused += [EngineOutput(r.request_id, [], True, "abort") for r in command[1]]
@@ -138,17 +145,24 @@ def _serve(index: int, engine: LLMEngine, commands, results) -> None:
     engine.close()
 
 
+def _with_grammar_restored(request: EngineRequest, grammars) -> EngineRequest:
+    """The request with its serialized grammar (DataParallelEngine.add_request) compiled again, by a GrammarReceiver."""
+    if request.params.grammar is None:
+        return request
+    params = dataclasses.replace(request.params, grammar=grammars.restore(request.params.grammar))
+    return dataclasses.replace(request, params=params)
+
+
 class DataParallelEngine:
     """What `AsyncEngineClient` needs of an engine (add_request, abort, step, stats, ...) over N replica processes.
 
     `start` (the client's engine factory) spawns the replicas and returns once all have loaded.
     """
 
-    def __init__(self, engine_factory: Callable[[], LLMEngine], size: int, model_parallel_ranks: int = 1,
-                 step_timeout: float = 30.0, router_options: RouterOptions = RouterOptions()):
+    def __init__(self, engine_factory: Callable[[], LLMEngine], size: int, step_timeout: float = 30.0,
+                 router_options: RouterOptions = RouterOptions()):
         self._factory = engine_factory
         self.size = size
-        self._model_parallel_ranks = model_parallel_ranks
         self._step_timeout = step_timeout
         self._router_options = router_options
         self._processes: list = []
@@ -227,10 +241,10 @@ class DataParallelEngine:
     # ---- the engine interface ---------------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        check_request(prompt_token_ids, params, self.model_config.vocab_size, self.max_model_len,
-                      self._model_parallel_ranks)
-        if params.grammar is not None:  # a compiled grammar does not pickle (as with tensor parallelism)
-            raise ParamError("structured output is not supported with --data-parallel-size > 1")
+        check_request(prompt_token_ids, params, self.model_config.vocab_size, self.max_model_len)
+        if params.grammar is not None:  # the replica matches it itself; a compiled grammar travels serialized
+            from glmserve.engine.grammar import SerializedGrammar
+            params = dataclasses.replace(params, grammar=SerializedGrammar.of(params.grammar))
         if request_id in self._owner:
             raise ParamError(f"duplicate request id {request_id!r}")
         replica = self.router.route(prompt_token_ids)

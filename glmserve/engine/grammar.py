@@ -1,43 +1,36 @@
 """Structured output in the engine: each constrained request's grammar matcher, and its rows' token bitmask.
 
 The grammar arrives compiled (serving/structured_output.py compiles it off the engine's step) inside the request's
-`SamplingParams.grammar`. The runner keeps one `GrammarState` per constrained request (vLLM v1 keeps its matchers
-beside the persistent batch the same way) and, each step:
+`SamplingParams.grammar`. The engine keeps one `GrammarState` per constrained request beside its scheduler, as
+vLLM v1 does (its scheduler's StructuredOutputManager), and, each step:
 
 - fills one bitmask row per sampled position of a constrained request: for speculative verification, row j is
   the mask after the request's drafts[:j], found by advancing the matcher over the drafts and rolling it back.
   A draft the grammar forbids is masked out of its own row, so the rejection sampler rejects it (greedy: the
   masked argmax differs; random: its probability is 0); rows after it are discarded anyway and stay unmasked;
-- applies the mask to the constrained rows of the logits, before the sampler, so the sampler, its greedy fast
-  path and its logprobs (as in vLLM: masked tokens report -inf) need no change;
-- advances each matcher by the tokens the step kept.
+- sends the bitmask with the step (`SchedulerOutput.grammar_bitmask`): every rank that samples (one process; every
+  tensor-parallel rank; the last pipeline stage's ranks) applies it to the constrained rows of the logits before
+  the sampler, so all sample the same tokens, and the sampler, its greedy fast path and its logprobs (as in vLLM:
+  masked tokens report -inf) need no change;
+- advances each matcher by the tokens the step kept (rank 0 gets them in the step's result).
 
+Only rank 0 holds matchers, so a compiled grammar never travels to the other ranks. A data-parallel replica is an
+engine of its own: the front sends it the grammar serialized (`SerializedGrammar`), and it matches it itself.
 Unconstrained rows cost one attribute test each; an engine that never sees a grammar never imports xgrammar.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 import xgrammar as xgr
 
-from glmserve.types import GrammarConstraint, Request
+from glmserve.engine.token_bitmask import BITS
+from glmserve.types import GrammarConstraint, Request, SchedulerOutput, StepOutput
 
 logger = logging.getLogger(__name__)
-
-_BITS = 32  # xgrammar's bitmask: int32 words, bit b of word w allows token 32 * w + b
-
-
-def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
-    """Set the logits of every token whose bit is 0 to -inf, on the given rows, in place. Plain torch: on this
-    CPU it is twice as fast as xgrammar's native kernel for a 151,552-token vocabulary (BENCHMARKS.md), and it
-    runs on any device (xgrammar's GPU path needs triton)."""
-    shifts = torch.arange(_BITS, dtype=torch.int32)
-    allowed = ((bitmask[rows].unsqueeze(-1) >> shifts) & 1).bool().flatten(1)[:, : logits.shape[-1]]
-    index = torch.tensor(rows, device=logits.device)
-    logits[index] = logits[index].masked_fill(~allowed.to(logits.device), float("-inf"))
-
 
 class GrammarState:
     """One request's matcher. With a start token (`</think>`), output before it (and the token itself) is free;
@@ -114,7 +107,7 @@ class StructuredOutputManager:
         for d in drafts:
             starts.append(num_rows)
             num_rows += len(d) + 1
-        bitmask = torch.full((num_rows, (vocab_size + _BITS - 1) // _BITS), -1, dtype=torch.int32)
+        bitmask = torch.full((num_rows, (vocab_size + BITS - 1) // BITS), -1, dtype=torch.int32)
         rows = []
         for i in constrained:
             state = self._state(requests[i])
@@ -128,11 +121,17 @@ class StructuredOutputManager:
             state.rollback(fed)
         return (bitmask, rows) if rows else None
 
-    def apply(self, logits: torch.Tensor, requests: list[Request], drafts: list[list[int]]) -> None:
-        """Mask the constrained rows of a step's logits in place (row layout as in `bitmask`)."""
-        mask = self.bitmask(requests, drafts, logits.shape[-1])
-        if mask is not None:
-            apply_token_bitmask(logits, *mask)
+    def step_bitmask(self, scheduler_output: SchedulerOutput,
+                     vocab_size: int) -> tuple[torch.Tensor, list[int]] | None:
+        """`bitmask` over a step's sampling chunks, in the runner's row order (model_runner.py)."""
+        sampling = [c for c in scheduler_output.chunks if c.sample]
+        return self.bitmask([c.request for c in sampling], [c.draft_token_ids for c in sampling], vocab_size)
+
+    def accept_step(self, scheduler_output: SchedulerOutput, step_output: StepOutput) -> None:
+        """`accept` the tokens a step sampled for its sampling chunks."""
+        kept = [(c.request, tokens) for c, tokens in zip(scheduler_output.chunks, step_output.sampled_token_ids)
+                if c.sample]
+        self.accept([r for r, _ in kept], [tokens for _, tokens in kept])
 
     def accept(self, requests: list[Request], sampled: list[list[int]]) -> None:
         """Advance the constrained requests' matchers by the tokens the step kept for them."""
@@ -151,3 +150,34 @@ class StructuredOutputManager:
     def remove(self, request_id: str) -> None:
         self.states.pop(request_id, None)
 
+
+
+@dataclass(frozen=True, slots=True)
+class SerializedGrammar:
+    """A compiled grammar on its way to a data-parallel replica (an xgrammar object does not pickle): xgrammar's
+    JSON of it and of the vocabulary it was compiled for."""
+
+    grammar_json: str
+    vocab_json: str
+    start_token_id: int | None
+    description: str
+
+    @classmethod
+    def of(cls, constraint: GrammarConstraint) -> SerializedGrammar:
+        compiled = constraint.compiled
+        return cls(compiled.serialize_json(), compiled.tokenizer_info.serialize_json(), constraint.start_token_id,
+                   constraint.description)
+
+
+class GrammarReceiver:
+    """A replica's side: each vocabulary deserialized once (a server has one), the grammars against it."""
+
+    def __init__(self) -> None:
+        self._vocabs: dict[str, xgr.TokenizerInfo] = {}
+
+    def restore(self, sent: SerializedGrammar) -> GrammarConstraint:
+        vocab = self._vocabs.get(sent.vocab_json)
+        if vocab is None:
+            vocab = self._vocabs[sent.vocab_json] = xgr.TokenizerInfo.deserialize_json(sent.vocab_json)
+        return GrammarConstraint(xgr.CompiledGrammar.deserialize_json(sent.grammar_json, vocab), sent.start_token_id,
+                                 sent.description)

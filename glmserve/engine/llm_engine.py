@@ -11,13 +11,20 @@ from glmserve.engine.lora_registry import LoRARegistry
 from glmserve.engine.model_runner import ModelRunner
 from glmserve.engine.scheduler import Scheduler
 from glmserve.engine.tensor_parallel import TensorParallelRunner
-from glmserve.types import AdapterError, EngineOutput, LoRARequest, ParamError, Request, SamplingParams
+from glmserve.types import (
+    AdapterError,
+    EngineOutput,
+    LoRARequest,
+    ParamError,
+    Request,
+    SamplingParams,
+    SchedulerOutput,
+)
 
 logger = logging.getLogger(__name__)
 
 
-def check_request(prompt_token_ids: list[int], params: SamplingParams, vocab_size: int, max_model_len: int,
-                  model_parallel_ranks: int = 1) -> None:
+def check_request(prompt_token_ids: list[int], params: SamplingParams, vocab_size: int, max_model_len: int) -> None:
     """Raise ParamError for a request no engine could take (also checked by the data-parallel front, before it
     picks a replica: engine/data_parallel.py)."""
     if not prompt_token_ids:
@@ -26,10 +33,6 @@ def check_request(prompt_token_ids: list[int], params: SamplingParams, vocab_siz
         raise ParamError(f"Prompt token ids must be in [0, {vocab_size}).", "prompt")
     if any(t >= vocab_size for t in params.stop_token_ids):
         raise ParamError(f"stop_token_ids must be in [0, {vocab_size}).", "stop_token_ids")
-    if params.grammar is not None and model_parallel_ranks > 1:
-        # The other ranks would need the compiled grammar, which does not pickle; not built yet.
-        raise ParamError("structured output is not supported with --tensor-parallel-size or "
-                         "--pipeline-parallel-size > 1")
     if len(prompt_token_ids) >= max_model_len:
         raise ParamError(
             f"This model's maximum context length is {max_model_len} tokens. However, your request has "
@@ -65,6 +68,9 @@ class LLMEngine:
                 self.loras.add(name, path)
             except AdapterError as e:
                 raise ConfigError(f"--lora-modules {name}={path}: {e}") from None
+        # Structured output's matchers (engine/grammar.py), beside the scheduler as in vLLM: made for the first
+        # constrained request. With several ranks only this one (rank 0) holds them; the step carries the bitmask.
+        self.structured_output = None
 
     def _max_model_len(self, positions: int) -> int:
         """--max-model-len, or what the model and the KV pool allow. One sequence must always fit in the pool, or
@@ -87,8 +93,7 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
         """Queue a request; invalid input raises ParamError before it reaches the scheduler."""
-        check_request(prompt_token_ids, params, self.model_config.vocab_size, self.max_model_len,
-                      self.config.tensor_parallel_size * self.config.pipeline_parallel_size)
+        check_request(prompt_token_ids, params, self.model_config.vocab_size, self.max_model_len)
         self.loras.check(params.lora_request)
         request = Request(request_id, list(prompt_token_ids), params, eos_token_ids=self.eos_token_ids,
                           max_model_len=self.max_model_len)
@@ -105,7 +110,12 @@ class LLMEngine:
 
     def abort(self, request_ids: Iterable[str]) -> None:
         for request in self.scheduler.abort_requests(list(request_ids)):
-            self.runner.release(request.request_id)
+            self._release(request.request_id)
+
+    def _release(self, request_id: str) -> None:
+        self.runner.release(request_id)
+        if self.structured_output is not None:
+            self.structured_output.remove(request_id)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
@@ -129,9 +139,23 @@ class LLMEngine:
         scheduler_output = self.scheduler.schedule()
         if scheduler_output.is_empty:
             return []
+        grammars = self._structured_output(scheduler_output)
+        if grammars is not None:
+            scheduler_output.grammar_bitmask = grammars.step_bitmask(scheduler_output, self.model_config.vocab_size)
         step_output = self.runner.execute(scheduler_output)
+        if grammars is not None:
+            grammars.accept_step(scheduler_output, step_output)
         outputs = self.scheduler.update_from_output(scheduler_output, step_output)
         for out in outputs:
             if out.finished:
-                self.runner.release(out.request_id)
+                self._release(out.request_id)
         return outputs
+
+    def _structured_output(self, scheduler_output: SchedulerOutput):
+        """The grammar matchers, once a constrained request has been scheduled (None before)."""
+        if self.structured_output is None and any(c.request.sampling_params.grammar is not None
+                                                  for c in scheduler_output.chunks):
+            # Imported here: xgrammar (and the transformers it imports) loads only once a request needs it.
+            from glmserve.engine.grammar import StructuredOutputManager
+            self.structured_output = StructuredOutputManager()
+        return self.structured_output

@@ -24,6 +24,7 @@ from glmserve.engine.mtp_proposer import MTPProposer
 from glmserve.engine.pipeline import PipelineStage
 from glmserve.engine.rejection_sampler import RejectionSampler
 from glmserve.engine.sampler import Sampler, SamplingBatch
+from glmserve.engine.token_bitmask import apply_token_bitmask
 from glmserve.layers.attention import (
     AttentionMetadata,
     PagedKVCache,
@@ -107,7 +108,6 @@ class ModelRunner:
                          if self.parallel.pp_size > 1 else None)
         self.sampler = Sampler()
         self.rejection_sampler = RejectionSampler(self.sampler)
-        self.structured_output = None  # a StructuredOutputManager, made for the first constrained request
 
     def _quant_method(self) -> QuantMethod:
         """--quantization's method. Without it an FP8 checkpoint is held as it is stored on CPU with fp32 compute:
@@ -196,10 +196,11 @@ class ModelRunner:
                 return self._step_from_last_stage() if self.parallel.rank == 0 else None
 
         sampling = [i for i, c in enumerate(chunks) if c.sample]
+        mask = scheduler_output.grammar_bitmask
         if any(c.draft_token_ids for c in chunks):
-            sampled, logprobs = self._verify(chunks, sampling, last_known, hidden)
+            sampled, logprobs = self._verify(chunks, sampling, last_known, hidden, mask)
         else:
-            sampled, logprobs = self._sample(chunks, sampling, last_known, hidden)
+            sampled, logprobs = self._sample(chunks, sampling, last_known, hidden, mask)
         drafts = None
         if self.proposer is not None:
             drafts = self._propose(chunks, sampled, last_known, hidden, pos, meta)
@@ -213,7 +214,7 @@ class ModelRunner:
         return self.parallel.recv_object(last_stage_first_rank, self.config.step_timeout)
 
     def _sample(self, chunks: list[ScheduledChunk], sampling: list[int], last_known: list[int],
-                hidden: torch.Tensor) -> tuple[list[list[int]], list | None]:
+                hidden: torch.Tensor, mask) -> tuple[list[list[int]], list | None]:
         sampled: list[list[int]] = [[] for _ in chunks]
         logprobs: list | None = None
         if not sampling:
@@ -221,13 +222,11 @@ class ModelRunner:
         rows = torch.tensor([last_known[i] for i in sampling], device=self.device)
         logits = self.model.compute_logits(hidden.index_select(0, rows))
         requests = [chunks[i].request for i in sampling]
-        self._apply_grammars(logits, requests, [[] for _ in sampling])
+        _apply_grammar_bitmask(logits, mask)
         batch = SamplingBatch.build(requests, logits.shape[-1], self.device)
         out = self.sampler(logits, batch)
         for i, token in zip(sampling, out.token_ids.tolist()):
             sampled[i] = [token]
-        if self.structured_output is not None:
-            self.structured_output.accept(requests, [sampled[i] for i in sampling])
         if out.logprobs is not None:
             logprobs = [None] * len(chunks)
             for i, lp in zip(sampling, out.logprobs):
@@ -235,7 +234,7 @@ class ModelRunner:
         return sampled, logprobs
 
     def _verify(self, chunks: list[ScheduledChunk], sampling: list[int], last_known: list[int],
-                hidden: torch.Tensor) -> tuple[list[list[int]], list | None]:
+                hidden: torch.Tensor, mask) -> tuple[list[list[int]], list | None]:
         """Score each sampling chunk's last known token and its drafts, and keep what the rejection sampler
         accepts plus one more token."""
         requests, prefixes, draft_ids, rows, row_index = [], [], [], [], []
@@ -249,8 +248,7 @@ class ModelRunner:
                 draft_ids.append(drafts[j] if j < len(drafts) else -1)
                 rows.append(last_known[i] + j)
         logits = self.model.compute_logits(hidden.index_select(0, torch.tensor(rows, device=self.device)))
-        sampling_requests = [chunks[i].request for i in sampling]
-        self._apply_grammars(logits, sampling_requests, [chunks[i].draft_token_ids for i in sampling])
+        _apply_grammar_bitmask(logits, mask)
         batch = SamplingBatch.build(requests, logits.shape[-1], self.device, draft_prefixes=prefixes)
         out = self.rejection_sampler(logits, batch, torch.tensor(draft_ids, device=self.device),
                                      torch.tensor(row_index, device=self.device))
@@ -261,19 +259,7 @@ class ModelRunner:
             sampled[i] = token_ids[first : first + n]
             if logprobs is not None and out.logprobs[first] is not None:
                 logprobs[i] = out.logprobs[first : first + n]
-        if self.structured_output is not None:
-            self.structured_output.accept(sampling_requests, [sampled[i] for i in sampling])
         return sampled, logprobs
-
-    def _apply_grammars(self, logits: torch.Tensor, requests: list, drafts: list[list[int]]) -> None:
-        """Mask the logits rows of requests held to a grammar (engine/grammar.py has the row layout)."""
-        if self.structured_output is None:
-            if all(r.sampling_params.grammar is None for r in requests):
-                return
-            # Imported here: xgrammar (and the transformers it imports) loads only once a request needs it.
-            from glmserve.engine.grammar import StructuredOutputManager
-            self.structured_output = StructuredOutputManager()
-        self.structured_output.apply(logits, requests, drafts)
 
     def _propose(self, chunks: list[ScheduledChunk], sampled: list[list[int]], last_known: list[int],
                  hidden: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> list[list[int]]:
@@ -296,7 +282,12 @@ class ModelRunner:
         return [next(drafts) if chunk.sample else [] for chunk in chunks]
 
     def release(self, request_id: str) -> None:
-        """Forget per-request state (seeded generators, grammar matcher) of a finished request."""
+        """Forget per-request state (seeded generators) of a finished request."""
         self.sampler.remove(request_id)
-        if self.structured_output is not None:
-            self.structured_output.remove(request_id)
+
+
+def _apply_grammar_bitmask(logits: torch.Tensor, mask) -> None:
+    """Mask the logits rows of requests held to a grammar with the step's bitmask (engine/grammar.py fills it on
+    rank 0, in the row order of `_sample` and `_verify`)."""
+    if mask is not None:
+        apply_token_bitmask(logits, *mask)

@@ -9,6 +9,7 @@ import signal
 import time
 
 import pytest
+from test_tensor_parallel import check_constrained, constrained_requests
 
 from glmserve.config import EngineConfig
 from glmserve.engine.data_parallel import DataParallelEngine
@@ -32,15 +33,20 @@ def _params(i: int) -> SamplingParams:
     return SamplingParams(temperature=0.9, seed=i, max_tokens=12, ignore_eos=True) if i % 3 == 2 else GREEDY
 
 
-def _single_engine_tokens(config: EngineConfig, prompts: list[list[int]]) -> list[list[int]]:
+def _requests(prompts: list[list[int]], constrained: dict) -> list[tuple[list[int], SamplingParams]]:
+    """The prompts with `_params`, then the requests held to grammars (test_tensor_parallel.constrained_requests)."""
+    return [(p, _params(i)) for i, p in enumerate(prompts)] + list(constrained.values())
+
+
+def _single_engine_tokens(config: EngineConfig, requests: list[tuple[list[int], SamplingParams]]) -> list[list[int]]:
     engine = LLMEngine(config, progress=False)
-    for i, prompt in enumerate(prompts):
-        engine.add_request(str(i), prompt, _params(i))
-    tokens: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
+    for i, (prompt, params) in enumerate(requests):
+        engine.add_request(str(i), prompt, params)
+    tokens: dict[str, list[int]] = {str(i): [] for i in range(len(requests))}
     while engine.has_unfinished_requests():
         for output in engine.step():
             tokens[output.request_id] += output.new_token_ids
-    return [tokens[str(i)] for i in range(len(prompts))]
+    return [tokens[str(i)] for i in range(len(requests))]
 
 
 async def _generate(client: AsyncEngineClient, request_id: str, prompt: list[int],
@@ -67,20 +73,23 @@ async def _with_client(dp: DataParallelEngine, body):
 
 
 def test_dp2_greedy_and_seeded_tokens_equal_one_engine_and_requests_spread(checkpoints):
+    """Also for requests held to grammars: each replica matches its own (the front sends them serialized)."""
     directory = checkpoints("glm45")
-    prompts = _prompts()
-    expected = _single_engine_tokens(_config(directory), prompts)
+    constrained = constrained_requests(str(directory))
+    requests = _requests(_prompts(), constrained)
+    expected = _single_engine_tokens(_config(directory), requests)
     dp = _dp_engine(directory)
 
     async def body(client):
-        got = await asyncio.gather(*(_generate(client, str(i), p, _params(i)) for i, p in enumerate(prompts)))
+        got = await asyncio.gather(*(_generate(client, str(i), *r) for i, r in enumerate(requests)))
         with pytest.raises(ParamError):  # checked before a replica is chosen, as the engine checks it
             await client.add_request("bad", [10**9], GREEDY)
         return got
 
     got = asyncio.run(_with_client(dp, body))
     assert got == expected
-    assert sorted(dp.router.routed) == [3, 3]  # all at once: the loads alternate
+    check_constrained(str(directory), dict(zip(constrained, got[-len(constrained):])))
+    assert sorted(dp.router.routed) == [4, 5]  # all at once: the loads alternate
     assert all(s.num_steps > 0 for s in dp.replica_stats())
     assert dp.router.loads == [0, 0]
 
@@ -88,13 +97,13 @@ def test_dp2_greedy_and_seeded_tokens_equal_one_engine_and_requests_spread(check
 def test_tensor_parallel_replicas_give_the_same_tokens(checkpoints):
     """dp 2 x tp 2: four processes, each replica starting its own rank."""
     directory = checkpoints("glm45")
-    prompts = _prompts()[:4]
-    expected = _single_engine_tokens(_config(directory), prompts)
+    requests = _requests(_prompts()[:3], {"json": constrained_requests(str(directory))["json"]})
+    expected = _single_engine_tokens(_config(directory), requests)
     config = dataclasses.replace(_config(directory), tensor_parallel_size=2)
-    dp = DataParallelEngine(functools.partial(LLMEngine, config, progress=False), 2, model_parallel_ranks=2)
+    dp = DataParallelEngine(functools.partial(LLMEngine, config, progress=False), 2)
 
     async def body(client):
-        return await asyncio.gather(*(_generate(client, str(i), p, _params(i)) for i, p in enumerate(prompts)))
+        return await asyncio.gather(*(_generate(client, str(i), *r) for i, r in enumerate(requests)))
 
     assert asyncio.run(_with_client(dp, body)) == expected
     assert dp.router.routed == [2, 2]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from test_tensor_parallel import PROMPTS, run_workload
+from test_tensor_parallel import PROMPTS, check_constrained, constrained_requests, run_workload
 
 from glmserve.config import EngineConfig, ModelConfig
 from glmserve.engine.pipeline import split_micro_batches
@@ -43,6 +43,7 @@ def _generate(directory: str, tp: int = 1, pp: int = 1, nnodes: int = 1, log: Pa
     from glmserve.engine.llm_engine import LLMEngine
     from glmserve.types import SamplingParams
 
+    constrained = constrained_requests(directory)
     address = f"127.0.0.1:{free_port()}"
     others = []
     for node in range(1, nnodes):  # the other nodes, launched as an operator would
@@ -57,7 +58,7 @@ def _generate(directory: str, tp: int = 1, pp: int = 1, nnodes: int = 1, log: Pa
     try:
         if tp * pp > 1:  # really several processes on this node
             assert len(engine.runner.workers) == tp * pp // nnodes - 1
-        out = run_workload(engine)
+        out = run_workload(engine, constrained)
         # a follow-up sharing a's first two blocks: a prefix-cache hit
         again = engine.add_request("a-again", PROMPTS["a"] + [7, 8, 9], SamplingParams(temperature=0.0, max_tokens=6,
                                                                                           ignore_eos=True))
@@ -70,6 +71,7 @@ def _generate(directory: str, tp: int = 1, pp: int = 1, nnodes: int = 1, log: Pa
         engine.close()
     for other in others:  # node 0's close stops every node
         assert other.wait(timeout=30) == 0
+    check_constrained(directory, out)
     return out
 
 
@@ -86,11 +88,12 @@ def expected(checkpoints):
 def test_parallel_engines_generate_what_one_process_does(checkpoints, expected, tmp_path, tp, pp, nnodes,
                                                          micro_batch):
     """Rank 0 broadcasts every step to the whole world; pipeline stages pass micro-batches' hidden states on, the
-    last stage samples and drafts. Greedy and seeded tokens equal one process's."""
+    last stage samples (with rank 0's grammar bitmask) and drafts. Greedy, seeded and constrained tokens equal one
+    process's."""
     torch.set_num_threads(1)
     got = _generate(str(checkpoints("glm45")), tp, pp, nnodes, tmp_path / "node1.log", micro_batch)
     assert got == expected
-    assert all(len(v) == 12 for name, v in got.items() if name not in ("gone", "a-again"))
+    assert all(len(got[name]) == 12 for name in PROMPTS)
 
 
 def _stage_report(rank: int, directory: str, address: str, tp: int, pp: int, results) -> None:

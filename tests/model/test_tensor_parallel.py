@@ -1,4 +1,5 @@
-"""Tensor parallelism on torch.distributed (gloo, 2 CPU processes): the sharded model's logits equal tp=1's."""
+"""Tensor parallelism on torch.distributed (gloo, 2 CPU processes): the sharded model's logits equal tp=1's, and the
+engine's tokens, structured output included, equal one process's."""
 
 import pytest
 import torch
@@ -82,11 +83,54 @@ def _tp2_logits(directory: str, ep: bool, quantization: str | None = None) -> li
 
 
 PROMPTS = {"a": list(range(5, 40)), "b": list(range(100, 109)), "c": list(range(300, 350))}
+# Held to grammars whose every output ends (no free strings: random weights would not end one).
+RECORD = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99},
+                                           "ok": {"type": "boolean"}, "tone": {"enum": ["red", "green", "blue"]}},
+          "required": ["n", "ok", "tone"]}
+ALARM = {"type": "function", "function": {"name": "set_alarm", "parameters": {
+    "type": "object", "properties": {"hour": {"type": "integer", "minimum": 0, "maximum": 23},
+                                     "mode": {"enum": ["soft", "loud"]}}, "required": ["hour", "mode"]}}}
 
 
-def run_workload(engine) -> dict[str, list[int]]:
-    """Greedy requests (a, b), a seeded one (c) and one aborted after 3 steps ("gone"), run to the end: each
-    request's tokens (also the pipeline tests' workload)."""
+def constrained_requests(directory: str) -> dict:
+    """name -> (prompt, params): a JSON schema greedy and seeded, and a named tool call in GLM-4.5's syntax.
+    Compiled before the engine starts: its other ranks wait for the first step only --step-timeout seconds."""
+    from glmserve.serving.structured_output import GrammarSpec, StructuredOutputCompiler
+    from glmserve.serving.tokenizer import Tokenizer
+    from glmserve.serving.tool_grammar import tool_call_grammar
+    from glmserve.types import SamplingParams
+
+    compiler, vocab = StructuredOutputCompiler(Tokenizer(directory)), ModelConfig.from_pretrained(directory).vocab_size
+    record = compiler.compile_now(GrammarSpec("json_schema", RECORD, "t"), vocab)
+    alarm = compiler.compile_now(tool_call_grammar([ALARM], "set_alarm", False, parallel=False), vocab)
+    return {"json": (list(range(400, 420)), SamplingParams(temperature=0.0, max_tokens=80, grammar=record)),
+            "json-seeded": (list(range(420, 433)), SamplingParams(temperature=1.0, seed=3, max_tokens=80,
+                                                                  grammar=record)),
+            "tool": (list(range(440, 460)), SamplingParams(temperature=0.0, max_tokens=80, grammar=alarm))}
+
+
+def check_constrained(directory: str, out: dict[str, list[int]]) -> None:
+    """Each constrained output ended and validates: the JSON against its schema, the call against its tool's."""
+    import json
+
+    import jsonschema
+
+    from glmserve.serving.parsers.glm45_tools import parse_tool_calls
+    from glmserve.serving.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(directory)
+    for name in ("json", "json-seeded", "tool"):
+        assert len(out[name]) < 80, (name, out[name])  # ended on a stop token the grammar allowed
+    for name in ("json", "json-seeded"):
+        jsonschema.validate(json.loads(tokenizer.decode(out[name][:-1])), RECORD)
+    _, calls = parse_tool_calls("<tool_call>set_alarm\n" + tokenizer.decode(out["tool"][:-1]), [ALARM])
+    assert [c["function"]["name"] for c in calls] == ["set_alarm"]
+    jsonschema.validate(json.loads(calls[0]["function"]["arguments"]), ALARM["function"]["parameters"])
+
+
+def run_workload(engine, constrained: dict) -> dict[str, list[int]]:
+    """Greedy requests (a, b), a seeded one (c), one aborted after 3 steps ("gone") and the `constrained_requests`,
+    run to the end: each request's tokens (also the pipeline tests' workload)."""
     from glmserve.types import SamplingParams
 
     for name, prompt in PROMPTS.items():
@@ -95,6 +139,8 @@ def run_workload(engine) -> dict[str, list[int]]:
                                 ignore_eos=True)
         engine.add_request(name, prompt, params)
     engine.add_request("gone", list(range(50, 60)), SamplingParams(temperature=0.0, max_tokens=50))
+    for name, (prompt, params) in constrained.items():
+        engine.add_request(name, prompt, params)
     out: dict[str, list[int]] = {name: [] for name in PROMPTS}
     steps = 0
     while engine.has_unfinished_requests():
@@ -110,28 +156,31 @@ def _generate(directory: str, tp: int, k: int, ep: bool = False) -> dict[str, li
     """Greedy and seeded requests through the whole engine, with chunked prefill, MTP drafts and an abort."""
     from glmserve.engine.llm_engine import LLMEngine
 
+    constrained = constrained_requests(directory)
     engine = LLMEngine(EngineConfig(model=directory, num_kv_blocks=64, max_num_batched_tokens=24,
                                     tensor_parallel_size=tp, enable_expert_parallel=ep,
                                     num_speculative_tokens=k), progress=False)
     try:
         if tp > 1:  # really several processes
             assert len(engine.runner.workers) == tp - 1 and all(w.is_alive() for w in engine.runner.workers)
-        out = run_workload(engine)
+        out = run_workload(engine, constrained)
         assert engine.kv_cache.num_free_blocks == engine.kv_cache.num_blocks  # nothing leaked on any path
-        return out
     finally:
         engine.close()
+    check_constrained(directory, out)
+    return out
 
 
 @pytest.mark.parametrize("k,ep", [(0, False), (2, False), (2, True)])
 def test_tp2_engine_generates_what_tp1_does(checkpoints, k, ep):
     """The engine's own tensor parallelism (rank 0 starts rank 1 and broadcasts every step): the same greedy and
-    seeded tokens as one process, through chunked prefill, MTP drafts (k=2) and an abort."""
+    seeded tokens as one process, through chunked prefill, MTP drafts (k=2), an abort and requests held to grammars
+    (rank 0's matchers fill the bitmask every rank applies)."""
     directory = str(checkpoints("glm45"))
     torch.set_num_threads(2)
     expected = _generate(directory, tp=1, k=k)
     got = _generate(directory, tp=2, k=k, ep=ep)
-    assert got == expected and all(len(v) == 12 for name, v in got.items() if name != "gone")
+    assert got == expected and all(len(got[name]) == 12 for name in PROMPTS)
 
 
 def test_a_dead_rank_fails_the_engine_instead_of_hanging(checkpoints):

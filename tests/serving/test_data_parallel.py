@@ -11,6 +11,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import jsonschema
 import pytest
 from conftest import metric, run_glmserve, start_server
 from test_faults import CHAT, PACED, _events, _gone, _kill
@@ -91,11 +92,20 @@ def test_follow_ups_land_on_the_replica_holding_their_prefix(dp_server, dp_clien
     assert metric(_metrics(dp_server), 'glmserve:dp_router_decisions_total{reason="affinity"}') >= 6
 
 
-def test_structured_output_is_refused_with_400(dp_server):
-    body = {"model": "x", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
-            "response_format": {"type": "json_object"}}
-    response = httpx.post(f"{dp_server.url}/v1/chat/completions", json=body, timeout=30)
-    assert response.status_code == 400 and "--data-parallel-size" in response.json()["error"]["message"]
+def test_structured_output_is_held_on_every_replica(dp_server, dp_client):
+    """Each replica matches the grammars of the requests it gets (random weights: a schema without free strings)."""
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99},
+                                               "tone": {"enum": ["red", "green", "blue"]}}, "required": ["n", "tone"]}
+    before = _routed(dp_server)
+    with ThreadPoolExecutor(4) as pool:
+        replies = list(pool.map(lambda i: dp_client.chat.completions.create(
+            model="x", messages=[{"role": "user", "content": _sentence(40 + i, 6)}], max_tokens=100, temperature=0,
+            response_format={"type": "json_schema", "json_schema": {"name": "r", "schema": schema}},
+            extra_body={"chat_template_kwargs": {"enable_thinking": False}}), range(4)))
+    assert min(a - b for a, b in zip(_routed(dp_server), before)) >= 1  # both replicas held some
+    for reply in replies:
+        assert reply.choices[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(reply.choices[0].message.content), schema)
 
 
 def test_sigterm_stops_the_replicas_and_exits_0(dp_server):

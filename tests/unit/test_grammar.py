@@ -1,11 +1,14 @@
 """Structured output's parts: request fields to grammar specs, the schema check, GLM tool-call grammars, the
 engine's matcher state (drafts advanced and rolled back, the start after </think>) and the bitmask kernels."""
 
+import pickle
+
 import pytest
 import torch
 import xgrammar as xgr
 
-from glmserve.engine.grammar import GrammarState, StructuredOutputManager, apply_token_bitmask
+from glmserve.engine.grammar import GrammarReceiver, GrammarState, SerializedGrammar, StructuredOutputManager
+from glmserve.engine.token_bitmask import apply_token_bitmask
 from glmserve.models import EMBEDDED_MODEL
 from glmserve.serving.protocol import ChatCompletionRequest, CompletionRequest
 from glmserve.serving.structured_output import (
@@ -234,6 +237,26 @@ def test_a_request_ignoring_eos_gets_a_matcher_too(compiler):
     request = Request("r", [1], SamplingParams(ignore_eos=True, grammar=constraint), eos_token_ids=frozenset({2012}))
     bitmask, rows = StructuredOutputManager().bitmask([request], [[]], VOCAB)
     assert rows == [0]
+
+
+def test_a_grammar_travels_to_other_processes_only_serialized(compiler):
+    """Tensor-parallel ranks get requests pickled without the compiled grammar (rank 0 sends them the bitmask); a
+    data-parallel replica gets it serialized, and its matcher accepts and refuses what the original does."""
+    constraint = compiler.compile_now(GrammarSpec("regex", "(ab|cd)+!", "r"), VOCAB, thinking=True)
+    copied = pickle.loads(pickle.dumps(constraint))
+    assert copied.compiled is None and (copied.start_token_id, copied.description) == (compiler.think_close_id,
+                                                                                        "regex")
+    receiver = GrammarReceiver()
+    sent = pickle.loads(pickle.dumps(SerializedGrammar.of(constraint)))
+    restored = receiver.restore(sent)
+    assert (restored.start_token_id, restored.description) == (constraint.start_token_id, "regex")
+    assert _accepts_compiled(restored.compiled, "abcd!") and not _accepts_compiled(restored.compiled, "abc!")
+    assert receiver.restore(sent).compiled.tokenizer_info is not None and len(receiver._vocabs) == 1
+
+
+def _accepts_compiled(compiled, text) -> bool:
+    matcher = xgr.GrammarMatcher(compiled)
+    return matcher.accept_string(text) and matcher.is_completed()
 
 
 def test_bitmask_application_matches_xgrammars_kernel():
