@@ -17,13 +17,14 @@ Environment:
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
 import logging
 import os
 import shutil
 import subprocess
-import time
 from pathlib import Path
 from types import ModuleType
 
@@ -69,18 +70,21 @@ def cache_dir() -> Path:
     return Path(os.environ.get("GLMSERVE_CACHE_DIR", Path.home() / ".cache" / "glmserve")) / "kernels"
 
 
-STALE_LOCK_S = 900  # far longer than a build takes on a busy 2-core machine
-
-
-def _drop_stale_lock(lock: Path) -> None:
-    """cpp_extension waits for as long as a build's lock file exists, and a build killed midway (a timeout, ^C)
-    leaves it behind; one older than any build could be is removed."""
-    try:
-        if time.time() - lock.stat().st_mtime > STALE_LOCK_S:
-            lock.unlink(missing_ok=True)
-            logger.warning("removed a stale kernel build lock: %s", lock)
-    except FileNotFoundError:
-        pass
+@contextlib.contextmanager
+def _build_lock(build_dir: Path):
+    """Held around cpp_extension's load. Its own lock is a file that a killed or interrupted build leaves behind, and
+    it then waits for that file forever; this one is an flock, which the kernel releases when its holder dies. Every
+    glmserve process takes it first, so a baton file found while holding it is a dead build's, and is removed."""
+    with open(build_dir / "build.flock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            baton = build_dir / "lock"
+            if baton.exists():
+                logger.warning("removed the lock of an interrupted kernel build: %s", baton)
+                baton.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @functools.cache
@@ -96,9 +100,9 @@ def extension() -> ModuleType | None:
         key = build_key()
         build_dir = cache_dir() / key
         build_dir.mkdir(parents=True, exist_ok=True)
-        _drop_stale_lock(build_dir / "lock")
-        return load(name=f"glmserve_kernels_{key}", sources=[str(CSRC / s) for s in SOURCES],
-                    extra_cflags=list(CFLAGS), build_directory=str(build_dir), verbose=False)
+        with _build_lock(build_dir):
+            return load(name=f"glmserve_kernels_{key}", sources=[str(CSRC / s) for s in SOURCES],
+                        extra_cflags=list(CFLAGS), build_directory=str(build_dir), verbose=False)
     except Exception as error:  # any failed build (no compiler, no ninja, headers) leaves the torch path
         logger.warning("glmserve's native kernels are unavailable, so they run on torch (slower): %s", error)
         return None

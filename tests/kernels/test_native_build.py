@@ -1,5 +1,6 @@
 """The extension's build, its cache, the ISA choice, and the torch fallback when it cannot be built."""
 
+import fcntl
 import os
 import shutil
 import subprocess
@@ -79,13 +80,27 @@ def test_the_default_path_is_the_fastest_this_cpu_runs(monkeypatch):
         native.default_isa.cache_clear()
 
 
-def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path):
-    stale, fresh = tmp_path / "stale", tmp_path / "fresh"
-    stale.touch()
-    fresh.touch()
-    old = time.time() - native.STALE_LOCK_S - 60
-    os.utime(stale, (old, old))
-    native._drop_stale_lock(stale)
-    native._drop_stale_lock(fresh)
-    native._drop_stale_lock(tmp_path / "absent")
-    assert not stale.exists() and fresh.exists()
+def test_a_dead_builds_lock_file_is_removed_under_the_build_lock(tmp_path):
+    (tmp_path / "lock").touch()  # what cpp_extension leaves when a build is killed; it would wait for it forever
+    with native._build_lock(tmp_path):
+        assert not (tmp_path / "lock").exists()
+
+
+def test_the_build_lock_is_held_across_processes_and_freed_when_its_holder_dies(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from glmserve.kernels import native\n"
+        "with native._build_lock(Path(sys.argv[1])):\n"
+        "    Path(sys.argv[1], 'held').touch(); time.sleep(600)"), str(tmp_path)])
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "held").exists():
+            assert holder.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        with open(tmp_path / "build.flock", "a") as handle:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            holder.kill()
+            holder.wait()
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the kernel freed it with its holder
+    finally:
+        holder.kill()
