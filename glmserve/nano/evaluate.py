@@ -197,12 +197,12 @@ def mtp_rates(model_dir: str | Path, seed: int, num_conversations: int, tokens_p
 
 def evaluate(model_dir: str | Path, seed: int = 1000, per_kind: int = 100, max_tokens: int = 256,
              show: int = 0, mtp_conversations: int = 200, threads: int = 2, kinds: tuple[str, ...] = KINDS,
-             server_args: tuple[str, ...] = (), quantization: str | None = None) -> dict:
+             server_args: tuple[str, ...] = (), quantization: str | None = None, concurrency: int = 8) -> dict:
     """The rates of `kinds` on `per_kind` held-out turns each (served with server_args and --quantization
     `quantization`), and the MTP rates (teacher-forced, with the same weights) unless `mtp_conversations` is 0."""
     cases = heldout_cases(seed, per_kind, kinds)
     flat = [(kind, example) for kind in kinds for example in cases[kind]]
-    replies = serve_and_chat(model_dir, [example for _, example in flat], max_tokens, threads,
+    replies = serve_and_chat(model_dir, [example for _, example in flat], max_tokens, threads, concurrency,
                              server_args=server_args, quantization=quantization)
     passed: dict[str, dict[str, int]] = {kind: defaultdict(int) for kind in kinds}
     shown: dict[str, int] = defaultdict(int)
@@ -232,6 +232,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="measure only these kinds, e.g. one rate on many prompts (the MTP rates need all)")
     p.add_argument("--kv-cache-dtype", default="auto", help="the server's --kv-cache-dtype (the task rates only)")
     p.add_argument("--quantization", help="weights held in this format (glmserve serve --quantization)")
+    p.add_argument("--concurrency", type=int, default=8, help="requests in flight at once")
     p.add_argument("--tool-strict-level", default="auto",
                    help="the server's --tool-strict-level (parameter: every tool call held to its schema)")
     args = p.parse_args(argv)
@@ -240,7 +241,8 @@ def main(argv: list[str] | None = None) -> None:
     rates = evaluate(args.model, args.seed, args.per_kind, args.max_tokens, args.show,
                      mtp_conversations=200 if set(kinds) == set(KINDS) else 0, threads=args.threads, kinds=kinds,
                      server_args=("--kv-cache-dtype", args.kv_cache_dtype,
-                                  "--tool-strict-level", args.tool_strict_level), quantization=args.quantization)
+                                  "--tool-strict-level", args.tool_strict_level), quantization=args.quantization,
+                     concurrency=args.concurrency)
     print(json.dumps({name: round(value, 4) for name, value in rates.items()}, indent=2))
 
 
