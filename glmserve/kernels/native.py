@@ -56,7 +56,9 @@ def _compiler_version() -> str:
 
 
 def build_key() -> str:
-    digest = hashlib.sha256()
+    """Changes with the sources, torch, the compiler and the checkout's path: cpp_extension's ninja file names the
+    sources by absolute path, so two checkouts sharing one build directory would rebuild it for each other."""
+    digest = hashlib.sha256(str(CSRC.resolve()).encode())
     for name in sorted(p.name for p in CSRC.iterdir()):
         digest.update(name.encode() + (CSRC / name).read_bytes())
     digest.update(f"{torch.__version__}|{_compiler_version()}|{' '.join(CFLAGS)}".encode())
