@@ -56,9 +56,7 @@ def _compiler_version() -> str:
 
 
 def build_key() -> str:
-    """Changes with the sources, torch, the compiler and the checkout's path: cpp_extension's ninja file names the
-    sources by absolute path, so two checkouts sharing one build directory would rebuild it for each other."""
-    digest = hashlib.sha256(str(CSRC.resolve()).encode())
+    digest = hashlib.sha256()
     for name in sorted(p.name for p in CSRC.iterdir()):
         digest.update(name.encode() + (CSRC / name).read_bytes())
     digest.update(f"{torch.__version__}|{_compiler_version()}|{' '.join(CFLAGS)}".encode())
