@@ -6,24 +6,24 @@ otherwise `<|user|>`, the token that would follow). The completion is the templa
 the model learns exactly the format the server parses.
 
 Held-out split: a conversation is held out when any of its keys (user texts, arithmetic problems, tool names)
-hashes into the held-out bucket. Training never sees a held-out key, so held-out tool names are never in training.
+hashes into the held-out bucket (`split`). Training never sees a held-out key, so held-out tool names (and
+argument keys) are never in training.
 """
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import random
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 
-from glmserve.nano.dialogues import SKILLS, Dialogue
+from glmserve.nano.dialogues import SKILLS, Dialogue, user_style_tool_dialogue
+from glmserve.nano.split import is_heldout
 from glmserve.serving.chat_template import render_chat
 from glmserve.serving.templates import glm45_chat_template
 
 OBSERVATION, USER = "<|observation|>", "<|user|>"
-HELDOUT_BUCKETS = 8  # one key in eight is held out
 SPLITS = ("train", "heldout")
 
 
@@ -37,10 +37,6 @@ class Example:
     completion: str  # the target text, stop token included
     tools: list[dict] | None
     expected: dict  # what the turn must do: {"calls": ...}, {"values": ...}, {"answer": ...} or {}
-
-
-def is_heldout(key: str) -> bool:
-    return hashlib.sha256(key.encode("utf-8")).digest()[0] % HELDOUT_BUCKETS == 0
 
 
 @lru_cache(maxsize=1)
@@ -89,3 +85,16 @@ def conversations(seed: int, split: str = "train", skill_weights: Mapping[str, f
 def examples(seed: int, count: int, split: str = "train") -> list[Example]:
     """The first `count` examples (assistant turns) of the stream."""
     return list(itertools.islice(itertools.chain.from_iterable(conversations(seed, split)), count))
+
+
+def user_style_examples(seed: int, count: int) -> list[Example]:
+    """`count` tool-call turns on tools a user writes (`dialogues.user_style_tool_dialogue`): realistic tools whose
+    argument keys are all held out, so none of these conversations is ever in training."""
+    rng, found = random.Random(f"nano-user-tools-{seed}"), []
+    while len(found) < count:
+        thinking = rng.random() < 0.5
+        dialogue = user_style_tool_dialogue(rng, thinking)
+        if not any(map(is_heldout, dialogue.keys)):
+            raise AssertionError(f"a user-style conversation is not held out: {dialogue.keys}")
+        found.append(render(dialogue, thinking)[0])
+    return found

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from glmserve.nano import arithmetic, words
+from glmserve.nano.arg_keys import USER_STYLE_TOOLS, argument_split_keys, with_varied_keys
 from glmserve.nano.tools import ToolSpec, confusable_tool, draw, random_tool, realistic_tool, slots, text
 
 CAPABILITIES = "I can add, subtract and multiply numbers, and I can call the tools you give me."
@@ -121,6 +122,7 @@ def _tool_list(rng: random.Random, targets: list[ToolSpec], keys: list[str], pic
     order = list(specs.values())
     rng.shuffle(order)
     keys.extend(f"tool:{spec.name}" for spec in order)
+    keys.extend(key for spec in order for key in argument_split_keys(spec))
     return [spec.schema() for spec in order]
 
 
@@ -198,6 +200,26 @@ def confusable_tool_dialogue(rng: random.Random, thinking: bool) -> Dialogue:
     return tool_dialogue(rng, thinking, rng.choice((1, 1, 2)), confusable_tool, (2, 3))
 
 
+def _pick_varied_keys_tool(rng: random.Random) -> ToolSpec:
+    return with_varied_keys(rng, realistic_tool(rng)) if rng.random() < 0.7 else random_tool(rng)
+
+
+def varied_keys_tool_dialogue(rng: random.Random, thinking: bool) -> Dialogue:
+    """Tool calls where realistic tools have other argument keys than their own (`location` for `city`), so only
+    the listed schema says which key to write."""
+    return tool_dialogue(rng, thinking, rng.choice((1, 1, 1, 2)), _pick_varied_keys_tool)
+
+
+def _pick_user_style_tool(rng: random.Random) -> ToolSpec:
+    return with_varied_keys(rng, realistic_tool(rng, USER_STYLE_TOOLS), heldout=True)
+
+
+def user_style_tool_dialogue(rng: random.Random, thinking: bool) -> Dialogue:
+    """One call among tools a user writes: realistic tools whose argument keys are all held out (never trained:
+    every such conversation is held out); the evaluation's `tool_call_user` kind, not a skill."""
+    return tool_dialogue(rng, thinking, 1, _pick_user_style_tool)
+
+
 # Skill mix, by conversation. Tool use dominates the tokens (its prompts are long); repeats are short, so a
 # quarter of the conversations costs ~5% of the compute and gives the dense copying signal that makes the
 # model's copy (induction) heads form early, which tool arguments and answers then reuse. Training may override
@@ -211,4 +233,5 @@ SKILLS: dict[str, tuple[Callable[[random.Random, bool], Dialogue], float]] = {
     "missing_tool": (missing_tool_dialogue, 0.04),
     "two_turn": (two_turn_dialogue, 0.08),
     "confusable_tool": (confusable_tool_dialogue, 0.0),  # only for training that asks for it, by name
+    "varied_keys_tool": (varied_keys_tool_dialogue, 0.0),  # likewise: the default held-out stream stays as it was
 }

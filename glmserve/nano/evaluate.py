@@ -6,6 +6,10 @@ texts, arithmetic problems and tool schemas never in training) with its tools an
 concurrently; the replies are scored from `tool_calls`, `content` and `reasoning_content`. The MTP rates are
 teacher-forced offline on held-out conversations: next-next-token accuracy, and how often the MTP's greedy guess
 equals the main model's (what greedy speculative decoding would accept). Prints the rates as JSON.
+
+`tool_call_user` measures tools a user writes: realistic tools whose argument keys (`location`, `cityName`, ...) are
+all held out (`arg_keys`), drawn from their own stream; `--tool-strict-level parameter` measures the same requests
+with every tool held to its schema by the grammar.
 """
 
 from __future__ import annotations
@@ -21,18 +25,21 @@ from pathlib import Path
 import torch
 
 from glmserve.nano.checkpoint import load_checkpoint
-from glmserve.nano.corpus import Example, conversations, is_heldout
+from glmserve.nano.corpus import Example, conversations, is_heldout, user_style_examples
 from glmserve.nano.data import collate, encode
 from glmserve.nano.objective import compute_losses
 from glmserve.serving.tokenizer import Tokenizer
 from glmserve.testing.server import start_server
 
-KINDS = ("tool_call", "tool_call_unseen", "tool_answer", "arithmetic_thinking", "arithmetic_direct")
+KINDS = ("tool_call", "tool_call_unseen", "tool_answer", "arithmetic_thinking", "arithmetic_direct", "tool_call_user")
 # Each printed rate: the kind it is measured on and the check (from `score`) it counts.
 RATES = {"tool_name_accuracy": ("tool_call", "name"),
          "tool_exact_args_accuracy": ("tool_call", "exact"),
          "unseen_schema_name_accuracy": ("tool_call_unseen", "name"),
          "unseen_schema_exact_accuracy": ("tool_call_unseen", "exact"),
+         "user_tool_name_accuracy": ("tool_call_user", "name"),
+         "user_tool_exact_accuracy": ("tool_call_user", "exact"),
+         "user_tool_valid_calls": ("tool_call_user", "valid"),
          "answer_uses_tool_result": ("tool_answer", "uses_result"),
          "thinking_arithmetic_accuracy": ("arithmetic_thinking", "correct"),
          "thinking_arithmetic_reasoned": ("arithmetic_thinking", "reasoned"),
@@ -59,6 +66,8 @@ def kind_of(example: Example) -> str | None:
 
 def heldout_cases(seed: int, per_kind: int, kinds: tuple[str, ...] = KINDS) -> dict[str, list[Example]]:
     cases: dict[str, list[Example]] = {kind: [] for kind in kinds}
+    if "tool_call_user" in cases:
+        cases["tool_call_user"] = user_style_examples(seed, per_kind)
     for conversation in conversations(seed, "heldout"):
         for example in conversation:
             kind = kind_of(example)
@@ -74,6 +83,24 @@ def _last_number(text: str | None) -> str | None:
     return numbers[-1] if numbers else None
 
 
+def _valid_call(tools: list[dict], call: dict) -> bool:
+    """The call names a listed tool and its arguments fit that tool's (flat) schema: known keys, required ones
+    present, each value of its property's type and enum."""
+    types = {"string": (str,), "integer": (int,), "number": (int, float), "boolean": (bool,)}
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in tools}
+    schema = schemas.get(call["function"]["name"])
+    args = json.loads(call["function"]["arguments"])
+    if schema is None or not isinstance(args, dict) or not set(schema["required"]) <= set(args):
+        return False
+    for key, value in args.items():
+        prop = schema["properties"].get(key)
+        if prop is None or not isinstance(value, types[prop["type"]]) or "enum" in prop and value not in prop["enum"]:
+            return False
+        if isinstance(value, bool) and prop["type"] != "boolean":
+            return False
+    return True
+
+
 def score(kind: str, example: Example, reasoning: str | None, content: str | None,
           calls: list[dict]) -> dict[str, bool]:
     """The checks one reply passes (each a rate's numerator); `calls` are OpenAI tool calls as dicts."""
@@ -82,7 +109,10 @@ def score(kind: str, example: Example, reasoning: str | None, content: str | Non
         names = [c["function"]["name"] for c in calls]
         right_names = names == [c["name"] for c in wanted]
         args = [json.loads(c["function"]["arguments"]) for c in calls]
-        return {"name": right_names, "exact": right_names and args == [c["arguments"] for c in wanted]}
+        checks = {"name": right_names, "exact": right_names and args == [c["arguments"] for c in wanted]}
+        if kind == "tool_call_user":
+            checks["valid"] = bool(calls) and all(_valid_call(example.tools, c) for c in calls)
+        return checks
     if kind == "tool_answer":
         used = not calls and all(value in (content or "") for value in example.expected["values"])
         return {"uses_result": used}
@@ -167,12 +197,12 @@ def mtp_rates(model_dir: str | Path, seed: int, num_conversations: int, tokens_p
 
 def evaluate(model_dir: str | Path, seed: int = 1000, per_kind: int = 100, max_tokens: int = 256,
              show: int = 0, mtp_conversations: int = 200, threads: int = 2, kinds: tuple[str, ...] = KINDS,
-             server_args: tuple[str, ...] = (), quantization: str | None = None) -> dict:
+             server_args: tuple[str, ...] = (), quantization: str | None = None, concurrency: int = 8) -> dict:
     """The rates of `kinds` on `per_kind` held-out turns each (served with server_args and --quantization
     `quantization`), and the MTP rates (teacher-forced, with the same weights) unless `mtp_conversations` is 0."""
     cases = heldout_cases(seed, per_kind, kinds)
     flat = [(kind, example) for kind in kinds for example in cases[kind]]
-    replies = serve_and_chat(model_dir, [example for _, example in flat], max_tokens, threads,
+    replies = serve_and_chat(model_dir, [example for _, example in flat], max_tokens, threads, concurrency,
                              server_args=server_args, quantization=quantization)
     passed: dict[str, dict[str, int]] = {kind: defaultdict(int) for kind in kinds}
     shown: dict[str, int] = defaultdict(int)
@@ -202,12 +232,17 @@ def main(argv: list[str] | None = None) -> None:
                    help="measure only these kinds, e.g. one rate on many prompts (the MTP rates need all)")
     p.add_argument("--kv-cache-dtype", default="auto", help="the server's --kv-cache-dtype (the task rates only)")
     p.add_argument("--quantization", help="weights held in this format (glmserve serve --quantization)")
+    p.add_argument("--concurrency", type=int, default=8, help="requests in flight at once")
+    p.add_argument("--tool-strict-level", default="auto",
+                   help="the server's --tool-strict-level (parameter: every tool call held to its schema)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     kinds = tuple(args.kinds)
     rates = evaluate(args.model, args.seed, args.per_kind, args.max_tokens, args.show,
                      mtp_conversations=200 if set(kinds) == set(KINDS) else 0, threads=args.threads, kinds=kinds,
-                     server_args=("--kv-cache-dtype", args.kv_cache_dtype), quantization=args.quantization)
+                     server_args=("--kv-cache-dtype", args.kv_cache_dtype,
+                                  "--tool-strict-level", args.tool_strict_level), quantization=args.quantization,
+                     concurrency=args.concurrency)
     print(json.dumps({name: round(value, 4) for name, value in rates.items()}, indent=2))
 
 

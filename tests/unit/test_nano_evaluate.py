@@ -62,3 +62,22 @@ def test_cases_of_some_kinds_are_those_of_a_full_draw(cases):
     subset = heldout_cases(seed=5, per_kind=15, kinds=("tool_call",))
     assert list(subset) == ["tool_call"]
     assert subset["tool_call"][:10] == cases["tool_call"]
+
+
+def test_user_style_calls_are_valid_only_with_the_schemas_keys_and_types(cases):
+    e = cases["tool_call_user"][0]
+    (wanted,) = e.expected["calls"]
+
+    def reply(name, arguments):
+        return [{"function": {"name": name, "arguments": json.dumps(arguments)}}]
+
+    assert score("tool_call_user", e, None, None, reply(wanted["name"], wanted["arguments"]))["valid"]
+    key, value = next(iter(wanted["arguments"].items()))
+    recalled = {("x_" + k if k == key else k): v for k, v in wanted["arguments"].items()}  # a key not in the schema
+    assert score("tool_call_user", e, None, None, reply(wanted["name"], recalled)) == {
+        "name": True, "exact": False, "valid": False}
+    extra = {**wanted["arguments"], "x_" + key: value}
+    assert not score("tool_call_user", e, None, None, reply(wanted["name"], extra))["valid"]
+    mistyped = {**wanted["arguments"], key: [value]}
+    assert not score("tool_call_user", e, None, None, reply(wanted["name"], mistyped))["valid"]
+    assert not score("tool_call_user", e, None, None, reply("not_listed", wanted["arguments"]))["valid"]
