@@ -10,6 +10,11 @@ dispatch inside that part outside any op, so the step splits into: native kernel
 their self time), and Python (the labels' self time, plus what no label covers). The profiler's own overhead lands
 mostly in the Python share: the step time without the profiler is reported beside it.
 
+With --py-spy, another plain decode loop runs under py-spy (sampling with native stacks; it pauses the process for
+each sample, so that loop is slower too): each sample of the engine's thread goes to the native kernels if the
+extension is on its stack, else to torch (its C++ libraries), else to torch's Python binding, else to Python; the
+Python samples are listed by their innermost function.
+
     python benchmarks/profile_decode.py bench-57m --quantization int8 --batch-size 1 16 \\
         --output benchmarks/results/profile-decode-bench-57m-int8.txt
 """
@@ -20,9 +25,14 @@ import argparse
 import contextlib
 import functools
 import json
+import os
+import shutil
+import signal
+import subprocess
 import sys
+import tempfile
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import torch
@@ -152,6 +162,61 @@ def breakdown(prof, steps: int, wall: float) -> dict:
             "rows": dict(rows)}
 
 
+TORCH_LIBRARIES = ("libtorch_cpu", "libc10", "libmkl", "libdnnl", "libgomp", "libfbgemm", "libiomp", "libsleef")
+
+
+def classify(stack: list[str]) -> str:
+    if any("glmserve_kernels" in f for f in stack):
+        return "native kernels"
+    if any(lib in f for f in stack for lib in TORCH_LIBRARIES):
+        return "torch C++ (aten kernels, dispatcher, allocator)"
+    if any("libtorch_python" in f for f in stack):
+        return "torch Python binding (argument parsing)"
+    return "Python"
+
+
+def py_spy_loop(engine, prompts, max_tokens: int, rate: int) -> dict:
+    """A plain decode loop under py-spy: the engine thread's samples by kind, and its Python samples' innermost
+    functions."""
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "raw.txt"
+        spy = subprocess.Popen([py_spy, "record", "--native", "--rate", str(rate), "--format", "raw", "--output",
+                                str(raw), "--pid", str(os.getpid())], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+        time.sleep(2.0)  # py-spy attaches
+        steps, wall = decode_loop(engine, prompts, max_tokens)
+        spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+        _, err = spy.communicate(timeout=60)
+        if not raw.is_file():
+            raise RuntimeError(f"py-spy wrote nothing: {err.strip()[-500:]}")
+        kinds, python, other = Counter(), Counter(), 0
+        for line in raw.read_text().splitlines():
+            frames, _, count = line.rpartition(" ")
+            stack = frames.split(";")
+            if not any(f.startswith("decode_loop ") for f in stack):
+                other += int(count)  # idle moments before or after the loop, and the OpenMP worker thread
+                continue
+            stack = stack[next(i for i, f in enumerate(stack) if f.startswith("decode_loop ")):]
+            kind = classify(stack[1:])
+            kinds[kind] += int(count)
+            if kind == "Python":
+                python[next((f for f in reversed(stack) if ".py:" in f), stack[-1])] += int(count)
+    total = sum(kinds.values())
+    return {"step_us_under_py_spy": wall / steps * 1e6, "rate_hz": rate, "engine_thread_samples": total,
+            "other_samples": other, "share": {k: n / total for k, n in kinds.most_common()},
+            "python_innermost": {f: n / total for f, n in python.most_common(15)}}
+
+
+def py_spy_table(s: dict) -> str:
+    lines = [f"py-spy at {s['rate_hz']} Hz over another plain loop ({s['step_us_under_py_spy'] / 1e3:.2f} ms/step "
+             f"under it), {s['engine_thread_samples']} samples of the engine thread inside the loop:"]
+    lines += [f"  {k:52s} {v:6.1%}" for k, v in s["share"].items()]
+    lines += ["  Python samples by innermost Python function (share of all samples):"]
+    lines += [f"    {f[:90]:90s} {v:6.1%}" for f, v in s["python_innermost"].items()]
+    return "\n".join(lines)
+
+
 def table(b: dict, top: int) -> str:
     step = b["step_us_under_profiler"]
     lines = [f"{'group':52s} {'us/step':>9s} {'share':>6s}"]
@@ -176,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--top", type=int, default=30, help="rows of the per-op table")
+    p.add_argument("--py-spy", type=int, default=0, metavar="HZ", help="also sample a plain loop with py-spy at HZ")
     p.add_argument("--cache-dir", type=Path, default=BENCH_CACHE)
     p.add_argument("--output", type=Path, help="write the report here (and the numbers beside it as .json)")
     args = p.parse_args(argv)
@@ -206,13 +272,14 @@ def main(argv: list[str] | None = None) -> int:
             decode_loop(eng, prompts[:b], 8)
             prof = profile(activities=[ProfilerActivity.CPU])
             psteps, pwall = decode_loop(eng, prompts[:b], args.output_len, prof)
+        spy = py_spy_loop(eng, prompts[:b], args.output_len, args.py_spy) if args.py_spy else None
         other = load.cores()
         result = breakdown(prof, psteps, pwall)
-        result.update(step_us=plain_us, tok_s=b * steps / wall, other_processes_cores=other)
+        result.update(step_us=plain_us, tok_s=b * steps / wall, other_processes_cores=other, py_spy=spy)
         record["batches"][str(b)] = result
         out += ["", f"== batch {b}: {plain_us / 1e3:.2f} ms/step without the profiler ({b * steps / wall:.1f} tok/s), "
-                    f"{pwall / psteps * 1e3:.2f} ms under it; other processes {other:.2f} cores ==", table(result,
-                                                                                                           args.top)]
+                    f"{pwall / psteps * 1e3:.2f} ms under it; other processes {other:.2f} cores ==",
+                table(result, args.top)] + ([py_spy_table(spy)] if spy else [])
     text = "\n".join(out)
     print(text)
     if args.output:
