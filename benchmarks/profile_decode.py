@@ -235,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("model", help="checkpoint directory or named shape (bench-57m, bench-528m, air-100m)")
     p.add_argument("--quantization", choices=tuple(QUANTIZATION_METHODS), help="glmserve's --quantization")
+    p.add_argument("--speculative-tokens", type=int, default=0, help="MTP drafts per step (a checkpoint with an MTP "
+                   "layer: the embedded model)")
     p.add_argument("--batch-size", type=int, nargs="+", default=[1, 16])
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
@@ -255,9 +257,10 @@ def main(argv: list[str] | None = None) -> int:
     directory = prepare_checkpoint(args.model, args.cache_dir)
     max_batch = max(args.batch_size)
     engine = GlmserveEngine(directory, max_batch, args.input_len, args.output_len, "auto", "cpu",
-                            quantization=args.quantization)
+                            quantization=args.quantization, num_speculative_tokens=args.speculative_tokens)
     prompts = random_prompts(directory, max_batch, args.input_len, args.seed)
-    header = (f"{engine.name} on {directory.name}, {args.threads} threads, {args.input_len}-token prompts, "
+    header = (f"{engine.name} on {directory.name}, {args.speculative_tokens} MTP drafts per step, {args.threads} "
+              f"threads, {args.input_len}-token prompts, "
               f"{args.output_len} new tokens; {cpu_name()}; kernel path {default_isa()}; torch {torch.__version__}; "
               f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     out, record = [header], {"header": header, "command": " ".join(sys.argv), "revision": glmserve_revision(),

@@ -97,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.lora:
         for engine in engines.values():
             engine.add_lora("adapter", args.lora)
-    results = []
+    from glmserve.bench.host import OtherLoad
+
+    results, load = [], OtherLoad()  # other processes' CPU during the measurements: 0 on a quiet machine
     for batch in args.batch:
         times: dict[int, list[float]] = {k: [] for k in configs}
         reference, stats = None, {}
@@ -131,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
             extra = (f"  acceptance length {row['mean_acceptance_length']:.2f}  per position "
                      f"{row['per_position_acceptance']}" if k else "")
             print(f"batch {batch:2d}  k={k}  {median:7.1f} tok/s  x{median / base:.2f}{extra}", flush=True)
-        print(f"batch {batch}: {sum(len(t) for t in reference)} tokens over {len(prompts)} prompts", flush=True)
+        print(f"batch {batch}: {sum(len(t) for t in reference)} tokens over {len(prompts)} prompts; other processes "
+              f"used {load.cores():.2f} cores so far", flush=True)
 
     if args.json:
         from glmserve.bench.host import cpu_name, glmserve_revision
@@ -140,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         record = {"model": args.model, "lora": args.lora, "quantization": args.quantization, "prompts": len(prompts),
                   "max_tokens": args.max_tokens, "reps": args.reps, "threads": args.threads, "torch": torch.__version__,
                   "machine": platform.machine(), "processor": cpu_name(), "kernel_isa": default_isa(),
+                  "other_processes_cores": round(load.cores(), 2),
                   "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "glmserve_revision": glmserve_revision(),
                   "results": results}
         with open(args.json, "w") as f:
