@@ -121,8 +121,9 @@ def labels(engine):
                 delattr(owner, name)
 
 
-def decode_loop(engine, prompts: list[list[int]], max_tokens: int, prof=None) -> tuple[int, float]:
-    """Add the prompts, run the prefill step(s), then time the decode steps (under `prof` when given)."""
+def decode_loop(engine, prompts: list[list[int]], max_tokens: int, prof=None) -> tuple[int, float, int]:
+    """Add the prompts, run the prefill step(s), then time the decode steps (under `prof` when given): steps,
+    seconds and tokens (more than steps x batch with MTP drafts)."""
     from glmserve import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
@@ -132,14 +133,14 @@ def decode_loop(engine, prompts: list[list[int]], max_tokens: int, prof=None) ->
         pass
     if prof is not None:
         prof.start()
-    steps, t0 = 0, time.perf_counter()
+    steps, tokens, t0 = 0, 0, time.perf_counter()
     while engine.has_unfinished_requests():
-        engine.step()
+        tokens += sum(len(o.new_token_ids) for o in engine.step())
         steps += 1
     wall = time.perf_counter() - t0
     if prof is not None:
         prof.stop()
-    return steps, wall
+    return steps, wall, tokens
 
 
 def breakdown(prof, steps: int, wall: float) -> dict:
@@ -185,7 +186,7 @@ def py_spy_loop(engine, prompts, max_tokens: int, rate: int) -> dict:
                                 str(raw), "--pid", str(os.getpid())], stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)
         time.sleep(2.0)  # py-spy attaches
-        steps, wall = decode_loop(engine, prompts, max_tokens)
+        steps, wall, _ = decode_loop(engine, prompts, max_tokens)
         spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
         _, err = spy.communicate(timeout=60)
         if not raw.is_file():
@@ -269,18 +270,20 @@ def main(argv: list[str] | None = None) -> int:
     for b in args.batch_size:
         decode_loop(eng, prompts[:b], 8)  # warm-up
         load = OtherLoad()
-        steps, wall = decode_loop(eng, prompts[:b], args.output_len)
+        steps, wall, tokens = decode_loop(eng, prompts[:b], args.output_len)
         plain_us = wall / steps * 1e6
         with labels(eng):
             decode_loop(eng, prompts[:b], 8)
             prof = profile(activities=[ProfilerActivity.CPU])
-            psteps, pwall = decode_loop(eng, prompts[:b], args.output_len, prof)
+            psteps, pwall, _ = decode_loop(eng, prompts[:b], args.output_len, prof)
         spy = py_spy_loop(eng, prompts[:b], args.output_len, args.py_spy) if args.py_spy else None
         other = load.cores()
         result = breakdown(prof, psteps, pwall)
-        result.update(step_us=plain_us, tok_s=b * steps / wall, other_processes_cores=other, py_spy=spy)
+        result.update(step_us=plain_us, tok_s=tokens / wall, tokens_per_step=tokens / steps,
+                      other_processes_cores=other, py_spy=spy)
         record["batches"][str(b)] = result
-        out += ["", f"== batch {b}: {plain_us / 1e3:.2f} ms/step without the profiler ({b * steps / wall:.1f} tok/s), "
+        out += ["", f"== batch {b}: {plain_us / 1e3:.2f} ms/step without the profiler ({tokens / steps:.2f} tokens per "
+                    f"step, {tokens / wall:.1f} tok/s), "
                     f"{pwall / psteps * 1e3:.2f} ms under it; other processes {other:.2f} cores ==",
                 table(result, args.top)] + ([py_spy_table(spy)] if spy else [])
     text = "\n".join(out)
