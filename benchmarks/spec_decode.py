@@ -12,6 +12,7 @@ Examples:
     python benchmarks/spec_decode.py                                  # the embedded model, 3 reps
     python benchmarks/spec_decode.py --model DIR --reps 5 --json benchmarks/results/spec-decode-nano.json
     python benchmarks/spec_decode.py --lora ADAPTER_DIR --batch 8      # acceptance with an adapter, base drafts
+    python benchmarks/spec_decode.py --quantization int8 --batch 1 --k 1 3   # weights held as int8
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import time
 
 import torch
 
-from glmserve.config import EngineConfig
+from glmserve.config import QUANTIZATION_METHODS, EngineConfig
 from glmserve.engine.llm_engine import LLMEngine
 from glmserve.nano.corpus import conversations
 from glmserve.serving.tokenizer import Tokenizer
@@ -75,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--lora", help="a LoRA adapter every request runs with (drafts still come from the base model's "
                    "MTP layer): how acceptance changes under an adapter")
+    p.add_argument("--quantization", choices=tuple(QUANTIZATION_METHODS), help="weights held quantized (every "
+                   "configuration, the MTP layer's too)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -88,12 +91,15 @@ def main(argv: list[str] | None = None) -> int:
     configs = [0, *args.k]
     engines = {k: LLMEngine(EngineConfig(model=args.model, num_speculative_tokens=k, enable_prefix_caching=False,
                                          max_num_seqs=max(args.batch), num_kv_blocks=512,
-                                         enable_lora=args.lora is not None, max_lora_rank=64), progress=False)
+                                         enable_lora=args.lora is not None, max_lora_rank=64,
+                                         quantization=args.quantization), progress=False)
                for k in configs}
     if args.lora:
         for engine in engines.values():
             engine.add_lora("adapter", args.lora)
-    results = []
+    from glmserve.bench.host import OtherLoad
+
+    results, load = [], OtherLoad()  # other processes' CPU during the measurements: 0 on a quiet machine
     for batch in args.batch:
         times: dict[int, list[float]] = {k: [] for k in configs}
         reference, stats = None, {}
@@ -127,11 +133,18 @@ def main(argv: list[str] | None = None) -> int:
             extra = (f"  acceptance length {row['mean_acceptance_length']:.2f}  per position "
                      f"{row['per_position_acceptance']}" if k else "")
             print(f"batch {batch:2d}  k={k}  {median:7.1f} tok/s  x{median / base:.2f}{extra}", flush=True)
-        print(f"batch {batch}: {sum(len(t) for t in reference)} tokens over {len(prompts)} prompts", flush=True)
+        print(f"batch {batch}: {sum(len(t) for t in reference)} tokens over {len(prompts)} prompts; other processes "
+              f"used {load.cores():.2f} cores so far", flush=True)
 
     if args.json:
-        record = {"model": args.model, "lora": args.lora, "prompts": len(prompts), "max_tokens": args.max_tokens,
-                  "reps": args.reps, "threads": args.threads, "torch": torch.__version__, "machine": platform.machine(),
+        from glmserve.bench.host import cpu_name, glmserve_revision
+        from glmserve.kernels.native import default_isa
+
+        record = {"model": args.model, "lora": args.lora, "quantization": args.quantization, "prompts": len(prompts),
+                  "max_tokens": args.max_tokens, "reps": args.reps, "threads": args.threads, "torch": torch.__version__,
+                  "machine": platform.machine(), "processor": cpu_name(), "kernel_isa": default_isa(),
+                  "other_processes_cores": round(load.cores(), 2),
+                  "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "glmserve_revision": glmserve_revision(),
                   "results": results}
         with open(args.json, "w") as f:
             json.dump(record, f, indent=2)

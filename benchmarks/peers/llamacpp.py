@@ -11,6 +11,7 @@ from pathlib import Path
 HERE = Path(__file__).parent
 WORKER = HERE / "llamacpp_worker.py"
 CONVERT = HERE / "convert_gguf.py"
+QUANTIZE = HERE / "quantize_gguf.py"
 
 
 def llama_cpp_version(python: Path) -> str | None:
@@ -31,24 +32,40 @@ def checkpoint_key(directory: Path) -> str:
     return h.hexdigest()[:12]
 
 
-def ensure_gguf(python: Path, converter: Path, directory: Path, outtype: str,
-                gguf_dir: Path) -> tuple[Path, list[str] | None]:
-    """The checkpoint as a GGUF of `outtype`, converted unless already cached; and the command (None if cached)."""
+# GGUF types llama.cpp's converter writes, and those its quantizer makes from the f32 GGUF.
+CONVERTED_TYPES = ("f32", "f16", "bf16", "q8_0")
+QUANTIZED_TYPES = ("q4_0",)
+
+
+def ensure_gguf(python: Path, converter: Path, directory: Path, outtype: str, gguf_dir: Path,
+                threads: int = 0) -> tuple[Path, list[list[str]], dict | None]:
+    """The checkpoint as a GGUF of `outtype`, made unless already cached; the commands this call ran (none if
+    cached), and for a quantized type the tensor types llama.cpp's quantizer chose (kept beside it; else None)."""
     path = gguf_dir / f"{directory.name}-{checkpoint_key(directory)}-{outtype}.gguf"
+    types_file = path.with_suffix(".types.json")
     if path.is_file():
-        return path, None
+        return path, [], json.loads(types_file.read_text()) if types_file.is_file() else None
     if not converter.is_file():
         raise SystemExit(f"llama.cpp's converter not found at {converter}: it is in the llama-cpp-python sdist "
                          f"(pip download --no-deps --no-binary :all: llama-cpp-python==VERSION, unpack, "
                          f"vendor/llama.cpp/convert_hf_to_gguf.py); pass it with --converter")
     gguf_dir.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")  # an interrupted conversion is never taken for a cached one
-    command = [str(python), str(CONVERT), "--converter", str(converter), str(directory), "--outtype", outtype,
-               "--outfile", str(partial)]
-    print(f"converting {directory} to {outtype} GGUF ...", flush=True)
-    subprocess.run(command, check=True)
+    commands, types = [], None
+    if outtype in QUANTIZED_TYPES:
+        source, commands, _ = ensure_gguf(python, converter, directory, "f32", gguf_dir, threads)
+        command = [str(python), str(QUANTIZE), str(source), str(partial), outtype, "--threads", str(threads),
+                   "--converter", str(converter)]
+        print(f"quantizing {source.name} to {outtype} with llama.cpp's quantizer ...", flush=True)
+        types = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)["tensor_types"]
+        types_file.write_text(json.dumps(types, indent=2))
+    else:
+        command = [str(python), str(CONVERT), "--converter", str(converter), str(directory), "--outtype", outtype,
+                   "--outfile", str(partial)]
+        print(f"converting {directory} to {outtype} GGUF ...", flush=True)
+        subprocess.run(command, check=True)
     partial.rename(path)
-    return path, command
+    return path, [*commands, command], types
 
 
 class LlamaCppEngine:

@@ -17,6 +17,13 @@ SHAPES: dict[str, TinyShape] = {
         n_routed_experts=16, num_experts_per_tok=4, n_shared_experts=1, routed_scaling_factor=1.0,
         n_group=1, topk_group=1, use_qk_norm=True, vocab_size=32000, max_position_embeddings=4096,
         num_nextn_predict_layers=0),
+    # Exactly ../shared/reference/BENCH.md's larger reference checkpoint: 528M params, 165M active.
+    "bench-528m": TinyShape(
+        hidden_size=1024, num_hidden_layers=12, first_k_dense_replace=1, num_attention_heads=16,
+        num_key_value_heads=4, head_dim=64, intermediate_size=2816, moe_intermediate_size=192,
+        n_routed_experts=64, num_experts_per_tok=8, n_shared_experts=1, routed_scaling_factor=1.0,
+        n_group=1, topk_group=1, use_qk_norm=True, vocab_size=32000, max_position_embeddings=4096,
+        num_nextn_predict_layers=0),
     # GLM-4.5-Air's structure scaled down: no QK-norm, 1 dense layer of 6, scaling 1.0, top-4 of 32 routed experts
     # plus 1 shared, q width = hidden (12 heads x 64), 2 KV heads. 104.8M params, 44.1M read per decode token.
     "air-100m": TinyShape(

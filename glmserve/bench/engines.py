@@ -13,16 +13,19 @@ import torch
 
 class GlmserveEngine:
     def __init__(self, directory: Path, max_batch: int, prompt_len: int, max_new_tokens: int, dtype: str,
-                 device: str, weight_dtype: str = "auto"):
+                 device: str, weight_dtype: str = "auto", quantization: str | None = None, **engine_args):
         from glmserve import LLM
 
-        self.name = "glmserve" if weight_dtype == "auto" else f"glmserve-{weight_dtype.replace('float', 'fp')}"
+        self.name = ("glmserve" + ("" if weight_dtype == "auto" else f"-{weight_dtype.replace('float', 'fp')}")
+                     + ("" if quantization is None else f"-{quantization}"))
         block = 16
         blocks_per_seq = -(-(prompt_len + max_new_tokens) // block)
         # Prefix caching off: every repetition sends the same prompts, and a cache hit would skip the prefill.
-        self.llm = LLM(model=str(directory), dtype=dtype, weight_dtype=weight_dtype, device=device, block_size=block,
+        self.llm = LLM(model=str(directory), dtype=dtype, weight_dtype=weight_dtype, quantization=quantization,
+                       device=device, block_size=block,
                        num_kv_blocks=max_batch * blocks_per_seq + 16, max_num_seqs=max_batch,
-                       max_num_batched_tokens=max(2048, max_batch * prompt_len), enable_prefix_caching=False)
+                       max_num_batched_tokens=max(2048, max_batch * prompt_len), enable_prefix_caching=False,
+                       **engine_args)
         self.fp16_params = _fp16_stored_params(self.llm.engine.runner.model)
         self.fp16_experts = _experts_in_fp16(self.llm.engine.runner.model)
 

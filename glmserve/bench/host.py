@@ -77,13 +77,14 @@ def wait_quiet(max_other: float, max_wait_s: float, engine_pids: Iterable[int] =
 
 
 @contextlib.contextmanager
-def exclusive_lock(path: Path | None) -> Iterator[None]:
-    """Hold `path`'s exclusive flock (the project's rule for benchmarks on a shared machine); no lock for None."""
+def exclusive_lock(path: Path | None, shared: bool = False) -> Iterator[None]:
+    """Hold `path`'s exclusive flock (the project's rule for benchmarks on a shared machine), or with shared=True
+    its shared one (work that is not a measurement but must not disturb one: starting servers); no lock for None."""
     if path is None:
         yield
         return
     with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        fcntl.flock(handle, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         yield  # closing the file releases the lock
 
 

@@ -29,3 +29,30 @@ def test_an_engines_process_tree_is_not_other_load():
     finally:
         parent.kill()
         parent.wait()
+
+
+def _can_lock(path, mode) -> bool:
+    import fcntl
+
+    with open(path, "a") as handle:  # another open file description: flock treats it as another holder
+        try:
+            fcntl.flock(handle, mode | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+
+def test_exclusive_lock_shared_and_exclusive(tmp_path):
+    import fcntl
+
+    from glmserve.bench.host import exclusive_lock
+
+    lock = tmp_path / "cpu.lock"
+    with exclusive_lock(lock, shared=True):  # starting servers: other readers welcome, no benchmark
+        assert _can_lock(lock, fcntl.LOCK_SH)
+        assert not _can_lock(lock, fcntl.LOCK_EX)
+    with exclusive_lock(lock):
+        assert not _can_lock(lock, fcntl.LOCK_SH)
+    assert _can_lock(lock, fcntl.LOCK_EX)  # released
+    with exclusive_lock(None):
+        assert _can_lock(lock, fcntl.LOCK_EX)

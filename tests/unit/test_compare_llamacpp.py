@@ -90,3 +90,58 @@ def test_engine_reports_a_dead_worker(tmp_path, monkeypatch):
     worker.write_text("import sys\nsys.exit(3)\n")
     with pytest.raises(RuntimeError, match=r"worker exited \(status 3\)"):
         LlamaCppEngine("llama.cpp-bf16", Path(sys.executable), Path("m.gguf"), 1, 1, 8, 8, worker=worker)
+
+
+FAKE_LLAMA_PYTHON = """#!/bin/sh
+# A stand-in for the llama-cpp-python venv's python: the converter and the quantizer write their output file
+# (named after the argument that follows --outfile, or the quantizer's second positional) and log the call.
+echo "$@" >> "$(dirname "$0")/calls.log"
+case "$1" in
+  *convert_gguf.py) while [ "$1" != "--outfile" ]; do shift; done; echo converted > "$2" ;;
+  *quantize_gguf.py) echo quantized > "$3"; echo '{"tensor_types": {"Q4_0": {"tensors": 2, "bytes": 10}}}' ;;
+esac
+"""
+
+
+def test_q4_0_is_quantized_from_the_f32_gguf_and_cached(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from peers.llamacpp import ensure_gguf
+
+    python = tmp_path / "python"
+    python.write_text(FAKE_LLAMA_PYTHON)
+    python.chmod(0o755)
+    converter = tmp_path / "convert_hf_to_gguf.py"
+    converter.write_text("")
+    checkpoint = tmp_path / "ckpt"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text("{}")
+    path, commands, types = ensure_gguf(python, converter, checkpoint, "q4_0", tmp_path / "gguf", threads=2)
+    assert path.read_text() == "quantized\n" and path.name.endswith("-q4_0.gguf")
+    assert [Path(c[1]).name for c in commands] == ["convert_gguf.py", "quantize_gguf.py"]
+    f32 = commands[0][commands[0].index("--outfile") + 1]
+    assert commands[1][2] == str(Path(f32).with_suffix(".gguf"))  # the quantizer reads the finished f32 GGUF
+    assert commands[1][4:7] == ["q4_0", "--threads", "2"]
+    assert types == {"Q4_0": {"tensors": 2, "bytes": 10}}
+    calls = (tmp_path / "calls.log").read_text().count("\n")
+    again = ensure_gguf(python, converter, checkpoint, "q4_0", tmp_path / "gguf")
+    assert again == (path, [], types)  # cached, with the tensor types kept beside it
+    assert (tmp_path / "calls.log").read_text().count("\n") == calls
+
+
+@pytest.mark.parametrize("text", ["int8:q8_0", "fp32:f32", "fp16:bf16", "q4_0:q4_0"])
+def test_pairs_parse(text, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from compare_llamacpp import pair
+
+    assert pair(text) == tuple(text.split(":"))
+
+
+@pytest.mark.parametrize("text", ["int8", "int9:q8_0", "int8:q3_k", ":f32"])
+def test_bad_pairs_are_refused(text, monkeypatch):
+    import argparse
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from compare_llamacpp import pair
+
+    with pytest.raises(argparse.ArgumentTypeError):
+        pair(text)
