@@ -151,6 +151,9 @@ inline void gemm_tile_per_row(const GemmArgs& a, int64_t m0, int64_t n0) {
     for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_setzero_si512();
   // Weight bytes past k load as 0 and meet activations zero-padded past k.
   auto step = [&](int64_t v, __mmask64 bytes) __attribute__((always_inline)) {
+    __m512i qv[MB];  // in registers: each meets NR weight vectors
+    #pragma GCC unroll 16
+    for (int m = 0; m < MB; ++m) qv[m] = _mm512_loadu_si512(q[m] + 64 * v);
     #pragma GCC unroll 16
     for (int r = 0; r < NR; ++r) {
       _mm_prefetch(next_tile + 64 * (NR * v + r), _MM_HINT_T0);
@@ -159,7 +162,7 @@ inline void gemm_tile_per_row(const GemmArgs& a, int64_t m0, int64_t n0) {
       const __m512i wv = bytes == ~0ULL ? _mm512_loadu_si512(wp) : _mm512_maskz_loadu_epi8(bytes, wp);
       const __m512i wu = _mm512_xor_si512(wv, sign_bit);
       #pragma GCC unroll 16
-      for (int m = 0; m < MB; ++m) acc[m][r] = _mm512_dpbusd_epi32(acc[m][r], wu, _mm512_loadu_si512(q[m] + 64 * v));
+      for (int m = 0; m < MB; ++m) acc[m][r] = _mm512_dpbusd_epi32(acc[m][r], wu, qv[m]);
     }
   };
   for (int64_t v = 0; v < full; ++v) step(v, ~0ULL);
