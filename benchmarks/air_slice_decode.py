@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         engine = LLMEngine(EngineConfig(
             model=str(model_dir), load_format="dummy", quantization=args.quantization, max_num_seqs=max_batch,
             max_num_batched_tokens=max(2048, max_batch * args.input_len), enable_prefix_caching=False,
-            max_model_len=args.input_len + args.output_len, num_kv_blocks=max_batch * -(-(args.input_len + args.output_len) // 16) + 16), progress=False)
+            max_model_len=args.input_len + args.output_len,
+            num_kv_blocks=max_batch * -(-(args.input_len + args.output_len) // 16) + 16), progress=False)
         load_s = time.perf_counter() - loaded
     model = engine.runner.model
     print(f"{args.quantization}: Air slice with {shape.num_hidden_layers - 1} MoE layers loaded in {load_s:.0f} s; "
