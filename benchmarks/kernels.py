@@ -189,7 +189,7 @@ def moe_rows(experts: int, batches: list[int], repeats: int, bandwidth_gbps: flo
     the roofline counts the distinct experts a call's tokens pick."""
     hidden, inter, top_k = 4096, 1408, 8
     rows = []
-    for name in ("int8-g32", "int4-g32", "bf16"):
+    for name in ("int8-row", "int8-g32", "int4-g128", "int4-g32", "bf16"):
         fmt, group_size = NATIVE_FORMATS[name]
         w13 = [make_weight(fmt, group_size, 2 * inter, hidden) for _ in range(experts)]
         w2 = [make_weight(fmt, group_size, hidden, inter) for _ in range(experts)]

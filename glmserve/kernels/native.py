@@ -9,9 +9,11 @@ the sources, torch's version, the compiler's version and the flags, so a change 
 Environment:
 - GLMSERVE_KERNELS=torch: never build or load the extension; every kernel runs its torch reference.
 - GLMSERVE_KERNEL_ISA=avx512_vnni|avx512|avx2|portable: the code path the kernels take (default: the fastest this
-  CPU has). avx512_vnni multiplies int8 / int4 weights by activations quantized to int8 in blocks of 32 (as
-  llama.cpp's q8_0 dot products; benchmarks/activation_quant_accuracy.py measures what that costs a whole model);
-  every other path and format keeps fp32 activations, so GLMSERVE_KERNEL_ISA=avx512 keeps them for int8 / int4.
+  CPU has). avx512_vnni multiplies int8 / int4 weights by activations quantized to int8: with one scale per row
+  for int8 weights with one scale per row (as fbgemm's dynamic int8 linear), in blocks of 32 for grouped weights
+  (as llama.cpp's q8_0 dot products); benchmarks/activation_quant_accuracy.py measures what that costs a whole
+  model. Every other path and format keeps fp32 activations, so GLMSERVE_KERNEL_ISA=avx512 keeps them for int8 /
+  int4.
 - GLMSERVE_CACHE_DIR: where builds are kept (default ~/.cache/glmserve).
 """
 

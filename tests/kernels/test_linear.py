@@ -9,26 +9,30 @@ from glmserve import kernels
 from glmserve.kernels import dequantize, quantize_int4, quantize_int8
 
 
-def quantizes_activations(isa: str | None, weight: torch.Tensor) -> bool:
-    """The VNNI path multiplies int8 / int4 weights by x quantized to int8 in blocks of 32 inputs."""
-    return isa == "avx512_vnni" and weight.dtype in (torch.int8, torch.uint8)
+def activation_block(isa: str | None, weight: torch.Tensor, scales: torch.Tensor | None) -> int:
+    """Inputs per activation scale where x is quantized to int8, 0 where it stays fp32: the VNNI path quantizes x
+    per row (block = K) for int8 weights with one scale per row, in blocks of 32 for other int8 / int4 weights."""
+    if isa != "avx512_vnni" or weight.dtype not in (torch.int8, torch.uint8):
+        return 0
+    return weight.shape[-1] if weight.dtype == torch.int8 and scales.shape[-1] == 1 else 32
 
 
-def activation_step(x: torch.Tensor) -> torch.Tensor:
-    """Each input's quantization step when x is quantized in blocks of 32 (absmax / 127)."""
+def activation_step(x: torch.Tensor, block: int) -> torch.Tensor:
+    """Each input's quantization step when x is quantized in blocks of `block` inputs (absmax / 127)."""
     k = x.shape[-1]
-    blocks = torch.nn.functional.pad(x.double().abs(), (0, -k % 32)).unflatten(-1, (-1, 32)).amax(-1) / 127
-    return blocks.repeat_interleave(32, -1)[..., :k]
+    blocks = torch.nn.functional.pad(x.double().abs(), (0, -k % block)).unflatten(-1, (-1, block)).amax(-1) / 127
+    return blocks.repeat_interleave(block, -1)[..., :k]
 
 
-def expected_linear(x, weight, scales, group_size, bias, quantized_x=False):
+def expected_linear(x, weight, scales, group_size, bias, block=0):
     """fp64 x @ W.T + bias, and the bound the kernel stays within: fp32 rounding, 1e-5 of sum |x_k * w_k|; with
-    quantized activations also half a step of each input times its weight, sum |w_k| * step_k / 2."""
+    activations quantized in blocks (block > 0) also half a step of each input times its weight, sum |w_k| * step_k
+    / 2."""
     w = dequantize(weight, scales, group_size or x.shape[-1]).double()
     out = x.double() @ w.T + (0 if bias is None else bias.double())
     bound = 1e-5 * (x.double().abs() @ w.abs().T) + 1e-6
-    if quantized_x:
-        bound += 0.5 * 1.001 * activation_step(x) @ w.abs().T
+    if block:
+        bound += 0.5 * 1.001 * activation_step(x, block) @ w.abs().T
     return out, bound
 
 
@@ -58,7 +62,7 @@ def test_linear_equals_fp64_definition(fmt, isa):
         x = torch.randn(m, k, generator=gen)
         bias = torch.randn(n, generator=gen) if m % 2 else None
         out = kernels.linear(x, weight, scales, group_size, bias, isa=isa)
-        assert_within(out, *expected_linear(x, weight, scales, group_size, bias, quantizes_activations(isa, weight)))
+        assert_within(out, *expected_linear(x, weight, scales, group_size, bias, activation_block(isa, weight, scales)))
 
 
 @pytest.mark.parametrize("fmt", ["float32", "int8", "int4"])
@@ -69,7 +73,7 @@ def test_linear_keeps_leading_dims_and_handles_empty_batches(fmt, isa):
     out = kernels.linear(x, weight, scales, 32, isa=isa)
     assert out.shape == (2, 3, 20)
     assert_within(out.view(6, 20), *expected_linear(x.view(6, 64), weight, scales, 32, None,
-                                                    quantizes_activations(isa, weight)))
+                                                    activation_block(isa, weight, scales)))
     assert kernels.linear(torch.empty(0, 64), weight, scales, 32, isa=isa).shape == (0, 20)
 
 
@@ -79,7 +83,7 @@ def test_large_decode_shape(isa):
     weight, scales = make_weight("int4", 1408, 4096, 128, gen)
     x = torch.randn(3, 4096, generator=gen)
     assert_within(kernels.linear(x, weight, scales, 128, isa=isa),
-                  *expected_linear(x, weight, scales, 128, None, quantizes_activations(isa, weight)))
+                  *expected_linear(x, weight, scales, 128, None, activation_block(isa, weight, scales)))
 
 
 @pytest.mark.parametrize("quantize,levels", [(quantize_int8, 127), (quantize_int4, 7)])

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from kernel_cases import FORMATS, make_weight
-from test_linear import activation_step, quantizes_activations
+from test_linear import activation_block, activation_step
 
 from glmserve import kernels
 from glmserve.kernels import dequantize
@@ -17,10 +17,11 @@ def expert_stack(fmt, experts, rows, cols, group_size, gen):
     return weights, None if pairs[0][1] is None else torch.stack([s for _, s in pairs])
 
 
-def expected_moe(x, topk_weights, topk_ids, w13, s13, w2, s2, group_size, quantized_x=False):
+def expected_moe(x, topk_weights, topk_ids, w13, s13, w2, s2, group_size, blocks=(0, 0)):
     """fp64, one (token, slot) at a time, and the bound the kernel stays within, carried through the block: each
     product's fp32 rounding (1e-5 of sum |w_k x_k|) and, with quantized activations, half a step of each input
-    (of x, then of SiLU(gate) * up) times its weight; |SiLU'| <= 1.1 carries gate's error into SiLU(gate)."""
+    (of x, then of SiLU(gate) * up: `blocks` are each one's inputs per activation scale, 0 for fp32) times its
+    weight; |SiLU'| <= 1.1 carries gate's error into SiLU(gate)."""
     out = torch.zeros(x.shape[0], w2.shape[1], dtype=torch.float64)
     bound = torch.full_like(out, 1e-6)
     for t in range(x.shape[0]):
@@ -34,17 +35,17 @@ def expected_moe(x, topk_weights, topk_ids, w13, s13, w2, s2, group_size, quanti
             h = F.silu(gate) * up
             weight = topk_weights[t, j].double()
             out[t] += weight * (down @ h)
-            err_gate, err_up = (1e-5 * (gate_up.abs() @ xt.abs()) + quantization_error(gate_up, xt, quantized_x)
+            err_gate, err_up = (1e-5 * (gate_up.abs() @ xt.abs()) + quantization_error(gate_up, xt, blocks[0])
                                 + 1e-6).chunk(2)
             err_h = 1.1 * err_gate * (up.abs() + err_up) + F.silu(gate).abs() * err_up + 1e-6 * h.abs()
             h_bound = h.abs() + err_h
             bound[t] += weight * (down.abs() @ err_h + 1e-5 * (down.abs() @ h_bound)
-                                  + quantization_error(down, h_bound, quantized_x))
+                                  + quantization_error(down, h_bound, blocks[1]))
     return out, bound
 
 
-def quantization_error(w, x_abs_bound, quantized_x):
-    return 0.5 * 1.001 * (w.abs() @ activation_step(x_abs_bound)) if quantized_x else 0
+def quantization_error(w, x_abs_bound, block):
+    return 0.5 * 1.001 * (w.abs() @ activation_step(x_abs_bound, block)) if block else 0
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -62,7 +63,7 @@ def test_moe_experts_equal_fp64_definition(fmt, tokens, group_size, isa):
     topk_weights = torch.rand(tokens, top_k, generator=gen)
     out = kernels.moe_experts(x, topk_weights, topk_ids, w13, s13, w2, s2, group_size, isa=isa)
     expected, bound = expected_moe(x, topk_weights, topk_ids, w13, s13, w2, s2, group_size,
-                                   quantizes_activations(isa, w13))
+                                   (activation_block(isa, w13, s13), activation_block(isa, w2, s2)))
     err = (out.double() - expected).abs()
     assert out.dtype == torch.float32 and out.shape == expected.shape
     assert (err <= bound).all(), f"max error {err.max():.3g}"

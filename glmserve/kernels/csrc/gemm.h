@@ -14,12 +14,19 @@ enum WeightType : int { kF32, kF16, kBF16, kF8E4M3, kI8, kI4, kNumWeightTypes };
 // of each 128-input block, as the weight's low and high nibbles do).
 constexpr int64_t kQ8Pad = 128;
 
+//
+// Per-row mode (`per_row`, for int8 weights with one scale per output row): one activation scale for the whole row,
+// so a dot product's int32 sum spans all of k and is converted to fp32 once; a row then has one "lane" (ld_lane 1).
 struct QuantizedRows {
   const int8_t* q;           // [rows, padded k]
   const float* lane_scale;   // [rows, lanes]: the scale of the block each lane's inputs belong to
   const int32_t* lane_bias;  // [rows, lanes]: minus the weight's zero point (128 or 8) times the lane's sum of q
   int64_t ld_q, ld_lane;
+  bool per_row;
 };
+
+// Per-row int32 sums stay exact while k * 255 * 127 < 2^31.
+constexpr int64_t kQ8PerRowMaxK = 65536;
 
 // y[m, n] = bias[n] + sum_k x[m, k] * W[n, k] for m < rows and n in the range a call is given.
 struct GemmArgs {
@@ -39,9 +46,9 @@ struct GemmArgs {
 
 using GemmFn = void (*)(const GemmArgs&, int64_t n_begin, int64_t n_end);
 
-// Quantizes `rows` rows of x ([rows, k], ldx apart) for weights of type t into buffers sized by q8_sizes.
-using QuantizeRowsFn = void (*)(WeightType t, const float* x, int64_t ldx, int64_t rows, int64_t k, int8_t* q,
-                                float* lane_scale, int32_t* lane_bias);
+// Quantizes `rows` rows of x ([rows, k], ldx apart) for weights of type t, in blocks of 32 or per row.
+using QuantizeRowsFn = void (*)(WeightType t, bool per_row, const float* x, int64_t ldx, int64_t rows, int64_t k,
+                                int8_t* q, float* lane_scale, int32_t* lane_bias);
 
 struct IsaKernels {
   GemmFn gemm[kNumWeightTypes];

@@ -102,19 +102,26 @@ struct QuantizedX {
 
   QuantizedRows from_row(int64_t row0) const {
     return {rows.q + row0 * rows.ld_q, rows.lane_scale + row0 * rows.ld_lane, rows.lane_bias + row0 * rows.ld_lane,
-            rows.ld_q, rows.ld_lane};
+            rows.ld_q, rows.ld_lane, rows.per_row};
   }
 };
 
+// Activations of an int8 weight with one scale per row are quantized per row too (one scale per activation row),
+// so the kernel's int32 sums span all of k; other weights' in blocks of 32 (benchmarks/activation_quant_accuracy.py
+// measures both on a whole model).
+bool per_row_activations(const WeightView& v) { return v.type == kI8 && v.groups == 1 && v.k <= kQ8PerRowMaxK; }
+
 QuantizedX quantize_x(const IsaKernels& table, const WeightView& v, const float* x, int64_t ldx, int64_t rows) {
-  const int64_t padded = (v.k + kQ8Pad - 1) / kQ8Pad * kQ8Pad, lanes = padded / q8_lane_inputs(v.type);
+  const bool per_row = per_row_activations(v);
+  const int64_t padded = (v.k + kQ8Pad - 1) / kQ8Pad * kQ8Pad;
+  const int64_t lanes = per_row ? 1 : padded / q8_lane_inputs(v.type);
   QuantizedX out{at::empty({rows, padded}, at::kChar), at::empty({rows, lanes}, at::kFloat),
                  at::empty({rows, lanes}, at::kInt), {}};
   out.rows = {out.q.data_ptr<int8_t>(), out.lane_scale.data_ptr<float>(), out.lane_bias.data_ptr<int32_t>(), padded,
-              lanes};
+              lanes, per_row};
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-    table.quantize_rows(v.type, x + begin * ldx, ldx, end - begin, v.k, out.q.data_ptr<int8_t>() + begin * padded,
-                        out.lane_scale.data_ptr<float>() + begin * lanes,
+    table.quantize_rows(v.type, per_row, x + begin * ldx, ldx, end - begin, v.k,
+                        out.q.data_ptr<int8_t>() + begin * padded, out.lane_scale.data_ptr<float>() + begin * lanes,
                         out.lane_bias.data_ptr<int32_t>() + begin * lanes);
   });
   return out;
