@@ -184,15 +184,26 @@ void attend(const PagedAttentionArgs& a, const AttentionTask& task) {
   std::fill(task.acc, task.acc + rows * dim, 0.f);
   const uint8_t* key_rows[kTile];
   const float* value_rows[kTile];
-  const int64_t mask = a.block_size - 1;
+  const int64_t mask = a.block_size - 1, row_lines = (dim * a.kv_elem_bytes + 63) / 64;
+  const auto key_offset = [&](int64_t p) {
+    return ((table[p >> a.block_shift] << a.block_shift) + (p & mask)) * row_bytes + head_offset;
+  };
   for (int64_t k0 = task.key_begin; k0 < task.key_end; k0 += kTile) {
+    // The next tile's rows are requested now: its blocks lie anywhere in the pool, beyond what the hardware
+    // prefetchers follow, so without this each tile's loads wait for memory a short burst at a time (BENCHMARKS.md).
+    for (int64_t p = k0 + kTile; p < std::min(k0 + 2 * kTile, task.key_end); ++p) {
+      const int64_t offset = key_offset(p);
+      for (int64_t line = 0; line < row_lines; ++line) {
+        __builtin_prefetch(a.k + offset + 64 * line);
+        __builtin_prefetch(a.v + offset + 64 * line);
+      }
+    }
     const int64_t n = std::min(kTile, task.key_end - k0);
     // The first row that sees a key of this tile (rows see more keys as r grows): the rows before see none.
     const int64_t first_row = std::max<int64_t>(0, k0 - task.first_position) * group;
     if (first_row >= rows) break;
     for (int64_t t = 0; t < n; ++t) {
-      const int64_t p = k0 + t;
-      const int64_t offset = ((table[p >> a.block_shift] << a.block_shift) + (p & mask)) * row_bytes + head_offset;
+      const int64_t offset = key_offset(k0 + t);
       key_rows[t] = a.k + offset;
       value_rows[t] = widen_row<T>(a.v + offset, dim, widened_v + t * dim);
     }
