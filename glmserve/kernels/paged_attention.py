@@ -1,5 +1,5 @@
-"""The native paged-attention kernel's entry point (csrc/paged_attention*.cpp): decode and short queries (draft
-verification, small prefill chunks) attending to their sequences' keys where they lie in the paged KV cache.
+"""The native paged-attention kernel's entry point (csrc/paged_attention*.cpp): decode, draft verification and
+prefill chunks attending to their sequences' keys where they lie in the paged KV cache.
 
 Its torch references are layers.attention's torch_native and torch_blockwise backends, which the tests hold it to;
 the cpu_native backend (layers/attention/cpu_native.py) calls it and falls back to torch_blockwise where it does not

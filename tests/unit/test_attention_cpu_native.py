@@ -1,8 +1,9 @@
 """cpu_native (the native paged-attention kernel, every ISA path this CPU has, and its torch_blockwise fallback with
 the extension off) against the float64 per-query loop and the torch_native reference: mixed batches of decode,
-verification and prefill chunks, lengths inside blocks, block tables out of order, prefix blocks shared, GLM-4.5's
-GQA shape (12 query heads per KV head, head_dim 128) and the bench shapes', key ranges split over threads and
-merged, rising scores (the running max), every KV storage dtype with its scales, and a context past 32K."""
+verification and prefill chunks (long ones in several query blocks, their diagonal key tiles masked), lengths
+inside blocks and tiles, block tables out of order, prefix blocks shared, GLM-4.5's GQA shape (12 query heads per
+KV head, head_dim 128) and the bench shapes', key ranges split over threads and merged, rising scores (the running
+max), every KV storage dtype with its scales, and a context past 32K."""
 
 import pytest
 import torch
@@ -62,6 +63,31 @@ def test_same_result_for_any_split(backend, threads):
         _check(backend, [2100, 7], [1, 3], 0.2, block_size=16, kv_heads=2, group=3, head_dim=32, magnitude=8.0)
     finally:
         torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_prefill_chunks_in_query_blocks(backend, threads):
+    """Chunks of 150 and 77 queries (the kernel's query blocks hold 128 rows: 32 queries of 4 heads, so 5 and 3
+    blocks) starting and ending inside key tiles and blocks, one over a prefix-cache hit, beside a decode and a
+    verification: each query sees exactly the keys up to its own position, the chunk's own keys included."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _check(backend, [45, 0, 1000, 70], [150, 77, 1, 3], 0.2, block_size=16, kv_heads=2, group=4, head_dim=24,
+               share_prefix=2, magnitude=6.0)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_long_chunk_split_over_keys_at_a_long_context(backend):
+    """A 24-query chunk at the end of a 6,000-token context: one query block, its keys split over the threads (the
+    diagonal in the last split only), against torch_native."""
+    starts, query_lens = [5_977], [24]
+    cache, tables, q, k, v, _, _ = _scenario(11, starts, query_lens, block_size=16, kv_heads=2, group=4,
+                                             head_dim=32, magnitude=3.0)
+    reference = _attend(TorchNativeBackend(), cache, tables, starts, query_lens, q, k, v, 0.3)
+    got = _attend(backend, cache, tables, starts, query_lens, q, k, v, 0.3)
+    assert torch.allclose(got, reference, rtol=1e-4, atol=1e-5), (got - reference).abs().max()
 
 
 @pytest.mark.parametrize("share_prefix", [2, 5])

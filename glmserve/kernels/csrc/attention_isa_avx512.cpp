@@ -21,7 +21,7 @@ namespace avx512_attention {
 
 struct V {
   using F = __m512;
-  static constexpr int kWidth = 16, kScoreRows = 4;  // query rows scored together (16 accumulators of 32)
+  static constexpr int kWidth = 16, kScoreRows = 8;  // query rows scored together (16 accumulators of 32)
   static F zero() { return _mm512_setzero_ps(); }
   static F load(const float* p) { return _mm512_loadu_ps(p); }
   static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
@@ -31,14 +31,28 @@ struct V {
   static F max(F a, F b) { return _mm512_max_ps(a, b); }
   static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
   static float reduce(F a) { return _mm512_reduce_add_ps(a); }
-  // The four sums of a0..a3 into out[0..3]: pairs interleaved and added within each 128-bit lane, then the lanes.
-  static void reduce4(F a0, F a1, F a2, F a3, float* out) {
-    const F t0 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
-    const F t1 = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
-    const F t2 = _mm512_add_ps(_mm512_shuffle_ps(t0, t1, _MM_SHUFFLE(1, 0, 1, 0)),
-                               _mm512_shuffle_ps(t0, t1, _MM_SHUFFLE(3, 2, 3, 2)));
-    const __m256 u = _mm256_add_ps(_mm512_castps512_ps256(t2), _mm512_extractf32x8_ps(t2, 1));
-    _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1)));
+  // r[j] = lane j of the 16 rows r[0..15]: pairs of rows interleaved, then fours, then 128-bit lanes exchanged.
+  static void transpose(F* r) {
+    F t[16], s[16];
+    for (int i = 0; i < 8; ++i) {
+      t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+      t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int g = 0; g < 4; ++g) {  // s[4g + c], 128-bit lane L: lane 4L + c of rows 4g..4g + 3
+      s[4 * g] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], 0x44);
+      s[4 * g + 1] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], 0xEE);
+      s[4 * g + 2] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0x44);
+      s[4 * g + 3] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0xEE);
+    }
+    for (int c = 0; c < 4; ++c) {  // a 4 x 4 transpose of 128-bit lanes across s[c], s[4 + c], s[8 + c], s[12 + c]
+      const F u0 = _mm512_shuffle_f32x4(s[c], s[4 + c], 0x88), u1 = _mm512_shuffle_f32x4(s[c], s[4 + c], 0xDD);
+      const F u2 = _mm512_shuffle_f32x4(s[8 + c], s[12 + c], 0x88);
+      const F u3 = _mm512_shuffle_f32x4(s[8 + c], s[12 + c], 0xDD);
+      r[c] = _mm512_shuffle_f32x4(u0, u2, 0x88);
+      r[4 + c] = _mm512_shuffle_f32x4(u1, u3, 0x88);
+      r[8 + c] = _mm512_shuffle_f32x4(u0, u2, 0xDD);
+      r[12 + c] = _mm512_shuffle_f32x4(u1, u3, 0xDD);
+    }
   }
   static float reduce_max(F a) { return _mm512_reduce_max_ps(a); }
   static F min(F a, F b) { return _mm512_min_ps(a, b); }

@@ -23,14 +23,10 @@ struct V {
   static F add(F a, F b) { return a + b; }
   static F sub(F a, F b) { return a - b; }
   static F max(F a, F b) { return a > b ? a : b; }
+  static F mul(F a, F b) { return a * b; }
   static F fma(F a, F b, F c) { return a * b + c; }
   static float reduce(F a) { return a; }
-  static void reduce4(F a0, F a1, F a2, F a3, float* out) {
-    out[0] = a0;
-    out[1] = a1;
-    out[2] = a2;
-    out[3] = a3;
-  }
+  static void transpose(F*) {}  // one lane: a 1 x 1 block is its own transpose
   static float reduce_max(F a) { return a; }
   static F exp(F a) { return std::exp(a); }
   template <int T>

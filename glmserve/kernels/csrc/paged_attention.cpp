@@ -16,6 +16,7 @@ namespace {
 
 constexpr int64_t kTasksPerThread = 4;  // enough tasks that uneven ones still balance
 constexpr int64_t kMinSplitKeys = 512;  // a task's keys outweigh its setup and its share of the reduction
+constexpr int64_t kRowsPerTask = 128;   // query rows (queries x heads of a KV head) a prefill task keeps in cache
 
 KvType kv_type(const at::Tensor& cache) {
   switch (cache.scalar_type()) {
@@ -71,7 +72,6 @@ void paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::T
   const int64_t *tables = block_tables.data_ptr<int64_t>(), *seq = seqs.data_ptr<int64_t>();
 
   // Check what the tasks will read: a wrong block id would read outside the cache.
-  int64_t total_keys = 0;
   for (int64_t i = 0; i < seqs.numel(); ++i) {
     const int64_t b = seq[i];
     TORCH_CHECK(b >= 0 && b < batch, "glmserve paged_attention: sequence index ", b, " of ", batch);
@@ -82,24 +82,41 @@ void paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::T
     for (int64_t j = 0; j < (lens[b] + block_size - 1) / block_size; ++j)
       TORCH_CHECK(tables[b * max_blocks + j] >= 0 && tables[b * max_blocks + j] < num_blocks,
                   "glmserve paged_attention: block id ", tables[b * max_blocks + j], " of ", num_blocks);
-    total_keys += lens[b];
   }
 
-  // Split each sequence's keys into ranges of about an even share of every thread's work.
-  const int64_t wanted_tasks = kTasksPerThread * at::get_num_threads();
-  int64_t split = std::max(kMinSplitKeys, (total_keys * kv_heads + wanted_tasks - 1) / wanted_tasks);
-  split = (split + 31) / 32 * 32;  // whole tiles of the kernel's keys
-  std::vector<AttentionTask> tasks;
-  std::vector<int64_t> first_task;  // per (sequence, KV head): its tasks are first_task[i]..first_task[i + 1]
-  int64_t partial_rows = 0;
+  // Each sequence's queries go in blocks of about kRowsPerTask rows (a prefill chunk is many blocks, a decode or a
+  // verification one), each block over the keys up to its last query's position (the causal bound), its keys
+  // split into ranges of about an even share of every thread's work (flash-decoding: one long context, every
+  // thread).
+  struct QueryBlock {
+    int64_t seq, first, count, keys;  // first query (index within the sequence), queries, keys its rows see
+  };
+  const int64_t block_queries = std::max<int64_t>(1, kRowsPerTask / group);
+  std::vector<QueryBlock> blocks;
+  int64_t total_work = 0;  // keys x query rows, over every block and KV head
   for (int64_t i = 0; i < seqs.numel(); ++i) {
     const int64_t b = seq[i], queries = starts[b + 1] - starts[b];
+    for (int64_t first = 0; first < queries; first += block_queries) {
+      const int64_t count = std::min(block_queries, queries - first), keys = lens[b] - queries + first + count;
+      blocks.push_back({b, first, count, keys});
+      total_work += keys * count * heads;
+    }
+  }
+  const int64_t wanted_tasks = kTasksPerThread * at::get_num_threads();
+  std::vector<AttentionTask> tasks;
+  std::vector<int64_t> first_task;  // per (query block, KV head): its tasks are first_task[i]..first_task[i + 1]
+  int64_t partial_rows = 0;
+  for (const QueryBlock& block : blocks) {
+    const int64_t rows = block.count * group;
+    int64_t split = std::max(kMinSplitKeys, (total_work + wanted_tasks - 1) / wanted_tasks / rows);
+    split = (split + 31) / 32 * 32;  // whole tiles of the kernel's keys
     for (int64_t h = 0; h < kv_heads; ++h) {
       first_task.push_back(static_cast<int64_t>(tasks.size()));
-      for (int64_t k0 = 0; k0 < lens[b]; k0 += split) {
-        tasks.push_back({b, h, k0, std::min(k0 + split, lens[b]), starts[b], queries, lens[b] - queries,
+      for (int64_t k0 = 0; k0 < block.keys; k0 += split) {
+        tasks.push_back({block.seq, h, k0, std::min(k0 + split, block.keys), starts[block.seq] + block.first,
+                         block.count, lens[block.seq] - (starts[block.seq + 1] - starts[block.seq]) + block.first,
                          nullptr, nullptr, nullptr});
-        partial_rows += queries * group;
+        partial_rows += rows;
       }
     }
   }

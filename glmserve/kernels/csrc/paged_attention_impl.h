@@ -1,15 +1,19 @@
 // One paged-attention task (paged_attention.h) written once against an ISA's vector traits `V`: width, load /
-// store / fma / max, horizontal sum and max, exp, and `load_kv<T>` (kWidth stored values widened to fp32, unscaled).
-// Included inside each ISA's namespace after its `V` and weights.h.
+// store / fma / max, horizontal sum and max, exp, a kWidth x kWidth transpose, and `load_kv<T>` (kWidth stored values
+// widened to fp32, unscaled). Included inside each ISA's namespace after its `V` and weights.h.
 //
-// Keys go kTile at a time: each key row is read from the cache once (widened to fp32 if stored narrower) and
-// scored against all R = queries x G query rows of its KV head (GQA), then the tile's softmax is folded into each
-// row's running max / sum / accumulator (online softmax, fp32), and each value row is read once for all R rows.
+// A tile of kTile keys is one small GEMM per block of MR query rows (queries x heads of the KV head: GQA): the tile's
+// keys are transposed once into kt [D][kTile] (keys along the vector lanes, widened there from narrower storage),
+// so each kt vector loaded feeds MR FMAs and a row's kTile scores come out as whole vectors, with no horizontal sum
+// per key. Then each row's scores are folded into its running max / sum / accumulator (online softmax, fp32), and
+// P x V runs with the values' dims along the lanes, each value vector loaded once for MR rows. Rows only mask keys
+// in the tiles that hold positions past their own (the diagonal of a prefill chunk, the end of a context).
 
 // The including file provides <algorithm>, <cmath>, <limits> and <vector> (std headers cannot be included inside
 // a namespace).
 
-constexpr int64_t kTile = 32;  // keys scored together: a multiple of every ISA's width
+constexpr int64_t kTile = 32;  // keys per tile: a multiple of every ISA's width
+constexpr int64_t kKeyVectors = kTile / V::kWidth;
 
 template <int T>
 struct KvFormat;
@@ -27,6 +31,14 @@ struct KvFormat<kKvF8E5M2> {  // e5m2 is the high byte of an fp16
   }
 };
 
+template <int T>
+inline typename V::F load_stored(const uint8_t* row, int64_t d) {
+  if constexpr (T == kKvF32)
+    return V::load(reinterpret_cast<const float*>(row) + d);
+  else
+    return V::template load_kv<T>(row, d);
+}
+
 // A stored row of D values as fp32: the row itself for fp32 storage, else widened into `buffer`.
 template <int T>
 inline const float* widen_row(const uint8_t* row, int64_t d_total, float* buffer) {
@@ -40,33 +52,38 @@ inline const float* widen_row(const uint8_t* row, int64_t d_total, float* buffer
   }
 }
 
-// Scores of MR query rows (ld apart) against 4 keys: out[m * out_ld + j] = q_m . key_j. Each key vector loaded
-// feeds MR FMAs and each query vector 4; one reduce4 per row turns its 4 accumulators into 4 scores.
-template <int MR>
-inline void score_block(const float* q, int64_t ld, const float* const* keys, int64_t d_total, float* out,
-                        int64_t out_ld) {
-  typename V::F acc[MR][4];
-  for (int m = 0; m < MR; ++m)
-    for (int j = 0; j < 4; ++j) acc[m][j] = V::zero();
+// kt[d * kTile + t] = key t's value d (fp32, unscaled) for the tile's kTile stored key rows.
+template <int T>
+inline void transpose_keys(const uint8_t* const* rows, int64_t d_total, float* kt) {
+  typename V::F block[V::kWidth];
   int64_t d = 0;
-  for (; d + V::kWidth <= d_total; d += V::kWidth) {
-    const typename V::F k0 = V::load(keys[0] + d), k1 = V::load(keys[1] + d), k2 = V::load(keys[2] + d),
-                        k3 = V::load(keys[3] + d);
+  for (; d + V::kWidth <= d_total; d += V::kWidth)
+    for (int64_t t0 = 0; t0 < kTile; t0 += V::kWidth) {
+      for (int i = 0; i < V::kWidth; ++i) block[i] = load_stored<T>(rows[t0 + i], d);
+      V::transpose(block);
+      for (int j = 0; j < V::kWidth; ++j) V::store(kt + (d + j) * kTile + t0, block[j]);
+    }
+  for (; d < d_total; ++d)
+    for (int64_t t = 0; t < kTile; ++t) kt[d * kTile + t] = KvFormat<T>::at(rows[t], d);
+}
+
+// s[m * kTile + t] = q_m . key_t for MR query rows (D apart) against the transposed tile: MR x kKeyVectors
+// accumulators, each kt vector loaded once for the MR rows, each query value broadcast once for the tile.
+template <int MR>
+inline void score_rows(const float* q, int64_t d_total, const float* kt, float* s) {
+  typename V::F acc[MR][kKeyVectors];
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < kKeyVectors; ++v) acc[m][v] = V::zero();
+  for (int64_t d = 0; d < d_total; ++d) {
+    typename V::F k[kKeyVectors];
+    for (int v = 0; v < kKeyVectors; ++v) k[v] = V::load(kt + d * kTile + v * V::kWidth);
     for (int m = 0; m < MR; ++m) {
-      const typename V::F qv = V::load(q + m * ld + d);
-      acc[m][0] = V::fma(qv, k0, acc[m][0]);
-      acc[m][1] = V::fma(qv, k1, acc[m][1]);
-      acc[m][2] = V::fma(qv, k2, acc[m][2]);
-      acc[m][3] = V::fma(qv, k3, acc[m][3]);
+      const typename V::F qm = V::set1(q[m * d_total + d]);
+      for (int v = 0; v < kKeyVectors; ++v) acc[m][v] = V::fma(qm, k[v], acc[m][v]);
     }
   }
-  for (int m = 0; m < MR; ++m) {
-    float s[4];
-    V::reduce4(acc[m][0], acc[m][1], acc[m][2], acc[m][3], s);
-    for (int64_t e = d; e < d_total; ++e)
-      for (int j = 0; j < 4; ++j) s[j] += q[m * ld + e] * keys[j][e];
-    for (int j = 0; j < 4; ++j) out[m * out_ld + j] = s[j];
-  }
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < kKeyVectors; ++v) V::store(s + m * kTile + v * V::kWidth, acc[m][v]);
 }
 
 // Folds one row's tile of scores (kTile, -inf past its visible keys, at least one visible) into its running max and
@@ -83,8 +100,12 @@ inline void softmax_tile(float* s, float& m, float& l, float* acc, int64_t d_tot
     sum = V::add(sum, p);
   }
   const float alpha = m == -std::numeric_limits<float>::infinity() ? 0.f : std::exp(m - m_new);
-  if (alpha != 1.f)
-    for (int64_t d = 0; d < d_total; ++d) acc[d] *= alpha;
+  if (alpha != 1.f) {
+    const typename V::F scale = V::set1(alpha);
+    int64_t d = 0;
+    for (; d + V::kWidth <= d_total; d += V::kWidth) V::store(acc + d, V::mul(V::load(acc + d), scale));
+    for (; d < d_total; ++d) acc[d] *= alpha;
+  }
   l = l * alpha + V::reduce(sum);
   m = m_new;
 }
@@ -108,65 +129,89 @@ inline void accumulate_values(float* acc, const float* p, const float* const* va
       for (int64_t t = 0; t < n; ++t) acc[m * d_total + d] += p[m * kTile + t] * values[t][d];
 }
 
+// One tile (keys k0..k0 + n - 1, transposed in kt, values' rows in `values`) for rows r0..r0 + MR - 1 of the task.
+// Row r (query r / group) sees key p when p <= first_position + r / group: only a tile holding a position past some
+// row's own is masked, and rows that see none of it are left as they are.
+template <int MR>
+inline void tile_rows(const AttentionTask& task, const float* queries, int64_t r0, int64_t group, int64_t k0,
+                      int64_t n, int64_t dim, const float* kt, const float* const* values, float* scores) {
+  int64_t visible[MR], most = 0;
+  for (int m = 0; m < MR; ++m) {
+    visible[m] = std::clamp<int64_t>(task.first_position + (r0 + m) / group - k0 + 1, 0, n);
+    most = std::max(most, visible[m]);
+  }
+  if (most == 0) return;
+  score_rows<MR>(queries + r0 * dim, dim, kt, scores);
+  for (int m = 0; m < MR; ++m) {
+    float* row = scores + m * kTile;
+    if (visible[m] == 0) {  // a later query's keys only: this row's state is unchanged
+      std::fill(row, row + kTile, 0.f);
+      continue;
+    }
+    std::fill(row + visible[m], row + kTile, -std::numeric_limits<float>::infinity());
+    softmax_tile(row, task.m[r0 + m], task.l[r0 + m], task.acc + (r0 + m) * dim, dim);
+  }
+  accumulate_values<MR>(task.acc + r0 * dim, scores, values, most, dim);
+}
+
+// tile_rows for a block of `block` <= MR rows (the last block of a task).
+template <int MR>
+inline void tile_block(int block, const AttentionTask& task, const float* queries, int64_t r0, int64_t group,
+                       int64_t k0, int64_t n, int64_t dim, const float* kt, const float* const* values,
+                       float* scores) {
+  if constexpr (MR > 1)
+    if (block < MR) return tile_block<MR - 1>(block, task, queries, r0, group, k0, n, dim, kt, values, scores);
+  tile_rows<MR>(task, queries, r0, group, k0, n, dim, kt, values, scores);
+}
+
 template <int T>
 void attend(const PagedAttentionArgs& a, const AttentionTask& task) {
   constexpr int MR = V::kScoreRows;
   const int64_t dim = a.head_dim, group = a.heads / a.kv_heads, rows = task.num_queries * group;
   const int64_t row_bytes = a.kv_heads * dim * a.kv_elem_bytes, head_offset = task.kv_head * dim * a.kv_elem_bytes;
   const int64_t* table = a.block_tables + task.seq * a.max_blocks;
-  constexpr float kMinusInf = -std::numeric_limits<float>::infinity();
-  std::vector<float> scratch(rows * dim + rows * kTile + 2 * kTile * dim);
+  std::vector<float> scratch(rows * dim + MR * kTile + dim * kTile + kTile * dim);
   float* queries = scratch.data();       // [R, D], scaled
-  float* scores = queries + rows * dim;  // [R, kTile]
-  float* widened_k = scores + rows * kTile;
-  float* widened_v = widened_k + kTile * dim;
+  float* scores = queries + rows * dim;  // [MR, kTile]
+  float* kt = scores + MR * kTile;       // [D, kTile]
+  float* widened_v = kt + dim * kTile;   // [kTile, D]
   for (int64_t r = 0; r < rows; ++r) {
     const float* src = a.q + ((task.q_row + r / group) * a.heads + task.kv_head * group + r % group) * dim;
     for (int64_t d = 0; d < dim; ++d) queries[r * dim + d] = src[d] * a.qk_scale;
-    task.m[r] = kMinusInf;
+    task.m[r] = -std::numeric_limits<float>::infinity();
     task.l[r] = 0.f;
   }
   std::fill(task.acc, task.acc + rows * dim, 0.f);
-  const float* key_rows[kTile];
+  const uint8_t* key_rows[kTile];
   const float* value_rows[kTile];
-  int64_t visible[MR];
+  const int64_t mask = a.block_size - 1, row_lines = (dim * a.kv_elem_bytes + 63) / 64;
+  const auto key_offset = [&](int64_t p) {
+    return ((table[p >> a.block_shift] << a.block_shift) + (p & mask)) * row_bytes + head_offset;
+  };
   for (int64_t k0 = task.key_begin; k0 < task.key_end; k0 += kTile) {
-    const int64_t n = std::min(kTile, task.key_end - k0), mask = a.block_size - 1;
+    // The next tile's rows are requested now: its blocks lie anywhere in the pool, beyond what the hardware
+    // prefetchers follow, so without this each tile's loads wait for memory a short burst at a time (BENCHMARKS.md).
+    for (int64_t p = k0 + kTile; p < std::min(k0 + 2 * kTile, task.key_end); ++p) {
+      const int64_t offset = key_offset(p);
+      for (int64_t line = 0; line < row_lines; ++line) {
+        __builtin_prefetch(a.k + offset + 64 * line);
+        __builtin_prefetch(a.v + offset + 64 * line);
+      }
+    }
+    const int64_t n = std::min(kTile, task.key_end - k0);
+    // The first row that sees a key of this tile (rows see more keys as r grows): the rows before see none.
+    const int64_t first_row = std::max<int64_t>(0, k0 - task.first_position) * group;
+    if (first_row >= rows) break;
     for (int64_t t = 0; t < n; ++t) {
-      const int64_t p = k0 + t;
-      const int64_t offset = ((table[p >> a.block_shift] << a.block_shift) + (p & mask)) * row_bytes + head_offset;
-      key_rows[t] = widen_row<T>(a.k + offset, dim, widened_k + t * dim);
+      const int64_t offset = key_offset(k0 + t);
+      key_rows[t] = a.k + offset;
       value_rows[t] = widen_row<T>(a.v + offset, dim, widened_v + t * dim);
     }
-    for (int64_t t = n; t < (n + 3) / 4 * 4; ++t) key_rows[t] = key_rows[0];  // scored, then masked
-    // Query i sees keys up to first_position + i: a row block scores the whole tile, then each row masks the
-    // keys past its own position (and past n) with -inf and folds what it sees into its softmax.
-    for (int64_t r0 = 0; r0 < rows; r0 += MR) {
-      const int block = static_cast<int>(std::min<int64_t>(MR, rows - r0));
-      for (int64_t t = 0; t < n; t += 4)
-        if (block == MR)
-          score_block<MR>(queries + r0 * dim, dim, key_rows + t, dim, scores + r0 * kTile + t, kTile);
-        else
-          for (int m = 0; m < block; ++m)
-            score_block<1>(queries + (r0 + m) * dim, dim, key_rows + t, dim, scores + (r0 + m) * kTile + t, kTile);
-      int64_t most = 0;
-      for (int m = 0; m < MR; ++m) {
-        float* row = scores + (r0 + m) * kTile;
-        visible[m] = m < block ? std::clamp<int64_t>(task.first_position + (r0 + m) / group - k0 + 1, 0, n) : 0;
-        most = std::max(most, visible[m]);
-        if (m >= block) continue;
-        std::fill(row + visible[m], row + kTile, kMinusInf);
-        if (visible[m] > 0)
-          softmax_tile(row, task.m[r0 + m], task.l[r0 + m], task.acc + (r0 + m) * dim, dim);
-        else
-          std::fill(row, row + kTile, 0.f);  // a later query's keys only: this row's state is unchanged
-      }
-      if (block == MR)
-        accumulate_values<MR>(task.acc + r0 * dim, scores + r0 * kTile, value_rows, most, dim);
-      else
-        for (int m = 0; m < block; ++m)
-          accumulate_values<1>(task.acc + (r0 + m) * dim, scores + (r0 + m) * kTile, value_rows, visible[m], dim);
-    }
+    for (int64_t t = n; t < kTile; ++t) key_rows[t] = key_rows[0];  // scored, then masked
+    transpose_keys<T>(key_rows, dim, kt);
+    for (int64_t r0 = first_row; r0 < rows; r0 += MR)
+      tile_block<MR>(static_cast<int>(std::min<int64_t>(MR, rows - r0)), task, queries, r0, group, k0, n, dim, kt,
+                     value_rows, scores);
   }
 }
 

@@ -1,10 +1,11 @@
-"""cpu_native: the native paged-attention kernel (glmserve.kernels.paged_attention) for decode and short queries,
-torch_blockwise's flash path for long prefill chunks, and torch_blockwise for everything where the kernel does not
-run (no native extension, not on CPU, not fp32): the default backend.
+"""cpu_native: the native paged-attention kernel (glmserve.kernels.paged_attention) for every query of a step
+(decode, verification, prefill chunks), and torch_blockwise where the kernel does not run (no native extension,
+not on CPU, not fp32): the default backend.
 
-The kernel reads each K/V row once for all the query heads that share its KV head (GQA), folds tiles of keys into
-an online softmax in fp32, and splits long contexts into key ranges run on every thread (flash-decoding), merged at
-the end; the cache's storage dtype (fp32, bf16, fp8) is widened inside it, scales folded in.
+The kernel reads each K/V row once for all the query rows that share its KV head (GQA; a prefill chunk's queries
+in blocks), folds tiles of keys into an online softmax in fp32, and splits long contexts into key ranges run on
+every thread (flash-decoding), merged at the end; the cache's storage dtype (fp32, bf16, fp8) is widened inside
+it, scales folded in.
 """
 
 from __future__ import annotations
@@ -16,15 +17,14 @@ import torch
 from glmserve.kernels import native
 from glmserve.kernels.paged_attention import paged_attention, runs_natively
 from glmserve.layers.attention.backend import AttentionBackend
-from glmserve.layers.attention.blockwise import BlockwisePlan, LongQuery, TorchBlockwiseBackend
+from glmserve.layers.attention.blockwise import BlockwisePlan, TorchBlockwiseBackend
 from glmserve.layers.attention.kv_cache import PagedKVCache
 from glmserve.layers.attention.metadata import AttentionMetadata
 
 
 @dataclass(slots=True)
 class NativePlan:
-    short_seqs: torch.Tensor  # [n] int64: the sequences the kernel attends (query_lens <= MAX_SHORT_QUERY)
-    long: BlockwisePlan  # the rest, on torch_blockwise's long path
+    seqs: torch.Tensor  # [B] int64: the sequences the kernel attends (all of the step's)
     block_tables: torch.Tensor  # [B, max_blocks] int64, CPU
     seq_lens: torch.Tensor  # [B] int64
     query_start_loc: torch.Tensor  # [B + 1] int64
@@ -41,12 +41,8 @@ class CpuNativeBackend(AttentionBackend):
     def plan(self, meta: AttentionMetadata, block_tables: torch.Tensor, device: torch.device) -> object:
         if native.extension() is None or device.type != "cpu":
             return self.blockwise.plan(meta, block_tables, device)
-        limit = self.blockwise.MAX_SHORT_QUERY
-        short = [b for b, q in enumerate(meta.query_lens) if q <= limit]
-        long = [LongQuery(b, meta.query_start_loc[b], meta.starts[b], q) for b, q in enumerate(meta.query_lens)
-                if q > limit]
-        return NativePlan(torch.tensor(short, dtype=torch.long), BlockwisePlan(None, long),
-                          block_tables.contiguous(), torch.tensor(meta.seq_lens, dtype=torch.long),
+        return NativePlan(torch.arange(len(meta.query_lens)), block_tables.contiguous(),
+                          torch.tensor(meta.seq_lens, dtype=torch.long),
                           torch.tensor(meta.query_start_loc, dtype=torch.long))
 
     def attend(self, q: torch.Tensor, cache: PagedKVCache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
@@ -58,9 +54,6 @@ class CpuNativeBackend(AttentionBackend):
             if plan.fallback is None:
                 plan.fallback = self.blockwise.plan(meta, plan.block_tables, q.device)
             return self.blockwise.attend_planned(out, q, cache, meta, plan.fallback, scale)
-        if plan.short_seqs.numel():
-            paged_attention(out, q, cache.k, cache.v, plan.block_tables, cache.block_size, plan.seq_lens,
-                            plan.query_start_loc, plan.short_seqs, scale, cache.k_scale, cache.v_scale, self.isa)
-        if plan.long.long:
-            self.blockwise.attend_planned(out, q, cache, meta, plan.long, scale)
+        paged_attention(out, q, cache.k, cache.v, plan.block_tables, cache.block_size, plan.seq_lens,
+                        plan.query_start_loc, plan.seqs, scale, cache.k_scale, cache.v_scale, self.isa)
         return out
