@@ -81,10 +81,14 @@ def expected(checkpoints):
     return _generate(str(checkpoints("glm45")))
 
 
-@pytest.mark.parametrize("tp,pp,nnodes,micro_batch", [(2, 1, 2, None), (4, 1, 2, None), (1, 2, 1, None),
-                                                     (1, 2, 1, 1), (2, 2, 1, 2), (2, 2, 2, None)],
-                         ids=["2-nodes-x-tp1", "2-nodes-x-tp2", "pp2", "pp2-micro-batches-of-1",
-                              "tp2-x-pp2-micro-batches-of-2", "2-nodes-tp2-x-pp2"])
+@pytest.mark.parametrize("tp,pp,nnodes,micro_batch", [
+    pytest.param(2, 1, 2, None, id="2-nodes-x-tp1"),
+    # Four ranks on two cores (the suite's slowest test); 2-nodes-tp2-x-pp2 also spans nodes with four ranks.
+    pytest.param(4, 1, 2, None, id="2-nodes-x-tp2", marks=pytest.mark.slow),
+    pytest.param(1, 2, 1, None, id="pp2"),
+    pytest.param(1, 2, 1, 1, id="pp2-micro-batches-of-1"),
+    pytest.param(2, 2, 1, 2, id="tp2-x-pp2-micro-batches-of-2"),
+    pytest.param(2, 2, 2, None, id="2-nodes-tp2-x-pp2")])
 def test_parallel_engines_generate_what_one_process_does(checkpoints, expected, tmp_path, tp, pp, nnodes,
                                                          micro_batch):
     """Rank 0 broadcasts every step to the whole world; pipeline stages pass micro-batches' hidden states on, the
