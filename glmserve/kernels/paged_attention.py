@@ -23,13 +23,13 @@ def runs_natively(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
 
 def paged_attention(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     block_tables: torch.Tensor, block_size: int, seq_lens: torch.Tensor,
-                    query_start_loc: torch.Tensor, seqs: torch.Tensor, scale: float, k_scale: float = 1.0,
+                    query_start_loc: torch.Tensor, scale: float, k_scale: float = 1.0,
                     v_scale: float = 1.0, isa: str | None = None) -> None:
-    """out[rows of the sequences `seqs`] = causal attention of q's rows ([T, H, D] fp32) over their cached keys.
+    """out = causal attention of q's rows ([T, H, D] fp32) over their cached keys.
 
     k_cache, v_cache: [slots, Hk, D] (H a multiple of Hk; query head h reads KV head h // (H / Hk)), stored values
     times k_scale / v_scale are the keys and values. Sequence b's query rows are query_start_loc[b]..[b + 1] at the
     positions that end at seq_lens[b] - 1, its keys in the blocks block_tables[b] names. Index tensors are int64 on
     the CPU. Only call when runs_natively(q, k_cache)."""
     native.extension().paged_attention(q.contiguous(), k_cache, v_cache, block_tables, block_size, seq_lens,
-                                       query_start_loc, seqs, out, scale, k_scale, v_scale, native.isa_index(isa))
+                                       query_start_loc, out, scale, k_scale, v_scale, native.isa_index(isa))

@@ -347,7 +347,7 @@ std::vector<std::string> available_isas() {
 // paged_attention.cpp
 void paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                      const at::Tensor& block_tables, int64_t block_size, const at::Tensor& seq_lens,
-                     const at::Tensor& query_start_loc, const at::Tensor& seqs, at::Tensor out, double scale,
+                     const at::Tensor& query_start_loc, at::Tensor out, double scale,
                      double k_scale, double v_scale, int64_t isa);
 
 }  // namespace glmserve

@@ -44,12 +44,12 @@ const AttentionKernels& attention_kernels_for(int64_t isa) {
 
 }  // namespace
 
-// out[rows of each sequence in `seqs`] = causal attention of q's rows over the sequence's cached keys; q, out
+// out = causal attention of q's rows over the sequence's cached keys; q, out
 // [T, H, D] fp32; k_cache, v_cache [slots, Hk, D]; block_tables [B, max_blocks], seq_lens [B] and query_start_loc
 // [B + 1] int64 (query rows of sequence b: query_start_loc[b]..[b + 1], at positions ending at seq_lens[b] - 1).
 void paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                      const at::Tensor& block_tables, int64_t block_size, const at::Tensor& seq_lens,
-                     const at::Tensor& query_start_loc, const at::Tensor& seqs, at::Tensor out, double scale,
+                     const at::Tensor& query_start_loc, at::Tensor out, double scale,
                      double k_scale, double v_scale, int64_t isa) {
   TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.is_contiguous() && out.sizes() == q.sizes() &&
                   out.scalar_type() == at::kFloat && out.is_contiguous(),
@@ -58,7 +58,7 @@ void paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::T
                   v_cache.is_contiguous() && k_cache.scalar_type() == v_cache.scalar_type() &&
                   k_cache.size(2) == q.size(2) && q.size(1) % k_cache.size(1) == 0,
               "glmserve paged_attention: K and V caches must be contiguous [slots, Hk, D] of one dtype, Hk | H");
-  for (const at::Tensor* t : {&block_tables, &seq_lens, &query_start_loc, &seqs})
+  for (const at::Tensor* t : {&block_tables, &seq_lens, &query_start_loc})
     TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous() && t->device().is_cpu(),
                 "glmserve paged_attention: block tables, lengths and indices must be contiguous int64 on the CPU");
   const int64_t batch = seq_lens.numel(), max_blocks = block_tables.size(1);
@@ -69,12 +69,10 @@ void paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::T
   const int64_t heads = q.size(1), kv_heads = k_cache.size(1), dim = q.size(2), group = heads / kv_heads;
   const int64_t num_blocks = k_cache.size(0) / block_size;
   const int64_t *lens = seq_lens.data_ptr<int64_t>(), *starts = query_start_loc.data_ptr<int64_t>();
-  const int64_t *tables = block_tables.data_ptr<int64_t>(), *seq = seqs.data_ptr<int64_t>();
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
 
   // Check what the tasks will read: a wrong block id would read outside the cache.
-  for (int64_t i = 0; i < seqs.numel(); ++i) {
-    const int64_t b = seq[i];
-    TORCH_CHECK(b >= 0 && b < batch, "glmserve paged_attention: sequence index ", b, " of ", batch);
+  for (int64_t b = 0; b < batch; ++b) {
     const int64_t queries = starts[b + 1] - starts[b];
     TORCH_CHECK(queries > 0 && starts[b] >= 0 && starts[b + 1] <= q.size(0) && lens[b] >= queries &&
                     (lens[b] + block_size - 1) / block_size <= max_blocks,
@@ -94,8 +92,8 @@ void paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::T
   const int64_t block_queries = std::max<int64_t>(1, kRowsPerTask / group);
   std::vector<QueryBlock> blocks;
   int64_t total_work = 0;  // keys x query rows, over every block and KV head
-  for (int64_t i = 0; i < seqs.numel(); ++i) {
-    const int64_t b = seq[i], queries = starts[b + 1] - starts[b];
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t queries = starts[b + 1] - starts[b];
     for (int64_t first = 0; first < queries; first += block_queries) {
       const int64_t count = std::min(block_queries, queries - first), keys = lens[b] - queries + first + count;
       blocks.push_back({b, first, count, keys});

@@ -24,7 +24,6 @@ from glmserve.layers.attention.metadata import AttentionMetadata
 
 @dataclass(slots=True)
 class NativePlan:
-    seqs: torch.Tensor  # [B] int64: the sequences the kernel attends (all of the step's)
     block_tables: torch.Tensor  # [B, max_blocks] int64, CPU
     seq_lens: torch.Tensor  # [B] int64
     query_start_loc: torch.Tensor  # [B + 1] int64
@@ -41,8 +40,7 @@ class CpuNativeBackend(AttentionBackend):
     def plan(self, meta: AttentionMetadata, block_tables: torch.Tensor, device: torch.device) -> object:
         if native.extension() is None or device.type != "cpu":
             return self.blockwise.plan(meta, block_tables, device)
-        return NativePlan(torch.arange(len(meta.query_lens)), block_tables.contiguous(),
-                          torch.tensor(meta.seq_lens, dtype=torch.long),
+        return NativePlan(block_tables.contiguous(), torch.tensor(meta.seq_lens, dtype=torch.long),
                           torch.tensor(meta.query_start_loc, dtype=torch.long))
 
     def attend(self, q: torch.Tensor, cache: PagedKVCache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
@@ -55,5 +53,5 @@ class CpuNativeBackend(AttentionBackend):
                 plan.fallback = self.blockwise.plan(meta, plan.block_tables, q.device)
             return self.blockwise.attend_planned(out, q, cache, meta, plan.fallback, scale)
         paged_attention(out, q, cache.k, cache.v, plan.block_tables, cache.block_size, plan.seq_lens,
-                        plan.query_start_loc, plan.seqs, scale, cache.k_scale, cache.v_scale, self.isa)
+                        plan.query_start_loc, scale, cache.k_scale, cache.v_scale, self.isa)
         return out
