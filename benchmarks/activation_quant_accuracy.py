@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from glmserve.bench.host import write_results
 from glmserve.kernels import native
 from glmserve.layers.attention import DenseBatch
 from glmserve.nano.checkpoint import load_checkpoint
@@ -101,8 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             (first == second).float().mean().item())
     print(json.dumps(results, indent=1))
     if args.output_json:
-        args.output_json.parent.mkdir(parents=True, exist_ok=True)
-        args.output_json.write_text(json.dumps(results, indent=1) + "\n")
+        write_results(args.output_json, results)
     return 0
 
 

@@ -19,7 +19,6 @@ are left out (small at these lengths), which keeps the bound an upper one.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -33,7 +32,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from quant_memory import available_bytes, fitting_slice  # noqa: E402
 
-from glmserve.bench.host import OtherLoad, cpu_name, exclusive_lock, glmserve_revision  # noqa: E402
+from glmserve.bench.host import (  # noqa: E402
+    OtherLoad,
+    cpu_name,
+    exclusive_lock,
+    glmserve_revision,
+    write_results,
+)
 from glmserve.bench.memory import write_config  # noqa: E402
 from glmserve.bench.roofline import measure_bandwidth  # noqa: E402
 from glmserve.kernels import native  # noqa: E402
@@ -173,8 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         results["load_average_end"] = os.getloadavg()
     print(f"other processes used {results['other_processes_cores']} cores on average while timing")
     if args.output_json:
-        args.output_json.parent.mkdir(parents=True, exist_ok=True)
-        args.output_json.write_text(json.dumps(results, indent=1) + "\n")
+        write_results(args.output_json, results)
     return 0
 
 

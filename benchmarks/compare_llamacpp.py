@@ -226,7 +226,7 @@ def write_json(args, directory: Path, workers: dict, ggufs: dict, tensor_types: 
     import tokenizers
     import torch
 
-    from glmserve.bench.host import cpu_name, glmserve_revision
+    from glmserve.bench.host import cpu_name, glmserve_revision, write_results
 
     report = {
         "command": " ".join(sys.argv),
@@ -246,8 +246,7 @@ def write_json(args, directory: Path, workers: dict, ggufs: dict, tensor_types: 
         "workload": workload,
         **results,
     }
-    args.output_json.parent.mkdir(parents=True, exist_ok=True)
-    args.output_json.write_text(json.dumps(report, indent=2) + "\n")
+    write_results(args.output_json, report)
     print(f"wrote {args.output_json}")
 
 

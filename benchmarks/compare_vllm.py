@@ -29,7 +29,7 @@ from pathlib import Path
 
 from glmserve.bench.checkpoints import prepare_checkpoint
 from glmserve.bench.engines import ServerEngine
-from glmserve.bench.host import OtherLoad, cpu_name, exclusive_lock, glmserve_revision
+from glmserve.bench.host import OtherLoad, cpu_name, exclusive_lock, glmserve_revision, write_results
 from glmserve.bench.offline import BENCH_CACHE, add_measurement_args, measure_batch, random_prompts
 from glmserve.config import QUANTIZATION_METHODS
 from glmserve.testing.server import Server, free_port, start_peer_server, start_server
@@ -212,8 +212,7 @@ def write_json(args, directory: Path, version: str, results: list[dict], serving
                      "threads": args.threads, "prefix_caching": False, "endpoint": "/v1/completions"},
         "other_processes_cores": other_cores, "results": results, "serving": serving,
     }
-    args.output_json.parent.mkdir(parents=True, exist_ok=True)
-    args.output_json.write_text(json.dumps(report_, indent=2) + "\n")
+    write_results(args.output_json, report_)
     print(f"wrote {args.output_json}")
 
 

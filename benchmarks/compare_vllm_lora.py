@@ -30,7 +30,7 @@ from pathlib import Path
 from compare_vllm import SERVED_NAME, add_run_flags, start_glmserve, start_vllm, vllm_version
 
 from glmserve.bench.checkpoints import SHAPES, prepare_checkpoint
-from glmserve.bench.host import OtherLoad, cpu_name, exclusive_lock, glmserve_revision
+from glmserve.bench.host import OtherLoad, cpu_name, exclusive_lock, glmserve_revision, write_results
 from glmserve.bench.offline import BENCH_CACHE
 from glmserve.testing.lora import TARGETS, write_random_adapter
 
@@ -158,8 +158,7 @@ def main(argv=None) -> int:
     if args.output_json:
         import torch
 
-        args.output_json.parent.mkdir(parents=True, exist_ok=True)
-        args.output_json.write_text(json.dumps({
+        write_results(args.output_json, {
             "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "machine": {"platform": platform.platform(), "processor": cpu_name(), "cpus": os.cpu_count(),
                         "load_average": os.getloadavg()},
@@ -170,7 +169,7 @@ def main(argv=None) -> int:
                          "input_len": args.input_len, "output_len": args.output_len, "reps": args.reps,
                          "greedy": True, "ignore_eos": True, "prefix_caching": False,
                          "endpoint": "/v1/completions", "cases": CASES},
-            "results": results}, indent=2) + "\n")
+            "results": results})
         print(f"wrote {args.output_json}")
     return 0 if all("error" not in r for r in results.values()) else 1
 

@@ -37,7 +37,7 @@ import jsonschema
 from compare_vllm import SERVED_NAME, add_run_flags, start_glmserve, start_vllm, vllm_version
 
 from glmserve.bench.checkpoints import prepare_checkpoint
-from glmserve.bench.host import OtherLoad, exclusive_lock, glmserve_revision
+from glmserve.bench.host import OtherLoad, exclusive_lock, glmserve_revision, write_results
 from glmserve.bench.metrics import calculate_metrics
 from glmserve.bench.offline import BENCH_CACHE
 from glmserve.bench.request import RequestFuncOutput, send_request
@@ -206,8 +206,7 @@ def lscpu() -> dict:
 def write_json(args, checkpoint: Path, version: str | None, results: dict) -> None:
     import torch
 
-    args.output_json.parent.mkdir(parents=True, exist_ok=True)
-    args.output_json.write_text(json.dumps({
+    write_results(args.output_json, {
         "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": {"platform": platform.platform(), "lscpu": lscpu(), "cpus": os.cpu_count()},
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "vllm": version,
@@ -219,7 +218,7 @@ def write_json(args, checkpoint: Path, version: str | None, results: dict) -> No
                      "disable_any_whitespace": args.disable_any_whitespace,
                      "reps": args.reps, "greedy": True, "endpoint": "/v1/completions", "prompt": PROMPT,
                      "schema": SCHEMA, "cases": CASES, "prefix_caching": False, "unconstrained_ignore_eos": True},
-        "results": results}, indent=2) + "\n")
+        "results": results})
     print(f"wrote {args.output_json}", flush=True)
 
 

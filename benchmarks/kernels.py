@@ -16,7 +16,6 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -28,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from glmserve import kernels
-from glmserve.bench.host import OtherLoad, cpu_name, glmserve_revision
+from glmserve.bench.host import OtherLoad, cpu_name, glmserve_revision, write_results
 from glmserve.bench.roofline import measure_bandwidth
 from glmserve.kernels import native
 
@@ -247,8 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     results["load_average_end"] = os.getloadavg()
     print(f"other processes used {results['other_processes_cores']} cores on average during the run")
     if args.output_json:
-        args.output_json.parent.mkdir(parents=True, exist_ok=True)
-        args.output_json.write_text(json.dumps(results, indent=1) + "\n")
+        write_results(args.output_json, results)
     return 0
 
 

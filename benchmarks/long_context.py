@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from glmserve.bench.checkpoints import SHAPES
-from glmserve.bench.host import OtherLoad, cpu_name, glmserve_revision
+from glmserve.bench.host import OtherLoad, cpu_name, glmserve_revision, write_results
 from glmserve.bench.offline import BENCH_CACHE
 from glmserve.bench.roofline import count_weight_params, measure_bandwidth, params_per_decode_step
 from glmserve.config import EngineConfig, ModelConfig
@@ -185,8 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     results["load_average_at_end"] = os.getloadavg()  # other processes sharing the cores, 1/5/15-minute means
     results["other_processes_cores"] = other.cores()  # their mean CPU use over the run: 0 on a quiet machine
     if args.output_json:
-        args.output_json.parent.mkdir(parents=True, exist_ok=True)
-        args.output_json.write_text(json.dumps(results, indent=2) + "\n")
+        write_results(args.output_json, results)
     return 0
 
 

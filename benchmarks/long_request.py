@@ -34,7 +34,7 @@ import torch
 
 from glmserve.bench.checkpoints import SHAPES as BENCH_SHAPES
 from glmserve.bench.checkpoints import prepare_checkpoint
-from glmserve.bench.host import cpu_name, glmserve_revision
+from glmserve.bench.host import cpu_name, glmserve_revision, write_results
 from glmserve.bench.offline import BENCH_CACHE
 from glmserve.bench.pauses import Clock, PauseMeter
 from glmserve.config import EngineConfig
@@ -148,8 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({k: v for k, v in run.items() if not k.endswith("step_active_s")}), flush=True)
         results["load_average_at_end"] = os.getloadavg()  # other processes sharing the cores, 1/5/15-minute means
         if args.output_json:
-            args.output_json.parent.mkdir(parents=True, exist_ok=True)
-            args.output_json.write_text(json.dumps(results, indent=2) + "\n")
+            write_results(args.output_json, results)
     meter.close()
     return 0
 

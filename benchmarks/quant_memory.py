@@ -14,11 +14,11 @@ many); fp32 and fp16 storage, which load in fp32 (4 bytes per parameter), are on
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 from dataclasses import replace
 from pathlib import Path
 
+from glmserve.bench.host import write_results
 from glmserve.bench.memory import AIR, GLM45, count_on_meta, measure
 
 GIB = 2**30
@@ -67,12 +67,12 @@ def main(argv: list[str] | None = None) -> int:
               f"peak {(result['peak_rss_bytes'] - result['rss_before_bytes']) / GIB:.2f} GiB while loading",
               flush=True)
         if args.output_json:  # after every format: a long run stopped early keeps what it measured
-            write_results(args, slices)
-    write_results(args, slices, report=True)
+            record_slices(args, slices)
+    record_slices(args, slices, report=True)
     return 0
 
 
-def write_results(args: argparse.Namespace, slices: list[dict], report: bool = False) -> None:
+def record_slices(args: argparse.Namespace, slices: list[dict], report: bool = False) -> None:
     """The measured slices, and the full models' stored bytes x each format's measured resident / stored ratio."""
     ratio = {r["quantization"]: r["model_rss_bytes"] / r["stored_bytes"] for r in slices}
     full = []
@@ -87,12 +87,11 @@ def write_results(args: argparse.Namespace, slices: list[dict], report: bool = F
                 print(f"{name} (with its MTP layer) {method or 'fp32'}: {counted['params'] / 1e9:.1f} B parameters, "
                       f"{counted['stored_bytes'] / GIB:.1f} GiB of weights, ~{resident / GIB:.1f} GiB resident")
     if args.output_json:
-        args.output_json.parent.mkdir(parents=True, exist_ok=True)
-        args.output_json.write_text(json.dumps({
+        write_results(args.output_json, {
             "host": platform.node(), "threads": args.threads, "slice": slices, "full_models": full,
             "note": "resident = RSS after loading - RSS before building the model (interpreter, torch); peak = "
                     "VmHWM while loading; full models: exact stored bytes x the slice's resident / stored ratio "
-                    "(1 where not measured), weights only (no KV cache or activations)"}, indent=2))
+                    "(1 where not measured), weights only (no KV cache or activations)"})
 
 
 if __name__ == "__main__":

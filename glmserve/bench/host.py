@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import platform
 import subprocess
@@ -111,3 +112,9 @@ def glmserve_revision() -> dict:
     except (OSError, subprocess.SubprocessError):
         return {}
     return {"commit": head or None, "modified": [line[3:] for line in dirty]}
+
+
+def write_results(path: Path, results: dict) -> None:
+    """A benchmark's results as indented JSON at `path`, its folder made if needed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")

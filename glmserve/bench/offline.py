@@ -245,7 +245,7 @@ def _write_json(args, directory: Path, params: dict, engines: list, bandwidth, r
     import tokenizers
     import torch
 
-    from glmserve.bench.host import cpu_name, glmserve_revision
+    from glmserve.bench.host import cpu_name, glmserve_revision, write_results
 
     versions = {"python": platform.python_version(), "torch": torch.__version__, "tokenizers": tokenizers.__version__}
     transformers_engine = next((e for e in engines if e.name == "transformers"), None)
@@ -267,6 +267,5 @@ def _write_json(args, directory: Path, params: dict, engines: list, bandwidth, r
         "transformers_impl": transformers_engine.implementation if transformers_engine else None,
         "other_processes_cores": other_cores, "bandwidth": bandwidth, "results": results,
     }
-    args.output_json.parent.mkdir(parents=True, exist_ok=True)
-    args.output_json.write_text(json.dumps(report, indent=2) + "\n")
+    write_results(args.output_json, report)
     print(f"wrote {args.output_json}")
