@@ -17,14 +17,16 @@ PACED = ["--inject-step-delay-ms", "5"]  # a step takes >= 5 ms, so a long reque
 CHAT = {"messages": [{"role": "user", "content": "hi"}], **ENDLESS}
 
 
-def _events(http: httpx.Client, path: str, body: dict) -> list[str]:
-    """A stream's `data:` payloads, read to its end (or to the connection's end)."""
+def _events(http: httpx.Client, path: str, body: dict, first: threading.Event | None = None) -> list[str]:
+    """A stream's `data:` payloads, read to its end (or to the connection's end); `first` is set at the first."""
     events = []
     try:
         with http.stream("POST", path, json={**body, "stream": True}) as response:
             for line in response.iter_lines():
                 if line.startswith("data: "):
                     events.append(line[6:])
+                    if first is not None:
+                        first.set()
     except httpx.RemoteProtocolError:  # the server closed the connection mid-stream
         events.append("<connection closed>")
     return events
@@ -80,10 +82,12 @@ def test_sigterm_drains_then_exits_0(checkpoint, tmp_path):
     server = start_server([str(checkpoint), "--shutdown-timeout", str(grace), *PACED], tmp_path / "server.log")
     try:
         with httpx.Client(base_url=server.url, timeout=30) as http, ThreadPoolExecutor(2) as pool:
+            generating = threading.Event(), threading.Event()
             short = pool.submit(_events, http, "/v1/completions", {"prompt": "a", "max_tokens": 300,
-                                                                      "ignore_eos": True})
-            endless = pool.submit(_events, http, "/v1/completions", {"prompt": "b", **ENDLESS})
-            time.sleep(0.5)  # both are generating
+                                                                      "ignore_eos": True}, generating[0])
+            endless = pool.submit(_events, http, "/v1/completions", {"prompt": "b", **ENDLESS}, generating[1])
+            # Both streaming before the signal (a fixed sleep let one arrive after it on a slow machine: a 503).
+            assert all(started.wait(timeout=20) for started in generating)
             server.process.send_signal(signal.SIGTERM)
             signalled = time.monotonic()
             time.sleep(0.3)
