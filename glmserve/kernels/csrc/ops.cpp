@@ -350,6 +350,16 @@ void paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::T
                      const at::Tensor& query_start_loc, at::Tensor out, double scale,
                      double k_scale, double v_scale, int64_t isa);
 
+// fused_step.cpp
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
+void qk_norm_rope_(at::Tensor qkv, const at::Tensor& cos, const at::Tensor& sin,
+                   const c10::optional<at::Tensor>& q_weight, const c10::optional<at::Tensor>& k_weight,
+                   int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim, int64_t rotary_dim, double eps);
+at::Tensor silu_and_mul(const at::Tensor& x);
+std::tuple<at::Tensor, at::Tensor> router_topk(const at::Tensor& logits, const at::Tensor& bias, int64_t top_k,
+                                               int64_t n_group, int64_t topk_group, bool renormalize,
+                                               double scale);
+
 }  // namespace glmserve
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -358,5 +368,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("moe_experts", &glmserve::moe_experts, "the routed experts of one MoE block, as moe_experts_reference");
   m.def("rms_norm_residual", &glmserve::rms_norm_residual, "(RMSNorm(x + residual) * weight, x + residual)");
   m.def("argmax", &glmserve::argmax_rows, "each row's first maximum (NaN counts as the maximum)");
+  m.def("rms_norm", &glmserve::rms_norm, "RMSNorm(x) * weight");
+  m.def("qk_norm_rope_", &glmserve::qk_norm_rope_, "QK-norm and partial RoPE of the QKV rows, in place");
+  m.def("silu_and_mul", &glmserve::silu_and_mul, "silu(gate) * up of [T, 2I] rows");
+  m.def("router_topk", &glmserve::router_topk, "the GLM-4.5 router's expert weights and ids from its logits");
   m.def("paged_attention", &glmserve::paged_attention, "causal attention of query rows over the paged KV cache");
 }
