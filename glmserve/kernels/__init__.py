@@ -45,9 +45,9 @@ def _fp32_rows(*tensors: torch.Tensor | None):
     return ext
 
 
-def runs_native(x: torch.Tensor) -> bool:
-    """Whether the small fused ops (rms_norm, argmax, ...) take the native path for these fp32 [T, H] rows."""
-    return _fp32_rows(x) is not None
+def runs_native(x: torch.Tensor, *others: torch.Tensor) -> bool:
+    """Whether the native ops run on these fp32 [T, H] rows (and the other tensors of the call)."""
+    return _fp32_rows(x, *others) is not None
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = None, group_size: int = 0,

@@ -22,7 +22,7 @@ ExpertFn = Callable[[nn.Module, torch.Tensor, int], torch.Tensor]
 
 class TopkRouter(nn.Module):
     """Sigmoid scores in fp32; the correction bias only chooses experts, the unbiased scores weight them
-    (kernels.router_topk: one native call after the logits' product)."""
+    (on fp32 rows two native calls: the logits' product and kernels.router_topk)."""
 
     def __init__(self, hidden: int, num_experts: int, top_k: int, n_group: int, topk_group: int,
                  norm_topk_prob: bool, routed_scaling_factor: float):
@@ -35,8 +35,10 @@ class TopkRouter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [T, H] → (weights [T, k] fp32, expert ids [T, k])."""
-        return kernels.router_topk(F.linear(x.float(), self.weight), self.e_score_correction_bias, self.top_k,
-                                   self.n_group, self.topk_group, self.norm_topk_prob, self.routed_scaling_factor)
+        x = x.float()
+        logits = kernels.linear(x, self.weight) if kernels.runs_native(x, self.weight) else F.linear(x, self.weight)
+        return kernels.router_topk(logits, self.e_score_correction_bias, self.top_k, self.n_group, self.topk_group,
+                                   self.norm_topk_prob, self.routed_scaling_factor)
 
 
 class FusedExperts(nn.Module):
