@@ -33,15 +33,17 @@ def _fits_native(x: torch.Tensor, *weights: torch.Tensor) -> bool:
         w.device.type == "cpu" and w.dtype in NATIVE_WEIGHT_DTYPES for w in weights)
 
 
-def _fp32_rows(*tensors: torch.Tensor | None):
-    """The extension, when it is built and every tensor given is fp32 on CPU, [T, H] rows for the first, and none
-    needs a gradient (the native ops have no backward: training runs their references); else None."""
+def _fp32_rows(x: torch.Tensor, *others: torch.Tensor | None):
+    """The extension, when it is built, x is [T, H] rows, every tensor given is fp32 on CPU and none needs a gradient
+    (the native ops have no backward: training runs their references); else None. (Called for every small op of a
+    step: the checks are the cheapest attribute reads.)"""
     ext = native.extension()
-    given = [t for t in tensors if t is not None]
-    if ext is None or given[0].dim() != 2 or any(t.dtype != torch.float32 or t.device.type != "cpu" for t in given):
+    if ext is None or x.dim() != 2:
         return None
-    if torch.is_grad_enabled() and any(t.requires_grad for t in given):
-        return None
+    grad = torch.is_grad_enabled()
+    for t in (x, *others):
+        if t is not None and (t.dtype != torch.float32 or not t.is_cpu or (grad and t.requires_grad)):
+            return None
     return ext
 
 
@@ -103,11 +105,8 @@ def qk_norm_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_weig
     if ext is None or not qkv.is_contiguous():
         return qk_norm_rope_reference(qkv, cos, sin, q_weight, k_weight, num_q_heads, num_kv_heads, head_dim,
                                       rotary_dim, eps)
-    tokens = qkv.shape[0]
-    ext.qk_norm_rope_(qkv, cos.reshape(tokens, head_dim).contiguous(), sin.reshape(tokens, head_dim).contiguous(),
-                      q_weight, k_weight, num_q_heads, num_kv_heads, head_dim, rotary_dim, eps)
-    heads = qkv.view(tokens, -1, head_dim)
-    return heads.split([num_q_heads, num_kv_heads, num_kv_heads], dim=1)
+    ext.qk_norm_rope_(qkv, cos, sin, q_weight, k_weight, num_q_heads, num_kv_heads, head_dim, rotary_dim, eps)
+    return qkv.view(qkv.shape[0], -1, head_dim).split([num_q_heads, num_kv_heads, num_kv_heads], dim=1)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

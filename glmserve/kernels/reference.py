@@ -118,10 +118,11 @@ def qk_norm_rope_reference(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
                            rotary_dim: int, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D]) of the QKV projection's rows qkv [T, (Hq + 2 Hkv) D]: q and k heads
     RMS-normalized per head (in fp32, cast back) and scaled by q_weight / k_weight when given, then rotated NeoX-style
-    (rotate_half) on their first rotary_dim dims. cos, sin: this step's rows [T, 1, D] of layers/rotary.py's widened
+    (rotate_half) on their first rotary_dim dims. cos, sin: this step's rows [T, D] of layers/rotary.py's widened
     tables (cos 1 and sin 0 past rotary_dim, rotate_half's sign folded into sin), so a rotation is
     x * cos + partner(x) * sin with partner(x) swapping the two halves of the rotary dims. Any float dtype."""
     heads, half = num_q_heads + num_kv_heads, rotary_dim // 2
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # broadcast over the heads
     rows = qkv.view(qkv.shape[0], -1, head_dim)
     qk, v = rows[:, :heads], rows[:, heads : heads + num_kv_heads]
     if q_weight is not None:  # q and k heads normalized in one op, scaled in one more

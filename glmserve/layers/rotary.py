@@ -29,9 +29,8 @@ class PartialRotaryEmbedding(nn.Module):
         self.register_buffer("sin", sin, persistent=False)
 
     def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin) rows for the positions of this step, shaped [T, 1, D] to broadcast over heads."""
-        return (self.cos.index_select(0, positions).unsqueeze(1).to(dtype),
-                self.sin.index_select(0, positions).unsqueeze(1).to(dtype))
+        """(cos, sin) rows [T, D] for the positions of this step."""
+        return self.cos.index_select(0, positions).to(dtype), self.sin.index_select(0, positions).to(dtype)
 
     def qk_norm_rope(self, rope: tuple[torch.Tensor, torch.Tensor], qkv: torch.Tensor, q_weight: torch.Tensor | None,
                      k_weight: torch.Tensor | None, num_q_heads: int, num_kv_heads: int,
