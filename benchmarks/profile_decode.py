@@ -3,8 +3,8 @@
 weight formats, under torch.profiler, with the native kernels and the step's parts made visible.
 
 The native extension's calls (NATIVE_CALLS: linear, moe_experts, paged_attention and the small fused ops) are pybind
-functions the profiler does not see; this script wraps them, and the engine's parts (scheduling, attention metadata, each
-attention / MoE / dense MLP module, the router, the routed experts, the lm_head, sampling, the output update), in
+functions the profiler does not see; this script wraps them, and the engine's parts (scheduling, attention metadata,
+each attention / MoE / dense MLP module, the router, the routed experts, the lm_head, sampling, the output update), in
 `record_function` labels at run time (nothing in glmserve changes). Each label's self time is then Python and torch
 dispatch inside that part outside any op, so the step splits into: native kernels, other torch ops (aten, by
 their self time), and Python (the labels' self time, plus what no label covers). The profiler's own overhead lands

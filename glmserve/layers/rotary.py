@@ -8,9 +8,9 @@ class PartialRotaryEmbedding(nn.Module):
     """NeoX-style (rotate_half) RoPE on the first `rotary_dim` dims of each head; the rest pass through.
 
     Tables are widened to the whole head so one rotation is `x * cos + partner(x) * signed_sin`, where partner(x)
-    swaps the two halves of the rotary dims (kernels/reference.py's qk_norm_rope_reference): the pass-through dims get cos 1 and sin 0, and rotate_half's sign is
-    folded into the sin table. The angles are computed once with the same fp32 arithmetic transformers uses per
-    forward, so the tables are bit-identical to its.
+    swaps the two halves of the rotary dims (kernels/reference.py's qk_norm_rope_reference): the pass-through dims
+    get cos 1 and sin 0, and rotate_half's sign is folded into the sin table. The angles are computed once with the
+    same fp32 arithmetic transformers uses per forward, so the tables are bit-identical to its.
     """
 
     def __init__(self, head_dim: int, rotary_dim: int, max_positions: int, theta: float):
