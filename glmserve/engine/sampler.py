@@ -44,7 +44,7 @@ _ARGMAX_BLOCK = 256
 def argmax_rows(x: Tensor) -> Tensor:
     """x.argmax(dim=-1) of a [B, V] tensor, the same index (the first maximum), faster on CPU for large V: one
     native call on fp32 rows, else the blocked search below."""
-    if kernels.runs_native(x):
+    if kernels.fused_ops_native(x):
         return kernels.argmax(x)
     batch, vocab = x.shape
     if x.device.type != "cpu" or vocab % _ARGMAX_BLOCK or vocab < 16 * _ARGMAX_BLOCK:

@@ -47,8 +47,9 @@ def _fp32_rows(x: torch.Tensor, *others: torch.Tensor | None):
     return ext
 
 
-def runs_native(x: torch.Tensor, *others: torch.Tensor) -> bool:
-    """Whether the native ops run on these fp32 [T, H] rows (and the other tensors of the call)."""
+def fused_ops_native(x: torch.Tensor, *others: torch.Tensor) -> bool:
+    """Whether the small fused ops (and a linear product beside them) run natively on these fp32 [T, H] rows and the
+    other tensors of the call: the extension is built and no tensor needs a gradient."""
     return _fp32_rows(x, *others) is not None
 
 
@@ -134,7 +135,7 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     return ext.argmax(logits.contiguous())
 
 
-__all__ = ["argmax", "argmax_reference", "dequantize", "linear", "linear_reference", "moe_experts",
-           "moe_experts_reference", "qk_norm_rope", "qk_norm_rope_reference", "quantize_int4", "quantize_int8",
-           "rms_norm", "rms_norm_reference", "rms_norm_residual", "rms_norm_residual_reference", "router_topk",
-           "router_topk_reference", "runs_native", "silu_and_mul", "silu_and_mul_reference"]
+__all__ = ["argmax", "argmax_reference", "dequantize", "fused_ops_native", "linear", "linear_reference",
+           "moe_experts", "moe_experts_reference", "qk_norm_rope", "qk_norm_rope_reference", "quantize_int4",
+           "quantize_int8", "rms_norm", "rms_norm_reference", "rms_norm_residual", "rms_norm_residual_reference",
+           "router_topk", "router_topk_reference", "silu_and_mul", "silu_and_mul_reference"]

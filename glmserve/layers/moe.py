@@ -36,7 +36,8 @@ class TopkRouter(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [T, H] → (weights [T, k] fp32, expert ids [T, k])."""
         x = x.float()
-        logits = kernels.linear(x, self.weight) if kernels.runs_native(x, self.weight) else F.linear(x, self.weight)
+        native = kernels.fused_ops_native(x, self.weight)
+        logits = kernels.linear(x, self.weight) if native else F.linear(x, self.weight)
         return kernels.router_topk(logits, self.e_score_correction_bias, self.top_k, self.n_group, self.topk_group,
                                    self.norm_topk_prob, self.routed_scaling_factor)
 
