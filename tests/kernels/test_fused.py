@@ -53,8 +53,9 @@ def test_rms_norm_equals_reference(rows, hidden, path):
 
 
 # (tokens, q heads, kv heads, head dim, rotary dim, QK-norm): GLM-4.5's heads of 128 with half rotated, bench shapes'
-# heads of 64, a head dim that is no multiple of 8, and Air (no QK-norm).
-QK_CASES = [(1, 8, 2, 64, 32, True), (5, 12, 4, 128, 64, True), (3, 3, 1, 20, 10, True), (4, 6, 2, 128, 64, False)]
+# heads of 64, a head dim that is no multiple of 8, Air (no QK-norm), and enough heads to be split over threads.
+QK_CASES = [(1, 8, 2, 64, 32, True), (5, 12, 4, 128, 64, True), (3, 3, 1, 20, 10, True), (4, 6, 2, 128, 64, False),
+            (64, 12, 4, 128, 64, True)]
 
 
 @pytest.mark.parametrize("tokens,q_heads,kv_heads,head_dim,rotary_dim,qk_norm", QK_CASES)
@@ -83,9 +84,9 @@ def test_silu_and_mul_equals_reference(rows, inter, path):
 
 
 # (tokens, experts, top_k, n_group, topk_group, renormalize, scale): bench / Air routing, GLM-4.5's scale of 2.5, a
-# group-limited choice (DeepSeek-V3 style), and unnormalized weights.
+# group-limited choice (DeepSeek-V3 style), unnormalized weights, and enough tokens to be split over threads.
 ROUTER_CASES = [(1, 16, 4, 1, 1, True, 1.0), (13, 128, 8, 1, 1, True, 2.5), (6, 64, 6, 8, 3, True, 1.0),
-                (4, 32, 3, 4, 4, False, 1.5)]
+                (4, 32, 3, 4, 4, False, 1.5), (64, 128, 8, 1, 1, True, 1.0)]
 
 
 @pytest.mark.parametrize("tokens,experts,top_k,n_group,topk_group,renormalize,scale", ROUTER_CASES)
