@@ -2,9 +2,9 @@
 """Where a decode step's time goes: glmserve's engine.step() loop after the prefill, at given batch sizes and
 weight formats, under torch.profiler, with the native kernels and the step's parts made visible.
 
-The native extension's calls (linear, moe_experts, paged_attention, rms_norm_residual, argmax) are pybind functions
-the profiler does not see; this script wraps them, and the engine's parts (scheduling, attention metadata, each
-attention / MoE / dense MLP module, the router, the routed experts, the lm_head, sampling, the output update), in
+The native extension's calls (NATIVE_CALLS: linear, moe_experts, paged_attention and the small fused ops) are pybind
+functions the profiler does not see; this script wraps them, and the engine's parts (scheduling, attention metadata,
+each attention / MoE / dense MLP module, the router, the routed experts, the lm_head, sampling, the output update), in
 `record_function` labels at run time (nothing in glmserve changes). Each label's self time is then Python and torch
 dispatch inside that part outside any op, so the step splits into: native kernels, other torch ops (aten, by
 their self time), and Python (the labels' self time, plus what no label covers). The profiler's own overhead lands
@@ -41,7 +41,8 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from glmserve.bench.offline import BENCH_CACHE, random_prompts
 from glmserve.config import QUANTIZATION_METHODS
 
-NATIVE_CALLS = ("linear", "moe_experts", "paged_attention", "rms_norm_residual", "argmax")
+NATIVE_CALLS = ("linear", "moe_experts", "paged_attention", "rms_norm", "rms_norm_residual", "qk_norm_rope_",
+                "silu_and_mul", "router_topk", "argmax")
 NATIVE, PART = "native::", "part::"
 
 

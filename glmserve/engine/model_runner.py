@@ -219,8 +219,10 @@ class ModelRunner:
         logprobs: list | None = None
         if not sampling:
             return sampled, logprobs
-        rows = torch.tensor([last_known[i] for i in sampling], device=self.device)
-        logits = self.model.compute_logits(hidden.index_select(0, rows))
+        rows = [last_known[i] for i in sampling]
+        if rows != list(range(hidden.shape[0])):  # (a decode-only step samples every row, in order)
+            hidden = hidden.index_select(0, torch.tensor(rows, device=self.device))
+        logits = self.model.compute_logits(hidden)
         requests = [chunks[i].request for i in sampling]
         _apply_grammar_bitmask(logits, mask)
         batch = SamplingBatch.build(requests, logits.shape[-1], self.device)

@@ -16,9 +16,13 @@ from glmserve.kernels.reference import (
     dequantize,
     linear_reference,
     moe_experts_reference,
+    qk_norm_rope_reference,
     quantize_int4,
     quantize_int8,
+    rms_norm_reference,
     rms_norm_residual_reference,
+    router_topk_reference,
+    silu_and_mul_reference,
 )
 
 NATIVE_WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.int8, torch.uint8)
@@ -27,6 +31,26 @@ NATIVE_WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.floa
 def _fits_native(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     return x.dtype == torch.float32 and x.device.type == "cpu" and all(
         w.device.type == "cpu" and w.dtype in NATIVE_WEIGHT_DTYPES for w in weights)
+
+
+def _fp32_rows(x: torch.Tensor, *others: torch.Tensor | None):
+    """The extension, when it is built, x is [T, H] rows, every tensor given is fp32 on CPU and none needs a gradient
+    (the native ops have no backward: training runs their references); else None. (Called for every small op of a
+    step: the checks are the cheapest attribute reads.)"""
+    ext = native.extension()
+    if ext is None or x.dim() != 2:
+        return None
+    grad = torch.is_grad_enabled()
+    for t in (x, *others):
+        if t is not None and (t.dtype != torch.float32 or not t.is_cpu or (grad and t.requires_grad)):
+            return None
+    return ext
+
+
+def fused_ops_native(x: torch.Tensor, *others: torch.Tensor) -> bool:
+    """Whether the small fused ops (and a linear product beside them) run natively on these fp32 [T, H] rows and the
+    other tensors of the call: the extension is built and no tensor needs a gradient."""
+    return _fp32_rows(x, *others) is not None
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = None, group_size: int = 0,
@@ -56,23 +80,62 @@ def moe_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Ten
                            w2.contiguous(), contiguous_scales(w2_scales), group_size, native.isa_index(isa))
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm(x) * weight for fp32 rows."""
+    ext = _fp32_rows(x, weight)
+    if ext is None:
+        return rms_norm_reference(x, weight, eps)
+    return ext.rms_norm(x.contiguous(), weight.contiguous(), eps)
+
+
 def rms_norm_residual(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(RMSNorm(x + residual) * weight, x + residual) for [T, H] rows, in one pass on the native path."""
-    ext = native.extension()
-    if ext is None or not _fits_native(x, residual, weight) or x.dim() != 2 or residual.dtype != torch.float32:
+    """(RMSNorm(x + residual) * weight, x + residual) for fp32 [T, H] rows, in one pass on the native path."""
+    ext = _fp32_rows(x, residual, weight)
+    if ext is None or x.shape != residual.shape:
         return rms_norm_residual_reference(x, residual, weight, eps)
-    return ext.rms_norm_residual(x.contiguous(), residual.contiguous(), weight.float().contiguous(), eps)
+    return ext.rms_norm_residual(x.contiguous(), residual.contiguous(), weight.contiguous(), eps)
+
+
+def qk_norm_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_weight: torch.Tensor | None,
+                 k_weight: torch.Tensor | None, num_q_heads: int, num_kv_heads: int, head_dim: int,
+                 rotary_dim: int, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q, k, v) as `qk_norm_rope_reference` defines them. The native path normalizes and rotates qkv's q and k
+    columns in place (one call per layer) and returns views of qkv."""
+    ext = _fp32_rows(qkv, cos, sin, q_weight, k_weight)
+    if ext is None or not qkv.is_contiguous():
+        return qk_norm_rope_reference(qkv, cos, sin, q_weight, k_weight, num_q_heads, num_kv_heads, head_dim,
+                                      rotary_dim, eps)
+    ext.qk_norm_rope_(qkv, cos, sin, q_weight, k_weight, num_q_heads, num_kv_heads, head_dim, rotary_dim, eps)
+    return qkv.view(qkv.shape[0], -1, head_dim).split([num_q_heads, num_kv_heads, num_kv_heads], dim=1)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of fp32 [T, 2I] rows, gate first."""
+    ext = _fp32_rows(x)
+    if ext is None:
+        return silu_and_mul_reference(x)
+    return ext.silu_and_mul(x.contiguous())
+
+
+def router_topk(logits: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: int, topk_group: int,
+                renormalize: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights [T, k] fp32, ids [T, k] int64) of GLM-4.5's router, as `router_topk_reference` defines them."""
+    ext = _fp32_rows(logits, bias)
+    if ext is None:
+        return router_topk_reference(logits, bias, top_k, n_group, topk_group, renormalize, scale)
+    return ext.router_topk(logits.contiguous(), bias.contiguous(), top_k, n_group, topk_group, renormalize, scale)
 
 
 def argmax(logits: torch.Tensor) -> torch.Tensor:
     """int64 [B]: each row of fp32 [B, V] logits' first maximum (NaN counts as the maximum), as torch.argmax."""
-    ext = native.extension()
-    if ext is None or not _fits_native(logits) or logits.dim() != 2 or logits.shape[1] == 0:
+    ext = _fp32_rows(logits)
+    if ext is None or logits.shape[1] == 0:
         return argmax_reference(logits)
     return ext.argmax(logits.contiguous())
 
 
-__all__ = ["argmax", "argmax_reference", "dequantize", "linear", "linear_reference", "moe_experts",
-           "moe_experts_reference", "quantize_int4", "quantize_int8", "rms_norm_residual",
-           "rms_norm_residual_reference"]
+__all__ = ["argmax", "argmax_reference", "dequantize", "fused_ops_native", "linear", "linear_reference",
+           "moe_experts", "moe_experts_reference", "qk_norm_rope", "qk_norm_rope_reference", "quantize_int4",
+           "quantize_int8", "rms_norm", "rms_norm_reference", "rms_norm_residual", "rms_norm_residual_reference",
+           "router_topk", "router_topk_reference", "silu_and_mul", "silu_and_mul_reference"]

@@ -106,3 +106,58 @@ def rms_norm_residual_reference(x: torch.Tensor, residual: torch.Tensor, weight:
 def argmax_reference(logits: torch.Tensor) -> torch.Tensor:
     """Each row's first maximum as int64 [B] (greedy sampling over the vocabulary); NaN counts as the maximum."""
     return logits.argmax(dim=-1)
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm(x) * weight over the last dim, fp32."""
+    return F.rms_norm(x.float(), weight.shape, weight.float(), eps)
+
+
+def qk_norm_rope_reference(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_weight: torch.Tensor | None,
+                           k_weight: torch.Tensor | None, num_q_heads: int, num_kv_heads: int, head_dim: int,
+                           rotary_dim: int, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D]) of the QKV projection's rows qkv [T, (Hq + 2 Hkv) D]: q and k heads
+    RMS-normalized per head (in fp32, cast back) and scaled by q_weight / k_weight when given, then rotated NeoX-style
+    (rotate_half) on their first rotary_dim dims. cos, sin: this step's rows [T, D] of layers/rotary.py's widened
+    tables (cos 1 and sin 0 past rotary_dim, rotate_half's sign folded into sin), so a rotation is
+    x * cos + partner(x) * sin with partner(x) swapping the two halves of the rotary dims. Any float dtype."""
+    heads, half = num_q_heads + num_kv_heads, rotary_dim // 2
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # broadcast over the heads
+    rows = qkv.view(qkv.shape[0], -1, head_dim)
+    qk, v = rows[:, :heads], rows[:, heads : heads + num_kv_heads]
+    if q_weight is not None:  # q and k heads normalized in one op, scaled in one more
+        normed = F.rms_norm(qk.float(), (head_dim,), None, eps).to(qk.dtype)
+        qk = normed * torch.cat([q_weight.expand(num_q_heads, -1), k_weight.expand(num_kv_heads, -1)])
+    # One cat of views (4-7x faster than gathering with an index tensor for prefill-sized x).
+    partner = torch.cat([qk[..., half:rotary_dim], qk[..., :half], qk[..., rotary_dim:]], -1)
+    q, k = torch.addcmul(qk * cos, partner, sin).split([num_q_heads, num_kv_heads], dim=1)
+    return q, k, v
+
+
+def silu_and_mul_reference(x: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of [T, 2I] rows (gate first): SwiGLU's activation."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def router_topk_reference(logits: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: int, topk_group: int,
+                          renormalize: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """GLM-4.5's router (DeepSeek-V3 noaux_tc) from its fp32 logits [T, E]: sigmoid scores; the experts are chosen on
+    scores + bias (the correction bias only chooses), within the topk_group groups whose two best choices sum
+    highest; the chosen experts' unbiased scores weight them (divided by their sum when renormalize, times scale).
+    Returns (weights [T, k] fp32, ids [T, k] int64)."""
+    scores = logits.float().sigmoid()
+    choice = scores + bias
+    if topk_group < n_group:
+        grouped = choice.view(logits.shape[0], n_group, -1)
+        group_scores = grouped.topk(2, dim=-1).values.sum(-1)
+        keep = torch.zeros_like(group_scores, dtype=torch.bool)
+        keep.scatter_(1, group_scores.topk(topk_group, dim=-1).indices, True)
+        choice = grouped.masked_fill(~keep[..., None], float("-inf")).view_as(choice)
+    ids = choice.topk(top_k, dim=-1).indices
+    weights = scores.gather(1, ids)
+    if renormalize:
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    if scale != 1.0:  # (GLM-4.5: 2.5; Air and most small shapes: 1.0, a wasted op)
+        weights = weights * scale
+    return weights, ids

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from glmserve import kernels
 from glmserve.distributed import ParallelContext
 from glmserve.layers.linear import take_shard
 from glmserve.layers.quantization import QuantMethod, UnquantizedMethod
@@ -20,7 +21,8 @@ ExpertFn = Callable[[nn.Module, torch.Tensor, int], torch.Tensor]
 
 
 class TopkRouter(nn.Module):
-    """Sigmoid scores in fp32; the correction bias only chooses experts, the unbiased scores weight them."""
+    """Sigmoid scores in fp32; the correction bias only chooses experts, the unbiased scores weight them
+    (on fp32 rows two native calls: the logits' product and kernels.router_topk)."""
 
     def __init__(self, hidden: int, num_experts: int, top_k: int, n_group: int, topk_group: int,
                  norm_topk_prob: bool, routed_scaling_factor: float):
@@ -33,21 +35,11 @@ class TopkRouter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [T, H] → (weights [T, k] fp32, expert ids [T, k])."""
-        scores = F.linear(x.float(), self.weight).sigmoid()
-        choice = scores + self.e_score_correction_bias
-        if self.topk_group < self.n_group:
-            grouped = choice.view(x.shape[0], self.n_group, -1)
-            group_scores = grouped.topk(2, dim=-1).values.sum(-1)
-            keep = torch.zeros_like(group_scores, dtype=torch.bool)
-            keep.scatter_(1, group_scores.topk(self.topk_group, dim=-1).indices, True)
-            choice = grouped.masked_fill(~keep[..., None], float("-inf")).view_as(choice)
-        ids = choice.topk(self.top_k, dim=-1).indices
-        weights = scores.gather(1, ids)
-        if self.norm_topk_prob:
-            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-        if self.routed_scaling_factor != 1.0:  # (GLM-4.5: 2.5; Air and most small shapes: 1.0, a wasted op)
-            weights = weights * self.routed_scaling_factor
-        return weights, ids
+        x = x.float()
+        native = kernels.fused_ops_native(x, self.weight)
+        logits = kernels.linear(x, self.weight) if native else F.linear(x, self.weight)
+        return kernels.router_topk(logits, self.e_score_correction_bias, self.top_k, self.n_group, self.topk_group,
+                                   self.norm_topk_prob, self.routed_scaling_factor)
 
 
 class FusedExperts(nn.Module):

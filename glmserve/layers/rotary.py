@@ -1,14 +1,16 @@
 import torch
 from torch import nn
 
+from glmserve import kernels
+
 
 class PartialRotaryEmbedding(nn.Module):
     """NeoX-style (rotate_half) RoPE on the first `rotary_dim` dims of each head; the rest pass through.
 
     Tables are widened to the whole head so one rotation is `x * cos + partner(x) * signed_sin`, where partner(x)
-    swaps the two halves of the rotary dims: the pass-through dims get cos 1 and sin 0, and rotate_half's sign is
-    folded into the sin table. The angles are computed once with the same fp32 arithmetic transformers uses per
-    forward, so the tables are bit-identical to its.
+    swaps the two halves of the rotary dims (kernels/reference.py's qk_norm_rope_reference): the pass-through dims
+    get cos 1 and sin 0, and rotate_half's sign is folded into the sin table. The angles are computed once with the
+    same fp32 arithmetic transformers uses per forward, so the tables are bit-identical to its.
     """
 
     def __init__(self, head_dim: int, rotary_dim: int, max_positions: int, theta: float):
@@ -27,13 +29,14 @@ class PartialRotaryEmbedding(nn.Module):
         self.register_buffer("sin", sin, persistent=False)
 
     def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin) rows for the positions of this step, shaped [T, 1, D] to broadcast over heads."""
-        return (self.cos.index_select(0, positions).unsqueeze(1).to(dtype),
-                self.sin.index_select(0, positions).unsqueeze(1).to(dtype))
+        """(cos, sin) rows [T, D] for the positions of this step."""
+        return self.cos.index_select(0, positions).to(dtype), self.sin.index_select(0, positions).to(dtype)
 
-    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        """x: [T, heads, D] → rotated copy."""
+    def qk_norm_rope(self, rope: tuple[torch.Tensor, torch.Tensor], qkv: torch.Tensor, q_weight: torch.Tensor | None,
+                     k_weight: torch.Tensor | None, num_q_heads: int, num_kv_heads: int,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(q, k, v) heads of the QKV projection's rows [T, (Hq + 2 Hkv) D], q and k RMS-normalized per head (when
+        the weights are given) and rotated: one native call on fp32 rows (kernels.qk_norm_rope)."""
         cos, sin = rope
-        # One cat of views (4-7x faster than gathering with an index tensor for prefill-sized x).
-        partner = torch.cat([x[..., self.half : self.rotary_dim], x[..., : self.half], x[..., self.rotary_dim :]], -1)
-        return torch.addcmul(x * cos, partner, sin)
+        return kernels.qk_norm_rope(qkv, cos, sin, q_weight, k_weight, num_q_heads, num_kv_heads, self.cos.shape[1],
+                                    self.rotary_dim, eps)

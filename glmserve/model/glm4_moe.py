@@ -10,9 +10,9 @@ from __future__ import annotations
 import re
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from glmserve import kernels
 from glmserve.config import ModelConfig
 from glmserve.distributed import ParallelContext
 from glmserve.layers.attention import (
@@ -30,7 +30,7 @@ from glmserve.layers.linear import (
 )
 from glmserve.layers.lora import ExpertLoRASlots, LoRABatch, experts_with_lora
 from glmserve.layers.moe import FusedExperts, TopkRouter
-from glmserve.layers.norm import RMSNorm, rms_normalize
+from glmserve.layers.norm import RMSNorm
 from glmserve.layers.quantization import QuantMethod
 from glmserve.layers.rotary import PartialRotaryEmbedding
 
@@ -64,24 +64,16 @@ class Glm4MoeAttention(nn.Module):
         self.k_scale = self.v_scale = 1.0
 
     def forward(self, rope: Rope, x: torch.Tensor, meta: AttentionMetadata | DenseBatch) -> torch.Tensor:
-        heads = self.num_heads + self.num_kv_heads
         lora = _lora(meta)
-        qkv = self.qkv_proj(x, lora).view(x.shape[0], -1, self.head_dim)
-        qk, v = qkv[:, :heads], qkv[:, heads:]
-        if self.use_qk_norm:  # per head, after the bias and before RoPE
-            qk = rms_normalize(qk, self.q_norm.eps) * self._qk_norm_weight()
-        q, k = self.rotary(rope, qk).split([self.num_heads, self.num_kv_heads], dim=1)
+        norms = (self.q_norm.weight, self.k_norm.weight) if self.use_qk_norm else (None, None)
+        # QK-norm (per head, after the bias and before RoPE) and RoPE in one call
+        q, k, v = self.rotary.qk_norm_rope(rope, self.qkv_proj(x, lora), *norms, self.num_heads, self.num_kv_heads,
+                                           self.q_norm.eps if self.use_qk_norm else 0.0)
         if isinstance(meta, DenseBatch):
             out = dense_causal_attention(q, k, v, meta, self.scale)
         else:
             out = meta.backend.forward(q, k, v, self.kv_cache, meta, self.scale)
         return self.o_proj(out.reshape(out.shape[0], -1), lora)
-
-    def _qk_norm_weight(self) -> torch.Tensor:
-        """q_norm's weight for every query head, then k_norm's for every key head: [heads, D]. q and k heads are
-        normalised in one op and scaled in one more (the per-head norms, slices and cat cost ~2x as much)."""
-        return torch.cat([self.q_norm.weight.expand(self.num_heads, -1),
-                          self.k_norm.weight.expand(self.num_kv_heads, -1)])
 
 
 class Glm4MoeMLP(nn.Module):
@@ -94,8 +86,7 @@ class Glm4MoeMLP(nn.Module):
         self.down_proj = RowParallelLinear(intermediate, hidden, bias=False, parallel=parallel, quant_method=quant)
 
     def forward(self, x: torch.Tensor, lora: LoRABatch | None = None) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x, lora).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up, lora)
+        return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x, lora)), lora)
 
 
 class Glm4MoeMoE(nn.Module):
@@ -131,9 +122,16 @@ class Glm4MoeDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, rope: Rope, x: torch.Tensor, meta: AttentionMetadata | DenseBatch) -> torch.Tensor:
-        h = x + self.self_attn(rope, self.input_layernorm(x), meta)
-        return h + self.mlp(self.post_attention_layernorm(h), _lora(meta))
+    def forward(self, rope: Rope, x: torch.Tensor, residual: torch.Tensor | None,
+                meta: AttentionMetadata | DenseBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this layer's MLP output, the residual stream before it): the residual is carried from layer to layer and
+        each add is fused into the next norm, as vLLM's layers do; None in the first layer: x is the stream."""
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h, residual = self.post_attention_layernorm(self.self_attn(rope, h, meta), residual)
+        return self.mlp(h, _lora(meta)), residual
 
 
 class Glm4MoeMTPLayer(Glm4MoeDecoderLayer):
@@ -158,7 +156,8 @@ class Glm4MoeMTPLayer(Glm4MoeDecoderLayer):
     def forward(self, positions: torch.Tensor, token_ids: torch.Tensor, hidden: torch.Tensor,
                 meta: AttentionMetadata | DenseBatch) -> torch.Tensor:
         x = self.eh_proj(torch.cat([self.enorm(self.embed_tokens(token_ids)), self.hnorm(hidden)], dim=-1))
-        return super().forward(self.self_attn.rotary.lookup(positions, x.dtype), x, meta)
+        out, residual = super().forward(self.self_attn.rotary.lookup(positions, x.dtype), x, None, meta)
+        return out + residual
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.shared_head.head(self.shared_head.norm(hidden))
@@ -202,9 +201,10 @@ class Glm4MoeModel(nn.Module):
         Returns this stage's last layer's hidden states, before the final norm (what the MTP layer reads)."""
         x = self.embed_tokens(inputs) if self.embed_tokens is not None else inputs
         rope = self.rotary.lookup(positions, x.dtype)  # once per step, shared by every layer
+        residual = None
         for i in self.held:
-            x = self.layers[i](rope, x, meta)
-        return x
+            x, residual = self.layers[i](rope, x, residual, meta)
+        return x + residual
 
 
 _LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.")

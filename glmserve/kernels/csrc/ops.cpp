@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -309,7 +310,60 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_residual(const at::Tensor& x, const 
   return {out, sum};
 }
 
-// The first index of each row's maximum, a NaN counting as the maximum (torch.argmax's rule).
+// GCC vector types: 4 fp32 lanes on every x86-64 (this file is compiled for the baseline), so the row scans below
+// compare 16 values per step without intrinsics.
+typedef float Floats4 __attribute__((vector_size(16)));
+typedef int32_t Ints4 __attribute__((vector_size(16)));
+
+Floats4 load4(const float* p) {
+  Floats4 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// The first index of a row's maximum, a NaN counting as the maximum (torch.argmax's rule): one pass for the
+// maximum and whether there is a NaN, 16 values a step, then a scan for the first index holding it.
+int64_t argmax_row(const float* row, int64_t v) {
+  const float ninf = -std::numeric_limits<float>::infinity();
+  Floats4 m0 = {ninf, ninf, ninf, ninf}, m1 = m0, m2 = m0, m3 = m0;
+  Ints4 nan = {0, 0, 0, 0};
+  const int64_t body = v / 16 * 16;
+  for (int64_t c = 0; c < body; c += 16) {
+    const Floats4 a = load4(row + c), b = load4(row + c + 4), d = load4(row + c + 8), e = load4(row + c + 12);
+    m0 = a > m0 ? a : m0;
+    m1 = b > m1 ? b : m1;
+    m2 = d > m2 ? d : m2;
+    m3 = e > m3 ? e : m3;
+    nan |= (a != a) | (b != b) | (d != d) | (e != e);
+  }
+  m0 = m1 > m0 ? m1 : m0;
+  m2 = m3 > m2 ? m3 : m2;
+  m0 = m2 > m0 ? m2 : m0;
+  float top = ninf;
+  bool any_nan = false;
+  for (int j = 0; j < 4; ++j) {
+    top = m0[j] > top ? m0[j] : top;
+    any_nan |= nan[j] != 0;
+  }
+  for (int64_t c = body; c < v; ++c) {
+    any_nan |= row[c] != row[c];
+    top = row[c] > top ? row[c] : top;
+  }
+  if (any_nan)
+    for (int64_t c = 0; c < v; ++c)
+      if (row[c] != row[c]) return c;
+  const Floats4 t = {top, top, top, top};
+  int64_t c = 0;
+  for (; c < body; c += 16) {
+    const Ints4 hit = (load4(row + c) == t) | (load4(row + c + 4) == t) | (load4(row + c + 8) == t) |
+                      (load4(row + c + 12) == t);
+    if (hit[0] | hit[1] | hit[2] | hit[3]) break;
+  }
+  for (; c < v; ++c)
+    if (row[c] == top) return c;
+  return 0;  // every value -inf: the first
+}
+
 at::Tensor argmax_rows(const at::Tensor& logits) {
   TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat && logits.is_contiguous(),
               "glmserve kernels: argmax takes contiguous fp32 [B, V] logits");
@@ -319,18 +373,7 @@ at::Tensor argmax_rows(const at::Tensor& logits) {
   const float* lp = logits.data_ptr<float>();
   int64_t* idx = out.data_ptr<int64_t>();
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const float* row = lp + r * v;
-      int64_t best = 0;
-      for (int64_t c = 0; c < v; ++c) {
-        if (std::isnan(row[c])) {
-          best = c;
-          break;
-        }
-        if (row[c] > row[best]) best = c;
-      }
-      idx[r] = best;
-    }
+    for (int64_t r = begin; r < end; ++r) idx[r] = argmax_row(lp + r * v, v);
   });
   return out;
 }
@@ -350,6 +393,16 @@ void paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::T
                      const at::Tensor& query_start_loc, at::Tensor out, double scale,
                      double k_scale, double v_scale, int64_t isa);
 
+// fused_step.cpp
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
+void qk_norm_rope_(at::Tensor qkv, const at::Tensor& cos, const at::Tensor& sin,
+                   const c10::optional<at::Tensor>& q_weight, const c10::optional<at::Tensor>& k_weight,
+                   int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim, int64_t rotary_dim, double eps);
+at::Tensor silu_and_mul(const at::Tensor& x);
+std::tuple<at::Tensor, at::Tensor> router_topk(const at::Tensor& logits, const at::Tensor& bias, int64_t top_k,
+                                               int64_t n_group, int64_t topk_group, bool renormalize,
+                                               double scale);
+
 }  // namespace glmserve
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -358,5 +411,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("moe_experts", &glmserve::moe_experts, "the routed experts of one MoE block, as moe_experts_reference");
   m.def("rms_norm_residual", &glmserve::rms_norm_residual, "(RMSNorm(x + residual) * weight, x + residual)");
   m.def("argmax", &glmserve::argmax_rows, "each row's first maximum (NaN counts as the maximum)");
+  m.def("rms_norm", &glmserve::rms_norm, "RMSNorm(x) * weight");
+  m.def("qk_norm_rope_", &glmserve::qk_norm_rope_, "QK-norm and partial RoPE of the QKV rows, in place");
+  m.def("silu_and_mul", &glmserve::silu_and_mul, "silu(gate) * up of [T, 2I] rows");
+  m.def("router_topk", &glmserve::router_topk, "the GLM-4.5 router's expert weights and ids from its logits");
   m.def("paged_attention", &glmserve::paged_attention, "causal attention of query rows over the paged KV cache");
 }
