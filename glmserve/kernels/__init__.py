@@ -29,6 +29,11 @@ def _fits_native(x: torch.Tensor, *weights: torch.Tensor) -> bool:
         w.device.type == "cpu" and w.dtype in NATIVE_WEIGHT_DTYPES for w in weights)
 
 
+def runs_native(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """Whether `linear` / `moe_experts` would run these on the native extension rather than the torch reference."""
+    return native.extension() is not None and _fits_native(x, *weights)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = None, group_size: int = 0,
            bias: torch.Tensor | None = None, isa: str | None = None) -> torch.Tensor:
     """x [..., K] fp32 @ W.T (+ bias) -> [..., N] fp32, for W in any layout of reference.py."""
@@ -73,6 +78,6 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     return ext.argmax(logits.contiguous())
 
 
-__all__ = ["argmax", "argmax_reference", "dequantize", "linear", "linear_reference", "moe_experts",
+__all__ = ["runs_native", "argmax", "argmax_reference", "dequantize", "linear", "linear_reference", "moe_experts",
            "moe_experts_reference", "quantize_int4", "quantize_int8", "rms_norm_residual",
            "rms_norm_residual_reference"]

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from glmserve import kernels
 from glmserve.layers.quantization.base import (
     QuantMethod,
     Source,
@@ -26,6 +27,7 @@ PACKED_MAX_ROWS = 128
 # (bench-57m shapes, 16 experts x 4 rows, 3 layers: 15.7 -> 5.8 ms). Smaller experts are bound by dispatch, where
 # the grouped GEMM wins from a few tokens on.
 EXPERT_FP16_MIN_ELEMENTS = 1 << 17
+NATIVE_EXPERT_MAX_TOKENS = 1 << 30  # placeholder: set from benchmarks/kernels.py's MoE rows
 
 
 def _onednn_prepack_available() -> bool:
@@ -70,6 +72,12 @@ class UnquantizedMethod(QuantMethod):
 
     def apply_experts(self, layer: nn.Module, x: torch.Tensor, weights: torch.Tensor,
                       ids: torch.Tensor) -> torch.Tensor:
+        """fp32 on CPU: the native one-call MoE block (each active expert's weights read once, no per-expert
+        dispatch) up to NATIVE_EXPERT_MAX_TOKENS; larger prefills, autograd (training, LoRA fine-tuning) and other
+        dtypes or devices take torch's grouped GEMM or per-expert loop."""
+        if x.shape[0] <= NATIVE_EXPERT_MAX_TOKENS and not torch.is_grad_enabled() and kernels.runs_native(
+                x, layer.w13, layer.w2):
+            return kernels.moe_experts(x, weights, layer.local_ids(ids), layer.w13, None, layer.w2, None)
         return layer.grouped_forward(x, weights, ids, self.expert, allow_grouped_mm=True)
 
     def expert(self, layer: nn.Module, x: torch.Tensor, expert: int) -> torch.Tensor:
