@@ -27,12 +27,12 @@ import torch
 import torch.nn.functional as F
 
 from glmserve import kernels
-from glmserve.distributed import ParallelContext
-from glmserve.layers.moe import FusedExperts
-from glmserve.layers.quantization import Fp16Method, UnquantizedMethod
 from glmserve.bench.host import OtherLoad, cpu_name, glmserve_revision, write_results
 from glmserve.bench.roofline import measure_bandwidth
+from glmserve.distributed import ParallelContext
 from glmserve.kernels import native
+from glmserve.layers.moe import FusedExperts
+from glmserve.layers.quantization import Fp16Method, UnquantizedMethod
 
 # (inputs K, outputs N) of the products one decode step runs: GLM-4.5-Air's (hidden 4096, moe_intermediate 1408),
 # bench-57m's (glmserve/bench/checkpoints.py: hidden 512, 8 heads of 64, 2 KV heads, intermediate 1024,
@@ -222,7 +222,10 @@ def expert_layer(method, hidden: int, inter: int, experts: int, fmt: str | None 
         if fmt is None:
             layer.w13.normal_(0, 0.02)
             layer.w2.normal_(0, 0.02)
-            layer.process_weights_after_loading()
+            if isinstance(method, Fp16Method):  # fbgemm's form, whether or not the native kernel is here
+                method.pack_experts_for_fbgemm(layer)
+            else:
+                layer.process_weights_after_loading()
             return layer
         for name, rows, cols in (("w13", 2 * inter, hidden), ("w2", hidden, inter)):
             pairs = [make_weight(fmt, group_size, rows, cols) for _ in range(experts)]
@@ -312,8 +315,9 @@ def main(argv: list[str] | None = None) -> int:
             print_rows(threads, rows)
             run["rows"] += rows
         for shape in args.moe_shapes:
-            rows = moe_rows(shape, args.moe_batch_size or [b for b in args.batch_size if b <= 16], args.repeats, bandwidth["roofline_GBps"],
-                            clock, args.pool_mib * 2**20, args.kernels)
+            batches = args.moe_batch_size or [b for b in args.batch_size if b <= 16]
+            rows = moe_rows(shape, batches, args.repeats, bandwidth["roofline_GBps"], clock, args.pool_mib * 2**20,
+                            args.kernels)
             print_rows(threads, rows)
             run["rows"] += rows
         results["runs"].append(run)

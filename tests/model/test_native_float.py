@@ -4,10 +4,10 @@ and of three sequences, and the native kernels are what ran."""
 
 import pytest
 import torch
+from test_logits import _forward, _runner
 
 from glmserve import kernels
 from glmserve.kernels import native
-from test_logits import _forward, _runner
 
 # Both paths compute in fp32 and differ only in summation order: 1e-4 is the bound the logits tests hold glmserve
 # to against transformers, ~1e-4 of the logits' spread on these checkpoints.
