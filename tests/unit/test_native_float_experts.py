@@ -31,8 +31,9 @@ def native_calls(monkeypatch) -> list[int]:
 
 
 @pytest.mark.parametrize("tokens", [1, 2, 9, 40])
-@pytest.mark.parametrize("parallel", [ParallelContext(), ParallelContext(tp_rank=1, tp_size=2, expert_parallel=True)],
-                         ids=["all-experts", "expert-parallel-rank-1"])
+@pytest.mark.parametrize("parallel", [ParallelContext()] + [ParallelContext(tp_rank=r, tp_size=2, expert_parallel=True)
+                                                             for r in (0, 1)],
+                         ids=["all-experts", "expert-parallel-rank-0", "expert-parallel-rank-1"])
 def test_native_experts_equal_the_grouped_torch_path(tokens, parallel, native_calls):
     gen = torch.Generator().manual_seed(tokens)
     layer = _experts(parallel, gen)
