@@ -18,19 +18,19 @@ from glmserve.layers.quantization.base import (
     weight_rows,
 )
 
-# fp32 weights this large get a oneDNN-blocked copy: 1.4-2.8x faster than F.linear at 1-128 rows on every bench
-# shape down to [1024, 192] (benchmarks/results/kernels-fp32-openmp.json); fp16 storage uses the same bound.
+# fp32 weights this large get a oneDNN-blocked copy: 1.2-5.8x faster than F.linear at 1-64 rows on every bench
+# shape, the smallest [1024, 192] (benchmarks/results/kernels-fp32-openmp.json); fp16 storage uses the same bound.
 PREPACK_MIN_ELEMENTS = 1 << 17
 # oneDNN keeps memory for every distinct row count it has seen (measured: +2.2 GiB after 2,000 distinct counts on
 # one [4096, 512] weight, and it outlives ONEDNN_PRIMITIVE_CACHE_CAPACITY), so a server whose prefill chunks vary
 # would grow without bound. Up to 128 rows (decode steps) the packed path is 1.1-2.5x faster and its memory
 # plateaus (+40 MiB); above, F.linear is within 15% and keeps nothing.
 PACKED_MAX_ROWS = 128
-# Up to this many rows the native kernel reads fp32 weights faster than oneDNN's packed GEMM (1.03-1.5x at 1 and 2
-# rows on the bench shapes); from 4 rows oneDNN's blocked layout wins.
+# Up to this many rows the native kernel reads fp32 weights faster than oneDNN's packed GEMM (at 1 row on 11 of the
+# 12 bench shapes, 0.92-1.5x; at 2 on all, 1.02-1.5x); from 4 rows oneDNN's blocked layout wins.
 NATIVE_LINEAR_MAX_ROWS = 2
 # The native MoE kernel against FusedExperts.grouped_forward (torch's grouped GEMM or per-expert products), fp32
-# bench shapes: 2.5-3.2x faster at 1-16 tokens, 1.7-1.9x at 64-256 (the largest measured); larger prefills keep
+# bench shapes: 2.6-3.3x faster at 1-16 tokens, 1.7-1.9x at 64-256 (the largest measured); larger prefills keep
 # torch's grouped GEMM.
 NATIVE_EXPERT_MAX_TOKENS = 256
 # With fp16 storage and no native extension, experts this large (w13 elements) are stored in fbgemm's fp16 form:
