@@ -30,9 +30,9 @@ PACKED_MAX_ROWS = 128
 # 12 bench shapes, 0.92-1.5x; at 2 on all, 1.02-1.5x); from 4 rows oneDNN's blocked layout wins.
 NATIVE_LINEAR_MAX_ROWS = 2
 # The native MoE kernel against FusedExperts.grouped_forward (torch's grouped GEMM or per-expert products), fp32
-# bench shapes: 2.6-3.3x faster at 1-16 tokens, 1.7-1.9x at 64-256 (the largest measured); larger prefills keep
-# torch's grouped GEMM.
-NATIVE_EXPERT_MAX_TOKENS = 256
+# bench shapes: 2.6-3.3x faster at 1-16 tokens, 1.7-1.9x at 64-256, 1.4-1.8x at 512; level (bench-528m) to 1.5x
+# (bench-57m) at 1024, 0.9-1.2x at 2048: larger prefills keep torch's grouped GEMM.
+NATIVE_EXPERT_MAX_TOKENS = 512
 # With fp16 storage and no native extension, experts this large (w13 elements) are stored in fbgemm's fp16 form:
 # streaming a layer's experts from memory, a loop of fbgemm fp16 GEMMs measured 2.7x faster than torch's grouped
 # GEMM over the fp32 stack (bench-57m shapes, 16 experts x 4 rows, 3 layers: 15.7 -> 5.8 ms). Smaller experts are
@@ -136,8 +136,9 @@ class Fp16Method(UnquantizedMethod):
 
     def process_experts(self, layer: nn.Module) -> None:
         """With the native extension, the stacks are stored in fp16 as they are (the native MoE kernel widens them
-        in registers: 1.2-1.7x faster than fbgemm's per-expert loop at 1-16 tokens, level at 64, 0.9x at 256);
-        else large experts go to fbgemm's fp16 form."""
+        in registers: 1.2-1.7x faster than fbgemm's per-expert loop at 1-16 tokens, 0.9-1.0x at 64-256, 0.6-0.7x
+        at 1024-2048: decode gains, prefill loses; keeping both forms would double the experts' memory); else
+        large experts go to fbgemm's fp16 form."""
         if native.extension() is not None:
             layer.w13.data = layer.w13.data.half()
             layer.w2.data = layer.w2.data.half()
