@@ -10,6 +10,7 @@ from glmserve.distributed import ParallelContext
 from glmserve.kernels import native
 from glmserve.layers.moe import FusedExperts
 from glmserve.layers.quantization import UnquantizedMethod
+from glmserve.layers.quantization.unquantized import NATIVE_EXPERT_MAX_TOKENS
 
 pytestmark = pytest.mark.skipif(native.extension() is None, reason="no native extension here")
 
@@ -45,6 +46,21 @@ def test_native_experts_equal_the_grouped_torch_path(tokens, parallel, native_ca
         ours = method.apply_experts(layer, x, weights, ids)
         reference = layer.grouped_forward(x, weights, ids, method.expert, allow_grouped_mm=True)
     assert native_calls
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_prefills_past_the_native_bound_take_the_grouped_torch_path(native_calls):
+    gen = torch.Generator().manual_seed(1)
+    layer = _experts(ParallelContext(), gen)
+    tokens = NATIVE_EXPERT_MAX_TOKENS + 1
+    x = torch.randn(tokens, 40, generator=gen)
+    ids = torch.stack([torch.randperm(12, generator=gen)[:4] for _ in range(tokens)])
+    weights = torch.rand(tokens, 4, generator=gen)
+    method = UnquantizedMethod()
+    with torch.inference_mode():
+        ours = method.apply_experts(layer, x, weights, ids)
+        reference = kernels.moe_experts_reference(x, weights, ids, layer.w13, None, layer.w2, None)
+    assert not native_calls
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
 
 
