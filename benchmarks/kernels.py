@@ -29,11 +29,15 @@ import torch.nn.functional as F
 from glmserve import kernels
 from glmserve.bench.host import OtherLoad, cpu_name, glmserve_revision, write_results
 from glmserve.bench.roofline import measure_bandwidth
+from glmserve.distributed import ParallelContext
 from glmserve.kernels import native
+from glmserve.layers.moe import FusedExperts
+from glmserve.layers.quantization import Fp16Method, UnquantizedMethod
 
-# (inputs K, outputs N) of the products one decode step runs: GLM-4.5-Air's (hidden 4096, moe_intermediate 1408)
-# and bench-57m's (glmserve/bench/checkpoints.py: hidden 512, 8 heads of 64, 2 KV heads, intermediate 1024,
-# moe_intermediate 256, vocab 32000).
+# (inputs K, outputs N) of the products one decode step runs: GLM-4.5-Air's (hidden 4096, moe_intermediate 1408),
+# bench-57m's (glmserve/bench/checkpoints.py: hidden 512, 8 heads of 64, 2 KV heads, intermediate 1024,
+# moe_intermediate 256, vocab 32000) and bench-528m's (hidden 1024, 16 heads of 64, 4 KV heads, intermediate 2816,
+# moe_intermediate 192). The default run leaves out the 528m shapes (--shapes picks them).
 SHAPES = {
     "air.o_proj": (4096, 4096),
     "air.expert_gate_up": (4096, 2 * 1408),
@@ -43,7 +47,18 @@ SHAPES = {
     "57m.dense_down": (1024, 512),
     "57m.expert_gate_up": (512, 2 * 256),
     "57m.lm_head": (512, 32000),
+    "528m.qkv_proj": (1024, 1024 + 2 * 256),
+    "528m.o_proj": (1024, 1024),
+    "528m.dense_gate_up": (1024, 2 * 2816),
+    "528m.dense_down": (2816, 1024),
+    "528m.expert_gate_up": (1024, 2 * 192),
+    "528m.expert_down": (192, 1024),
+    "528m.lm_head": (1024, 32000),
 }
+DEFAULT_SHAPES = [s for s in SHAPES if not s.startswith("528m.")]
+# The MoE blocks measured: (hidden, moe_intermediate, routed experts, top-k). Air has 128 experts; top-8 of 16
+# keeps memory small. The bench shapes' blocks are whole.
+MOE_SHAPES = {"air": (4096, 1408, 16, 8), "57m": (512, 256, 16, 4), "528m": (1024, 192, 64, 8)}
 # Native formats: (weight dtype, group size; 0 = one scale per row). int8/int4 in groups of 32 are llama.cpp's
 # q8_0 / q4_0 layouts; int4 in groups of 128 is AWQ's.
 NATIVE_FORMATS = {"fp32": ("float32", 0), "bf16": ("bfloat16", 0), "fp16": ("float16", 0), "fp8": ("fp8", 0),
@@ -54,13 +69,16 @@ NATIVE_FORMATS = {"fp32": ("float32", 0), "bf16": ("bfloat16", 0), "fp16": ("flo
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, choices=list(SHAPES))
+    p.add_argument("--kernels", nargs="+", metavar="SUBSTRING",
+                   help="only the kernels whose name contains one of these (e.g. fp32 onednn)")
     p.add_argument("--batch-size", type=int, nargs="+", default=[1, 8, 16, 64])
     p.add_argument("--threads", type=int, nargs="+", default=[2, 1])
     p.add_argument("--repeats", type=int, default=15, help="calls timed per figure (median)")
-    p.add_argument("--moe-experts", type=int, default=16,
-                   help="routed experts of the Air-shaped MoE block (Air has 128; top-8 of 16 keeps memory small); "
-                        "0 skips the block")
+    p.add_argument("--moe-shapes", nargs="*", default=["air"], choices=list(MOE_SHAPES),
+                   help="MoE blocks to measure (none: skip them)")
+    p.add_argument("--moe-batch-size", type=int, nargs="+",
+                   help="tokens per MoE block call (default: the --batch-size values up to 16)")
     p.add_argument("--pool-mib", type=int, default=160,
                    help="weight copies cycled through per figure, in MiB: several times the L3 cache")
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
@@ -140,8 +158,13 @@ def torch_kernels(k: int, n: int) -> dict:
         scales_zeros = torch.stack([torch.rand(k // 32, n), torch.zeros(k // 32, n)], -1).bfloat16()
         return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), scales_zeros
 
+    def onednn_packed():
+        return torch.ops.mkldnn._reorder_linear_weight(fp32(), None)
+
     return {
         "torch fp32 F.linear": (fp32, lambda x, w: F.linear(x, w), 4 * n * k),
+        "torch fp32 oneDNN packed": (onednn_packed, lambda x, w: torch.ops.mkldnn._linear_pointwise(
+            x, w, None, "none", [], ""), 4 * n * k),
         "torch fbgemm linear_dynamic int8": (fbgemm_int8, lambda x, w: torch.ops.quantized.linear_dynamic(x, w),
                                              n * k + 8 * n),
         "torch fbgemm linear_dynamic_fp16": (fbgemm_fp16,
@@ -154,17 +177,24 @@ def torch_kernels(k: int, n: int) -> dict:
     }
 
 
+def wanted(kernel: str, filters: list[str] | None) -> bool:
+    return filters is None or any(f.lower() in kernel.lower() for f in filters)
+
+
 def linear_rows(shape: str, batches: list[int], repeats: int, bandwidth_gbps: float, clock,
-                pool_bytes: int) -> list[dict]:
+                pool_bytes: int, filters: list[str] | None = None) -> list[dict]:
     k, n = SHAPES[shape]
     rows = []
 
     def record(kernel: str, make, fn, weight_bytes: int):
+        if not wanted(kernel, filters):
+            return
         pool = pool_of(make, weight_bytes, pool_bytes)
         for batch in batches:
             x = torch.randn(batch, k)
             try:
-                us = median_us(lambda w: fn(x, w), pool, repeats, clock)
+                with torch.no_grad():
+                    us = median_us(lambda w: fn(x, w), pool, repeats, clock)
             except RuntimeError as error:  # a torch kernel this build lacks
                 rows.append({"shape": shape, "kernel": kernel, "batch": batch, "error": str(error)[:200]})
                 continue
@@ -183,36 +213,83 @@ def linear_rows(shape: str, batches: list[int], repeats: int, bandwidth_gbps: fl
     return rows
 
 
-def moe_rows(experts: int, batches: list[int], repeats: int, bandwidth_gbps: float, clock) -> list[dict]:
-    """One Air-shaped MoE block (hidden 4096, moe_intermediate 1408, top-8) per call, random routing each call;
-    the roofline counts the distinct experts a call's tokens pick."""
-    hidden, inter, top_k = 4096, 1408, 8
-    rows = []
-    for name in ("int8-row", "int8-g32", "int4-g128", "int4-g32", "bf16"):
+def expert_layer(method, hidden: int, inter: int, experts: int, fmt: str | None = None,
+                 group_size: int = 0) -> FusedExperts:
+    """One MoE block's routed experts, random weights: through `method` (fmt None: as a float model loads them), or
+    in a native format `fmt` (layer.w13 / w2 replaced by its stacks, layer.s13 / s2 its scales)."""
+    layer = FusedExperts(experts, hidden, inter, ParallelContext(), method)
+    with torch.no_grad():
+        if fmt is None:
+            layer.w13.normal_(0, 0.02)
+            layer.w2.normal_(0, 0.02)
+            if isinstance(method, Fp16Method):  # fbgemm's form, whether or not the native kernel is here
+                method.pack_experts_for_fbgemm(layer)
+            else:
+                layer.process_weights_after_loading()
+            return layer
+        for name, rows, cols in (("w13", 2 * inter, hidden), ("w2", hidden, inter)):
+            pairs = [make_weight(fmt, group_size, rows, cols) for _ in range(experts)]
+            getattr(layer, name).data = torch.stack([w for w, _ in pairs])
+            setattr(layer, name.replace("w", "s"), None if pairs[0][1] is None else torch.stack([s for _, s in pairs]))
+    return layer
+
+
+def moe_kernels(hidden: int, inter: int, experts: int) -> dict:
+    """name -> (factory of one MoE block, fn(layer, x, weights, ids)): the native one-call block in each format,
+    and the float methods' torch paths (torch's grouped GEMM or a loop of products per expert, as
+    FusedExperts.grouped_forward picks; with fp16 storage, fbgemm's fp16 GEMM per expert)."""
+    def native_block(name):
         fmt, group_size = NATIVE_FORMATS[name]
-        w13 = [make_weight(fmt, group_size, 2 * inter, hidden) for _ in range(experts)]
-        w2 = [make_weight(fmt, group_size, hidden, inter) for _ in range(experts)]
-        stack13 = torch.stack([w for w, _ in w13])
-        stack2 = torch.stack([w for w, _ in w2])
-        s13 = None if w13[0][1] is None else torch.stack([s for _, s in w13])
-        s2 = None if w2[0][1] is None else torch.stack([s for _, s in w2])
-        expert_bytes = nbytes(*w13[0], *w2[0])
-        del w13, w2
+        return (lambda: expert_layer(UnquantizedMethod(), hidden, inter, experts, fmt, group_size),
+                lambda layer, x, w, ids: kernels.moe_experts(x, w, ids, layer.w13, layer.s13, layer.w2, layer.s2,
+                                                             group_size))
+
+    def torch_block(method):
+        return (lambda: expert_layer(method, hidden, inter, experts),
+                lambda layer, x, w, ids: layer.grouped_forward(x, w, ids, method.expert,
+                                                               allow_grouped_mm=layer.quant_method is not fp16))
+
+    fp16 = Fp16Method()
+    table = {f"glmserve moe_experts {name}": native_block(name)
+             for name in ("fp32", "fp16", "bf16", "int8-row", "int8-g32", "int4-g128", "int4-g32")}
+    table["torch grouped_forward fp32"] = torch_block(UnquantizedMethod())
+    table["torch grouped_forward fp16 (fbgemm)"] = torch_block(fp16)
+    return table
+
+
+def moe_rows(shape: str, batches: list[int], repeats: int, bandwidth_gbps: float, clock, pool_bytes: int,
+             filters: list[str] | None = None) -> list[dict]:
+    """One MoE block's routed experts per call, random routing each call, cycling through copies of the block so
+    that its weights come from memory; the roofline counts the distinct experts a call's tokens pick."""
+    hidden, inter, experts, top_k = MOE_SHAPES[shape]
+    rows = []
+    for kernel, (make, fn) in moe_kernels(hidden, inter, experts).items():
+        if not wanted(kernel, filters) or (shape == "air" and "fp32" in kernel):  # Air's fp32 block: 1.1 GiB
+            continue
+        first = make()
+        block_bytes = sum(t.numel() * t.element_size() for t in first.state_dict().values())
+        block_bytes += sum(nbytes(getattr(first, s, None)) for s in ("s13", "s2"))
+        if getattr(first, "fp16_experts", None) is not None:
+            block_bytes = experts * 3 * hidden * inter * 2
+        pool = [first] + [make() for _ in range(max(1, -(-pool_bytes // block_bytes) - 1))]
+        expert_bytes = block_bytes / experts
         gen = torch.Generator().manual_seed(0)
         for batch in batches:
             x = torch.randn(batch, hidden)
             times, roofs = [], []
-            for _ in range(repeats + 1):
+            for i in range(repeats + 1):
                 ids = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(batch)])
                 weights = torch.rand(batch, top_k, generator=gen)
-                t0 = clock()
-                kernels.moe_experts(x, weights, ids, stack13, s13, stack2, s2, group_size)
-                times.append(clock() - t0)
+                with torch.no_grad():
+                    t0 = clock()
+                    fn(pool[i % len(pool)], x, weights, ids)
+                    times.append(clock() - t0)
                 roofs.append(ids.unique().numel() * expert_bytes / bandwidth_gbps / 1e3)
             us, roofline_us = statistics.median(times[1:]) * 1e6, statistics.median(roofs[1:])
-            rows.append({"shape": f"air.moe_block E={experts} top-{top_k}", "kernel": f"glmserve moe_experts {name}",
+            rows.append({"shape": f"{shape}.moe_block E={experts} top-{top_k}", "kernel": kernel,
                          "batch": batch, "us": round(us, 1), "roofline_us": round(roofline_us, 1),
                          "pct_of_roofline": round(100 * roofline_us / us, 1)})
+        del pool, first
     return rows
 
 
@@ -234,13 +311,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{threads} thread(s): read bandwidth {bandwidth['roofline_GBps']:.1f} GB/s")
         for shape in args.shapes:
             rows = linear_rows(shape, args.batch_size, args.repeats, bandwidth["roofline_GBps"], clock,
-                               args.pool_mib * 2**20)
+                               args.pool_mib * 2**20, args.kernels)
             print_rows(threads, rows)
             run["rows"] += rows
-        rows = moe_rows(args.moe_experts, [b for b in args.batch_size if b <= 16], args.repeats,
-                        bandwidth["roofline_GBps"], clock) if args.moe_experts else []
-        print_rows(threads, rows)
-        run["rows"] += rows
+        for shape in args.moe_shapes:
+            batches = args.moe_batch_size or [b for b in args.batch_size if b <= 16]
+            rows = moe_rows(shape, batches, args.repeats, bandwidth["roofline_GBps"], clock, args.pool_mib * 2**20,
+                            args.kernels)
+            print_rows(threads, rows)
+            run["rows"] += rows
         results["runs"].append(run)
     results["other_processes_cores"] = round(load.cores(), 2)
     results["load_average_end"] = os.getloadavg()

@@ -49,7 +49,8 @@ def _experts_in_fp16(model: torch.nn.Module) -> bool:
     """Whether --weight-dtype float16 keeps the routed experts in half precision (for the roofline)."""
     from glmserve.layers.moe import FusedExperts
 
-    return any(isinstance(m, FusedExperts) and getattr(m, "fp16_experts", None) is not None for m in model.modules())
+    return any(isinstance(m, FusedExperts) and (getattr(m, "fp16_experts", None) is not None
+                                                or m.w13.dtype == torch.float16) for m in model.modules())
 
 
 class TransformersEngine:

@@ -53,6 +53,11 @@ def fused_ops_native(x: torch.Tensor, *others: torch.Tensor) -> bool:
     return _fp32_rows(x, *others) is not None
 
 
+def runs_native(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """Whether `linear` / `moe_experts` would run these on the native extension rather than the torch reference."""
+    return native.extension() is not None and _fits_native(x, *weights)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = None, group_size: int = 0,
            bias: torch.Tensor | None = None, isa: str | None = None) -> torch.Tensor:
     """x [..., K] fp32 @ W.T (+ bias) -> [..., N] fp32, for W in any layout of reference.py."""
@@ -138,4 +143,4 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
 __all__ = ["argmax", "argmax_reference", "dequantize", "fused_ops_native", "linear", "linear_reference",
            "moe_experts", "moe_experts_reference", "qk_norm_rope", "qk_norm_rope_reference", "quantize_int4",
            "quantize_int8", "rms_norm", "rms_norm_reference", "rms_norm_residual", "rms_norm_residual_reference",
-           "router_topk", "router_topk_reference", "silu_and_mul", "silu_and_mul_reference"]
+           "router_topk", "router_topk_reference", "runs_native", "silu_and_mul", "silu_and_mul_reference"]

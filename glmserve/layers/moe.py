@@ -93,6 +93,14 @@ class FusedExperts(nn.Module):
             raise ValueError(f"shape mismatch: expected {shape}, checkpoint has {tuple(loaded.shape)}")
         self.quant_method.load_rows(self, name, expert, row, source)
 
+    def local_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Expert ids [T, k] numbered on this rank, for the native kernels: -1 (skipped) for another rank's."""
+        first, held = self.expert_ids.start, len(self.expert_ids)
+        if held == self.num_experts:
+            return ids
+        local = ids - first
+        return torch.where((local >= 0) & (local < held), local, -1)
+
     # On CPU, up to this many (token, expert) choices run one by one: each costs ~5 small ops, where sorting
     # rows by expert costs ~11 ops plus ~7 per active expert (measured: 2.2x faster at 2 choices, even at 8).
     MAX_CHOICES_ONE_BY_ONE = 8

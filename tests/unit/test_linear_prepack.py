@@ -5,9 +5,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from glmserve import kernels
+from glmserve.kernels import native
 from glmserve.layers.linear import ReplicatedLinear
 from glmserve.layers.quantization import Fp16Method
-from glmserve.layers.quantization.unquantized import PACKED_MAX_ROWS, PREPACK_MIN_ELEMENTS
+from glmserve.layers.quantization.unquantized import (
+    NATIVE_LINEAR_MAX_ROWS,
+    PACKED_MAX_ROWS,
+    PREPACK_MIN_ELEMENTS,
+)
 
 pytestmark = pytest.mark.skipif(not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"), reason="no oneDNN")
 
@@ -20,19 +26,41 @@ def _linear(out_features: int, in_features: int, bias: bool, fp16: bool = False)
     return layer
 
 
-@pytest.mark.parametrize("rows", [1, 5, PACKED_MAX_ROWS, PACKED_MAX_ROWS + 1])
+@pytest.mark.parametrize("rows", [1, NATIVE_LINEAR_MAX_ROWS, NATIVE_LINEAR_MAX_ROWS + 1, PACKED_MAX_ROWS,
+                                  PACKED_MAX_ROWS + 1])
 @pytest.mark.parametrize("bias", [False, True])
-def test_large_weights_are_prepacked_and_equal_f_linear(bias, rows, monkeypatch):
+@pytest.mark.parametrize("extension", ["native", "absent"])
+def test_large_weights_are_prepacked_and_equal_f_linear(extension, bias, rows, monkeypatch):
+    """Decode rows up to NATIVE_LINEAR_MAX_ROWS run on the native kernel when it is built, then oneDNN's packed
+    weight up to PACKED_MAX_ROWS, then F.linear; all equal F.linear."""
+    if extension == "absent":
+        monkeypatch.setattr(native, "extension", lambda: None)
+    elif native.extension() is None:
+        pytest.skip("no native extension here")
     layer = _linear(PREPACK_MIN_ELEMENTS // 256, 256, bias)
     layer.process_weights_after_loading()
     assert layer.packed_weight is not None
-    calls = []
-    packed_op = torch.ops.mkldnn._linear_pointwise
-    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(1) or packed_op(*a))
+    calls = {"packed": 0, "native": 0}
+    packed_op, native_op = torch.ops.mkldnn._linear_pointwise, kernels.linear
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise",
+                        lambda *a: calls.update(packed=calls["packed"] + 1) or packed_op(*a))
+    monkeypatch.setattr(kernels, "linear",
+                        lambda *a, **k: calls.update(native=calls["native"] + 1) or native_op(*a, **k))
     x = torch.randn(rows, 256)
     with torch.inference_mode():
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
-    assert len(calls) == (rows <= PACKED_MAX_ROWS)  # bigger batches take F.linear: oneDNN's memory stays bounded
+    on_native = extension == "native" and rows <= NATIVE_LINEAR_MAX_ROWS
+    assert calls["native"] == on_native
+    assert calls["packed"] == (not on_native and rows <= PACKED_MAX_ROWS)  # then F.linear: oneDNN's memory bounded
+
+
+def test_under_autograd_linear_runs_on_torch(monkeypatch):
+    layer = _linear(PREPACK_MIN_ELEMENTS // 256, 256, True)
+    layer.process_weights_after_loading()
+    monkeypatch.setattr(kernels, "linear", lambda *a, **k: pytest.fail("native kernel under autograd"))
+    x = torch.randn(1, 256, requires_grad=True)
+    layer(x).sum().backward()
+    assert x.grad is not None
 
 
 def test_small_weights_stay_unpacked():

@@ -17,6 +17,9 @@ struct V {
   static F mul(F a, F b) { return a * b; }
   static F fma(F a, F b, F c) { return a * b + c; }
   static float reduce(F a) { return a; }
+  static void reduce4(const F* a, float* out) {
+    for (int r = 0; r < 4; ++r) out[r] = a[r];
+  }
   template <int T>
   static F load_w(const uint8_t* row, int64_t k) { return WeightFormat<T>::at(row, k); }
 };

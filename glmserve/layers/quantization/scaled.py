@@ -111,12 +111,8 @@ class ScaledMethod(QuantMethod):
 
     def apply_experts(self, layer: nn.Module, x: torch.Tensor, weights: torch.Tensor,
                       ids: torch.Tensor) -> torch.Tensor:
-        first, held = layer.expert_ids.start, len(layer.expert_ids)
-        local = ids - first
-        if held != layer.num_experts:  # expert parallel: another rank's choices are skipped (id -1)
-            local = torch.where((local >= 0) & (local < held), local, -1)
-        return kernels.moe_experts(x, weights, local, layer.w13, layer.w13_scale, layer.w2, layer.w2_scale,
-                                   layer.w13.group_size)
+        return kernels.moe_experts(x, weights, layer.local_ids(ids), layer.w13, layer.w13_scale, layer.w2,
+                                   layer.w2_scale, layer.w13.group_size)
 
     def embed(self, layer: nn.Module, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)

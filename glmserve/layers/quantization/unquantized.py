@@ -1,5 +1,6 @@
-"""Float weights: unquantized (the compute dtype; on CPU in fp32 large linear weights are oneDNN-prepacked) and fp16
-storage for fp32 compute on CPU (`--weight-dtype float16`: fbgemm's fp16 GEMM widens the weights to fp32 inside)."""
+"""Float weights: unquantized (the compute dtype; on CPU in fp32 decode rows run on the native kernels or
+oneDNN-prepacked weights, whichever benchmarks/kernels.py measured faster) and fp16 storage for fp32 compute on CPU
+(`--weight-dtype float16`: fbgemm's fp16 GEMM for linear layers, the native MoE kernel for the routed experts)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from glmserve import kernels
+from glmserve.kernels import native
 from glmserve.layers.quantization.base import (
     QuantMethod,
     Source,
@@ -15,17 +18,33 @@ from glmserve.layers.quantization.base import (
     weight_rows,
 )
 
-PREPACK_MIN_ELEMENTS = 1 << 19  # 2 MiB of fp32: below it F.linear wins at every batch size measured
+# fp32 weights this large get a oneDNN-blocked copy: 1.2-5.8x faster than F.linear at 1-64 rows on every bench
+# shape, the smallest [1024, 192] (benchmarks/results/kernels-fp32-openmp.json); fp16 storage uses the same bound.
+PREPACK_MIN_ELEMENTS = 1 << 17
 # oneDNN keeps memory for every distinct row count it has seen (measured: +2.2 GiB after 2,000 distinct counts on
 # one [4096, 512] weight, and it outlives ONEDNN_PRIMITIVE_CACHE_CAPACITY), so a server whose prefill chunks vary
 # would grow without bound. Up to 128 rows (decode steps) the packed path is 1.1-2.5x faster and its memory
 # plateaus (+40 MiB); above, F.linear is within 15% and keeps nothing.
 PACKED_MAX_ROWS = 128
-# With fp16 storage, experts this large (w13 elements) are stored in fbgemm's fp16 form: streaming a layer's experts
-# from memory, a loop of fbgemm fp16 GEMMs measured 2.7x faster than torch's grouped GEMM over the fp32 stack
-# (bench-57m shapes, 16 experts x 4 rows, 3 layers: 15.7 -> 5.8 ms). Smaller experts are bound by dispatch, where
-# the grouped GEMM wins from a few tokens on.
+# Up to this many rows the native kernel reads fp32 weights faster than oneDNN's packed GEMM (at 1 row on 11 of the
+# 12 bench shapes, 0.92-1.5x; at 2 on all, 1.02-1.5x); from 4 rows oneDNN's blocked layout wins.
+NATIVE_LINEAR_MAX_ROWS = 2
+# The native MoE kernel against FusedExperts.grouped_forward (torch's grouped GEMM or per-expert products), fp32
+# bench shapes: 2.6-3.3x faster at 1-16 tokens, 1.7-1.9x at 64-256, 1.4-1.8x at 512; level (bench-528m) to 1.5x
+# (bench-57m) at 1024, 0.9-1.2x at 2048: larger prefills keep torch's grouped GEMM.
+NATIVE_EXPERT_MAX_TOKENS = 512
+# With fp16 storage and no native extension, experts this large (w13 elements) are stored in fbgemm's fp16 form:
+# streaming a layer's experts from memory, a loop of fbgemm fp16 GEMMs measured 2.7x faster than torch's grouped
+# GEMM over the fp32 stack (bench-57m shapes, 16 experts x 4 rows, 3 layers: 15.7 -> 5.8 ms). Smaller experts are
+# bound by dispatch, where the grouped GEMM wins from a few tokens on.
 EXPERT_FP16_MIN_ELEMENTS = 1 << 17
+
+
+def _native_rows(x: torch.Tensor, max_rows: int, *weights: torch.Tensor) -> bool:
+    """Whether x's rows run on the native kernels: few enough rows, no autograd (training and LoRA fine-tuning
+    take torch's differentiable ops), and the extension built for fp32 activations on CPU."""
+    return (x.numel() <= max_rows * x.shape[-1] and not torch.is_grad_enabled()
+            and kernels.runs_native(x, *weights))
 
 
 def _onednn_prepack_available() -> bool:
@@ -54,22 +73,29 @@ class UnquantizedMethod(QuantMethod):
         weight_rows(getattr(layer, name), expert, row, source.shape[0]).copy_(float_values(source))
 
     def process_linear(self, layer: nn.Module) -> None:
-        """On CPU in fp32, a large weight also gets a oneDNN-blocked copy (what inductor's CPU weight freezing
-        does), 1.5-2.5x faster than F.linear's MKL path for the decode shapes. A oneDNN call costs ~35 us more than
-        F.linear, though, which is 2-10x F.linear's whole time on a small weight (measured on [128-512, 128-512]),
-        so small weights stay as they are."""
+        """On CPU in fp32, a weight also gets a oneDNN-blocked copy (what inductor's CPU weight freezing does),
+        faster than F.linear's MKL path for the decode shapes. A oneDNN call costs ~35 us more than F.linear,
+        though, which outweighs its gain on weights much smaller than the models' (measured on [128-512, 128-512]
+        in an earlier torch), so those stay as they are."""
         weight = layer.weight
         if (weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.numel() >= PREPACK_MIN_ELEMENTS
                 and _onednn_prepack_available()):
             layer.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
 
     def apply_linear(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if _native_rows(x, NATIVE_LINEAR_MAX_ROWS, layer.weight):
+            return kernels.linear(x, layer.weight, bias=bias)
         if layer.packed_weight is not None and x.shape[0] <= PACKED_MAX_ROWS and not torch.is_grad_enabled():
             return torch.ops.mkldnn._linear_pointwise(x, layer.packed_weight, bias, "none", [], "")
         return F.linear(x, layer.weight, bias)
 
     def apply_experts(self, layer: nn.Module, x: torch.Tensor, weights: torch.Tensor,
                       ids: torch.Tensor) -> torch.Tensor:
+        """fp32 on CPU: the native one-call MoE block (each active expert's weights read once, no per-expert
+        dispatch) up to NATIVE_EXPERT_MAX_TOKENS; larger prefills, autograd (training, LoRA fine-tuning) and other
+        dtypes or devices take torch's grouped GEMM or per-expert loop."""
+        if _native_rows(x, NATIVE_EXPERT_MAX_TOKENS, layer.w13, layer.w2):
+            return kernels.moe_experts(x, weights, layer.local_ids(ids), layer.w13, None, layer.w2, None)
         return layer.grouped_forward(x, weights, ids, self.expert, allow_grouped_mm=True)
 
     def expert(self, layer: nn.Module, x: torch.Tensor, expert: int) -> torch.Tensor:
@@ -85,7 +111,8 @@ class Fp16Method(UnquantizedMethod):
     """fp32 compute on CPU with large weights stored in fbgemm's fp16 form: decode on CPU is bound by weight reads,
     and fbgemm's GEMM reads half the bytes (measured 2x faster at 1 row on the [32000, 512] lm_head, 1.6x at 8).
     Weights load in fp32 and are packed once after loading (their fp32 copy dropped); small weights, which
-    fbgemm's fp16 does not speed up, and the embedding stay in fp32."""
+    fbgemm's fp16 does not speed up, and the embedding stay in fp32. The routed experts become fp16 stacks for the
+    native MoE kernel (fbgemm's packed form without the extension)."""
 
     def create_linear(self, layer: nn.Module, rows: int, cols: int) -> None:
         super().create_linear(layer, rows, cols)
@@ -108,8 +135,19 @@ class Fp16Method(UnquantizedMethod):
         return F.linear(x, layer.weight, bias)
 
     def process_experts(self, layer: nn.Module) -> None:
-        if layer.w13[0].numel() < EXPERT_FP16_MIN_ELEMENTS:
+        """With the native extension, the stacks are stored in fp16 as they are (the native MoE kernel widens them
+        in registers: 1.2-1.7x faster than fbgemm's per-expert loop at 1-16 tokens, 0.9-1.0x at 64-256, 0.6-0.7x
+        at 1024-2048: decode gains, prefill loses; keeping both forms would double the experts' memory); else
+        large experts go to fbgemm's fp16 form."""
+        if native.extension() is not None:
+            layer.w13.data = layer.w13.data.half()
+            layer.w2.data = layer.w2.data.half()
             return
+        if layer.w13[0].numel() >= EXPERT_FP16_MIN_ELEMENTS:
+            self.pack_experts_for_fbgemm(layer)
+
+    @staticmethod
+    def pack_experts_for_fbgemm(layer: nn.Module) -> None:
         pack = torch.ops.quantized.linear_prepack_fp16
         layer.fp16_experts = [(pack(layer.w13[e].contiguous(), None), pack(layer.w2[e].contiguous(), None))
                               for e in range(layer.w13.shape[0])]
@@ -118,9 +156,15 @@ class Fp16Method(UnquantizedMethod):
 
     def apply_experts(self, layer: nn.Module, x: torch.Tensor, weights: torch.Tensor,
                       ids: torch.Tensor) -> torch.Tensor:
-        return layer.grouped_forward(x, weights, ids, self.expert, allow_grouped_mm=layer.fp16_experts is None)
+        if layer.w13.dtype == torch.float16 and kernels.runs_native(x, layer.w13, layer.w2):
+            return kernels.moe_experts(x, weights, layer.local_ids(ids), layer.w13, None, layer.w2, None)
+        return layer.grouped_forward(x, weights, ids, self.expert,
+                                     allow_grouped_mm=layer.fp16_experts is None and layer.w13.dtype != torch.float16)
 
     def expert(self, layer: nn.Module, x: torch.Tensor, expert: int) -> torch.Tensor:
+        if layer.w13.dtype == torch.float16:  # (the extension switched off after loading: widened here)
+            gate, up = F.linear(x, layer.w13[expert].float()).chunk(2, dim=-1)
+            return F.linear(F.silu(gate) * up, layer.w2[expert].float())
         if layer.fp16_experts is None:
             return super().expert(layer, x, expert)
         w13, w2 = layer.fp16_experts[expert]
