@@ -37,7 +37,10 @@ logger = logging.getLogger(__name__)
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = ("ops.cpp", "isa_portable.cpp", "isa_avx2.cpp", "isa_avx512.cpp", "isa_avx512_vnni.cpp",
            "paged_attention.cpp", "attention_isa_portable.cpp", "attention_isa_avx2.cpp", "attention_isa_avx512.cpp")
-CFLAGS = ("-O3", "-Wall", "-Wno-unused-function")
+# -fopenmp: at::parallel_for is a header template that runs its loop on one thread unless the file including it is
+# compiled with OpenMP (cpp_extension does not add it); the extension then links the libgomp torch has loaded.
+CFLAGS = ("-O3", "-Wall", "-Wno-unused-function", "-fopenmp")
+LDFLAGS = ("-fopenmp",)
 ISAS = ("portable", "avx2", "avx512", "avx512_vnni")  # slowest first; each ISA's index is its number in csrc/ops.cpp
 
 
@@ -64,7 +67,7 @@ def build_key() -> str:
     digest = hashlib.sha256(str(CSRC.resolve()).encode())
     for name in sorted(p.name for p in CSRC.iterdir()):
         digest.update(name.encode() + (CSRC / name).read_bytes())
-    digest.update(f"{torch.__version__}|{_compiler_version()}|{' '.join(CFLAGS)}".encode())
+    digest.update(f"{torch.__version__}|{_compiler_version()}|{' '.join(CFLAGS + LDFLAGS)}".encode())
     return digest.hexdigest()[:16]
 
 
@@ -104,7 +107,8 @@ def extension() -> ModuleType | None:
         build_dir.mkdir(parents=True, exist_ok=True)
         with _build_lock(build_dir):
             return load(name=f"glmserve_kernels_{key}", sources=[str(CSRC / s) for s in SOURCES],
-                        extra_cflags=list(CFLAGS), build_directory=str(build_dir), verbose=False)
+                        extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS), build_directory=str(build_dir),
+                        verbose=False)
     except Exception as error:  # any failed build (no compiler, no ninja, headers) leaves the torch path
         logger.warning("glmserve's native kernels are unavailable, so they run on torch (slower): %s", error)
         return None
