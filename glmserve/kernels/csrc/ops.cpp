@@ -342,6 +342,14 @@ std::vector<std::string> available_isas() {
   return names;
 }
 
+// How many of torch's threads at::parallel_for runs `items` items on: 1 if the extension was compiled without
+// OpenMP, where its header-only loop runs serially.
+int64_t parallel_threads(int64_t items) {
+  std::vector<char> ran(std::max(1, at::get_num_threads()), 0);
+  at::parallel_for(0, items, 1, [&](int64_t, int64_t) { ran[at::get_thread_num()] = 1; });
+  return std::count(ran.begin(), ran.end(), 1);
+}
+
 }  // namespace
 
 // paged_attention.cpp
@@ -358,5 +366,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("moe_experts", &glmserve::moe_experts, "the routed experts of one MoE block, as moe_experts_reference");
   m.def("rms_norm_residual", &glmserve::rms_norm_residual, "(RMSNorm(x + residual) * weight, x + residual)");
   m.def("argmax", &glmserve::argmax_rows, "each row's first maximum (NaN counts as the maximum)");
+  m.def("parallel_threads", &glmserve::parallel_threads, "threads at::parallel_for spreads n items over");
   m.def("paged_attention", &glmserve::paged_attention, "causal attention of query rows over the paged KV cache");
 }
