@@ -4,13 +4,15 @@ A decode step reads each sequence's blocks wherever they lie in a pool of hundre
 every block is a TLB miss, and under a hypervisor each miss walks two page tables. torch's allocator does not ask
 for huge pages, and with `transparent_hugepage` set to `madvise` (a common default) it gets none; so the pool is
 an anonymous mapping advised MADV_HUGEPAGE before its first touch, aligned to a huge page. BENCHMARKS.md has the
-effect on the 32K decode step.
+effect on the 32K decode step. GLMSERVE_KV_HUGE_PAGES=0 allocates with torch.zeros instead (to measure the
+difference).
 """
 
 from __future__ import annotations
 
 import math
 import mmap
+import os
 from pathlib import Path
 
 import torch
@@ -32,7 +34,8 @@ def huge_page_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """torch.zeros(shape, dtype) on the CPU, in memory advised for huge pages (plain torch.zeros where huge pages
     cannot be had: no MADV_HUGEPAGE, THP off, or a pool smaller than one huge page)."""
     nbytes = math.prod(shape) * dtype.itemsize
-    if not hasattr(mmap, "MADV_HUGEPAGE") or thp_mode() in ("", "never") or nbytes < HUGE_PAGE:
+    wanted = os.environ.get("GLMSERVE_KV_HUGE_PAGES", "1") != "0"
+    if not wanted or not hasattr(mmap, "MADV_HUGEPAGE") or thp_mode() in ("", "never") or nbytes < HUGE_PAGE:
         return torch.zeros(shape, dtype=dtype)
     # Private and anonymous (a shared one would be shmem, which has its own THP setting): zero-filled, not yet
     # backed by any page.
