@@ -23,7 +23,7 @@ import torch
 from glmserve.bench.host import OtherLoad, cpu_name, glmserve_revision, write_results
 from glmserve.kernels import native
 from glmserve.kernels.paged_attention import paged_attention
-from glmserve.layers.attention.huge_pages import huge_page_zeros, thp_mode
+from glmserve.layers.attention.huge_pages import HUGE_PAGE, huge_page_zeros, thp_mode
 from glmserve.layers.attention.kv_cache import KV_STORAGE_DTYPES
 
 DTYPES = {"float32": torch.float32, **{k: v for k, v in KV_STORAGE_DTYPES.items() if v is not None}}
@@ -79,7 +79,9 @@ def case(args: argparse.Namespace, context: int, dtype: torch.dtype, pages: str,
     flat_k, flat_v = k.view(torch.uint8).view(-1, 64).view(torch.int64), v.view(torch.uint8).view(-1, 64).view(
         torch.int64)
     sum_s = fastest(lambda: (flat_k.sum(), flat_v.sum()), 3)  # int64 sums: the same bytes at any storage dtype
+    pool_bytes = k.numel() * dtype.itemsize  # huge_page_zeros keeps 4 KiB pages for a pool under one huge page
     return {"context": context, "batch": args.batch, "kv_dtype": str(dtype).removeprefix("torch."), "pages": pages,
+            "on_huge_pages": pages == "huge" and pool_bytes >= HUGE_PAGE and thp_mode() in ("always", "madvise"),
             "kernel_ms": seconds * 1e3, "kv_bytes_read": kv_bytes, "kernel_GBps": kv_bytes / seconds / 1e9,
             "pool_sum_GBps": 2 * k.numel() * dtype.itemsize / sum_s / 1e9}
 

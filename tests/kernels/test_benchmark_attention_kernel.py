@@ -25,4 +25,5 @@ def test_attention_kernel_benchmark_measures_every_case(tmp_path):
     assert cases == {(d, p) for d in ("float32", "bfloat16", "float8_e4m3fn") for p in ("small", "huge")}
     assert all(c["kernel_ms"] > 0 and c["kv_bytes_read"] == 2 * 300 * 2 * 64 * {"float32": 4, "bfloat16": 2}.get(
         c["kv_dtype"], 1) for c in result["cases"])
+    assert not any(c["on_huge_pages"] for c in result["cases"])  # 300 tokens' pool is under one huge page
     assert result["thp"] is not None and "other_processes_cores" in result
