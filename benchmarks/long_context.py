@@ -2,11 +2,13 @@
 """Long-context decode and chunked prefill, per attention backend and KV-cache dtype, on a random-weight shape
 with max_position_embeddings raised to 131072 (bench-57m's by default).
 
-For each context length: one attention layer's decode (the backend alone), and a whole decode step of the model
+For each context length: one attention layer's decode (the backend alone, over each layer's cache in turn, as a
+step reads them, divided by the layers), and a whole decode step of the model
 (batch 1, and batch 16 at the lengths given with --batch16-contexts), beside its roofline: the weights one step
 reads plus the KV cache it reads, over the measured memory bandwidth. Then one 2048-token prefill chunk at the end
 of a --prefill-context-token context. The caches are filled with random keys and values instead of a real prefill
-(attention's cost does not depend on their values), so a 128K context costs no 128K prefill.
+(attention's cost does not depend on their values), so a 128K context costs no 128K prefill. On the CPU the KV
+pool lies on huge pages; GLMSERVE_KV_HUGE_PAGES=0 puts it on torch's 4 KiB pages, to compare.
 
 Examples:
     python benchmarks/long_context.py --output-json benchmarks/results/long-context-bench-57m.json
@@ -112,13 +114,16 @@ def decode_case(runner: ModelRunner, backend, batch: int, context: int, repeats:
     q = torch.randn(batch, layer.num_heads, layer.head_dim)
     k = torch.randn(batch, layer.num_kv_heads, layer.head_dim)
 
-    def attention():
+    layers = runner.model.attention_layers
+
+    def attention():  # every layer's cache in turn, so that its keys come from memory as in a step
         meta = AttentionMetadata.build(starts, [1] * batch, tables, runner.block_size, runner.device, backend)
-        backend.forward(q, k, k, layer.kv_cache, meta, layer.scale)
+        for each in layers:
+            backend.forward(q, k, k, each.kv_cache, meta, layer.scale)
 
     steps = call_times(step, repeats)
     return {"step_s": min(steps), "step_s_median": statistics.median(steps),
-            "attention_layer_s": best_time(attention, repeats)}
+            "attention_layer_s": best_time(attention, repeats) / len(layers)}
 
 
 @torch.inference_mode()

@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from glmserve.kernels import native
 
@@ -39,6 +40,20 @@ def test_extension_builds_where_a_compiler_is():
     assert native.extension() is not None
     assert native.available_isas()[0] == "portable"
     assert (native.cache_dir() / native.build_key()).is_dir()
+
+
+def test_the_kernels_loops_run_on_torchs_threads():
+    """at::parallel_for, inlined into the extension, runs serially unless it is compiled with OpenMP."""
+    if native.extension() is None or (os.cpu_count() or 1) < 2:
+        pytest.skip("no extension, or one CPU")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert native.extension().parallel_threads(64) == 2
+        torch.set_num_threads(1)
+        assert native.extension().parallel_threads(64) == 1
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_without_a_compiler_kernels_run_on_torch_and_say_so_once(tmp_path):

@@ -385,6 +385,14 @@ std::vector<std::string> available_isas() {
   return names;
 }
 
+// How many of torch's threads at::parallel_for runs `items` items on: 1 if the extension was compiled without
+// OpenMP, where its header-only loop runs serially.
+int64_t parallel_threads(int64_t items) {
+  std::vector<char> ran(std::max(1, at::get_num_threads()), 0);
+  at::parallel_for(0, items, 1, [&](int64_t, int64_t) { ran[at::get_thread_num()] = 1; });
+  return std::count(ran.begin(), ran.end(), 1);
+}
+
 }  // namespace
 
 // paged_attention.cpp
@@ -415,5 +423,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qk_norm_rope_", &glmserve::qk_norm_rope_, "QK-norm and partial RoPE of the QKV rows, in place");
   m.def("silu_and_mul", &glmserve::silu_and_mul, "silu(gate) * up of [T, 2I] rows");
   m.def("router_topk", &glmserve::router_topk, "the GLM-4.5 router's expert weights and ids from its logits");
+  m.def("parallel_threads", &glmserve::parallel_threads, "threads at::parallel_for spreads n items over");
   m.def("paged_attention", &glmserve::paged_attention, "causal attention of query rows over the paged KV cache");
 }

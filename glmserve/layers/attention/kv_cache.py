@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from glmserve.layers.attention.huge_pages import huge_page_zeros
+
 # --kv-cache-dtype values (config.KV_CACHE_DTYPES, canonical) → storage dtype; None: the compute dtype.
 KV_STORAGE_DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "fp8_e4m3": torch.float8_e4m3fn,
                      "fp8_e5m2": torch.float8_e5m2}
@@ -45,8 +47,11 @@ class PagedKVCache:
                  device: torch.device, k_scale: float = 1.0, v_scale: float = 1.0,
                  calculate_scales: bool = False) -> PagedKVCache:
         shape = (num_blocks * block_size, kv_heads, head_dim)
-        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device),
-                   block_size, k_scale, v_scale, calculate_scales)
+        if device.type == "cpu":  # decode reads blocks all over the pool: fewer TLB misses on huge pages
+            k, v = huge_page_zeros(shape, dtype), huge_page_zeros(shape, dtype)
+        else:
+            k, v = torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
+        return cls(k, v, block_size, k_scale, v_scale, calculate_scales)
 
     def __post_init__(self) -> None:
         if self.quantized and self.table is None:
