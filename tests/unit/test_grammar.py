@@ -34,13 +34,24 @@ def compiler(tokenizer):
     return StructuredOutputCompiler(tokenizer)
 
 
+class _TokenMatcher:
+    """xgrammar's matcher fed text as the model writes it: its tokens, GLM's markup as one token each (the tool
+    grammars accept markup only as that token)."""
+
+    def __init__(self, compiled, tokenizer):
+        self.matcher, self._tokenizer = xgr.GrammarMatcher(compiled), tokenizer
+
+    def accept_string(self, text: str) -> bool:
+        return all(self.matcher.accept_token(t) for t in self._tokenizer.encode(text))
+
+
 def _matcher(compiler, spec):
-    return xgr.GrammarMatcher(compiler.compile_now(spec, VOCAB).compiled)
+    return _TokenMatcher(compiler.compile_now(spec, VOCAB).compiled, compiler._tokenizer)
 
 
 def _accepts(compiler, spec, text) -> bool:
     matcher = _matcher(compiler, spec)
-    return matcher.accept_string(text) and (matcher.is_completed() or matcher.is_terminated())
+    return matcher.accept_string(text) and (matcher.matcher.is_completed() or matcher.matcher.is_terminated())
 
 
 # ---- request fields ------------------------------------------------------------------------------------------------
@@ -181,6 +192,28 @@ def test_auto_holds_only_strict_tools_or_by_server_level(compiler):
     assert _accepts(compiler, spec, "<tool_call>find\n<arg_key>query</arg_key>\n<arg_value>x</arg_value>\n"
                                     "</tool_call>")
     assert not _matcher(compiler, spec).accept_string("<tool_call>lookup")
+
+
+def test_markup_only_as_its_own_token(compiler, tokenizer):
+    """The embedded model, made to end a key it would rather go on with, chose `<` over `</arg_key>` when the
+    grammar allowed both, spelled the markup in pieces and looped in the next value until max_tokens (8 of 150
+    user-tool calls under --tool-strict-level parameter)."""
+    for spec, prefix in ((tool_call_grammar(TOOLS, None, True, parallel=True), ""),
+                         (tool_call_grammar(TOOLS, None, False, True, "parameter"), "<tool_call>"),
+                         (tool_call_grammar(TOOLS, "set_alarm", False, parallel=True), "")):
+        body = CALL if prefix or not spec.value["format"]["type"] == "sequence" else CALL[len("set_alarm\n"):]
+        text = prefix + body
+        assert _accepts(compiler, spec, text)
+        for markup in ("<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>", "</tool_call>"):
+            cut = text.index(markup)
+            matcher = _matcher(compiler, spec)
+            assert matcher.accept_string(text[:cut])
+            pieces = tokenizer.encode_plain(markup)
+            assert len(pieces) > 1 and not matcher.matcher.accept_token(pieces[0]), (markup, text[:cut])
+            assert matcher.matcher.accept_token(tokenizer.token_to_id(markup))
+    # a value may still hold text that starts like markup
+    spec = tool_call_grammar(TOOLS, "find", False, parallel=True)
+    assert _accepts(compiler, spec, "<arg_key>q</arg_key>\n<arg_value>a <b> </c</arg_value>\n</tool_call>")
 
 
 # ---- the engine's matcher state ----------------------------------------------------------------------------------
