@@ -199,40 +199,50 @@ def _without_raw_control_chars(ebnf: str) -> str:
     return ebnf.replace(_LENGTH_BOUNDED_CHAR, _JSON_STRING_CHAR)
 
 
-def glm_tool_call_ebnf(structural_tag: dict, markup_ids: dict[str, int]) -> str:
-    """The EBNF of a structural tag of GLM tool calls (tool_grammar.py), with two fixes to what xgrammar writes:
+def glm_tool_call_ebnf(structural_tag: dict, tokenizer: Tokenizer) -> str:
+    """The EBNF of a structural tag of GLM tool calls (tool_grammar.py), with three fixes to what xgrammar writes:
 
     - no whitespace just inside `<arg_value>...</arg_value>` (which the `glm_xml` style allows): GLM-4.5 writes a
       string value verbatim, and the tool-call parser keeps it so, so padding there would become part of an enum
       or pattern value;
-    - the markup the grammar writes (`<arg_key>`, `</arg_value>`, `</tool_call>`, ...) only as its own token
-      (`markup_ids`): spelled as text, the grammar also allows it in pieces (`<`, `/`, `arg`, ...), which the model
-      picks when the token it wants is masked (a key it would rather not end), and after a spelling it never saw
-      it loses the thread and repeats itself inside the next value until max_tokens."""
+    - the markup (`<arg_key>`, `</arg_value>`, `</tool_call>`, ...) only as its own token, and each argument key
+      only in its own tokens (the tokenizer's, which are the same wherever the key stands: between two markup
+      tokens): spelled as text, the grammar also allows them in pieces (`<`, `/`, `arg`, ...; `o`, `u`, `t`), which
+      the model picks when the token it wants is masked (a key it would rather not write, or not end), and after
+      a spelling it never saw, it loses the thread and repeats itself inside the next value until max_tokens."""
     import xgrammar as xgr
 
     ebnf = str(xgr.Grammar.from_structural_tag(xgr.StructuralTag.model_validate(structural_tag)))
     ebnf = _PADDING_AFTER_VALUE_OPEN.sub('"<arg_value>"', ebnf)
     ebnf = _without_raw_control_chars(_PADDING_BEFORE_VALUE_CLOSE.sub('"</arg_value>"', ebnf))
-    return _markup_as_tokens(ebnf, markup_ids)
+    return _markup_as_tokens(ebnf, tokenizer)
 
 
-def _markup_as_tokens(ebnf: str, markup_ids: dict[str, int]) -> str:
-    """Each markup string inside an EBNF string literal becomes xgrammar's `Token(id)`, in every rule but the
-    TagDispatch ones (their triggers and excludes are matched as text: free text before `<tool_call>`, and values,
-    which may not spell markup in any tokens)."""
+def _markup_as_tokens(ebnf: str, tokenizer: Tokenizer) -> str:
+    """Each markup string inside an EBNF string literal becomes xgrammar's `Token(id)`, and a key after
+    `<arg_key>` its tokens, in every rule but the TagDispatch ones (their triggers and excludes are matched as
+    text: free text before `<tool_call>`, and values, which may not spell markup in any tokens). A key with an
+    escape in the EBNF (a quote, a backslash, a control character) stays text."""
+    markup_ids = {m: tokenizer.token_to_id(m) for m in GLM_TOOL_MARKUP if tokenizer.token_to_id(m) is not None}
+    if not markup_ids:
+        return ebnf
     markup = re.compile("|".join(map(re.escape, sorted(markup_ids, key=len, reverse=True))))
+    key_open = markup_ids.get("<arg_key>")
+
+    def text(parts: list[str], body: str) -> list[str]:
+        if parts and parts[-1] == f"Token({key_open})" and body and "\\" not in body:  # a key
+            return [f"Token({t})" for t in tokenizer.encode(body)]
+        return [f'"{body}"'] if body else []
 
     def split(literal: re.Match) -> str:
         body, parts, pos = literal.group(0)[1:-1], [], 0
         for found in markup.finditer(body):
-            parts += [f'"{body[pos:found.start()]}"'] if found.start() > pos else []
+            parts += text(parts, body[pos:found.start()])
             parts.append(f"Token({markup_ids[found.group(0)]})")
             pos = found.end()
         if not parts:
             return literal.group(0)
-        parts += [f'"{body[pos:]}"'] if pos < len(body) else []
-        return "(" + " ".join(parts) + ")"
+        return "(" + " ".join(parts + text(parts, body[pos:])) + ")"
 
     rules = _EBNF_RULE_START.split(ebnf)
     return "\n".join(rule if "::= TagDispatch(" in rule else _EBNF_LITERAL.sub(split, rule) for rule in rules)
@@ -252,8 +262,6 @@ class StructuredOutputCompiler:
         self._compiler = None
         self._lock = threading.Lock()
         self.think_close_id = tokenizer.token_to_id(THINK_CLOSE)
-        self._markup_ids = {m: tokenizer.token_to_id(m) for m in GLM_TOOL_MARKUP
-                            if tokenizer.token_to_id(m) is not None}
 
     def _get_compiler(self, vocab_size: int):
         with self._lock:
@@ -291,7 +299,7 @@ class StructuredOutputCompiler:
                 return compiler.compile_grammar(spec.value)
             if spec.kind == "lark":
                 return compiler.compile_lark(spec.value)
-            return compiler.compile_grammar(glm_tool_call_ebnf(spec.value, self._markup_ids))
+            return compiler.compile_grammar(glm_tool_call_ebnf(spec.value, self._tokenizer))
         except (RuntimeError, ValueError, TypeError) as e:  # xgrammar's parse and conversion errors
             message = _XGRAMMAR_LOCATION.sub("", str(e).strip().splitlines()[0] if str(e).strip() else repr(e))
             raise ParamError(f"{spec.param}: the grammar does not compile: {message}", spec.param) from None

@@ -194,7 +194,7 @@ def test_auto_holds_only_strict_tools_or_by_server_level(compiler):
     assert not _matcher(compiler, spec).accept_string("<tool_call>lookup")
 
 
-def test_markup_only_as_its_own_token(compiler, tokenizer):
+def test_markup_and_keys_only_in_their_own_tokens(compiler, tokenizer):
     """The embedded model, made to end a key it would rather go on with, chose `<` over `</arg_key>` when the
     grammar allowed both, spelled the markup in pieces and looped in the next value until max_tokens (8 of 150
     user-tool calls under --tool-strict-level parameter)."""
@@ -211,6 +211,14 @@ def test_markup_only_as_its_own_token(compiler, tokenizer):
             pieces = tokenizer.encode_plain(markup)
             assert len(pieces) > 1 and not matcher.matcher.accept_token(pieces[0]), (markup, text[:cut])
             assert matcher.matcher.accept_token(tokenizer.token_to_id(markup))
+    # a key only in the tokenizer's own tokens: the same model, masked away from `target` in
+    # `<arg_key>outputLanguage`, wrote `o`, `u`, `t`, `put`, ... and looped in the value
+    spec = tool_call_grammar(TOOLS, None, True, parallel=True)
+    matcher = _matcher(compiler, spec)
+    h, our = tokenizer.encode("hour")
+    assert matcher.accept_string("set_alarm\n<arg_key>") and matcher.matcher.accept_token(h)
+    assert not matcher.matcher.accept_token(tokenizer.encode("o")[0])  # "h", "o", "ur" spells it too
+    assert matcher.matcher.accept_token(our) and matcher.accept_string("</arg_key>")
     # a value may still hold text that starts like markup
     spec = tool_call_grammar(TOOLS, "find", False, parallel=True)
     assert _accepts(compiler, spec, "<arg_key>q</arg_key>\n<arg_value>a <b> </c</arg_value>\n</tool_call>")
