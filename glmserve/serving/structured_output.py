@@ -260,6 +260,7 @@ class StructuredOutputCompiler:
     def __init__(self, tokenizer: Tokenizer):
         self._tokenizer = tokenizer
         self._compiler = None
+        self._vocabulary = None  # the xgrammar TokenizerInfo the compiler holds
         self._lock = threading.Lock()
         self.think_close_id = tokenizer.token_to_id(THINK_CLOSE)
 
@@ -268,8 +269,8 @@ class StructuredOutputCompiler:
             if self._compiler is None:
                 import xgrammar as xgr  # with the transformers it imports: only for servers that get a grammar
 
-                self._compiler = xgr.GrammarCompiler(_tokenizer_info(xgr, self._tokenizer, vocab_size),
-                                                     max_threads=1)
+                self._vocabulary = _tokenizer_info(xgr, self._tokenizer, vocab_size)
+                self._compiler = xgr.GrammarCompiler(self._vocabulary, max_threads=1)
             return self._compiler
 
     async def compile(self, spec: GrammarSpec, vocab_size: int, thinking: bool = False) -> GrammarConstraint:
@@ -281,8 +282,8 @@ class StructuredOutputCompiler:
         (400) when the grammar does not compile."""
         if spec.kind == "json_schema":
             check_json_schema(spec.value, spec.param)
-        return GrammarConstraint(self._compile(spec, vocab_size), self.think_close_id if thinking else None,
-                                 spec.kind)
+        compiled = self._compile(spec, vocab_size)
+        return GrammarConstraint(compiled, self.think_close_id if thinking else None, spec.kind, self._vocabulary)
 
     def _compile(self, spec: GrammarSpec, vocab_size: int):
         compiler = self._get_compiler(vocab_size)

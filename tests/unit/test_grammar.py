@@ -7,7 +7,7 @@ import pytest
 import torch
 import xgrammar as xgr
 
-from glmserve.engine.grammar import GrammarReceiver, GrammarState, SerializedGrammar, StructuredOutputManager
+from glmserve.engine.grammar import GrammarReceiver, GrammarSender, GrammarState, StructuredOutputManager
 from glmserve.engine.token_bitmask import apply_token_bitmask
 from glmserve.models import EMBEDDED_MODEL
 from glmserve.serving.protocol import ChatCompletionRequest, CompletionRequest
@@ -226,11 +226,8 @@ def test_markup_and_keys_only_in_their_own_tokens(compiler, tokenizer):
 
 # ---- the engine's matcher state ----------------------------------------------------------------------------------
 
-def _request(rid, constraint, output=()):
-    request = Request(rid, [1, 2, 3], SamplingParams(max_tokens=50, grammar=constraint),
-                      eos_token_ids=frozenset({2012}))
-    request.token_ids += list(output)
-    return request
+def _request(rid, constraint):
+    return Request(rid, [1, 2, 3], SamplingParams(max_tokens=50, grammar=constraint), eos_token_ids=frozenset({2012}))
 
 
 def test_matcher_starts_after_think_close_and_rolls_back_over_it(compiler, tokenizer):
@@ -252,7 +249,10 @@ def test_bitmask_rows_follow_the_drafts_and_leave_the_matcher_as_it_was(compiler
     abcd = [tokenizer.encode(s)[0] for s in ("a", "b", "c", "d", "!")]
     a, b, c, _, bang = abcd
     manager = StructuredOutputManager()
-    held, free = _request("held", constraint, [a]), Request("free", [1], SamplingParams())
+    held, free = _request("held", constraint), Request("free", [1], SamplingParams())
+    manager.add(held)
+    manager.accept([held], [[a]])
+    held.token_ids.append(a)
 
     def expected_row(prefix):
         matcher = xgr.GrammarMatcher(constraint.compiled, override_stop_tokens=[2012])
@@ -276,7 +276,9 @@ def test_bitmask_rows_follow_the_drafts_and_leave_the_matcher_as_it_was(compiler
 def test_a_request_ignoring_eos_gets_a_matcher_too(compiler):
     constraint = compiler.compile_now(GrammarSpec("regex", "ok", "r"), VOCAB)
     request = Request("r", [1], SamplingParams(ignore_eos=True, grammar=constraint), eos_token_ids=frozenset({2012}))
-    bitmask, rows = StructuredOutputManager().bitmask([request], [[]], VOCAB)
+    manager = StructuredOutputManager()
+    manager.add(request)
+    bitmask, rows = manager.bitmask([request], [[]], VOCAB)
     assert rows == [0]
 
 
@@ -288,11 +290,25 @@ def test_a_grammar_travels_to_other_processes_only_serialized(compiler):
     assert copied.compiled is None and (copied.start_token_id, copied.description) == (compiler.think_close_id,
                                                                                         "regex")
     receiver = GrammarReceiver()
-    sent = pickle.loads(pickle.dumps(SerializedGrammar.of(constraint)))
+    sent = pickle.loads(pickle.dumps(GrammarSender(1).serialize(constraint, 0)))
     restored = receiver.restore(sent)
     assert (restored.start_token_id, restored.description) == (constraint.start_token_id, "regex")
     assert _accepts_compiled(restored.compiled, "abcd!") and not _accepts_compiled(restored.compiled, "abc!")
-    assert receiver.restore(sent).compiled.tokenizer_info is not None and len(receiver._vocabs) == 1
+
+
+def test_each_replica_gets_the_vocabulary_once(compiler):
+    """The compiler's vocabulary travels to a data-parallel replica with its first grammar only (its JSON is ~50
+    KB here, megabytes for GLM-4.5's vocabulary); later grammars name it."""
+    first, second = (compiler.compile_now(GrammarSpec("regex", r, "r"), VOCAB) for r in ("(ab)+", "(cd)+"))
+    sender, receivers = GrammarSender(2), [GrammarReceiver(), GrammarReceiver()]
+    sent = [[pickle.loads(pickle.dumps(sender.serialize(c, replica))) for c in (first, second, first)]
+            for replica in (0, 1)]
+    for replica, (receiver, grammars) in enumerate(zip(receivers, sent)):
+        assert grammars[0].vocab_json is not None and grammars[1].vocab_json is grammars[2].vocab_json is None
+        assert len(pickle.dumps(grammars[1])) < len(grammars[0].vocab_json) / 10
+        restored = [receiver.restore(g).compiled for g in grammars]
+        assert _accepts_compiled(restored[0], "abab") and _accepts_compiled(restored[1], "cdcd")
+        assert not _accepts_compiled(restored[2], "cd") and len(receiver._vocabs) == 1
 
 
 def _accepts_compiled(compiled, text) -> bool:
