@@ -2,7 +2,8 @@
 
 The grammar arrives compiled (serving/structured_output.py compiles it off the engine's step) inside the request's
 `SamplingParams.grammar`. The engine keeps one `GrammarState` per constrained request beside its scheduler, as
-vLLM v1 does (its scheduler's StructuredOutputManager), and, each step:
+vLLM v1 does (its scheduler's StructuredOutputManager), made when the engine takes the request in, and, each step
+that schedules one:
 
 - fills one bitmask row per sampled position of a constrained request: for speculative verification, row j is
   the mask after the request's drafts[:j], found by advancing the matcher over the drafts and rolling it back.
@@ -15,8 +16,10 @@ vLLM v1 does (its scheduler's StructuredOutputManager), and, each step:
 - advances each matcher by the tokens the step kept (rank 0 gets them in the step's result).
 
 Only rank 0 holds matchers, so a compiled grammar never travels to the other ranks. A data-parallel replica is an
-engine of its own: the front sends it the grammar serialized (`SerializedGrammar`), and it matches it itself.
-Unconstrained rows cost one attribute test each; an engine that never sees a grammar never imports xgrammar.
+engine of its own: the front sends it the grammar serialized (`SerializedGrammar`; the vocabulary only with the
+first grammar that replica gets), and it matches it itself. While no constrained request is in the engine, a step
+does no grammar work; otherwise unconstrained rows cost one attribute test each; an engine that never sees a grammar
+never imports xgrammar.
 """
 
 from __future__ import annotations
