@@ -54,7 +54,8 @@ _LENGTH_BOUNDED_CHAR = r'[^\"\\\r\n]'  # as xgrammar prints it
 _JSON_STRING_CHAR = r'[^\"\\\0-\x1f]'
 # GLM-4.5's tool-call markup: each is one token of the vocabulary, the only spelling the model knows.
 GLM_TOOL_MARKUP = (TOOL_OPEN, TOOL_CLOSE, "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>")
-_EBNF_LITERAL = re.compile(r'"(?:[^"\\\n]|\\.)*"')
+# An EBNF string literal, or a character class (which may hold a quote: skipped whole).
+_EBNF_LITERAL = re.compile(r'\[(?:[^\]\\]|\\.)*\]|"(?:[^"\\\n]|\\.)*"')
 _EBNF_RULE_START = re.compile(r"\n(?=\w+ ::= )")
 _XGRAMMAR_LOCATION = re.compile(r"^\[[\d:]+\] \S+:\d+: ")  # "[08:10:59] /project/cpp/x.cc:42: " before messages
 
@@ -235,6 +236,8 @@ def _markup_as_tokens(ebnf: str, tokenizer: Tokenizer) -> str:
         return [f'"{body}"'] if body else []
 
     def split(literal: re.Match) -> str:
+        if literal.group(0).startswith("["):
+            return literal.group(0)
         body, parts, pos = literal.group(0)[1:-1], [], 0
         for found in markup.finditer(body):
             parts += text(parts, body[pos:found.start()])
