@@ -1,7 +1,9 @@
 """How many json_schema outputs of the embedded model end and validate: the 33 schemas of `structured_cases.py`,
 streamed and not, thinking on and off, greedy, through `glmserve serve` (MTP on, as the API tests run it) and the
-openai client; with `--compact`, the same schemas sent as `structured_outputs` with `disable_any_whitespace`.
-Each failure is listed with the start and end of its output (where it loops).
+openai client; with `--compact`, the same schemas sent as `structured_outputs` with `disable_any_whitespace`;
+`--penalty NAME=VALUE` adds a sampling penalty (repetition_penalty, frequency_penalty, presence_penalty), to see
+whether breaking the loops lets the model end its strings. Each failure is listed with the start and end of its
+output (where it loops).
 
     python benchmarks/structured_free_strings.py --max-tokens 300 --json benchmarks/results/free-strings-nano.json
 """
@@ -25,8 +27,9 @@ FLAGS = ["--reasoning-parser", "glm45", "--tool-call-parser", "glm45", "--max-mo
          "--speculative-num-draft-tokens", "4"]
 
 
-def _ask(client, model: str, schema: dict, stream: bool, thinking: bool, compact: bool, max_tokens: int):
-    extra = {"chat_template_kwargs": {"enable_thinking": thinking}}
+def _ask(client, model: str, schema: dict, stream: bool, thinking: bool, compact: bool, max_tokens: int,
+         penalties: dict[str, float]):
+    extra = {"chat_template_kwargs": {"enable_thinking": thinking}, **penalties}
     kwargs = {"model": model, "temperature": 0, "max_tokens": max_tokens,
               "messages": [{"role": "user", "content": "Give me an example record as JSON."}]}
     if compact:
@@ -58,8 +61,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--max-tokens", type=int, default=300)
     parser.add_argument("--compact", action="store_true", help="disable_any_whitespace")
+    parser.add_argument("--penalty", action="append", default=[], metavar="NAME=VALUE",
+                        help="a sampling penalty for every request, e.g. repetition_penalty=1.3")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
+    penalties = {name: float(value) for name, value in (p.split("=") for p in args.penalty)}
     server = start_server(FLAGS, Path(tempfile.mkdtemp()) / "server.log")
     try:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=600)
@@ -68,19 +74,20 @@ def main() -> None:
                  for thinking in (False, True)]
         with ThreadPoolExecutor(8) as pool:
             outputs = list(pool.map(lambda c: _ask(client, model, JSON_SCHEMAS[c[0]], c[1], c[2], args.compact,
-                                                   args.max_tokens), cases))
+                                                   args.max_tokens, penalties), cases))
     finally:
         server.stop()
     rows = [{"schema": i, "stream": stream, "thinking": thinking, "finish_reason": finish,
              "valid": _valid(content, finish, JSON_SCHEMAS[i]), "head": content[:120], "tail": content[-60:]}
             for (i, stream, thinking), (content, finish) in zip(cases, outputs)]
     valid = sum(r["valid"] for r in rows)
-    print(f"valid {valid}/{len(rows)} (max_tokens {args.max_tokens}, compact {args.compact})")
+    print(f"valid {valid}/{len(rows)} (max_tokens {args.max_tokens}, compact {args.compact}, {penalties})")
     for r in rows:
         if not r["valid"]:
             print(r["schema"], r["stream"], r["thinking"], r["finish_reason"], repr(r["head"]), "...", repr(r["tail"]))
     if args.json:
-        args.json.write_text(json.dumps({"max_tokens": args.max_tokens, "compact": args.compact, "valid": valid,
+        args.json.write_text(json.dumps({"max_tokens": args.max_tokens, "compact": args.compact,
+                                         "penalties": penalties, "valid": valid,
                                          "total": len(rows), "rows": rows}, indent=1) + "\n")
 
 

@@ -46,6 +46,9 @@ class GrammarConstraint:
     # With thinking on, the constraint starts once this token (`</think>`) has been generated: reasoning is free.
     start_token_id: int | None = None
     description: str = ""  # what it was compiled from, for logs (e.g. "json_schema", "tool_calls(required)")
+    # The xgrammar TokenizerInfo it was compiled for (the compiler's: one per server), so that a data-parallel
+    # front sends it to each replica once.
+    vocabulary: Any = None
 
     def __reduce__(self):
         # Pickled without the compiled grammar (an xgrammar object, which does not pickle): tensor- and pipeline-

@@ -170,6 +170,7 @@ class DataParallelEngine:
         self._results = None
         self.router: CacheAwareRouter | None = None
         self._owner: dict[str, int] = {}  # live request id -> its replica
+        self._grammars = None  # a GrammarSender, made for the first constrained request
         self._sequences: dict[str, list[int]] = {}  # live request id -> its tokens so far (the router records them)
         self._stats = [SchedulerStats(0, 0, 0.0, 0, 0)] * size
         self._steps = [0] * size
@@ -242,12 +243,14 @@ class DataParallelEngine:
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         check_request(prompt_token_ids, params, self.model_config.vocab_size, self.max_model_len)
-        if params.grammar is not None:  # the replica matches it itself; a compiled grammar travels serialized
-            from glmserve.engine.grammar import SerializedGrammar
-            params = dataclasses.replace(params, grammar=SerializedGrammar.of(params.grammar))
         if request_id in self._owner:
             raise ParamError(f"duplicate request id {request_id!r}")
         replica = self.router.route(prompt_token_ids)
+        if params.grammar is not None:  # the replica matches it itself; a compiled grammar travels serialized
+            if self._grammars is None:
+                from glmserve.engine.grammar import GrammarSender  # imports xgrammar: only when needed
+                self._grammars = GrammarSender(self.size)
+            params = dataclasses.replace(params, grammar=self._grammars.serialize(params.grammar, replica))
         if self.router.loads[replica] == 1:  # it held nothing: its silence counts from now
             self._last_heard[replica] = time.monotonic()
         self._owner[request_id] = replica

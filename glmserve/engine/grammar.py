@@ -2,7 +2,8 @@
 
 The grammar arrives compiled (serving/structured_output.py compiles it off the engine's step) inside the request's
 `SamplingParams.grammar`. The engine keeps one `GrammarState` per constrained request beside its scheduler, as
-vLLM v1 does (its scheduler's StructuredOutputManager), and, each step:
+vLLM v1 does (its scheduler's StructuredOutputManager), made when the engine takes the request in, and, each step
+that schedules one:
 
 - fills one bitmask row per sampled position of a constrained request: for speculative verification, row j is
   the mask after the request's drafts[:j], found by advancing the matcher over the drafts and rolling it back.
@@ -15,8 +16,10 @@ vLLM v1 does (its scheduler's StructuredOutputManager), and, each step:
 - advances each matcher by the tokens the step kept (rank 0 gets them in the step's result).
 
 Only rank 0 holds matchers, so a compiled grammar never travels to the other ranks. A data-parallel replica is an
-engine of its own: the front sends it the grammar serialized (`SerializedGrammar`), and it matches it itself.
-Unconstrained rows cost one attribute test each; an engine that never sees a grammar never imports xgrammar.
+engine of its own: the front sends it the grammar serialized (`SerializedGrammar`; the vocabulary only with the
+first grammar that replica gets), and it matches it itself. While no constrained request is in the engine, a step
+does no grammar work; otherwise unconstrained rows cost one attribute test each; an engine that never sees a grammar
+never imports xgrammar.
 """
 
 from __future__ import annotations
@@ -79,20 +82,16 @@ class GrammarState:
 
 
 class StructuredOutputManager:
-    """The runner's grammar states, by request id (vLLM v1's name for the same part)."""
+    """The engine's grammar states, by request id (vLLM v1's name for the same part)."""
 
     def __init__(self) -> None:
         self.states: dict[str, GrammarState] = {}
 
-    def _state(self, request: Request) -> GrammarState:
-        state = self.states.get(request.request_id)
-        if state is None:
-            params = request.sampling_params
-            stop_ids = sorted(set(params.stop_token_ids) | (set() if params.ignore_eos else request.eos_token_ids))
-            state = self.states[request.request_id] = GrammarState(params.grammar, stop_ids)
-            for token_id in request.output_token_ids:  # normally none: states are made at the first sample
-                state.advance(token_id)
-        return state
+    def add(self, request: Request) -> None:
+        """A matcher for a constrained request, made when the engine takes the request in."""
+        params = request.sampling_params
+        stop_ids = sorted(set(params.stop_token_ids) | (set() if params.ignore_eos else request.eos_token_ids))
+        self.states[request.request_id] = GrammarState(params.grammar, stop_ids)
 
     def bitmask(self, requests: list[Request], drafts: list[list[int]],
                 vocab_size: int) -> tuple[torch.Tensor, list[int]] | None:
@@ -110,7 +109,7 @@ class StructuredOutputManager:
         bitmask = torch.full((num_rows, (vocab_size + BITS - 1) // BITS), -1, dtype=torch.int32)
         rows = []
         for i in constrained:
-            state = self._state(requests[i])
+            state = self.states[requests[i].request_id]
             fed = 0
             for j in range(len(drafts[i]) + 1):
                 if state.fill(bitmask, starts[i] + j):
@@ -138,7 +137,7 @@ class StructuredOutputManager:
         for request, tokens in zip(requests, sampled):
             if request.sampling_params.grammar is None:
                 continue
-            state = self._state(request)
+            state = self.states[request.request_id]
             for token_id in tokens:
                 if state.matcher.is_terminated():
                     break  # a stop token inside an accepted run: the request ends there, the rest is dropped
@@ -155,29 +154,49 @@ class StructuredOutputManager:
 @dataclass(frozen=True, slots=True)
 class SerializedGrammar:
     """A compiled grammar on its way to a data-parallel replica (an xgrammar object does not pickle): xgrammar's
-    JSON of it and of the vocabulary it was compiled for."""
+    JSON of it, and the vocabulary it was compiled for by number, with its JSON the first time that replica gets
+    it (about 50 KB for the embedded model's 2,048 tokens, megabytes for GLM-4.5's 151,552)."""
 
     grammar_json: str
-    vocab_json: str
+    vocab_number: int
+    vocab_json: str | None  # None: the replica has it already
     start_token_id: int | None
     description: str
 
-    @classmethod
-    def of(cls, constraint: GrammarConstraint) -> SerializedGrammar:
-        compiled = constraint.compiled
-        return cls(compiled.serialize_json(), compiled.tokenizer_info.serialize_json(), constraint.start_token_id,
-                   constraint.description)
+
+class GrammarSender:
+    """The data-parallel front's side: numbers each vocabulary (the compiler's, one per server) and sends its JSON
+    to each replica once, with the first grammar compiled for it."""
+
+    def __init__(self, num_replicas: int) -> None:
+        self._numbers: dict[int, tuple[object, int, str]] = {}  # id(vocabulary): (it, kept alive; number; JSON)
+        self._sent: list[set[int]] = [set() for _ in range(num_replicas)]
+
+    def serialize(self, constraint: GrammarConstraint, replica: int) -> SerializedGrammar:
+        vocab = constraint.vocabulary
+        if vocab is None:  # compiled elsewhere than StructuredOutputCompiler: its vocabulary travels every time
+            vocab = constraint.compiled.tokenizer_info
+        known = self._numbers.get(id(vocab))
+        if known is None:
+            known = (vocab, len(self._numbers), vocab.serialize_json())
+            if constraint.vocabulary is not None:
+                self._numbers[id(vocab)] = known
+        _, number, vocab_json = known
+        first = number not in self._sent[replica]
+        self._sent[replica].add(number)
+        return SerializedGrammar(constraint.compiled.serialize_json(), number, vocab_json if first else None,
+                                 constraint.start_token_id, constraint.description)
 
 
 class GrammarReceiver:
-    """A replica's side: each vocabulary deserialized once (a server has one), the grammars against it."""
+    """A replica's side: each vocabulary deserialized once, the grammars against it."""
 
     def __init__(self) -> None:
-        self._vocabs: dict[str, xgr.TokenizerInfo] = {}
+        self._vocabs: dict[int, xgr.TokenizerInfo] = {}
 
     def restore(self, sent: SerializedGrammar) -> GrammarConstraint:
-        vocab = self._vocabs.get(sent.vocab_json)
-        if vocab is None:
-            vocab = self._vocabs[sent.vocab_json] = xgr.TokenizerInfo.deserialize_json(sent.vocab_json)
+        if sent.vocab_json is not None:
+            self._vocabs[sent.vocab_number] = xgr.TokenizerInfo.deserialize_json(sent.vocab_json)
+        vocab = self._vocabs[sent.vocab_number]
         return GrammarConstraint(xgr.CompiledGrammar.deserialize_json(sent.grammar_json, vocab), sent.start_token_id,
-                                 sent.description)
+                                 sent.description, vocab)

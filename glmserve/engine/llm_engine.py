@@ -18,7 +18,6 @@ from glmserve.types import (
     ParamError,
     Request,
     SamplingParams,
-    SchedulerOutput,
 )
 
 logger = logging.getLogger(__name__)
@@ -68,8 +67,9 @@ class LLMEngine:
                 self.loras.add(name, path)
             except AdapterError as e:
                 raise ConfigError(f"--lora-modules {name}={path}: {e}") from None
-        # Structured output's matchers (engine/grammar.py), beside the scheduler as in vLLM: made for the first
-        # constrained request. With several ranks only this one (rank 0) holds them; the step carries the bitmask.
+        # Structured output's matchers (engine/grammar.py), beside the scheduler as in vLLM: one per constrained
+        # request, made as it arrives (the manager with the first). With several ranks only this one (rank 0) holds
+        # them; the step carries the bitmask.
         self.structured_output = None
 
     def _max_model_len(self, positions: int) -> int:
@@ -98,6 +98,12 @@ class LLMEngine:
         request = Request(request_id, list(prompt_token_ids), params, eos_token_ids=self.eos_token_ids,
                           max_model_len=self.max_model_len)
         self.scheduler.add_request(request)
+        if params.grammar is not None:
+            if self.structured_output is None:
+                # Imported here: xgrammar (and the transformers it imports) loads only once a request needs it.
+                from glmserve.engine.grammar import StructuredOutputManager
+                self.structured_output = StructuredOutputManager()
+            self.structured_output.add(request)
         return request
 
     def add_lora(self, name: str, path: str) -> LoRARequest:
@@ -139,7 +145,7 @@ class LLMEngine:
         scheduler_output = self.scheduler.schedule()
         if scheduler_output.is_empty:
             return []
-        grammars = self._structured_output(scheduler_output)
+        grammars = self.structured_output if self.structured_output and self.structured_output.states else None
         if grammars is not None:
             scheduler_output.grammar_bitmask = grammars.step_bitmask(scheduler_output, self.model_config.vocab_size)
         step_output = self.runner.execute(scheduler_output)
@@ -150,12 +156,3 @@ class LLMEngine:
             if out.finished:
                 self._release(out.request_id)
         return outputs
-
-    def _structured_output(self, scheduler_output: SchedulerOutput):
-        """The grammar matchers, once a constrained request has been scheduled (None before)."""
-        if self.structured_output is None and any(c.request.sampling_params.grammar is not None
-                                                  for c in scheduler_output.chunks):
-            # Imported here: xgrammar (and the transformers it imports) loads only once a request needs it.
-            from glmserve.engine.grammar import StructuredOutputManager
-            self.structured_output = StructuredOutputManager()
-        return self.structured_output

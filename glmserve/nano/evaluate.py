@@ -40,6 +40,7 @@ RATES = {"tool_name_accuracy": ("tool_call", "name"),
          "user_tool_name_accuracy": ("tool_call_user", "name"),
          "user_tool_exact_accuracy": ("tool_call_user", "exact"),
          "user_tool_valid_calls": ("tool_call_user", "valid"),
+         "user_tool_called": ("tool_call_user", "called"),
          "answer_uses_tool_result": ("tool_answer", "uses_result"),
          "thinking_arithmetic_accuracy": ("arithmetic_thinking", "correct"),
          "thinking_arithmetic_reasoned": ("arithmetic_thinking", "reasoned"),
@@ -110,7 +111,8 @@ def score(kind: str, example: Example, reasoning: str | None, content: str | Non
         right_names = names == [c["name"] for c in wanted]
         args = [json.loads(c["function"]["arguments"]) for c in calls]
         checks = {"name": right_names, "exact": right_names and args == [c["arguments"] for c in wanted]}
-        if kind == "tool_call_user":
+        if kind == "tool_call_user":  # valid among all replies; a reply with no call (all text) is not valid
+            checks["called"] = bool(calls)
             checks["valid"] = bool(calls) and all(_valid_call(example.tools, c) for c in calls)
         return checks
     if kind == "tool_answer":

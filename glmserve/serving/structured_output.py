@@ -29,6 +29,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
+from glmserve.serving.parsers.glm45 import TOOL_CLOSE, TOOL_OPEN
 from glmserve.serving.structured_fields import StructuredOutputFields
 from glmserve.serving.tokenizer import Tokenizer
 from glmserve.types import GrammarConstraint, ParamError
@@ -51,6 +52,11 @@ _PADDING_AFTER_VALUE_OPEN = re.compile(r'"<arg_value>" whitespace\w*\{0, \d+\}')
 _PADDING_BEFORE_VALUE_CLOSE = re.compile(r'whitespace\w*\{0, \d+\} "</arg_value>"')
 _LENGTH_BOUNDED_CHAR = r'[^\"\\\r\n]'  # as xgrammar prints it
 _JSON_STRING_CHAR = r'[^\"\\\0-\x1f]'
+# GLM-4.5's tool-call markup: each is one token of the vocabulary, the only spelling the model knows.
+GLM_TOOL_MARKUP = (TOOL_OPEN, TOOL_CLOSE, "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>")
+# An EBNF string literal, or a character class (which may hold a quote: skipped whole).
+_EBNF_LITERAL = re.compile(r'\[(?:[^\]\\]|\\.)*\]|"(?:[^"\\\n]|\\.)*"')
+_EBNF_RULE_START = re.compile(r"\n(?=\w+ ::= )")
 _XGRAMMAR_LOCATION = re.compile(r"^\[[\d:]+\] \S+:\d+: ")  # "[08:10:59] /project/cpp/x.cc:42: " before messages
 
 
@@ -194,15 +200,55 @@ def _without_raw_control_chars(ebnf: str) -> str:
     return ebnf.replace(_LENGTH_BOUNDED_CHAR, _JSON_STRING_CHAR)
 
 
-def glm_tool_call_ebnf(structural_tag: dict) -> str:
-    """The EBNF of a structural tag of GLM tool calls (tool_grammar.py), without the whitespace that xgrammar's
-    `glm_xml` style allows just inside `<arg_value>...</arg_value>`: GLM-4.5 writes a string value verbatim, and
-    the tool-call parser keeps it so, so padding there would become part of an enum or pattern value."""
+def glm_tool_call_ebnf(structural_tag: dict, tokenizer: Tokenizer) -> str:
+    """The EBNF of a structural tag of GLM tool calls (tool_grammar.py), with three fixes to what xgrammar writes:
+
+    - no whitespace just inside `<arg_value>...</arg_value>` (which the `glm_xml` style allows): GLM-4.5 writes a
+      string value verbatim, and the tool-call parser keeps it so, so padding there would become part of an enum
+      or pattern value;
+    - the markup (`<arg_key>`, `</arg_value>`, `</tool_call>`, ...) only as its own token, and each argument key
+      only in its own tokens (the tokenizer's, which are the same wherever the key stands: between two markup
+      tokens): spelled as text, the grammar also allows them in pieces (`<`, `/`, `arg`, ...; `o`, `u`, `t`), which
+      the model picks when the token it wants is masked (a key it would rather not write, or not end), and after
+      a spelling it never saw, it loses the thread and repeats itself inside the next value until max_tokens."""
     import xgrammar as xgr
 
     ebnf = str(xgr.Grammar.from_structural_tag(xgr.StructuralTag.model_validate(structural_tag)))
     ebnf = _PADDING_AFTER_VALUE_OPEN.sub('"<arg_value>"', ebnf)
-    return _without_raw_control_chars(_PADDING_BEFORE_VALUE_CLOSE.sub('"</arg_value>"', ebnf))
+    ebnf = _without_raw_control_chars(_PADDING_BEFORE_VALUE_CLOSE.sub('"</arg_value>"', ebnf))
+    return _markup_as_tokens(ebnf, tokenizer)
+
+
+def _markup_as_tokens(ebnf: str, tokenizer: Tokenizer) -> str:
+    """Each markup string inside an EBNF string literal becomes xgrammar's `Token(id)`, and a key after
+    `<arg_key>` its tokens, in every rule but the TagDispatch ones (their triggers and excludes are matched as
+    text: free text before `<tool_call>`, and values, which may not spell markup in any tokens). A key with an
+    escape in the EBNF (a quote, a backslash, a control character) stays text."""
+    markup_ids = {m: tokenizer.token_to_id(m) for m in GLM_TOOL_MARKUP if tokenizer.token_to_id(m) is not None}
+    if not markup_ids:
+        return ebnf
+    markup = re.compile("|".join(map(re.escape, sorted(markup_ids, key=len, reverse=True))))
+    key_open = markup_ids.get("<arg_key>")
+
+    def text(parts: list[str], body: str) -> list[str]:
+        if parts and parts[-1] == f"Token({key_open})" and body and "\\" not in body:  # a key
+            return [f"Token({t})" for t in tokenizer.encode(body)]
+        return [f'"{body}"'] if body else []
+
+    def split(literal: re.Match) -> str:
+        if literal.group(0).startswith("["):
+            return literal.group(0)
+        body, parts, pos = literal.group(0)[1:-1], [], 0
+        for found in markup.finditer(body):
+            parts += text(parts, body[pos:found.start()])
+            parts.append(f"Token({markup_ids[found.group(0)]})")
+            pos = found.end()
+        if not parts:
+            return literal.group(0)
+        return "(" + " ".join(parts + text(parts, body[pos:])) + ")"
+
+    rules = _EBNF_RULE_START.split(ebnf)
+    return "\n".join(rule if "::= TagDispatch(" in rule else _EBNF_LITERAL.sub(split, rule) for rule in rules)
 
 
 def choice_grammar(choices: list[str]) -> str:
@@ -217,6 +263,7 @@ class StructuredOutputCompiler:
     def __init__(self, tokenizer: Tokenizer):
         self._tokenizer = tokenizer
         self._compiler = None
+        self._vocabulary = None  # the xgrammar TokenizerInfo the compiler holds
         self._lock = threading.Lock()
         self.think_close_id = tokenizer.token_to_id(THINK_CLOSE)
 
@@ -225,8 +272,8 @@ class StructuredOutputCompiler:
             if self._compiler is None:
                 import xgrammar as xgr  # with the transformers it imports: only for servers that get a grammar
 
-                self._compiler = xgr.GrammarCompiler(_tokenizer_info(xgr, self._tokenizer, vocab_size),
-                                                     max_threads=1)
+                self._vocabulary = _tokenizer_info(xgr, self._tokenizer, vocab_size)
+                self._compiler = xgr.GrammarCompiler(self._vocabulary, max_threads=1)
             return self._compiler
 
     async def compile(self, spec: GrammarSpec, vocab_size: int, thinking: bool = False) -> GrammarConstraint:
@@ -238,8 +285,8 @@ class StructuredOutputCompiler:
         (400) when the grammar does not compile."""
         if spec.kind == "json_schema":
             check_json_schema(spec.value, spec.param)
-        return GrammarConstraint(self._compile(spec, vocab_size), self.think_close_id if thinking else None,
-                                 spec.kind)
+        compiled = self._compile(spec, vocab_size)
+        return GrammarConstraint(compiled, self.think_close_id if thinking else None, spec.kind, self._vocabulary)
 
     def _compile(self, spec: GrammarSpec, vocab_size: int):
         compiler = self._get_compiler(vocab_size)
@@ -256,7 +303,7 @@ class StructuredOutputCompiler:
                 return compiler.compile_grammar(spec.value)
             if spec.kind == "lark":
                 return compiler.compile_lark(spec.value)
-            return compiler.compile_grammar(glm_tool_call_ebnf(spec.value))
+            return compiler.compile_grammar(glm_tool_call_ebnf(spec.value, self._tokenizer))
         except (RuntimeError, ValueError, TypeError) as e:  # xgrammar's parse and conversion errors
             message = _XGRAMMAR_LOCATION.sub("", str(e).strip().splitlines()[0] if str(e).strip() else repr(e))
             raise ParamError(f"{spec.param}: the grammar does not compile: {message}", spec.param) from None

@@ -23,13 +23,13 @@ The schemas of the functions held are checked like any JSON schema (keywords xgr
 from __future__ import annotations
 
 from glmserve.serving.parsers.glm45 import TOOL_CLOSE, TOOL_OPEN
-from glmserve.serving.structured_output import MAX_WHITESPACE, GrammarSpec, check_json_schema
+from glmserve.serving.structured_output import GLM_TOOL_MARKUP, MAX_WHITESPACE, GrammarSpec, check_json_schema
 from glmserve.types import ParamError
 
 TOOL_STRICT_LEVELS = ("auto", "function", "parameter")
 _CALL_SEPARATOR = "\n" + TOOL_OPEN  # between two calls, as the chat template writes them
 # No value may spell the markup that delimits calls and arguments ("</arg_value>" is excluded by the style).
-_MARKUP = [TOOL_OPEN, TOOL_CLOSE, "<arg_key>", "</arg_key>", "<arg_value>"]
+_MARKUP = [m for m in GLM_TOOL_MARKUP if m != "</arg_value>"]
 
 
 def _arguments(function: dict, strict: bool) -> dict:

@@ -95,3 +95,15 @@ def test_mtp_drafts_change_no_constrained_greedy_output(model, checkpoints):
             stats = llm.engine.scheduler.spec_decoding
             assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens
     assert outputs[0] == outputs[1]
+
+
+def test_matchers_live_from_add_request_to_the_end(random_llm, checkpoints):
+    """A constrained request's matcher is made as the engine takes it in (no step looks for grammars) and dropped
+    when it finishes, so steps after it do no grammar work."""
+    engine = random_llm.engine
+    (constraint,) = _constraints(checkpoints("glm45"), _json_specs()[:1])
+    engine.add_request("held", [5, 6, 7], replace(GREEDY, max_tokens=20, grammar=constraint))
+    assert set(engine.structured_output.states) == {"held"}
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.structured_output.states == {}

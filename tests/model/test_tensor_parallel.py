@@ -232,3 +232,52 @@ def test_a_hung_rank_fails_the_engine_at_the_step_timeout(checkpoints):
     finally:
         if worker.is_alive():
             worker.kill()
+
+
+def _recording_rank(rank: int, directory: str, port: int, results) -> None:
+    """One rank of a tp 2 world started as torchrun starts it (rank 0 runs the engine and `run_workload`, rank 1
+    the steps it broadcasts): every StepOutput this rank's runner computes, kept or not."""
+    import os
+
+    from glmserve.engine.llm_engine import LLMEngine
+    from glmserve.engine.tensor_parallel import run_worker_node
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    steps, execute = [], ModelRunner.execute
+
+    def recorded(runner, scheduler_output):
+        step = execute(runner, scheduler_output)
+        steps.append((step.sampled_token_ids, step.draft_token_ids))
+        return step
+
+    ModelRunner.execute = recorded
+    config = EngineConfig(model=directory, num_kv_blocks=64, max_num_batched_tokens=24, tensor_parallel_size=2,
+                          num_speculative_tokens=2)
+    if rank == 0:
+        constrained = constrained_requests(directory)
+        engine = LLMEngine(config, progress=False)
+        out = run_workload(engine, constrained)
+        engine.close()
+        check_constrained(directory, out)
+    else:
+        run_worker_node(ModelConfig.from_pretrained(directory), config)
+    results[rank] = steps
+
+
+def test_every_tp_rank_samples_and_drafts_what_rank_0_does(checkpoints):
+    """Only rank 0's step output is used, so a rank that sampled or drafted otherwise (e.g. skipping the grammar's
+    bitmask) would go unseen in the tokens: each rank's own outputs, tokens and MTP drafts, are compared here."""
+    directory = str(checkpoints("glm45"))
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager:
+        results = manager.dict()
+        port = free_port()
+        procs = [ctx.Process(target=_recording_rank, args=(r, directory, port, results)) for r in range(2)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout=300)
+        assert all(p.exitcode == 0 for p in procs)
+        steps = [results[rank] for rank in range(2)]
+    assert len(steps[0]) > 10 and steps[1] == steps[0]

@@ -7,7 +7,7 @@ import pytest
 import torch
 import xgrammar as xgr
 
-from glmserve.engine.grammar import GrammarReceiver, GrammarState, SerializedGrammar, StructuredOutputManager
+from glmserve.engine.grammar import GrammarReceiver, GrammarSender, GrammarState, StructuredOutputManager
 from glmserve.engine.token_bitmask import apply_token_bitmask
 from glmserve.models import EMBEDDED_MODEL
 from glmserve.serving.protocol import ChatCompletionRequest, CompletionRequest
@@ -34,13 +34,24 @@ def compiler(tokenizer):
     return StructuredOutputCompiler(tokenizer)
 
 
+class _TokenMatcher:
+    """xgrammar's matcher fed text as the model writes it: its tokens, GLM's markup as one token each (the tool
+    grammars accept markup only as that token)."""
+
+    def __init__(self, compiled, tokenizer):
+        self.matcher, self._tokenizer = xgr.GrammarMatcher(compiled), tokenizer
+
+    def accept_string(self, text: str) -> bool:
+        return all(self.matcher.accept_token(t) for t in self._tokenizer.encode(text))
+
+
 def _matcher(compiler, spec):
-    return xgr.GrammarMatcher(compiler.compile_now(spec, VOCAB).compiled)
+    return _TokenMatcher(compiler.compile_now(spec, VOCAB).compiled, compiler._tokenizer)
 
 
 def _accepts(compiler, spec, text) -> bool:
     matcher = _matcher(compiler, spec)
-    return matcher.accept_string(text) and (matcher.is_completed() or matcher.is_terminated())
+    return matcher.accept_string(text) and (matcher.matcher.is_completed() or matcher.matcher.is_terminated())
 
 
 # ---- request fields ------------------------------------------------------------------------------------------------
@@ -183,13 +194,40 @@ def test_auto_holds_only_strict_tools_or_by_server_level(compiler):
     assert not _matcher(compiler, spec).accept_string("<tool_call>lookup")
 
 
+def test_markup_and_keys_only_in_their_own_tokens(compiler, tokenizer):
+    """The embedded model, made to end a key it would rather go on with, chose `<` over `</arg_key>` when the
+    grammar allowed both, spelled the markup in pieces and looped in the next value until max_tokens (8 of 150
+    user-tool calls under --tool-strict-level parameter)."""
+    for spec, prefix in ((tool_call_grammar(TOOLS, None, True, parallel=True), ""),
+                         (tool_call_grammar(TOOLS, None, False, True, "parameter"), "<tool_call>"),
+                         (tool_call_grammar(TOOLS, "set_alarm", False, parallel=True), "")):
+        body = CALL if prefix or not spec.value["format"]["type"] == "sequence" else CALL[len("set_alarm\n"):]
+        text = prefix + body
+        assert _accepts(compiler, spec, text)
+        for markup in ("<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>", "</tool_call>"):
+            cut = text.index(markup)
+            matcher = _matcher(compiler, spec)
+            assert matcher.accept_string(text[:cut])
+            pieces = tokenizer.encode_plain(markup)
+            assert len(pieces) > 1 and not matcher.matcher.accept_token(pieces[0]), (markup, text[:cut])
+            assert matcher.matcher.accept_token(tokenizer.token_to_id(markup))
+    # a key only in the tokenizer's own tokens: the same model, masked away from `target` in
+    # `<arg_key>outputLanguage`, wrote `o`, `u`, `t`, `put`, ... and looped in the value
+    spec = tool_call_grammar(TOOLS, None, True, parallel=True)
+    matcher = _matcher(compiler, spec)
+    h, our = tokenizer.encode("hour")
+    assert matcher.accept_string("set_alarm\n<arg_key>") and matcher.matcher.accept_token(h)
+    assert not matcher.matcher.accept_token(tokenizer.encode("o")[0])  # "h", "o", "ur" spells it too
+    assert matcher.matcher.accept_token(our) and matcher.accept_string("</arg_key>")
+    # a value may still hold text that starts like markup
+    spec = tool_call_grammar(TOOLS, "find", False, parallel=True)
+    assert _accepts(compiler, spec, "<arg_key>q</arg_key>\n<arg_value>a <b> </c</arg_value>\n</tool_call>")
+
+
 # ---- the engine's matcher state ----------------------------------------------------------------------------------
 
-def _request(rid, constraint, output=()):
-    request = Request(rid, [1, 2, 3], SamplingParams(max_tokens=50, grammar=constraint),
-                      eos_token_ids=frozenset({2012}))
-    request.token_ids += list(output)
-    return request
+def _request(rid, constraint):
+    return Request(rid, [1, 2, 3], SamplingParams(max_tokens=50, grammar=constraint), eos_token_ids=frozenset({2012}))
 
 
 def test_matcher_starts_after_think_close_and_rolls_back_over_it(compiler, tokenizer):
@@ -211,7 +249,10 @@ def test_bitmask_rows_follow_the_drafts_and_leave_the_matcher_as_it_was(compiler
     abcd = [tokenizer.encode(s)[0] for s in ("a", "b", "c", "d", "!")]
     a, b, c, _, bang = abcd
     manager = StructuredOutputManager()
-    held, free = _request("held", constraint, [a]), Request("free", [1], SamplingParams())
+    held, free = _request("held", constraint), Request("free", [1], SamplingParams())
+    manager.add(held)
+    manager.accept([held], [[a]])
+    held.token_ids.append(a)
 
     def expected_row(prefix):
         matcher = xgr.GrammarMatcher(constraint.compiled, override_stop_tokens=[2012])
@@ -235,7 +276,9 @@ def test_bitmask_rows_follow_the_drafts_and_leave_the_matcher_as_it_was(compiler
 def test_a_request_ignoring_eos_gets_a_matcher_too(compiler):
     constraint = compiler.compile_now(GrammarSpec("regex", "ok", "r"), VOCAB)
     request = Request("r", [1], SamplingParams(ignore_eos=True, grammar=constraint), eos_token_ids=frozenset({2012}))
-    bitmask, rows = StructuredOutputManager().bitmask([request], [[]], VOCAB)
+    manager = StructuredOutputManager()
+    manager.add(request)
+    bitmask, rows = manager.bitmask([request], [[]], VOCAB)
     assert rows == [0]
 
 
@@ -247,11 +290,25 @@ def test_a_grammar_travels_to_other_processes_only_serialized(compiler):
     assert copied.compiled is None and (copied.start_token_id, copied.description) == (compiler.think_close_id,
                                                                                         "regex")
     receiver = GrammarReceiver()
-    sent = pickle.loads(pickle.dumps(SerializedGrammar.of(constraint)))
+    sent = pickle.loads(pickle.dumps(GrammarSender(1).serialize(constraint, 0)))
     restored = receiver.restore(sent)
     assert (restored.start_token_id, restored.description) == (constraint.start_token_id, "regex")
     assert _accepts_compiled(restored.compiled, "abcd!") and not _accepts_compiled(restored.compiled, "abc!")
-    assert receiver.restore(sent).compiled.tokenizer_info is not None and len(receiver._vocabs) == 1
+
+
+def test_each_replica_gets_the_vocabulary_once(compiler):
+    """The compiler's vocabulary travels to a data-parallel replica with its first grammar only (its JSON is ~50
+    KB here, megabytes for GLM-4.5's vocabulary); later grammars name it."""
+    first, second = (compiler.compile_now(GrammarSpec("regex", r, "r"), VOCAB) for r in ("(ab)+", "(cd)+"))
+    sender, receivers = GrammarSender(2), [GrammarReceiver(), GrammarReceiver()]
+    sent = [[pickle.loads(pickle.dumps(sender.serialize(c, replica))) for c in (first, second, first)]
+            for replica in (0, 1)]
+    for replica, (receiver, grammars) in enumerate(zip(receivers, sent)):
+        assert grammars[0].vocab_json is not None and grammars[1].vocab_json is grammars[2].vocab_json is None
+        assert len(pickle.dumps(grammars[1])) < len(grammars[0].vocab_json) / 10
+        restored = [receiver.restore(g).compiled for g in grammars]
+        assert _accepts_compiled(restored[0], "abab") and _accepts_compiled(restored[1], "cdcd")
+        assert not _accepts_compiled(restored[2], "cd") and len(receiver._vocabs) == 1
 
 
 def _accepts_compiled(compiled, text) -> bool:

@@ -75,9 +75,11 @@ def test_user_style_calls_are_valid_only_with_the_schemas_keys_and_types(cases):
     key, value = next(iter(wanted["arguments"].items()))
     recalled = {("x_" + k if k == key else k): v for k, v in wanted["arguments"].items()}  # a key not in the schema
     assert score("tool_call_user", e, None, None, reply(wanted["name"], recalled)) == {
-        "name": True, "exact": False, "valid": False}
+        "name": True, "exact": False, "valid": False, "called": True}
     extra = {**wanted["arguments"], "x_" + key: value}
     assert not score("tool_call_user", e, None, None, reply(wanted["name"], extra))["valid"]
     mistyped = {**wanted["arguments"], key: [value]}
     assert not score("tool_call_user", e, None, None, reply(wanted["name"], mistyped))["valid"]
     assert not score("tool_call_user", e, None, None, reply("not_listed", wanted["arguments"]))["valid"]
+    assert score("tool_call_user", e, None, "No tool fits.", []) == {"name": False, "exact": False, "valid": False,
+                                                                     "called": False}
