@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""Prefill throughput of quantized weights, the native small-M kernels alone against prefill_gemm's torch GEMMs
-(layers/quantization/prefill_gemm.py), A/B in one process: b prompts of --input-len random tokens, max_tokens 1,
-prefix caching off, median of --num-iters, the two paths alternating.
+"""Prefill throughput of quantized weights, the native small-M kernels alone (GLMSERVE_PREFILL_GEMM=0) against
+prefill_gemm's torch GEMMs (layers/quantization/prefill_gemm.py), A/B in one process: b prompts of --input-len
+random tokens, max_tokens 1, prefix caching off, median of --num-iters, the two paths alternating.
 
     python benchmarks/quantized_prefill.py bench-57m --quantization int8 int4 fp8 --batch-size 1 8 16 \\
         --output-json benchmarks/results/quantized-prefill-bench-57m.json
@@ -10,6 +10,7 @@ prefix caching off, median of --num-iters, the two paths alternating.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from pathlib import Path
@@ -19,11 +20,10 @@ import torch
 from glmserve.bench.checkpoints import prepare_checkpoint
 from glmserve.bench.host import OtherLoad, cpu_name, glmserve_revision, write_results
 from glmserve.bench.offline import BENCH_CACHE, random_prompts
-from glmserve.layers.quantization import prefill_gemm
 from glmserve.llm import LLM
 from glmserve.types import SamplingParams
 
-PATHS = {"native": dict.fromkeys(prefill_gemm.GEMM_MIN_ROWS, 1 << 62), "prefill_gemm": prefill_gemm.GEMM_MIN_ROWS}
+PATHS = {"native": "0", "prefill_gemm": "1"}  # GLMSERVE_PREFILL_GEMM
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -53,12 +53,12 @@ def main(argv: list[str] | None = None) -> None:
             times = {name: [] for name in PATHS}
             for rep in range(args.num_iters + 1):  # the first round warms both paths up
                 for name in PATHS if rep % 2 else list(PATHS)[::-1]:
-                    prefill_gemm.GEMM_MIN_ROWS = PATHS[name]
+                    os.environ["GLMSERVE_PREFILL_GEMM"] = PATHS[name]
                     t0 = time.perf_counter()
                     llm.generate(prompts, params)
                     if rep:
                         times[name].append(time.perf_counter() - t0)
-            prefill_gemm.GEMM_MIN_ROWS = PATHS["prefill_gemm"]
+            os.environ.pop("GLMSERVE_PREFILL_GEMM")
             line = {"quantization": method, "batch": batch, "rows": batch * args.input_len}
             for name, ts in times.items():
                 line[f"{name}_ms"] = round(statistics.median(ts) * 1e3, 1)

@@ -11,9 +11,15 @@ the native small-M kernel, which widens the weights in registers and does not bl
   most two int16 temporaries of the same size (24 MiB in all); nothing is kept between calls.
 
 Measured by benchmarks/prefill_gemm.py; the thresholds below and the figures are in BENCHMARKS.md.
+
+The two paths round differently, so a prompt's logits depend a little on how many rows its step holds.
+GLMSERVE_PREFILL_GEMM=0 keeps every product on the native kernels (batch-invariant, slower prefill); tests that
+hold the native path to exact properties (fp8 equal to its dequantized checkpoint, tp=2 equal to tp=1) set it.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +45,7 @@ def layout(weight: torch.Tensor, group_size: int, k: int) -> str | None:
 def wants_gemm(weight: torch.Tensor, group_size: int, rows: int, k: int) -> bool:
     """Whether `rows` activation rows are enough for the GEMM path to beat the native kernel on this weight."""
     kind = layout(weight, group_size, k)
-    return kind is not None and rows >= GEMM_MIN_ROWS[kind]
+    return kind is not None and rows >= GEMM_MIN_ROWS[kind] and os.environ.get("GLMSERVE_PREFILL_GEMM") != "0"
 
 
 def _tile_values(weight: torch.Tensor) -> torch.Tensor:
