@@ -13,6 +13,7 @@ import torch
 
 from glmserve import kernels
 from glmserve.distributed.parallel import ParallelContext
+from glmserve.kernels import native
 from glmserve.layers.moe import FusedExperts
 from glmserve.layers.quantization import Fp8Method, Int4Method, Int8Method, prefill_gemm
 from glmserve.layers.quantization.scaled import QUANTIZERS
@@ -47,6 +48,16 @@ def test_prefill_linear_matches_reference_and_native_kernel(layout, m, k, n):
     assert got.dtype == torch.float32 and got.shape == (m, n)
     assert _relative_error(got, ref) <= TOLERANCE
     assert _relative_error(got, kernels.linear(x, q, scales, group, bias)) <= TOLERANCE
+
+
+@pytest.mark.skipif("avx512_vnni" not in native.available_isas(), reason="the VNNI kernel's rounding is the reference")
+def test_int8_per_channel_gives_the_vnni_kernels_bits():
+    """Per-channel int8 through _int_mm rounds every step as the native VNNI kernel does (bias included), so a
+    prompt's logits do not depend on whether its step held more or fewer rows than the threshold."""
+    q, scales, group = _weight("int8-channel", 77, 200)
+    x, bias = torch.randn(300, 200), torch.randn(77)
+    assert torch.equal(prefill_gemm.linear(x, q, scales, group, bias),
+                       kernels.linear(x, q, scales, group, bias, isa="avx512_vnni"))
 
 
 @pytest.mark.parametrize("layout", ["int8-g32", "int4-g128", "fp8-channel", "fp8-block128"])

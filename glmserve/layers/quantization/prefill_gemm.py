@@ -82,11 +82,15 @@ def dequantize_tile(weight: torch.Tensor, scales: torch.Tensor, group_size: int)
     return values
 
 
-def _int8_channel_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """Per-row int8 activations (absmax / 127) x per-channel int8 weights, int32 sums."""
-    x_scale = torch.linalg.vector_norm(x, float("inf"), dim=1, keepdim=True).div_(127)
-    xq = torch.mul(x, torch.where(x_scale > 0, x_scale, 1.0).reciprocal()).round_().to(torch.int8)
-    return torch.mul(torch._int_mm(xq, weight.t()), x_scale).mul_(scales.view(1, -1))
+def _int8_channel_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
+                         bias: torch.Tensor | None) -> torch.Tensor:
+    """Per-row int8 activations x per-channel int8 weights, int32 sums, each step rounded as the native VNNI kernel
+    rounds it (127 / absmax, ties to even, sum * (activation scale * weight scale) + bias): on a VNNI CPU the two
+    paths give the same bits, so these layers' results do not depend on how many rows a step holds."""
+    top = torch.linalg.vector_norm(x, float("inf"), dim=1, keepdim=True)
+    xq = torch.mul(x, torch.where(top > 0, 127 / top, 0.0)).round_().to(torch.int8)
+    out = torch._int_mm(xq, weight.t()).float().mul_((top / 127) * scales.view(1, -1))
+    return out if bias is None else out.add_(bias)
 
 
 def _tiled_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -112,9 +116,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, group_si
     k = x.shape[-1]
     rows = x.reshape(-1, k).float()
     if layout(weight, group_size, k) == "int8-channel":
-        out = _int8_channel_linear(rows, weight, scales)
+        out = _int8_channel_linear(rows, weight, scales, bias)
     else:
         out = _tiled_linear(rows, weight, scales, group_size)
-    if bias is not None:
-        out += bias
+        if bias is not None:
+            out += bias
     return out.view(*x.shape[:-1], weight.shape[0])
