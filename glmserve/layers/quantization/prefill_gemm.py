@@ -87,7 +87,8 @@ def _int8_channel_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Te
     """Per-row int8 activations x per-channel int8 weights, int32 sums, each step rounded as the native VNNI kernel
     rounds it (127 / absmax, ties to even, sum * (activation scale * weight scale) + bias): on a VNNI CPU the two
     paths give the same bits, so these layers' results do not depend on how many rows a step holds."""
-    top = torch.linalg.vector_norm(x, float("inf"), dim=1, keepdim=True)
+    # max |x| per row from two plain reductions: linalg.vector_norm(inf) took 2x the GEMM's time (profiled)
+    top = torch.maximum(x.amax(1, keepdim=True), x.amin(1, keepdim=True).neg_())
     xq = torch.mul(x, torch.where(top > 0, 127 / top, 0.0)).round_().to(torch.int8)
     out = torch._int_mm(xq, weight.t()).float().mul_((top / 127) * scales.view(1, -1))
     return out if bias is None else out.add_(bias)
