@@ -67,8 +67,11 @@ def test_fp8_checkpoint_keeps_its_fp8_weights(block, checkpoints, tmp_path):
     assert not torch.equal(source[name], got[name])
 
 
-def test_fp8_checkpoint_logits_match_transformers_on_the_dequantized_weights(checkpoints, tmp_path):
+def test_fp8_checkpoint_logits_match_transformers_on_the_dequantized_weights(checkpoints, tmp_path, monkeypatch):
+    """On the native kernels (fp32 activations); from 32 rows prefill_gemm would round them to bf16."""
     import transformers
+
+    monkeypatch.setenv("GLMSERVE_PREFILL_GEMM", "0")
     from safetensors.torch import save_file
 
     directory, expected = write_fp8_checkpoint(tmp_path / "fp8", checkpoints("glm45"))
@@ -119,9 +122,12 @@ def test_other_quantization_methods_are_refused_by_name(quantization, checkpoint
 
 @pytest.mark.parametrize("block", [None, (24, 16)], ids=["compressed-tensors-per-row", "block-fp8"])
 @pytest.mark.parametrize("shape", ["glm45", "air"])
-def test_fp8_greedy_tokens_equal_the_dequantized_checkpoints(shape, block, checkpoints, tmp_path):
+def test_fp8_greedy_tokens_equal_the_dequantized_checkpoints(shape, block, checkpoints, tmp_path, monkeypatch):
     """Held in fp8, the checkpoint generates what its weights dequantized to fp32 (written as a float checkpoint)
-    generate: the same values, multiplied in another order."""
+    generate: the same values, multiplied in another order. On the native kernels: prefill_gemm (from 32 rows)
+    rounds activations to bf16, which flips near-tied tokens of these random models (its accuracy is held to
+    bounds in test_quantization.py and tests/kernels/test_prefill_gemm.py)."""
+    monkeypatch.setenv("GLMSERVE_PREFILL_GEMM", "0")
     from safetensors.torch import save_file
 
     from glmserve.llm import LLM

@@ -13,9 +13,11 @@ stored (fp8's float_vocab) keeps the embeddings and heads its release left in bf
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from glmserve import kernels
+from glmserve.layers.quantization import prefill_gemm
 from glmserve.layers.quantization.base import (
     QuantizedTensor,
     QuantMethod,
@@ -107,18 +109,37 @@ class ScaledMethod(QuantMethod):
             scales[start : start + step].copy_(s)
 
     def apply_linear(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return kernels.linear(x, layer.weight, layer.weight_scale, layer.weight.group_size, bias)
+        return _linear(x, layer.weight, layer.weight_scale, layer.weight.group_size, bias)
 
     def apply_experts(self, layer: nn.Module, x: torch.Tensor, weights: torch.Tensor,
                       ids: torch.Tensor) -> torch.Tensor:
+        """Prefill (as many rows per expert on average as the GEMM path wants): expert by expert, each through
+        prefill_gemm or the native kernel by its own rows. Otherwise the native MoE block in one call."""
+        if prefill_gemm.wants_gemm(layer.w13, layer.w13.group_size, ids.numel() // layer.num_experts, layer.hidden):
+            return layer.grouped_forward(x, weights, ids, self.expert, allow_grouped_mm=False)
         return kernels.moe_experts(x, weights, layer.local_ids(ids), layer.w13, layer.w13_scale, layer.w2,
                                    layer.w2_scale, layer.w13.group_size)
+
+    def expert(self, layer: nn.Module, x: torch.Tensor, expert: int) -> torch.Tensor:
+        """One expert's SwiGLU over its rows x (expert numbered on this rank)."""
+        group = layer.w13.group_size
+        gate, up = _linear(x, layer.w13[expert], layer.w13_scale[expert], group).chunk(2, dim=-1)
+        return _linear(F.silu(gate) * up, layer.w2[expert], layer.w2_scale[expert], group)
 
     def embed(self, layer: nn.Module, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
         rows = kernels.dequantize(layer.weight.index_select(0, flat), layer.weight_scale.index_select(0, flat),
                                   layer.weight.group_size)
         return rows.view(*ids.shape, -1)
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, group_size: int,
+            bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The native small-M kernel, or torch's GEMM (prefill_gemm) from as many rows as it needs to win."""
+    k = x.shape[-1]
+    if prefill_gemm.wants_gemm(weight, group_size, x.numel() // k, k):
+        return prefill_gemm.linear(x, weight, scales, group_size, bias)
+    return kernels.linear(x, weight, scales, group_size, bias)
 
 
 class Int8Method(ScaledMethod):
