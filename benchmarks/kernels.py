@@ -58,6 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, nargs="+", default=[1, 8, 16, 64])
     p.add_argument("--threads", type=int, nargs="+", default=[2, 1])
     p.add_argument("--repeats", type=int, default=15, help="calls timed per figure (median)")
+    p.add_argument("--kernels", nargs="+", metavar="TEXT",
+                   help="only the kernels whose name contains one of these (e.g. int4 'glmserve int8'); default all")
     p.add_argument("--moe-experts", type=int, default=16,
                    help="routed experts of the Air-shaped MoE block (Air has 128; top-8 of 16 keeps memory small); "
                         "0 skips the block")
@@ -154,12 +156,18 @@ def torch_kernels(k: int, n: int) -> dict:
     }
 
 
+def selected(kernel: str, wanted: list[str] | None) -> bool:
+    return wanted is None or any(text in kernel for text in wanted)
+
+
 def linear_rows(shape: str, batches: list[int], repeats: int, bandwidth_gbps: float, clock,
-                pool_bytes: int) -> list[dict]:
+                pool_bytes: int, wanted: list[str] | None = None) -> list[dict]:
     k, n = SHAPES[shape]
     rows = []
 
     def record(kernel: str, make, fn, weight_bytes: int):
+        if not selected(kernel, wanted):
+            return
         pool = pool_of(make, weight_bytes, pool_bytes)
         for batch in batches:
             x = torch.randn(batch, k)
@@ -183,12 +191,15 @@ def linear_rows(shape: str, batches: list[int], repeats: int, bandwidth_gbps: fl
     return rows
 
 
-def moe_rows(experts: int, batches: list[int], repeats: int, bandwidth_gbps: float, clock) -> list[dict]:
+def moe_rows(experts: int, batches: list[int], repeats: int, bandwidth_gbps: float, clock,
+             wanted: list[str] | None = None) -> list[dict]:
     """One Air-shaped MoE block (hidden 4096, moe_intermediate 1408, top-8) per call, random routing each call;
     the roofline counts the distinct experts a call's tokens pick."""
     hidden, inter, top_k = 4096, 1408, 8
     rows = []
     for name in ("int8-row", "int8-g32", "int4-g128", "int4-g32", "bf16"):
+        if not selected(f"glmserve moe_experts {name}", wanted):
+            continue
         fmt, group_size = NATIVE_FORMATS[name]
         w13 = [make_weight(fmt, group_size, 2 * inter, hidden) for _ in range(experts)]
         w2 = [make_weight(fmt, group_size, hidden, inter) for _ in range(experts)]
@@ -234,11 +245,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{threads} thread(s): read bandwidth {bandwidth['roofline_GBps']:.1f} GB/s")
         for shape in args.shapes:
             rows = linear_rows(shape, args.batch_size, args.repeats, bandwidth["roofline_GBps"], clock,
-                               args.pool_mib * 2**20)
+                               args.pool_mib * 2**20, args.kernels)
             print_rows(threads, rows)
             run["rows"] += rows
         rows = moe_rows(args.moe_experts, [b for b in args.batch_size if b <= 16], args.repeats,
-                        bandwidth["roofline_GBps"], clock) if args.moe_experts else []
+                        bandwidth["roofline_GBps"], clock, args.kernels) if args.moe_experts else []
         print_rows(threads, rows)
         run["rows"] += rows
         results["runs"].append(run)

@@ -35,8 +35,9 @@ import torch
 logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = ("ops.cpp", "isa_portable.cpp", "isa_avx2.cpp", "isa_avx512.cpp", "isa_avx512_vnni.cpp",
-           "paged_attention.cpp", "attention_isa_portable.cpp", "attention_isa_avx2.cpp", "attention_isa_avx512.cpp")
+SOURCES = ("ops.cpp", "isa_portable.cpp", "isa_avx2.cpp", "isa_avx2_int.cpp", "isa_avx512.cpp",
+           "isa_avx512_vnni.cpp", "paged_attention.cpp", "attention_isa_portable.cpp", "attention_isa_avx2.cpp",
+           "attention_isa_avx512.cpp")
 CFLAGS = ("-O3", "-Wall", "-Wno-unused-function")
 ISAS = ("portable", "avx2", "avx512", "avx512_vnni")  # slowest first; each ISA's index is its number in csrc/ops.cpp
 

@@ -10,11 +10,11 @@ from glmserve.kernels import dequantize, quantize_int4, quantize_int8
 
 
 def activation_block(isa: str | None, weight: torch.Tensor, scales: torch.Tensor | None) -> int:
-    """Inputs per activation scale where x is quantized to int8, 0 where it stays fp32: the VNNI path quantizes x
-    per row (block = K) for int8 weights with one scale per row, in blocks of 32 for other int8 / int4 weights."""
-    if isa != "avx512_vnni" or weight.dtype not in (torch.int8, torch.uint8):
+    """Inputs per activation scale where x is quantized to int8, 0 where it stays fp32: the integer paths
+    (avx512_vnni, avx2) quantize x with one scale per row (block = K) against int8 / int4 weights."""
+    if isa not in ("avx512_vnni", "avx2") or weight.dtype not in (torch.int8, torch.uint8):
         return 0
-    return weight.shape[-1] if weight.dtype == torch.int8 and scales.shape[-1] == 1 else 32
+    return weight.shape[-1] * (2 if weight.dtype == torch.uint8 else 1)
 
 
 def activation_step(x: torch.Tensor, block: int) -> torch.Tensor:
