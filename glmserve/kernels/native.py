@@ -9,11 +9,13 @@ the sources, torch's version, the compiler's version and the flags, so a change 
 Environment:
 - GLMSERVE_KERNELS=torch: never build or load the extension; every kernel runs its torch reference.
 - GLMSERVE_KERNEL_ISA=avx512_vnni|avx512|avx2|portable: the code path the kernels take (default: the fastest this
-  CPU has). avx512_vnni multiplies int8 / int4 weights by activations quantized to int8: with one scale per row
-  for int8 weights with one scale per row (as fbgemm's dynamic int8 linear), in blocks of 32 for grouped weights
-  (as llama.cpp's q8_0 dot products); benchmarks/activation_quant_accuracy.py measures what that costs a whole
-  model. Every other path and format keeps fp32 activations, so GLMSERVE_KERNEL_ISA=avx512 keeps them for int8 /
-  int4.
+  CPU has). Which paths quantize activations: avx512_vnni (vpdpbusd) and avx2 (vpmaddubsw + vpmaddwd, with
+  llama.cpp's sign trick for int8 weights, so no int16 sum saturates) multiply int8 / int4 weights by activations
+  quantized to int8 with one scale per row, on every call (csrc/isa_avx2_int.cpp's quantizer, shared by both):
+  int32 sums over all of K against int8 weights with one scale per row (as fbgemm's dynamic int8 linear), one fp32
+  conversion per vector and weight group against grouped weights. benchmarks/activation_quant_accuracy.py measures
+  what that costs a whole model. Every other format, and avx512 and portable for every format, keep fp32
+  activations and widen the weights to fp32 in registers, so GLMSERVE_KERNEL_ISA=avx512 keeps them for int8 / int4.
 - GLMSERVE_CACHE_DIR: where builds are kept (default ~/.cache/glmserve).
 """
 

@@ -96,3 +96,27 @@ def test_quantize_round_trip_is_within_half_a_step_of_its_own_group(quantize, le
     assert ((dequantize(q, scales, group_size) - w).abs() <= step / 2 * 1.0001 + 1e-12).all()
     assert torch.allclose(scales, (w.abs().view(5, -1)[:, :100]).new_tensor(
         [[w[r, g:g + group_size].abs().max() / levels for g in range(0, 100, group_size)] for r in range(5)]))
+
+
+@pytest.mark.parametrize("fmt,group_size", [("int8", 0), ("int8", 32), ("int8", 64), ("int4", 32), ("int4", 128)])
+def test_integer_products_at_the_extremes_are_exact(fmt, group_size, isa):
+    """Weights at their extremes (int8 -128 / 127, int4 -8 / 7) against activations that quantize to +-127 exactly,
+    signs aligned so that every product is as large as it gets (row 0: all positive, row 1: all negative): the AVX2
+    path's vpmaddubsw saturates its int16 pair sums here unless it takes the sign trick. Exact up to fp32 rounding;
+    K = 200 ends inside a vector and a group of 64 / 128, N = 7 inside a column tile."""
+    gen = torch.Generator().manual_seed(5)
+    n, k = 7, 200
+    sign = torch.randint(0, 2, (k,), generator=gen) * 2 - 1
+    low, high = (-128, 127) if fmt == "int8" else (-8, 7)
+    values = torch.where(sign < 0, low, high).expand(n, k)
+    if fmt == "int8":
+        weight = values.to(torch.int8).contiguous()
+    else:
+        stored = values + 8
+        weight = (stored[:, 0::2] | (stored[:, 1::2] << 4)).to(torch.uint8)
+    scales = torch.rand(n, -(-k // (group_size or k)), generator=gen) + 0.5
+    x = torch.stack([sign, -sign, sign * (torch.randint(0, 2, (k,), generator=gen) * 2 - 1)]).float()
+    w = dequantize(weight, scales, group_size or k).double()
+    expected = x.double() @ w.T
+    assert_within(kernels.linear(x, weight, scales, group_size, isa=isa), expected,
+                  1e-5 * (x.double().abs() @ w.abs().T) + 1e-6)
