@@ -87,8 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     for quantization in ("int8", "int4"):
         model = load_checkpoint(args.model, quantization)
         greedy = {}
-        quantized = "int8 activations (per row)" if quantization == "int8" else "int8 activations (q8_0)"
-        for isa, name in ((fp32_activations, "fp32 activations"), ("avx512_vnni", quantized)):
+        for isa, name in ((fp32_activations, "fp32 activations"), ("avx512_vnni", "int8 activations (per row)")):
             use_isa(isa)
             logits, _ = logits_and_labels(model, batches)
             error = (logits - reference).abs()
