@@ -1,8 +1,8 @@
 #!/usr/bin/env python
-"""What quantizing activations to int8 (the avx512_vnni path: one scale per row against int8 weights with one scale
-per row, as fbgemm's dynamic int8 linear; blocks of 32 against grouped weights, as llama.cpp's q8_0 dot products)
-costs a whole model, beside keeping them fp32: teacher-forced logits on the embedded model's held-out
-conversations, for int8 (per row) and int4 (groups of 128) weights, each against the same model with fp32 weights.
+"""What quantizing activations to int8 (the avx512_vnni and avx2 paths: one scale per row against int8 and int4
+weights, as fbgemm's dynamic int8 linear; llama.cpp's q8_0 dots use blocks of 32 instead) costs a whole model,
+beside keeping them fp32: teacher-forced logits on the embedded model's held-out conversations, for int8 (per row)
+and int4 (groups of 128) weights, each against the same model with fp32 weights.
 
 Reported per (weights, activations): the largest and mean |logit error| against fp32 weights, the share of
 positions whose greedy (argmax) token equals fp32 weights', and next-token accuracy; and between the two activation
@@ -87,8 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     for quantization in ("int8", "int4"):
         model = load_checkpoint(args.model, quantization)
         greedy = {}
-        quantized = "int8 activations (per row)" if quantization == "int8" else "int8 activations (q8_0)"
-        for isa, name in ((fp32_activations, "fp32 activations"), ("avx512_vnni", quantized)):
+        for isa, name in ((fp32_activations, "fp32 activations"), ("avx512_vnni", "int8 activations (per row)")):
             use_isa(isa)
             logits, _ = logits_and_labels(model, batches)
             error = (logits - reference).abs()

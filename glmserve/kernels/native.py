@@ -9,11 +9,13 @@ the sources, torch's version, the compiler's version and the flags, so a change 
 Environment:
 - GLMSERVE_KERNELS=torch: never build or load the extension; every kernel runs its torch reference.
 - GLMSERVE_KERNEL_ISA=avx512_vnni|avx512|avx2|portable: the code path the kernels take (default: the fastest this
-  CPU has). avx512_vnni multiplies int8 / int4 weights by activations quantized to int8: with one scale per row
-  for int8 weights with one scale per row (as fbgemm's dynamic int8 linear), in blocks of 32 for grouped weights
-  (as llama.cpp's q8_0 dot products); benchmarks/activation_quant_accuracy.py measures what that costs a whole
-  model. Every other path and format keeps fp32 activations, so GLMSERVE_KERNEL_ISA=avx512 keeps them for int8 /
-  int4.
+  CPU has). Which paths quantize activations: avx512_vnni (vpdpbusd) and avx2 (vpmaddubsw + vpmaddwd, with
+  llama.cpp's sign trick for int8 weights, so no int16 sum saturates) multiply int8 / int4 weights by activations
+  quantized to int8 with one scale per row, on every call (csrc/isa_avx2_int.cpp's quantizer, shared by both):
+  int32 sums over all of K against int8 weights with one scale per row (as fbgemm's dynamic int8 linear), one fp32
+  conversion per vector and weight group against grouped weights. benchmarks/activation_quant_accuracy.py measures
+  what that costs a whole model. Every other format, and avx512 and portable for every format, keep fp32
+  activations and widen the weights to fp32 in registers, so GLMSERVE_KERNEL_ISA=avx512 keeps them for int8 / int4.
 - GLMSERVE_CACHE_DIR: where builds are kept (default ~/.cache/glmserve).
 """
 
@@ -35,9 +37,9 @@ import torch
 logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = ("ops.cpp", "isa_portable.cpp", "isa_avx2.cpp", "isa_avx512.cpp", "isa_avx512_vnni.cpp",
-           "paged_attention.cpp", "attention_isa_portable.cpp", "attention_isa_avx2.cpp", "attention_isa_avx512.cpp",
-           "fused_step.cpp")
+SOURCES = ("ops.cpp", "isa_portable.cpp", "isa_avx2.cpp", "isa_avx2_int.cpp", "isa_avx512.cpp",
+           "isa_avx512_vnni.cpp", "paged_attention.cpp", "attention_isa_portable.cpp", "attention_isa_avx2.cpp",
+           "attention_isa_avx512.cpp", "fused_step.cpp")
 # -fopenmp: at::parallel_for splits work over torch's threads only where _OPENMP is defined (ATen/ParallelOpenMP.h);
 # without it every kernel ran on the calling thread alone. Linking it names libgomp.so.1, the runtime torch has
 # already loaded, so both share one thread pool and torch.set_num_threads.

@@ -9,12 +9,17 @@ from glmserve import kernels
 from glmserve.kernels import dequantize, quantize_int4, quantize_int8
 
 
-def activation_block(isa: str | None, weight: torch.Tensor, scales: torch.Tensor | None) -> int:
-    """Inputs per activation scale where x is quantized to int8, 0 where it stays fp32: the VNNI path quantizes x
-    per row (block = K) for int8 weights with one scale per row, in blocks of 32 for other int8 / int4 weights."""
-    if isa != "avx512_vnni" or weight.dtype not in (torch.int8, torch.uint8):
+def activation_block(isa: str | None, weight: torch.Tensor, group_size: int) -> int:
+    """Inputs per activation scale where x is quantized to int8, 0 where it stays fp32: the integer paths
+    (avx512_vnni, avx2) quantize x with one scale per row (block = K) against int8 / int4 weights whose groups line
+    up with their vectors (csrc/ops.cpp's takes_q8: one group per row, 32, 64 for int4, multiples of 64 / 128)."""
+    if isa not in ("avx512_vnni", "avx2") or weight.dtype not in (torch.int8, torch.uint8):
         return 0
-    return weight.shape[-1] if weight.dtype == torch.int8 and scales.shape[-1] == 1 else 32
+    k = weight.shape[-1] * (2 if weight.dtype == torch.uint8 else 1)
+    group = group_size or k
+    lines_up = group >= k or group == 32 or (group == 64 or group % 128 == 0 if weight.dtype == torch.uint8
+                                              else group % 64 == 0)
+    return k if lines_up else 0
 
 
 def activation_step(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -24,15 +29,26 @@ def activation_step(x: torch.Tensor, block: int) -> torch.Tensor:
     return blocks.repeat_interleave(block, -1)[..., :k]
 
 
+def quantized_activations(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """x as a path that quantizes it (block = K) sees it, with each row's step: q = round(x * (127 / absmax)) in
+    the kernel's fp32 arithmetic, ties to even, times absmax / 127. x itself where activations stay fp32."""
+    if not block:
+        return x, None
+    absmax = x.abs().amax(-1, keepdim=True)
+    inverse = torch.where(absmax > 0, 127 / absmax, torch.zeros_like(absmax))
+    return (x * inverse).round() * (absmax / 127), absmax / 127
+
+
 def expected_linear(x, weight, scales, group_size, bias, block=0):
-    """fp64 x @ W.T + bias, and the bound the kernel stays within: fp32 rounding, 1e-5 of sum |x_k * w_k|; with
-    activations quantized in blocks (block > 0) also half a step of each input times its weight, sum |w_k| * step_k
-    / 2."""
+    """fp64 x @ W.T + bias with x quantized as the kernel quantizes it (block > 0: one scale per row), and the bound
+    the kernel stays within: fp32 rounding, 1e-5 of sum |x_k * w_k|, and with quantized activations one input
+    rounded the other way (one step times the largest |w_k|)."""
     w = dequantize(weight, scales, group_size or x.shape[-1]).double()
-    out = x.double() @ w.T + (0 if bias is None else bias.double())
-    bound = 1e-5 * (x.double().abs() @ w.abs().T) + 1e-6
-    if block:
-        bound += 0.5 * 1.001 * activation_step(x, block) @ w.abs().T
+    xq, step = quantized_activations(x.reshape(-1, x.shape[-1]), block)
+    out = xq.double() @ w.T + (0 if bias is None else bias.double())
+    bound = 1e-5 * (xq.double().abs() @ w.abs().T) + 1e-6
+    if step is not None:
+        bound += step.double() * w.abs().amax(-1)
     return out, bound
 
 
@@ -62,7 +78,8 @@ def test_linear_equals_fp64_definition(fmt, isa):
         x = torch.randn(m, k, generator=gen)
         bias = torch.randn(n, generator=gen) if m % 2 else None
         out = kernels.linear(x, weight, scales, group_size, bias, isa=isa)
-        assert_within(out, *expected_linear(x, weight, scales, group_size, bias, activation_block(isa, weight, scales)))
+        block = activation_block(isa, weight, group_size)
+        assert_within(out, *expected_linear(x, weight, scales, group_size, bias, block))
 
 
 @pytest.mark.parametrize("fmt", ["float32", "int8", "int4"])
@@ -73,17 +90,20 @@ def test_linear_keeps_leading_dims_and_handles_empty_batches(fmt, isa):
     out = kernels.linear(x, weight, scales, 32, isa=isa)
     assert out.shape == (2, 3, 20)
     assert_within(out.view(6, 20), *expected_linear(x.view(6, 64), weight, scales, 32, None,
-                                                    activation_block(isa, weight, scales)))
+                                                    activation_block(isa, weight, 32)))
     assert kernels.linear(torch.empty(0, 64), weight, scales, 32, isa=isa).shape == (0, 20)
 
 
-def test_large_decode_shape(isa):
-    """One [1, 4096] x [4096 -> 1408] int4 product: many column tasks across threads, groups of 128."""
+@pytest.mark.parametrize("fmt,group_size", [("int4", 128), ("int8", 0)])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_large_decode_shape(fmt, group_size, rows, isa):
+    """One [rows, 4096] x [4096 -> 1408] product: many column tasks across threads; one row takes the VNNI path's
+    one-weight-row-at-a-time GEMV (rows of 1 KiB and more), three rows its tiles."""
     gen = torch.Generator().manual_seed(11)
-    weight, scales = make_weight("int4", 1408, 4096, 128, gen)
-    x = torch.randn(3, 4096, generator=gen)
-    assert_within(kernels.linear(x, weight, scales, 128, isa=isa),
-                  *expected_linear(x, weight, scales, 128, None, activation_block(isa, weight, scales)))
+    weight, scales = make_weight(fmt, 1408, 4096, group_size, gen)
+    x = torch.randn(rows, 4096, generator=gen)
+    assert_within(kernels.linear(x, weight, scales, group_size, isa=isa),
+                  *expected_linear(x, weight, scales, group_size, None, activation_block(isa, weight, group_size)))
 
 
 @pytest.mark.parametrize("quantize,levels", [(quantize_int8, 127), (quantize_int4, 7)])
@@ -96,3 +116,27 @@ def test_quantize_round_trip_is_within_half_a_step_of_its_own_group(quantize, le
     assert ((dequantize(q, scales, group_size) - w).abs() <= step / 2 * 1.0001 + 1e-12).all()
     assert torch.allclose(scales, (w.abs().view(5, -1)[:, :100]).new_tensor(
         [[w[r, g:g + group_size].abs().max() / levels for g in range(0, 100, group_size)] for r in range(5)]))
+
+
+@pytest.mark.parametrize("fmt,group_size", [("int8", 0), ("int8", 32), ("int8", 64), ("int4", 32), ("int4", 128)])
+def test_integer_products_at_the_extremes_are_exact(fmt, group_size, isa):
+    """Weights at their extremes (int8 -128 / 127, int4 -8 / 7) against activations that quantize to +-127 exactly,
+    signs aligned so that every product is as large as it gets (row 0: all positive, row 1: all negative): the AVX2
+    path's vpmaddubsw saturates its int16 pair sums here unless it takes the sign trick. Exact up to fp32 rounding;
+    K = 200 ends inside a vector and a group of 64 / 128, N = 7 inside a column tile."""
+    gen = torch.Generator().manual_seed(5)
+    n, k = 7, 200
+    sign = torch.randint(0, 2, (k,), generator=gen) * 2 - 1
+    low, high = (-128, 127) if fmt == "int8" else (-8, 7)
+    values = torch.where(sign < 0, low, high).expand(n, k)
+    if fmt == "int8":
+        weight = values.to(torch.int8).contiguous()
+    else:
+        stored = values + 8
+        weight = (stored[:, 0::2] | (stored[:, 1::2] << 4)).to(torch.uint8)
+    scales = torch.rand(n, -(-k // (group_size or k)), generator=gen) + 0.5
+    x = torch.stack([sign, -sign, sign * (torch.randint(0, 2, (k,), generator=gen) * 2 - 1)]).float()
+    w = dequantize(weight, scales, group_size or k).double()
+    expected = x.double() @ w.T
+    assert_within(kernels.linear(x, weight, scales, group_size, isa=isa), expected,
+                  1e-5 * (x.double().abs() @ w.abs().T) + 1e-6)

@@ -63,7 +63,7 @@ def test_moe_experts_equal_fp64_definition(fmt, tokens, group_size, isa):
     topk_weights = torch.rand(tokens, top_k, generator=gen)
     out = kernels.moe_experts(x, topk_weights, topk_ids, w13, s13, w2, s2, group_size, isa=isa)
     expected, bound = expected_moe(x, topk_weights, topk_ids, w13, s13, w2, s2, group_size,
-                                   (activation_block(isa, w13, s13), activation_block(isa, w2, s2)))
+                                   (activation_block(isa, w13, group_size), activation_block(isa, w2, group_size)))
     err = (out.double() - expected).abs()
     assert out.dtype == torch.float32 and out.shape == expected.shape
     assert (err <= bound).all(), f"max error {err.max():.3g}"

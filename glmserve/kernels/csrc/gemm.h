@@ -8,19 +8,21 @@ namespace glmserve {
 // The weight formats of reference.py, in the order ops.cpp maps torch dtypes to them.
 enum WeightType : int { kF32, kF16, kBF16, kF8E4M3, kI8, kI4, kNumWeightTypes };
 
-// Activation rows quantized to int8 in blocks of 32 inputs (as llama.cpp's q8_0), zero-padded to a multiple of
-// kQ8Pad inputs, for integer dot products (AVX-512 VNNI) against int8 / int4 weights. A "lane" is one int32 of a
-// dot product: 4 inputs of an int8 weight row, 8 of an int4 one (whose even and odd inputs sit in separate halves
-// of each 128-input block, as the weight's low and high nibbles do).
+// Activation rows quantized to int8 with one scale per row (absmax / 127), zero-padded to a multiple of kQ8Pad
+// inputs, for integer dot products (AVX-512 VNNI, AVX2) against int8 / int4 weights: the row's scale factors out
+// of every sum, so a weight group's sum is converted to fp32 once and scaled by the weight's scale alone. A "lane"
+// is one int32 of a dot product: 4 inputs of an int8 weight row, 8 of an int4 one (whose even and odd inputs sit
+// in separate halves of each 128-input block, as the weight's low and high nibbles do).
 constexpr int64_t kQ8Pad = 128;
 
-//
-// Per-row mode (`per_row`, for int8 weights with one scale per output row): one activation scale for the whole row,
-// so a dot product's int32 sum spans all of k and is converted to fp32 once; a row then has one "lane" (ld_lane 1).
+// `lane_bias` takes an unsigned weight's zero point back out of a dot product (vpdpbusd multiplies unsigned weight
+// bytes by signed activations): minus the zero point (128 for int8, 8 for int4) times the sum of the lane's q. In
+// per-row mode (`per_row`, for int8 weights with one scale per output row) a row has one bias, over all of k, and a
+// dot product's int32 sum spans all of k (ld_lane 1).
 struct QuantizedRows {
   const int8_t* q;           // [rows, padded k]
-  const float* lane_scale;   // [rows, lanes]: the scale of the block each lane's inputs belong to
-  const int32_t* lane_bias;  // [rows, lanes]: minus the weight's zero point (128 or 8) times the lane's sum of q
+  const float* row_scale;    // [rows]
+  const int32_t* lane_bias;  // [rows, lanes]
   int64_t ld_q, ld_lane;
   bool per_row;
 };
@@ -46,9 +48,9 @@ struct GemmArgs {
 
 using GemmFn = void (*)(const GemmArgs&, int64_t n_begin, int64_t n_end);
 
-// Quantizes `rows` rows of x ([rows, k], ldx apart) for weights of type t, in blocks of 32 or per row.
+// Quantizes `rows` rows of x ([rows, k], ldx apart) for weights of type t, as QuantizedRows lays them out.
 using QuantizeRowsFn = void (*)(WeightType t, bool per_row, const float* x, int64_t ldx, int64_t rows, int64_t k,
-                                int8_t* q, float* lane_scale, int32_t* lane_bias);
+                                int8_t* q, float* row_scale, int32_t* lane_bias);
 
 struct IsaKernels {
   GemmFn gemm[kNumWeightTypes];
@@ -64,5 +66,10 @@ IsaKernels portable_kernels();
 IsaKernels avx2_kernels();
 IsaKernels avx512_kernels();
 IsaKernels avx512_vnni_kernels();
+// avx2_kernels() with the integer dot products of isa_avx2_int.cpp.
+IsaKernels avx2_integer_kernels();
+// The activation quantization of every integer path (AVX2 code: every CPU with VNNI has AVX2).
+void quantize_rows_avx2(WeightType t, bool per_row, const float* x, int64_t ldx, int64_t rows, int64_t k, int8_t* q,
+                        float* row_scale, int32_t* lane_bias);
 
 }  // namespace glmserve

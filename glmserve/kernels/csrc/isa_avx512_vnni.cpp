@@ -1,9 +1,9 @@
-// The AVX-512 VNNI path: int8 and int4 weights against activations quantized to int8, 64 multiply-adds per
-// instruction (vpdpbusd), so that batch-1 decode is bound by memory rather than by widening weights to fp32. An int8
-// weight with one scale per output row meets activations with one scale per row (gemm_tile_per_row: int32 sums over
-// all of k, as fbgemm's dynamic int8 linear); grouped weights meet activations in blocks of 32 inputs (gemm_tile,
-// as llama.cpp's q8_0 dot products). Other formats, and group sizes whose scales do not line up with a vector's
-// lanes, take the AVX-512 float path.
+// The AVX-512 VNNI path: int8 and int4 weights against activations quantized to int8 with one scale per row
+// (gemm.h's QuantizedRows), 64 multiply-adds per instruction (vpdpbusd), so that batch-1 decode is bound by memory
+// rather than by widening weights to fp32. An int8 weight with one scale per output row gets int32 sums over all of
+// k (gemm_tile_per_row, as fbgemm's dynamic int8 linear); grouped weights get one fp32 conversion per vector and
+// weight row (gemm_tile). Other formats, and group sizes whose scales do not line up with a vector's lanes, take the
+// AVX-512 float path.
 #include <immintrin.h>
 
 #include <cstdint>
@@ -20,9 +20,9 @@ namespace avx512_vnni {
 constexpr int kTileRows = 4, kTileCols = 4;
 constexpr int kPerRowTileRows = 4;  // gemm_tile_per_row's rows: it holds only int32 sums
 // A tile's NR weight rows are contiguous, and so are the next tiles': while a tile is read, a later one is
-// prefetched, NR cache lines per vector step, whole tiles and at least kPrefetchAheadBytes ahead. A row of an int8 [*, 4096] weight is one 4 KiB
-// page, where the hardware prefetcher stops and restarts, so prefetching a fixed distance along each row leaves the
-// next tile's rows cold and a GEMV bound by latency rather than bandwidth.
+// prefetched, NR cache lines per vector step, whole tiles and at least kPrefetchAheadBytes ahead. A row of an int8
+// [*, 4096] weight is one 4 KiB page, where the hardware prefetcher stops and restarts, so prefetching a fixed
+// distance along each row leaves the next tile's rows cold and a GEMV bound by latency rather than bandwidth.
 constexpr int64_t kPrefetchAheadBytes = 16384;
 
 // vpdpbusd multiplies unsigned bytes by signed ones: int8 weights are shifted to unsigned by +128 (an xor), int4
@@ -35,86 +35,86 @@ struct ScaleWalk {
   int64_t groups_per_vector, vectors_per_group;
 };
 
-// kOneScale: every vector lies inside one weight group (groups of at least a vector's inputs), so a row's scale
-// for it is one broadcast rather than a gather of four.
+// Per-row activations against grouped int8 / int4 weights. kOneScale: every vector lies inside one weight group
+// (groups of at least a vector's inputs), so a row's scale for it is one broadcast rather than a gather of four.
+// Each (vector, weight row, activation row) is one or two vpdpbusd from the activation's lane biases, converted to
+// fp32 and scaled by the weight's scale; the activation rows' scales are applied once, at the end.
 template <int T, int MB, int NR, bool kOneScale>
 inline void gemm_tile(const GemmArgs& a, int64_t m0, int64_t n0, const ScaleWalk& walk) {
   constexpr int64_t kInputs = T == kI4 ? 128 : 64;  // inputs one 64-byte weight vector holds
-  const int64_t row_bytes = T == kI4 ? a.k / 2 : a.k, vectors = (a.k + kInputs - 1) / kInputs;
+  const int64_t row_bytes = T == kI4 ? a.k / 2 : a.k, full = row_bytes / 64;
   const QuantizedRows& qx = *a.qx;
   const __m512i low_nibbles = _mm512_set1_epi8(0x0F), sign_bit = _mm512_set1_epi8(static_cast<char>(0x80));
-  const uint8_t* w[NR];
-  const float* s[NR];
-  #pragma GCC unroll 16
-  for (int r = 0; r < NR; ++r) {
-    w[r] = static_cast<const uint8_t*>(a.w) + (n0 + r) * row_bytes;
-    s[r] = a.scales + (n0 + r) * a.groups;
-  }
+  const uint8_t* w = static_cast<const uint8_t*>(a.w) + n0 * row_bytes;
+  const float* s = a.scales + n0 * a.groups;
   const int64_t tiles_ahead = (kPrefetchAheadBytes + NR * row_bytes - 1) / (NR * row_bytes);
-  const char* next_tile = reinterpret_cast<const char*>(w[0] + tiles_ahead * NR * row_bytes);
+  const char* next_tile = reinterpret_cast<const char*>(w + tiles_ahead * NR * row_bytes);
   // The scales likewise, one line a step.
-  const char* next_scales = reinterpret_cast<const char*>(s[0] + tiles_ahead * NR * a.groups);
+  const char* next_scales = reinterpret_cast<const char*>(s + tiles_ahead * NR * a.groups);
   const int64_t scale_bytes = NR * a.groups * static_cast<int64_t>(sizeof(float));
-  const bool per_row = a.groups == 1;  // one weight scale per row: applied to the row's sum, not per vector
   __m512 acc[MB][NR];
   #pragma GCC unroll 16
   for (int m = 0; m < MB; ++m)
     #pragma GCC unroll 16
     for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_setzero_ps();
-  for (int64_t v = 0, g0 = 0, in_group = 0; v < vectors; ++v) {
-    const int64_t left = row_bytes - 64 * v;
-    const __mmask64 bytes = left >= 64 ? ~0ULL : (1ULL << left) - 1;
-    const __mmask8 scales = static_cast<__mmask8>((1 << (a.groups - g0 < 4 ? a.groups - g0 : 4)) - 1);
-    __m512 x_scale[MB];
-    __m512i x_bias[MB];
+  auto step = [&](int64_t v, int64_t g0, __mmask64 bytes) __attribute__((always_inline)) {
+    __m512i x_low[MB], x_high[MB], bias[MB];  // int4: the block's even inputs, then its odd ones
     #pragma GCC unroll 16
     for (int m = 0; m < MB; ++m) {
-      x_scale[m] = _mm512_loadu_ps(qx.lane_scale + (m0 + m) * qx.ld_lane + 16 * v);
-      x_bias[m] = _mm512_loadu_si512(qx.lane_bias + (m0 + m) * qx.ld_lane + 16 * v);
+      const int8_t* q = qx.q + (m0 + m) * qx.ld_q + kInputs * v;
+      x_low[m] = _mm512_loadu_si512(q);
+      if constexpr (T == kI4) x_high[m] = _mm512_loadu_si512(q + 64);
+      bias[m] = _mm512_loadu_si512(qx.lane_bias + (m0 + m) * qx.ld_lane + 16 * v);
     }
     if (64 * v < scale_bytes) _mm_prefetch(next_scales + 64 * v, _MM_HINT_T0);
+    const __mmask8 scales_left = static_cast<__mmask8>((1 << (a.groups - g0 < 4 ? a.groups - g0 : 4)) - 1);
     #pragma GCC unroll 16
     for (int r = 0; r < NR; ++r) {
       _mm_prefetch(next_tile + 64 * (NR * v + r), _MM_HINT_T0);
       // Masked loads only at a row's end: on AMD Zen they cost several times a plain load.
-      const uint8_t* wp = w[r] + 64 * v;
-      const __m512i wv = left >= 64 ? _mm512_loadu_si512(wp) : _mm512_maskz_loadu_epi8(bytes, wp);
-      __m512 w_scale = _mm512_setzero_ps();
-      if (!per_row && kOneScale) {
-        w_scale = _mm512_set1_ps(s[r][g0]);
-      } else if (!per_row) {
-        const __m128 w_scales = a.groups - g0 >= 4 ? _mm_loadu_ps(s[r] + g0)
-                                                   : _mm_maskz_loadu_ps(scales, s[r] + g0);
-        w_scale = _mm512_permutexvar_ps(walk.index, _mm512_castps128_ps512(w_scales));
+      const uint8_t* wp = w + r * row_bytes + 64 * v;
+      const __m512i wv = bytes == ~0ULL ? _mm512_loadu_si512(wp) : _mm512_maskz_loadu_epi8(bytes, wp);
+      const float* sr = s + r * a.groups + g0;
+      __m512 w_scale;
+      if constexpr (kOneScale) {
+        w_scale = _mm512_set1_ps(*sr);
+      } else {
+        const __m128 four = scales_left == 0xF ? _mm_loadu_ps(sr) : _mm_maskz_loadu_ps(scales_left, sr);
+        w_scale = _mm512_permutexvar_ps(walk.index, _mm512_castps128_ps512(four));
       }
-      #pragma GCC unroll 16
-      for (int m = 0; m < MB; ++m) {
-        const int8_t* q = qx.q + (m0 + m) * qx.ld_q + kInputs * v;
-        __m512i dot;
-        if constexpr (T == kI4) {
-          dot = _mm512_dpbusd_epi32(x_bias[m], _mm512_and_si512(wv, low_nibbles), _mm512_loadu_si512(q));
-          dot = _mm512_dpbusd_epi32(dot, _mm512_and_si512(_mm512_srli_epi16(wv, 4), low_nibbles),
-                                    _mm512_loadu_si512(q + 64));
-        } else {
-          dot = _mm512_dpbusd_epi32(x_bias[m], _mm512_xor_si512(wv, sign_bit), _mm512_loadu_si512(q));
+      if constexpr (T == kI4) {
+        const __m512i low = _mm512_and_si512(wv, low_nibbles);
+        const __m512i high = _mm512_and_si512(_mm512_srli_epi16(wv, 4), low_nibbles);
+        #pragma GCC unroll 16
+        for (int m = 0; m < MB; ++m) {
+          const __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(bias[m], low, x_low[m]), high, x_high[m]);
+          acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), w_scale, acc[m][r]);
         }
-        const __m512 scale = per_row ? x_scale[m] : _mm512_mul_ps(w_scale, x_scale[m]);
-        acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[m][r]);
+      } else {
+        const __m512i unsigned_w = _mm512_xor_si512(wv, sign_bit);
+        #pragma GCC unroll 16
+        for (int m = 0; m < MB; ++m) acc[m][r] = _mm512_fmadd_ps(
+            _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(bias[m], unsigned_w, x_low[m])), w_scale, acc[m][r]);
       }
     }
+  };
+  int64_t g0 = 0, in_group = 0;
+  auto next_vector = [&]() __attribute__((always_inline)) {
     if (walk.groups_per_vector) {
       g0 += walk.groups_per_vector;
     } else if (++in_group == walk.vectors_per_group) {
       in_group = 0;
       ++g0;
     }
-  }
+  };
+  for (int64_t v = 0; v < full; ++v, next_vector()) step(v, g0, ~0ULL);
+  if (full * 64 < row_bytes) step(full, g0, (1ULL << (row_bytes - full * 64)) - 1);
   #pragma GCC unroll 16
   for (int m = 0; m < MB; ++m)
     #pragma GCC unroll 16
     for (int r = 0; r < NR; ++r)
       a.y[(m0 + m) * a.ldy + n0 + r] =
-          _mm512_reduce_add_ps(acc[m][r]) * (per_row ? s[r][0] : 1.f) + (a.bias ? a.bias[n0 + r] : 0.f);
+          _mm512_reduce_add_ps(acc[m][r]) * qx.row_scale[m0 + m] + (a.bias ? a.bias[n0 + r] : 0.f);
 }
 
 // ops.cpp sends only group sizes whose scales line up with the lanes: 32, 64 (int4), multiples of a vector's
@@ -169,7 +169,7 @@ inline void gemm_tile_per_row(const GemmArgs& a, int64_t m0, int64_t n0) {
   if (full * 64 < row_bytes) step(full, (1ULL << (row_bytes - full * 64)) - 1);
   #pragma GCC unroll 16
   for (int m = 0; m < MB; ++m) {
-    const float x_scale = qx.lane_scale[(m0 + m) * qx.ld_lane];
+    const float x_scale = qx.row_scale[m0 + m];
     const int32_t x_bias = qx.lane_bias[(m0 + m) * qx.ld_lane];
     #pragma GCC unroll 16
     for (int r = 0; r < NR; ++r)
@@ -202,6 +202,13 @@ inline void gemm_columns(const GemmArgs& a, int64_t n0, const ScaleWalk& walk) {
 template <int T, bool kOneScale>
 void gemm_walk(const GemmArgs& a, int64_t n_begin, int64_t n_end, const ScaleWalk& walk) {
   int64_t n = n_begin;
+  // A GEMV takes one weight row at a time, so that a thread reads one sequential stream, where a row holds enough
+  // vectors to outweigh a tile's setup (measured faster: per-row int8 sums at every k, grouped rows of 1 KiB).
+  const int64_t row_bytes = T == kI4 ? a.k / 2 : a.k;
+  if (a.rows == 1 && (a.qx->per_row || (kOneScale && row_bytes >= 1024))) {
+    for (; n < n_end; ++n) gemm_columns<T, 1, kOneScale>(a, n, walk);
+    return;
+  }
   for (; n + kTileCols <= n_end; n += kTileCols) gemm_columns<T, kTileCols, kOneScale>(a, n, walk);
   for (; n < n_end; ++n) gemm_columns<T, 1, kOneScale>(a, n, walk);
 }
@@ -216,84 +223,6 @@ void gemm(const GemmArgs& a, int64_t n_begin, int64_t n_end) {
   }
 }
 
-// The lanes of a 16-float vector that hold inputs below k, from input i on.
-inline __mmask16 inputs_below(int64_t k, int64_t i) {
-  return k - i >= 16 ? __mmask16(0xFFFF) : k <= i ? __mmask16(0) : static_cast<__mmask16>((1u << (k - i)) - 1);
-}
-
-// One scale per row (absmax / 127), q zero past k; the row's bias is -128 (int8 weights' zero point) times sum q.
-void quantize_rows_per_row(const float* x, int64_t ldx, int64_t rows, int64_t k, int8_t* q, float* row_scale,
-                           int32_t* row_bias) {
-  const int64_t padded = (k + kQ8Pad - 1) / kQ8Pad * kQ8Pad;
-  for (int64_t row = 0; row < rows; ++row) {
-    const float* xr = x + row * ldx;
-    int8_t* qr = q + row * padded;
-    __m512 amax = _mm512_setzero_ps();
-    for (int64_t i = 0; i < k; i += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_maskz_loadu_ps(
-                                                 inputs_below(k, i), xr + i)));
-    const float top = _mm512_reduce_max_ps(amax), inverse = top > 0.f ? 127.f / top : 0.f;
-    __m512i sum = _mm512_setzero_si512();
-    for (int64_t i = 0; i < padded; i += 16) {
-      const __m512 xv = _mm512_maskz_loadu_ps(inputs_below(k, i), xr + i);
-      // Rounded to nearest, ties to even (the default rounding mode, as std::nearbyint).
-      const __m512i qi = _mm512_cvtps_epi32(_mm512_mul_ps(xv, _mm512_set1_ps(inverse)));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(qr + i), _mm512_cvtepi32_epi8(qi));
-      sum = _mm512_add_epi32(sum, qi);
-    }
-    row_scale[row] = top / 127.f;
-    row_bias[row] = -128 * _mm512_reduce_add_epi32(sum);
-  }
-}
-
-void quantize_rows(WeightType t, bool per_row, const float* x, int64_t ldx, int64_t rows, int64_t k, int8_t* q,
-                   float* lane_scale, int32_t* lane_bias) {
-  if (per_row) return quantize_rows_per_row(x, ldx, rows, k, q, lane_scale, lane_bias);
-  const int64_t padded = (k + kQ8Pad - 1) / kQ8Pad * kQ8Pad, lanes = padded / q8_lane_inputs(t);
-  const __m256i minus_zero_point = _mm256_set1_epi32(t == kI4 ? -8 : -128), ones = _mm256_set1_epi8(1);
-  const __m512i evens = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
-  const __m512i odds = _mm512_add_epi32(evens, _mm512_set1_epi32(1));
-  for (int64_t row = 0; row < rows; ++row) {
-    const float* xr = x + row * ldx;
-    int8_t* qr = q + row * padded;
-    float* scale_r = lane_scale + row * lanes;
-    int32_t* bias_r = lane_bias + row * lanes;
-    for (int64_t b = 0; b < padded; b += 32) {  // one block of 32 inputs, zero past k
-      const __m512 x0 = _mm512_maskz_loadu_ps(inputs_below(k, b), xr + b);
-      const __m512 x1 = _mm512_maskz_loadu_ps(inputs_below(k, b + 16), xr + b + 16);
-      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
-      const float scale = amax / 127.f, inverse = amax > 0.f ? 127.f / amax : 0.f;
-      // Rounded to nearest, ties to even (the default rounding mode, as std::nearbyint).
-      const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(x0, _mm512_set1_ps(inverse)));
-      const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(x1, _mm512_set1_ps(inverse)));
-      const __m128i bytes0 = _mm512_cvtepi32_epi8(q0), bytes1 = _mm512_cvtepi32_epi8(q1);
-      if (t == kI4) {  // each 128-input block's even inputs first, then its odd ones, as the weight's nibbles
-        int8_t* block = qr + b / 128 * 128 + (b % 128) / 2;
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(block),
-                         _mm512_cvtepi32_epi8(_mm512_permutex2var_epi32(q0, evens, q1)));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(block + 64),
-                         _mm512_cvtepi32_epi8(_mm512_permutex2var_epi32(q0, odds, q1)));
-      } else {
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(qr + b), bytes0);
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(qr + b + 16), bytes1);
-      }
-      // The sums of each 4 inputs' q (ones times q), times minus the weight's zero point.
-      const __m256i sums4 = _mm256_mullo_epi32(
-          _mm256_dpbusd_epi32(_mm256_setzero_si256(), ones, _mm256_set_m128i(bytes1, bytes0)), minus_zero_point);
-      if (t == kI4) {  // lanes of 8 inputs: pairs of those sums
-        int32_t pair[8];
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(pair), sums4);
-        for (int j = 0; j < 4; ++j) {
-          bias_r[b / 8 + j] = pair[2 * j] + pair[2 * j + 1];
-          scale_r[b / 8 + j] = scale;
-        }
-      } else {
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(bias_r + b / 4), sums4);
-        _mm256_storeu_ps(scale_r + b / 4, _mm256_set1_ps(scale));
-      }
-    }
-  }
-}
-
 }  // namespace avx512_vnni
 }  // namespace glmserve
 
@@ -303,6 +232,6 @@ glmserve::IsaKernels glmserve::avx512_vnni_kernels() {
   IsaKernels table = avx512_kernels();
   table.gemm_q8[kI8] = &avx512_vnni::gemm<kI8>;
   table.gemm_q8[kI4] = &avx512_vnni::gemm<kI4>;
-  table.quantize_rows = &avx512_vnni::quantize_rows;
+  table.quantize_rows = &quantize_rows_avx2;
   return table;
 }

@@ -38,7 +38,7 @@ bool cpu_has(int64_t isa) {
 }
 
 const IsaKernels& kernels_for(int64_t isa) {
-  static const IsaKernels tables[kNumIsas] = {portable_kernels(), avx2_kernels(), avx512_kernels(),
+  static const IsaKernels tables[kNumIsas] = {portable_kernels(), avx2_integer_kernels(), avx512_kernels(),
                                                   avx512_vnni_kernels()};
   TORCH_CHECK(isa >= 0 && isa < kNumIsas && cpu_has(isa), "glmserve kernels: ISA ", isa, " is not available here");
   return tables[isa];
@@ -88,8 +88,9 @@ GemmArgs gemm_args(const WeightView& v, const void* w, const float* scales, cons
   return GemmArgs{x, ldx, rows, w, scales, v.k, v.group_size, v.groups, nullptr, y, ldy, nullptr};
 }
 
-// Whether the ISA has an integer-dot-product kernel for this weight and its scales line up with the kernel's
-// lanes (isa_avx512_vnni.cpp): groups of 32, 64 (int4), multiples of a vector's inputs, or one group per row.
+// Whether the ISA has an integer-dot-product kernel for this weight and its scales line up with the kernels'
+// lanes (isa_avx512_vnni.cpp, isa_avx2_int.cpp): groups of 32, 64 (int4), multiples of a vector's inputs, or one
+// group per row.
 bool takes_q8(const IsaKernels& table, const WeightView& v) {
   if (table.gemm_q8[v.type] == nullptr) return false;
   const int64_t g = v.group_size;
@@ -98,31 +99,30 @@ bool takes_q8(const IsaKernels& table, const WeightView& v) {
 
 // x quantized for a gemm_q8 kernel: the buffers, and the view of them that GemmArgs::qx points to.
 struct QuantizedX {
-  at::Tensor q, lane_scale, lane_bias;
+  at::Tensor q, row_scale, lane_bias;
   QuantizedRows rows;
 
   QuantizedRows from_row(int64_t row0) const {
-    return {rows.q + row0 * rows.ld_q, rows.lane_scale + row0 * rows.ld_lane, rows.lane_bias + row0 * rows.ld_lane,
-            rows.ld_q, rows.ld_lane, rows.per_row};
+    return {rows.q + row0 * rows.ld_q, rows.row_scale + row0, rows.lane_bias + row0 * rows.ld_lane, rows.ld_q,
+            rows.ld_lane, rows.per_row};
   }
 };
 
-// Activations of an int8 weight with one scale per row are quantized per row too (one scale per activation row),
-// so the kernel's int32 sums span all of k; other weights' in blocks of 32 (benchmarks/activation_quant_accuracy.py
-// measures both on a whole model).
-bool per_row_activations(const WeightView& v) { return v.type == kI8 && v.groups == 1 && v.k <= kQ8PerRowMaxK; }
+// Activations are quantized with one scale per row (benchmarks/activation_quant_accuracy.py measures what that
+// costs a whole model); against an int8 weight with one scale per row the kernel's int32 sums span all of k.
+bool per_row_sums(const WeightView& v) { return v.type == kI8 && v.groups == 1 && v.k <= kQ8PerRowMaxK; }
 
 QuantizedX quantize_x(const IsaKernels& table, const WeightView& v, const float* x, int64_t ldx, int64_t rows) {
-  const bool per_row = per_row_activations(v);
+  const bool per_row = per_row_sums(v);
   const int64_t padded = (v.k + kQ8Pad - 1) / kQ8Pad * kQ8Pad;
   const int64_t lanes = per_row ? 1 : padded / q8_lane_inputs(v.type);
-  QuantizedX out{at::empty({rows, padded}, at::kChar), at::empty({rows, lanes}, at::kFloat),
+  QuantizedX out{at::empty({rows, padded}, at::kChar), at::empty({rows}, at::kFloat),
                  at::empty({rows, lanes}, at::kInt), {}};
-  out.rows = {out.q.data_ptr<int8_t>(), out.lane_scale.data_ptr<float>(), out.lane_bias.data_ptr<int32_t>(), padded,
+  out.rows = {out.q.data_ptr<int8_t>(), out.row_scale.data_ptr<float>(), out.lane_bias.data_ptr<int32_t>(), padded,
               lanes, per_row};
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     table.quantize_rows(v.type, per_row, x + begin * ldx, ldx, end - begin, v.k,
-                        out.q.data_ptr<int8_t>() + begin * padded, out.lane_scale.data_ptr<float>() + begin * lanes,
+                        out.q.data_ptr<int8_t>() + begin * padded, out.row_scale.data_ptr<float>() + begin,
                         out.lane_bias.data_ptr<int32_t>() + begin * lanes);
   });
   return out;
