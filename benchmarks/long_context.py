@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from glmserve.bench.checkpoints import SHAPES
-from glmserve.bench.host import OtherLoad, cpu_name, glmserve_revision, write_results
+from glmserve.bench.host import OtherLoad, call_times, cpu_name, glmserve_revision, write_results
 from glmserve.bench.offline import BENCH_CACHE
 from glmserve.bench.roofline import count_weight_params, measure_bandwidth, params_per_decode_step
 from glmserve.config import EngineConfig, ModelConfig
@@ -80,17 +80,6 @@ def tables_for(batch: int, context: int, num_blocks: int, block_size: int, rng: 
     need = -(-context // block_size)
     pool = rng.sample(range(num_blocks), batch * need)
     return [pool[i * need : (i + 1) * need] for i in range(batch)]
-
-
-def call_times(fn, repeats: int) -> list[float]:
-    """Seconds of each of `repeats` calls, after one untimed warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return times
 
 
 def best_time(fn, repeats: int) -> float:

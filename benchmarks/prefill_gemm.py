@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import time
 import warnings
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from glmserve import kernels
-from glmserve.bench.host import OtherLoad, cpu_name, glmserve_revision, write_results
+from glmserve.bench.host import OtherLoad, call_times, cpu_name, glmserve_revision, write_results
 from glmserve.layers.quantization import prefill_gemm
 from glmserve.layers.quantization.scaled import quantize_fp8
 
@@ -64,13 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def best_ms(fn, repeats: int) -> float:
     """The fastest of `repeats` calls after a warm-up: on a shared 2-core machine one descheduled thread stalls a
     whole parallel region for a scheduler tick (4-8 ms), which a median of few calls does not always leave out."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times) * 1e3
+    return min(call_times(fn, repeats)) * 1e3
 
 
 def fbgemm_weight(q: torch.Tensor, scales: torch.Tensor):

@@ -118,3 +118,14 @@ def write_results(path: Path, results: dict) -> None:
     """A benchmark's results as indented JSON at `path`, its folder made if needed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def call_times(fn, repeats: int) -> list[float]:
+    """Seconds of each of `repeats` calls of fn, after one untimed warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
