@@ -27,10 +27,10 @@ import torch.nn.functional as F
 # Fewest activation rows from which the GEMM path is used, per layout (kernels.reference's layouts). Below, the
 # native kernel is as fast or faster: a tile's dequantization is paid once per call whatever the rows, int4 and fp8
 # tiles take several int16 passes to build, and the native int8 kernel already runs VNNI. Crossovers measured at
-# 2 threads on Zen 4 (benchmarks/prefill_gemm.py, bench-57m / bench-528m / Air shapes; BENCHMARKS.md): fp8 16-32
-# rows, int8 in groups 32-64, int8 per channel 64-128 (bench-57m's small experts stay 5-20% slower at every M:
-# the expert path decides per expert), int4 128-512.
-GEMM_MIN_ROWS = {"int8-channel": 128, "int8-group": 64, "int4": 256, "fp8": 32}
+# 2 threads with the native kernels on both threads (benchmarks/prefill_gemm.py, bench-57m / bench-528m / Air
+# shapes; BENCHMARKS.md, session 16 merged): fp8 32-64 rows, int8 in groups 128-512, int8 per channel 128-256
+# (bench-57m's small products stay native to 2048: the expert path decides per expert), int4 1024-2048.
+GEMM_MIN_ROWS = {"int8-channel": 256, "int8-group": 256, "int4": 1024, "fp8": 64}
 TILE_ELEMENTS = 1 << 22  # an Air lm_head ([151552, 4096]) would be 1.2 GB as bf16: never widened whole
 FP8_TO_BF16_SCALE = 2.0**120  # e4m3 bits placed in a bf16's exponent and mantissa read 2^120 times too small
 
