@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from glmserve.bench.checkpoints import prepare_checkpoint
 from glmserve.bench.engines import GlmserveEngine
+from glmserve.bench.host import call_times
 from glmserve.bench.offline import BENCH_CACHE, random_prompts
 
 PROMPT_LEN, NEW_TOKENS = 128, 64  # the real step: 128-token random prompts (prefix caching off), 64 decode steps
@@ -77,14 +78,9 @@ def real_step_ms(engine, prompts: list[list[int]], new_tokens: int = 64) -> floa
 
 
 def timed_us(fn, repeats: int = 30) -> float:
-    for _ in range(3):
+    for _ in range(2):  # with call_times' own, three warm-up calls
         fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e6
+    return statistics.median(call_times(fn, repeats)) * 1e6
 
 
 def lm_head_kernels(vocab: int, hidden: int, batches: list[int]) -> list[dict]:
