@@ -53,6 +53,15 @@ class ParallelContext:
             raise ValueError(f"{what} ({size}) is not divisible by the tensor-parallel size {self.tp_size}")
         return size // self.tp_size
 
+    def leave(self) -> None:
+        """Destroy the process group and drop this context's reference to it. A ProcessGroup kept alive after
+        destroy_process_group keeps gloo's run-loop threads alive; at interpreter exit one of them can free a last
+        work's tensors while Python finalizes, and the process aborts ("terminate called without an active
+        exception", pytorch/pytorch#179291)."""
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        object.__setattr__(self, "group", None)  # frozen: the one field that changes, when the world ends
+
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size > 1:
             dist.all_reduce(x, group=self.group)

@@ -116,7 +116,7 @@ def _run_steps(runner: ModelRunner, config: EngineConfig) -> None:
             runner.parallel.round_trip(runner.device)
         else:  # "stop"
             break
-    torch.distributed.destroy_process_group()
+    runner.parallel.leave()
 
 
 def _describe(workers: list, rank: int) -> str:
@@ -203,7 +203,7 @@ class TensorParallelRunner:
             _kill(self.workers)
             self.workers = []
             with contextlib.suppress(Exception):  # the group is broken; leave it so a new engine can make one
-                torch.distributed.destroy_process_group()
+                self.runner.parallel.leave()
             raise
 
     def close(self) -> None:
@@ -216,4 +216,4 @@ class TensorParallelRunner:
             worker.join(timeout=STOP_JOIN_S)
         _kill(self.workers)  # any that did not leave (a hung rank)
         self.workers = []
-        torch.distributed.destroy_process_group()
+        self.runner.parallel.leave()
