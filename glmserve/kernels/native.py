@@ -45,7 +45,7 @@ SOURCES = ("ops.cpp", "isa_portable.cpp", "isa_avx2.cpp", "isa_avx2_int.cpp", "i
 # already loaded, so both share one thread pool and torch.set_num_threads.
 CFLAGS = ("-O3", "-Wall", "-Wno-unused-function", "-fopenmp")
 LDFLAGS = ("-fopenmp",)
-ISAS = ("portable", "avx2", "avx512", "avx512_vnni")  # slowest first; each ISA's index is its number in csrc/ops.cpp
+ISAS = ("portable", "avx2", "avx512", "avx512_vnni")  # slowest first; each ISA's index is its number in csrc/isa.h
 
 
 def _put_ninja_on_path() -> None:

@@ -12,16 +12,11 @@
 #include <vector>
 
 #include "gemm.h"
+#include "isa.h"
 
 namespace glmserve {
-namespace {
 
-// The ISAs in the order `kernels.native` names them; higher is faster where the CPU has it.
-const char* const kIsaNames[] = {"portable", "avx2", "avx512", "avx512_vnni"};
-constexpr int64_t kNumIsas = 4;
-constexpr int64_t kRowsPerTask = 16;  // output rows handed out at a time; a multiple of every ISA's tile width
-
-bool cpu_has(int64_t isa) {
+bool cpu_runs_isa(int64_t isa) {
   switch (isa) {
     case 0:
       return true;
@@ -29,19 +24,31 @@ bool cpu_has(int64_t isa) {
       return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
     case 2:
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && cpu_has(1);
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && cpu_runs_isa(1);
     case 3:
-      return __builtin_cpu_supports("avx512vnni") && cpu_has(2);
+      return __builtin_cpu_supports("avx512vnni") && cpu_runs_isa(2);
     default:
       return false;
   }
 }
 
+namespace {
+
+// The ISAs in the order `kernels.native` names them; higher is faster where the CPU has it.
+const char* const kIsaNames[] = {"portable", "avx2", "avx512", "avx512_vnni"};
+constexpr int64_t kNumIsas = 4;
+constexpr int64_t kRowsPerTask = 16;  // output rows handed out at a time; a multiple of every ISA's tile width
+
+// Each table is built on first use and only for an ISA this CPU runs: building one runs that ISA's code.
 const IsaKernels& kernels_for(int64_t isa) {
-  static const IsaKernels tables[kNumIsas] = {portable_kernels(), avx2_integer_kernels(), avx512_kernels(),
-                                                  avx512_vnni_kernels()};
-  TORCH_CHECK(isa >= 0 && isa < kNumIsas && cpu_has(isa), "glmserve kernels: ISA ", isa, " is not available here");
-  return tables[isa];
+  TORCH_CHECK(isa >= 0 && isa < kNumIsas && cpu_runs_isa(isa), "glmserve kernels: ISA ", isa,
+              " is not available here");
+  switch (isa) {
+    case 0: { static const IsaKernels table = portable_kernels(); return table; }
+    case 1: { static const IsaKernels table = avx2_integer_kernels(); return table; }
+    case 2: { static const IsaKernels table = avx512_kernels(); return table; }
+    default: { static const IsaKernels table = avx512_vnni_kernels(); return table; }
+  }
 }
 
 WeightType weight_type(const at::Tensor& w) {
@@ -381,7 +388,7 @@ at::Tensor argmax_rows(const at::Tensor& logits) {
 std::vector<std::string> available_isas() {
   std::vector<std::string> names;
   for (int64_t isa = 0; isa < kNumIsas; ++isa)
-    if (cpu_has(isa)) names.emplace_back(kIsaNames[isa]);
+    if (cpu_runs_isa(isa)) names.emplace_back(kIsaNames[isa]);
   return names;
 }
 

@@ -9,6 +9,7 @@
 #include <limits>
 #include <vector>
 
+#include "isa.h"
 #include "paged_attention.h"
 
 namespace glmserve {
@@ -28,18 +29,15 @@ KvType kv_type(const at::Tensor& cache) {
   }
 }
 
-// ISA numbers as kernels.native names them (portable, avx2, avx512, avx512_vnni); VNNI adds nothing here.
+// VNNI adds nothing here. Each table is built on first use and only for an ISA this CPU runs (isa.h).
 const AttentionKernels& attention_kernels_for(int64_t isa) {
-  static const AttentionKernels tables[3] = {portable_attention_kernels(), avx2_attention_kernels(),
-                                             avx512_attention_kernels()};
-  const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                        __builtin_cpu_supports("f16c");
-  const bool has_avx512 = has_avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-  const int64_t path = std::min<int64_t>(isa, 2);
-  TORCH_CHECK(isa >= 0 && isa <= 3 && (path == 0 || (path == 1 && has_avx2) || (path == 2 && has_avx512)),
-              "glmserve paged_attention: ISA ", isa, " is not available here");
-  return tables[path];
+  TORCH_CHECK(isa >= 0 && isa <= 3 && cpu_runs_isa(isa), "glmserve paged_attention: ISA ", isa,
+              " is not available here");
+  switch (std::min<int64_t>(isa, 2)) {
+    case 0: { static const AttentionKernels table = portable_attention_kernels(); return table; }
+    case 1: { static const AttentionKernels table = avx2_attention_kernels(); return table; }
+    default: { static const AttentionKernels table = avx512_attention_kernels(); return table; }
+  }
 }
 
 }  // namespace
