@@ -162,9 +162,11 @@ def _report(args, names: list[str], results: list[dict], bandwidth: dict | None,
             lines.append(f"        ({disturbed} disturbed measurement(s) left out of the medians)")
     lines.append(f"other processes used {other_cores:.2f} of {os.cpu_count()} cores during the measurement")
     if bandwidth is not None:
-        lines += [f"bandwidth ({args.bandwidth_gib:g} GiB): sum {bandwidth['sum_read_GBps']:.1f} GB/s read, GEMV "
-                  f"{bandwidth['gemv_read_GBps']:.1f} GB/s read, copy {bandwidth['copy_read_write_GBps']:.1f} GB/s "
-                  f"read+write",
+        native_read = (f"native stream {bandwidth['native_read_GBps']:.1f} GB/s read, "
+                       if "native_read_GBps" in bandwidth else "")
+        lines += [f"bandwidth ({args.bandwidth_gib:g} GiB): sum {bandwidth['sum_read_GBps']:.1f} GB/s read, "
+                  f"{native_read}GEMV {bandwidth['gemv_read_GBps']:.1f} GB/s read, copy "
+                  f"{bandwidth['copy_read_write_GBps']:.1f} GB/s read+write",
                   f"roofline: weights read per step ({params['per_decode_token'] * bytes_per_param / 1e6:.1f} MB "
                   f"at batch 1; larger batches touch more routed experts) at {bandwidth['roofline_GBps']:.1f} GB/s"]
     return "\n".join(lines)

@@ -400,6 +400,35 @@ int64_t parallel_threads(int64_t items) {
   return std::count(ran.begin(), ran.end(), 1);
 }
 
+// The wrapping sum of x's memory as 64-bit words, read once over torch's threads in long sequential runs: the
+// plainest read there is, the reference bandwidth of glmserve.bench.roofline (torch's own `sum` reads slower than
+// our GEMVs do). Eight partial sums a run so the compiler keeps them in vector lanes.
+int64_t stream_read(const at::Tensor& x) {
+  TORCH_CHECK(x.is_cpu() && x.is_contiguous() && x.nbytes() % 8 == 0,
+              "glmserve stream_read: a contiguous CPU tensor of whole 64-bit words");
+  const auto* words = static_cast<const uint64_t*>(x.data_ptr());
+  const int64_t n = static_cast<int64_t>(x.nbytes() / 8);
+  constexpr int64_t kWordsPerTask = 1 << 17;  // 1 MiB runs
+  const int64_t tasks = (n + kWordsPerTask - 1) / kWordsPerTask;
+  std::vector<uint64_t> task_sums(tasks, 0);
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t first = t * kWordsPerTask, last = std::min(n, first + kWordsPerTask);
+      uint64_t part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      int64_t i = first;
+      for (; i + 8 <= last; i += 8)
+        for (int j = 0; j < 8; ++j) part[j] += words[i + j];
+      uint64_t sum = 0;
+      for (; i < last; ++i) sum += words[i];
+      for (int j = 0; j < 8; ++j) sum += part[j];
+      task_sums[t] = sum;
+    }
+  });
+  uint64_t total = 0;
+  for (uint64_t s : task_sums) total += s;
+  return static_cast<int64_t>(total);
+}
+
 }  // namespace
 
 // paged_attention.cpp
@@ -430,6 +459,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qk_norm_rope_", &glmserve::qk_norm_rope_, "QK-norm and partial RoPE of the QKV rows, in place");
   m.def("silu_and_mul", &glmserve::silu_and_mul, "silu(gate) * up of [T, 2I] rows");
   m.def("router_topk", &glmserve::router_topk, "the GLM-4.5 router's expert weights and ids from its logits");
+  m.def("stream_read", &glmserve::stream_read, "the wrapping sum of x's 64-bit words: a plain read of its memory");
   m.def("parallel_threads", &glmserve::parallel_threads, "threads at::parallel_for spreads n items over");
   m.def("paged_attention", &glmserve::paged_attention, "causal attention of query rows over the paged KV cache");
 }
