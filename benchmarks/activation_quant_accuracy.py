@@ -75,9 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output-json", type=Path)
     args = p.parse_args(argv)
     isas = native.available_isas()
-    if "avx512_vnni" not in isas:
-        raise SystemExit(f"this CPU has no avx512_vnni path ({', '.join(isas) or 'no native kernels'})")
-    fp32_activations = [isa for isa in isas if isa != "avx512_vnni"][-1]
+    int8_activations = [isa for isa in isas if isa in native.INT8_ACTIVATION_ISAS]
+    if not int8_activations:
+        raise SystemExit(f"this CPU has no integer path ({', '.join(isas) or 'no native kernels'})")
+    fp32_activations = native.fp32_activation_isa()
     batches = held_out_batches(args.model, args.seed, args.conversations, args.tokens_per_batch)
     use_isa(fp32_activations)
     reference, labels = logits_and_labels(load_checkpoint(args.model), batches)
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     for quantization in ("int8", "int4"):
         model = load_checkpoint(args.model, quantization)
         greedy = {}
-        for isa, name in ((fp32_activations, "fp32 activations"), ("avx512_vnni", "int8 activations (per row)")):
+        for isa, name in ((fp32_activations, "fp32 activations"), (int8_activations[-1], "int8 activations (per row)")):
             use_isa(isa)
             logits, _ = logits_and_labels(model, batches)
             error = (logits - reference).abs()

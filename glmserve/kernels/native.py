@@ -46,6 +46,8 @@ SOURCES = ("ops.cpp", "isa_portable.cpp", "isa_avx2.cpp", "isa_avx2_int.cpp", "i
 CFLAGS = ("-O3", "-Wall", "-Wno-unused-function", "-fopenmp")
 LDFLAGS = ("-fopenmp",)
 ISAS = ("portable", "avx2", "avx512", "avx512_vnni")  # slowest first; each ISA's index is its number in csrc/isa.h
+# The ISAs whose int8 / int4 products quantize the activations to int8 as well (integer dot products).
+INT8_ACTIVATION_ISAS = ("avx2", "avx512_vnni")
 
 
 def _put_ninja_on_path() -> None:
@@ -135,6 +137,13 @@ def default_isa() -> str | None:
     if wanted not in available:
         raise ValueError(f"GLMSERVE_KERNEL_ISA={wanted}: this CPU runs {', '.join(available)}")
     return wanted
+
+
+def fp32_activation_isa() -> str | None:
+    """The fastest ISA this CPU runs whose int8 / int4 products keep the activations fp32 (they widen the weights),
+    the reference the integer paths are held to; None without the extension."""
+    keep = [isa for isa in available_isas() if isa not in INT8_ACTIVATION_ISAS]
+    return keep[-1] if keep else None
 
 
 def isa_index(isa: str | None) -> int:

@@ -6,14 +6,15 @@ import torch
 from kernel_cases import FORMATS, GROUPS, make_weight
 
 from glmserve import kernels
-from glmserve.kernels import dequantize, quantize_int4, quantize_int8
+from glmserve.kernels import dequantize, native, quantize_int4, quantize_int8
 
 
 def activation_block(isa: str | None, weight: torch.Tensor, group_size: int) -> int:
     """Inputs per activation scale where x is quantized to int8, 0 where it stays fp32: the integer paths
-    (avx512_vnni, avx2) quantize x with one scale per row (block = K) against int8 / int4 weights whose groups line
-    up with their vectors (csrc/ops.cpp's takes_q8: one group per row, 32, 64 for int4, multiples of 64 / 128)."""
-    if isa not in ("avx512_vnni", "avx2") or weight.dtype not in (torch.int8, torch.uint8):
+    (native.INT8_ACTIVATION_ISAS) quantize x with one scale per row (block = K) against int8 / int4 weights whose
+    groups line up with their vectors (csrc/ops.cpp's takes_q8: one group per row, 32, 64 for int4, multiples of
+    64 / 128)."""
+    if isa not in native.INT8_ACTIVATION_ISAS or weight.dtype not in (torch.int8, torch.uint8):
         return 0
     k = weight.shape[-1] * (2 if weight.dtype == torch.uint8 else 1)
     group = group_size or k

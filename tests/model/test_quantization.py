@@ -79,13 +79,12 @@ def _native_only(monkeypatch) -> None:
 
 @pytest.fixture
 def fp32_activations(monkeypatch):
-    """The fastest kernel path that keeps activations fp32: the default (avx512_vnni where the CPU has it) quantizes
-    int8 / int4 layers' activations, and prefill_gemm rounds them to bf16 or int8, which the bounds above and
-    tests/kernels hold to their definitions."""
+    """The fastest kernel path that keeps activations fp32: the default (avx512_vnni or avx2) quantizes int8 / int4
+    layers' activations, and prefill_gemm rounds them to bf16 or int8, which the bounds above and tests/kernels hold
+    to their definitions."""
     _native_only(monkeypatch)
-    keep_fp32 = [isa for isa in native.available_isas() if isa != "avx512_vnni"]
-    if keep_fp32:
-        monkeypatch.setenv("GLMSERVE_KERNEL_ISA", keep_fp32[-1])
+    if native.fp32_activation_isa() is not None:
+        monkeypatch.setenv("GLMSERVE_KERNEL_ISA", native.fp32_activation_isa())
     native.default_isa.cache_clear()
     yield
     native.default_isa.cache_clear()
