@@ -80,9 +80,14 @@ def test_widened_values_are_exact():
     assert torch.equal(prefill_gemm._tile_values(pairs).float(), kernels.dequantize(pairs, torch.ones(1, 1), 512))
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_the_switch_is_at_the_threshold(layout, monkeypatch):
-    """Below GEMM_MIN_ROWS rows the native kernel runs, from it on the GEMM path, whatever the leading shape."""
+@pytest.fixture
+def every_layout_fast(monkeypatch):
+    """As on a CPU with VNNI and avx512_bf16, whatever this one has."""
+    monkeypatch.setattr(prefill_gemm, "fast_layouts", lambda: frozenset(prefill_gemm.GEMM_MIN_ROWS))
+
+
+def _apply_calls(layout: str, rows: list[int], monkeypatch) -> list[str]:
+    """Which path each product of `rows` rows through a layer of this layout takes."""
     q, scales, group = _weight(layout, 40, 64)
     method = Int8Method() if q.dtype == torch.int8 else Int4Method() if q.dtype == torch.uint8 else Fp8Method()
     layer = torch.nn.Module()
@@ -92,10 +97,43 @@ def test_the_switch_is_at_the_threshold(layout, monkeypatch):
     calls = []
     monkeypatch.setattr(prefill_gemm, "linear", lambda *a, **kw: calls.append("gemm") or torch.zeros(1))
     monkeypatch.setattr(kernels, "linear", lambda *a, **kw: calls.append("native") or torch.zeros(1))
-    threshold = prefill_gemm.GEMM_MIN_ROWS[prefill_gemm.layout(q, group, 64)]
-    for rows in (threshold - 1, threshold):
-        method.apply_linear(layer, torch.randn(1, rows, 64), None)
-    assert calls == ["native", "gemm"]
+    for count in rows:
+        method.apply_linear(layer, torch.randn(1, count, 64), None)
+    return calls
+
+
+def _threshold(layout: str) -> int:
+    dtype, group = LAYOUTS[layout]
+    return prefill_gemm.GEMM_MIN_ROWS[prefill_gemm.layout(torch.empty(0, dtype=dtype), group or 64, 64)]
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_the_switch_is_at_the_threshold(layout, monkeypatch, every_layout_fast):
+    """Below GEMM_MIN_ROWS rows the native kernel runs, from it on the GEMM path, whatever the leading shape."""
+    threshold = _threshold(layout)
+    assert _apply_calls(layout, [threshold - 1, threshold], monkeypatch) == ["native", "gemm"]
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_a_cpu_without_the_gemms_instructions_stays_native(layout, monkeypatch):
+    """No VNNI and no avx512_bf16 / AMX (an AVX2-only CPU): torch's GEMMs run fallback code there, so every row
+    count stays on the native kernels."""
+    monkeypatch.setattr(prefill_gemm, "fast_layouts", lambda: frozenset())
+    assert _apply_calls(layout, [_threshold(layout), 4096], monkeypatch) == ["native", "native"]
+
+
+def test_fast_layouts_follow_the_cpus_instructions(monkeypatch):
+    """VNNI alone serves int8 per channel (_int_mm); the bf16 tiles need avx512_bf16 or AMX."""
+    for vnni, bf16, amx, expected in [(False, False, False, set()), (True, False, False, {"int8-channel"}),
+                                      (False, True, False, {"int8-group", "int4", "fp8"}),
+                                      (False, False, True, {"int8-group", "int4", "fp8"}),
+                                      (True, True, False, set(prefill_gemm.GEMM_MIN_ROWS))]:
+        monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda v=vnni: v)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        prefill_gemm.fast_layouts.cache_clear()
+        assert prefill_gemm.fast_layouts() == expected
+    prefill_gemm.fast_layouts.cache_clear()
 
 
 def _experts(method, num_experts: int, hidden: int, intermediate: int) -> FusedExperts:
@@ -109,7 +147,7 @@ def _experts(method, num_experts: int, hidden: int, intermediate: int) -> FusedE
 
 @pytest.mark.parametrize("method", [Int8Method(), Int8Method(32), Int4Method(128), Fp8Method(128)],
                          ids=["int8", "q8_0", "int4", "fp8-block128"])
-def test_experts_with_many_rows_match_the_reference(method, monkeypatch):
+def test_experts_with_many_rows_match_the_reference(method, monkeypatch, every_layout_fast):
     """Prefill-sized MoE input (the average expert over its threshold): expert 6 and 7 get no row, expert 5 a few
     (native kernel), the others over a thousand (GEMM path); against the reference and the native MoE block."""
     layer = _experts(method, 8, 96, 40)

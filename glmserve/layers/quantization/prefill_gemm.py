@@ -1,14 +1,17 @@
 """Quantized products with many activation rows (prefill chunks, experts with many tokens): torch's GEMMs instead of
 the native small-M kernel, which widens the weights in registers and does not block for cache.
 
-- int8 with one scale per output channel: torch._int_mm (oneDNN, VNNI) over int8 activations quantized per row,
-  int32 sums scaled per row and channel: the native VNNI kernel's own arithmetic, run as a blocked GEMM. It reads
-  the int8 weight as it is stored, so it costs no memory.
+- int8 with one scale per output channel: torch._int_mm (oneDNN) over int8 activations quantized per row, int32
+  sums scaled per row and channel: the native VNNI kernel's own arithmetic, run as a blocked GEMM. It reads the int8
+  weight as it is stored, so it costs no memory.
 - every other layout (int8 in groups, int4, fp8): the weight dequantized to bf16 a tile of output rows at a time and
-  multiplied with oneDNN's bf16 GEMM (avx512_bf16 where the CPU has it). Activations and products are rounded to
-  bf16 (relative error ~2^-9 each, below the weights' own quantization error); sums are fp32 inside the GEMM. One
-  tile exists at a time, whatever the weight's size: TILE_ELEMENTS bf16 values (8 MiB) plus, while it is built, at
-  most two int16 temporaries of the same size (24 MiB in all); nothing is kept between calls.
+  multiplied with oneDNN's bf16 GEMM. Activations and products are rounded to bf16 (relative error ~2^-9 each,
+  below the weights' own quantization error); sums are fp32 inside the GEMM. One tile exists at a time, whatever
+  the weight's size: TILE_ELEMENTS bf16 values (8 MiB) plus, while it is built, at most two int16 temporaries of the
+  same size (24 MiB in all); nothing is kept between calls.
+
+Only CPUs with the instructions these GEMMs are built on take this path (fast_layouts); the others keep every
+product on the native kernels.
 
 Measured by benchmarks/prefill_gemm.py; the thresholds below and the figures are in BENCHMARKS.md.
 
@@ -19,6 +22,7 @@ hold the native path to exact properties (fp8 equal to its dequantized checkpoin
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -42,10 +46,22 @@ def layout(weight: torch.Tensor, group_size: int, k: int) -> str | None:
     return {torch.uint8: "int4", torch.float8_e4m3fn: "fp8"}.get(weight.dtype)
 
 
+@functools.cache
+def fast_layouts() -> frozenset[str]:
+    """The layouts whose torch GEMM has this CPU's instructions: oneDNN's int8 GEMM (_int_mm) needs VNNI, its bf16
+    GEMM avx512_bf16 or AMX. Without them both run fallback code that is slower than the native kernels at every
+    row count (measured on an AVX2-only Zen 3: BENCHMARKS.md), so those layouts stay native."""
+    fast = {"int8-channel"} if torch.cpu._is_vnni_supported() else set()
+    if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported():
+        fast |= {"int8-group", "int4", "fp8"}
+    return frozenset(fast)
+
+
 def wants_gemm(weight: torch.Tensor, group_size: int, rows: int, k: int) -> bool:
     """Whether `rows` activation rows are enough for the GEMM path to beat the native kernel on this weight."""
     kind = layout(weight, group_size, k)
-    return kind is not None and rows >= GEMM_MIN_ROWS[kind] and os.environ.get("GLMSERVE_PREFILL_GEMM") != "0"
+    return (kind in fast_layouts() and rows >= GEMM_MIN_ROWS[kind]
+            and os.environ.get("GLMSERVE_PREFILL_GEMM") != "0")
 
 
 def _tile_values(weight: torch.Tensor) -> torch.Tensor:
