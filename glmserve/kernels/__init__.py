@@ -29,8 +29,7 @@ NATIVE_WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.floa
 
 
 def _fits_native(x: torch.Tensor, *weights: torch.Tensor) -> bool:
-    return x.dtype == torch.float32 and x.device.type == "cpu" and all(
-        w.device.type == "cpu" and w.dtype in NATIVE_WEIGHT_DTYPES for w in weights)
+    return x.dtype == torch.float32 and x.is_cpu and all(w.is_cpu and w.dtype in NATIVE_WEIGHT_DTYPES for w in weights)
 
 
 def _fp32_rows(x: torch.Tensor, *others: torch.Tensor | None):
@@ -64,10 +63,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = 
     ext = native.extension()
     if ext is None or not _fits_native(x, weight):
         return linear_reference(x, weight, scales, group_size, bias)
-    rows = x.reshape(-1, x.shape[-1]).contiguous()
-    out = ext.linear(rows, weight.contiguous(), None if scales is None else scales.float().contiguous(), group_size,
-                     None if bias is None else bias.float().contiguous(), native.isa_index(isa))
-    return out.view(*x.shape[:-1], weight.shape[0])
+    return ext.linear(x, weight, scales, group_size, bias, native.isa_index(isa))
 
 
 def moe_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, w13: torch.Tensor,

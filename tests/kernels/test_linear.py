@@ -95,6 +95,22 @@ def test_linear_keeps_leading_dims_and_handles_empty_batches(fmt, isa):
     assert kernels.linear(torch.empty(0, 64), weight, scales, 32, isa=isa).shape == (0, 20)
 
 
+@pytest.mark.parametrize("fmt", ["float32", "int8", "int4"])
+def test_linear_takes_strided_inputs_and_bf16_scales(fmt, isa):
+    """x as a strided view, scales in bf16, bias a strided view: the op makes them contiguous fp32 itself."""
+    gen = torch.Generator().manual_seed(8)
+    weight, scales = make_weight(fmt, 20, 64, 32, gen)
+    low = None if scales is None else scales.bfloat16()
+    bias = torch.randn(40, generator=gen)[::2]
+    rows, batched = torch.randn(6, 128, generator=gen), torch.randn(3, 2, 128, generator=gen)
+    for x in (rows[:, ::2], batched[..., ::2].transpose(0, 1)):  # a strided view, and one reshape must copy
+        out = kernels.linear(x, weight, low, 32, bias, isa=isa)
+        assert out.shape == (*x.shape[:-1], 20)
+        expected = expected_linear(x.reshape(-1, 64), weight, None if low is None else low.float(), 32, bias,
+                                   activation_block(isa, weight, 32))
+        assert_within(out.reshape(-1, 20), *expected)
+
+
 @pytest.mark.parametrize("fmt,group_size", [("int4", 128), ("int8", 0)])
 @pytest.mark.parametrize("rows", [1, 3])
 def test_large_decode_shape(fmt, group_size, rows, isa):

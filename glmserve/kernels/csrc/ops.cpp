@@ -138,16 +138,24 @@ QuantizedX quantize_x(const IsaKernels& table, const WeightView& v, const float*
 // Enough rows per task that a task's work outweighs handing it out.
 int64_t grain_for(int64_t k, int64_t rows) { return std::max<int64_t>(1, 32768 / (k * rows * kRowsPerTask)); }
 
-at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& scales,
-                  int64_t group_size, const c10::optional<at::Tensor>& bias, int64_t isa) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "glmserve kernels: x must be "
-              "contiguous fp32 [M, K]");
-  TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), "glmserve kernels: weights must be contiguous [N, K]");
+c10::optional<at::Tensor> contiguous_fp32(const c10::optional<at::Tensor>& t) {
+  return t ? c10::optional<at::Tensor>(t->to(at::kFloat).contiguous()) : c10::nullopt;
+}
+
+// x [..., K] of any strides, as F.linear takes it, -> [..., N]: the reshapes and copies are done here rather than in
+// the Python wrapper, where they cost more than a small product's own time at batch 1.
+at::Tensor linear(const at::Tensor& x_in, const at::Tensor& w_in, const c10::optional<at::Tensor>& scales_in,
+                  int64_t group_size, const c10::optional<at::Tensor>& bias_in, int64_t isa) {
+  TORCH_CHECK(x_in.dim() >= 1 && x_in.scalar_type() == at::kFloat, "glmserve kernels: x must be fp32 [..., K]");
+  TORCH_CHECK(w_in.dim() == 2, "glmserve kernels: weights must be [N, K]");
+  const at::Tensor x = x_in.reshape({-1, x_in.size(-1)}).contiguous(), w = w_in.contiguous();
+  const c10::optional<at::Tensor> scales = contiguous_fp32(scales_in), bias = contiguous_fp32(bias_in);
   const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
   const WeightView v = view_weight(w, scales, k, group_size, n, w.size(1));
-  if (bias) TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == n,
-                        "glmserve kernels: bias must be contiguous fp32 [N]");
-  at::Tensor y = at::empty({m, n}, x.options());
+  if (bias) TORCH_CHECK(bias->numel() == n, "glmserve kernels: bias must be [N]");
+  std::vector<int64_t> out_sizes = x_in.sizes().vec();
+  out_sizes.back() = n;
+  at::Tensor y = at::empty(out_sizes, x.options());
   if (m == 0 || n == 0) return y;
   GemmArgs args = gemm_args(v, w.data_ptr(), is_scaled(v.type) ? scales->data_ptr<float>() : nullptr,
                             x.data_ptr<float>(), k, m, y.data_ptr<float>(), n);
@@ -451,7 +459,7 @@ std::tuple<at::Tensor, at::Tensor> router_topk(const at::Tensor& logits, const a
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("available_isas", &glmserve::available_isas, "the ISA paths this CPU can run, slowest first");
-  m.def("linear", &glmserve::linear, "x [M, K] fp32 @ W.T (+ bias) for W in any layout of kernels/reference.py");
+  m.def("linear", &glmserve::linear, "x [..., K] fp32 @ W.T (+ bias) for W in any layout of kernels/reference.py");
   m.def("moe_experts", &glmserve::moe_experts, "the routed experts of one MoE block, as moe_experts_reference");
   m.def("rms_norm_residual", &glmserve::rms_norm_residual, "(RMSNorm(x + residual) * weight, x + residual)");
   m.def("argmax", &glmserve::argmax_rows, "each row's first maximum (NaN counts as the maximum)");

@@ -60,8 +60,7 @@ def fast_layouts() -> frozenset[str]:
 def wants_gemm(weight: torch.Tensor, group_size: int, rows: int, k: int) -> bool:
     """Whether `rows` activation rows are enough for the GEMM path to beat the native kernel on this weight."""
     kind = layout(weight, group_size, k)
-    return (kind in fast_layouts() and rows >= GEMM_MIN_ROWS[kind]
-            and os.environ.get("GLMSERVE_PREFILL_GEMM") != "0")
+    return kind in fast_layouts() and rows >= GEMM_MIN_ROWS[kind] and os.environ.get("GLMSERVE_PREFILL_GEMM") != "0"
 
 
 def _tile_values(weight: torch.Tensor) -> torch.Tensor:
