@@ -21,7 +21,7 @@ def ext():
     return native.extension()
 
 
-@pytest.mark.parametrize("words", [1, 7, 8, 9, WORDS_PER_TASK, 3 * WORDS_PER_TASK + 5])
+@pytest.mark.parametrize("words", [1, 7, 8, 9, 100, WORDS_PER_TASK, WORDS_PER_TASK + 37, 3 * WORDS_PER_TASK + 5])
 def test_stream_read_sums_every_word(ext, words):
     x = torch.randint(-(2**62), 2**62, (words,), dtype=torch.int64, generator=torch.Generator().manual_seed(words))
     assert ext.stream_read(x) == wrapping_sum(x.tolist())

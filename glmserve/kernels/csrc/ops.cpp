@@ -422,13 +422,16 @@ int64_t stream_read(const at::Tensor& x) {
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t first = t * kWordsPerTask, last = std::min(n, first + kWordsPerTask);
-      uint64_t part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      int64_t i = first;
-      for (; i + 8 <= last; i += 8)
-        for (int j = 0; j < 8; ++j) part[j] += words[i + j];
+      // four streams a quarter of the run apart, read side by side: more cache lines in flight than one stream
+      const int64_t quarter = (last - first) / 32 * 8;
+      uint64_t part[4][8] = {};
+      for (int64_t i = first; i < first + quarter; i += 8)
+        for (int s = 0; s < 4; ++s)
+          for (int j = 0; j < 8; ++j) part[s][j] += words[i + s * quarter + j];
       uint64_t sum = 0;
-      for (; i < last; ++i) sum += words[i];
-      for (int j = 0; j < 8; ++j) sum += part[j];
+      for (int64_t i = first + 4 * quarter; i < last; ++i) sum += words[i];
+      for (int s = 0; s < 4; ++s)
+        for (int j = 0; j < 8; ++j) sum += part[s][j];
       task_sums[t] = sum;
     }
   });
