@@ -408,9 +408,10 @@ int64_t parallel_threads(int64_t items) {
   return std::count(ran.begin(), ran.end(), 1);
 }
 
-// The wrapping sum of x's memory as 64-bit words, read once over torch's threads in long sequential runs: the
-// plainest read there is, the reference bandwidth of glmserve.bench.roofline (torch's own `sum` reads slower than
-// our GEMVs do). Eight partial sums a run so the compiler keeps them in vector lanes.
+// The wrapping sum of x's memory as 64-bit words, read once over torch's threads in 1 MiB runs: the reference
+// bandwidth of glmserve.bench.roofline (torch's own `sum` can read slower than our GEMVs). Each run is read as four
+// streams a quarter of it apart, side by side (more cache lines in flight than one stream), with eight partial
+// sums a stream so the compiler keeps them in vector lanes.
 int64_t stream_read(const at::Tensor& x) {
   TORCH_CHECK(x.is_cpu() && x.is_contiguous() && x.nbytes() % 8 == 0,
               "glmserve stream_read: a contiguous CPU tensor of whole 64-bit words");
@@ -422,7 +423,6 @@ int64_t stream_read(const at::Tensor& x) {
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t first = t * kWordsPerTask, last = std::min(n, first + kWordsPerTask);
-      // four streams a quarter of the run apart, read side by side: more cache lines in flight than one stream
       const int64_t quarter = (last - first) / 32 * 8;
       uint64_t part[4][8] = {};
       for (int64_t i = first; i < first + quarter; i += 8)
