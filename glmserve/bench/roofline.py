@@ -87,8 +87,8 @@ def _best_time(fn, reps: int, sync) -> float:
 def measure_bandwidth(device: torch.device, size_bytes: int = GIB, reps: int = 5) -> dict:
     """GB/s (1e9 bytes/s) on fp32 tensors of `size_bytes`, best of `reps`: `sum` (read), `copy_` (read + write,
     both counted), a GEMV over a square matrix (batch-1 decode's access pattern) and, on CPU with the native
-    extension, its plain streaming read (`stream_read`, faster than torch's `sum` and than our own GEMVs). The
-    roofline takes the fastest read, so that it is the strict bound."""
+    extension, its plain streaming read (`stream_read`: torch's `sum` alone read slower than our own GEMVs on some
+    CPUs). The roofline takes the fastest read, so that it is the strict bound."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     n = size_bytes // 4
     x = torch.ones(n, device=device)
