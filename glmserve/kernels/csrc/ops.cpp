@@ -461,16 +461,24 @@ std::tuple<at::Tensor, at::Tensor> router_topk(const at::Tensor& logits, const a
 }  // namespace glmserve
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  // The ops that can run for milliseconds (a prefill chunk's products, attention over a long context) let go of
+  // the GIL, as torch's own ops do, so that the server's event loop and other Python threads run meanwhile; the
+  // small per-layer ops keep it (a release and re-acquire would cost more than they do).
+  const auto no_gil = py::call_guard<py::gil_scoped_release>();
   m.def("available_isas", &glmserve::available_isas, "the ISA paths this CPU can run, slowest first");
-  m.def("linear", &glmserve::linear, "x [..., K] fp32 @ W.T (+ bias) for W in any layout of kernels/reference.py");
-  m.def("moe_experts", &glmserve::moe_experts, "the routed experts of one MoE block, as moe_experts_reference");
+  m.def("linear", &glmserve::linear, "x [..., K] fp32 @ W.T (+ bias) for W in any layout of kernels/reference.py",
+        no_gil);
+  m.def("moe_experts", &glmserve::moe_experts, "the routed experts of one MoE block, as moe_experts_reference",
+        no_gil);
   m.def("rms_norm_residual", &glmserve::rms_norm_residual, "(RMSNorm(x + residual) * weight, x + residual)");
   m.def("argmax", &glmserve::argmax_rows, "each row's first maximum (NaN counts as the maximum)");
   m.def("rms_norm", &glmserve::rms_norm, "RMSNorm(x) * weight");
   m.def("qk_norm_rope_", &glmserve::qk_norm_rope_, "QK-norm and partial RoPE of the QKV rows, in place");
   m.def("silu_and_mul", &glmserve::silu_and_mul, "silu(gate) * up of [T, 2I] rows");
   m.def("router_topk", &glmserve::router_topk, "the GLM-4.5 router's expert weights and ids from its logits");
-  m.def("stream_read", &glmserve::stream_read, "the wrapping sum of x's 64-bit words: a plain read of its memory");
+  m.def("stream_read", &glmserve::stream_read, "the wrapping sum of x's 64-bit words: a plain read of its memory",
+        no_gil);
   m.def("parallel_threads", &glmserve::parallel_threads, "threads at::parallel_for spreads n items over");
-  m.def("paged_attention", &glmserve::paged_attention, "causal attention of query rows over the paged KV cache");
+  m.def("paged_attention", &glmserve::paged_attention, "causal attention of query rows over the paged KV cache",
+        no_gil);
 }
