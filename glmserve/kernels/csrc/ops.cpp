@@ -463,7 +463,7 @@ std::tuple<at::Tensor, at::Tensor> router_topk(const at::Tensor& logits, const a
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // The ops that can run for milliseconds (a prefill chunk's products, attention over a long context) let go of
   // the GIL, as torch's own ops do, so that the server's event loop and other Python threads run meanwhile; the
-  // small per-layer ops keep it (a release and re-acquire would cost more than they do).
+  // small per-layer ops, which take microseconds, keep it.
   const auto no_gil = py::call_guard<py::gil_scoped_release>();
   m.def("available_isas", &glmserve::available_isas, "the ISA paths this CPU can run, slowest first");
   m.def("linear", &glmserve::linear, "x [..., K] fp32 @ W.T (+ bias) for W in any layout of kernels/reference.py",
