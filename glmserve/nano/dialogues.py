@@ -11,7 +11,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from glmserve.nano import arithmetic, words
+from glmserve.nano import arithmetic, json_records, words
 from glmserve.nano.arg_keys import USER_STYLE_TOOLS, argument_split_keys, with_varied_keys
 from glmserve.nano.tools import ToolSpec, confusable_tool, draw, random_tool, realistic_tool, slots, text
 
@@ -220,6 +220,15 @@ def user_style_tool_dialogue(rng: random.Random, thinking: bool) -> Dialogue:
     return tool_dialogue(rng, thinking, 1, _pick_user_style_tool)
 
 
+def json_answer_dialogue(rng: random.Random, thinking: bool) -> Dialogue:
+    """A request for a record as JSON, answered with the record alone (one line, as json.dumps writes it)."""
+    keys: list[str] = []
+    record = json_records.random_record(rng)
+    messages = [_user(json_records.request(rng, record), keys),
+                _assistant(json.dumps(record, ensure_ascii=False), "The user wants a JSON object.", thinking)]
+    return Dialogue("json_answer", messages, keys=keys, expected=[{"json": record}])
+
+
 # Skill mix, by conversation. Tool use dominates the tokens (its prompts are long); repeats are short, so a
 # quarter of the conversations costs ~5% of the compute and gives the dense copying signal that makes the
 # model's copy (induction) heads form early, which tool arguments and answers then reuse. Training may override
@@ -234,4 +243,5 @@ SKILLS: dict[str, tuple[Callable[[random.Random, bool], Dialogue], float]] = {
     "two_turn": (two_turn_dialogue, 0.08),
     "confusable_tool": (confusable_tool_dialogue, 0.0),  # only for training that asks for it, by name
     "varied_keys_tool": (varied_keys_tool_dialogue, 0.0),  # likewise: the default held-out stream stays as it was
+    "json_answer": (json_answer_dialogue, 0.0),  # likewise
 }
