@@ -110,20 +110,39 @@ inline void softmax_tile(float* s, float& m, float& l, float* acc, int64_t d_tot
   m = m_new;
 }
 
-// acc_m[d] += sum over keys t < n of p_m[t] * value_t[d] for MR rows (accumulators D apart, weights kTile apart),
-// each value vector loaded once for the MR rows, the accumulators kept in registers over the tile.
+// acc_m[d..d + DV vectors) += sum over keys t < n of p_m[t] * value_t[...] for MR rows (accumulators D apart,
+// weights kTile apart), from d on while DV whole vectors remain; returns the first d left. Each value vector is
+// loaded once for the MR rows; the MR x DV accumulators stay in registers over the tile.
+template <int MR, int DV>
+inline int64_t accumulate_value_vectors(float* acc, const float* p, const float* const* values, int64_t n, int64_t d,
+                                        int64_t d_total) {
+  constexpr int64_t kStep = DV * V::kWidth;
+  for (; d + kStep <= d_total; d += kStep) {
+    typename V::F a[MR][DV];
+    for (int m = 0; m < MR; ++m)
+      for (int j = 0; j < DV; ++j) a[m][j] = V::load(acc + m * d_total + d + j * V::kWidth);
+    for (int64_t t = 0; t < n; ++t) {
+      typename V::F value[DV];
+      for (int j = 0; j < DV; ++j) value[j] = V::load(values[t] + d + j * V::kWidth);
+      for (int m = 0; m < MR; ++m) {
+        const typename V::F pm = V::set1(p[m * kTile + t]);
+        for (int j = 0; j < DV; ++j) a[m][j] = V::fma(pm, value[j], a[m][j]);
+      }
+    }
+    for (int m = 0; m < MR; ++m)
+      for (int j = 0; j < DV; ++j) V::store(acc + m * d_total + d + j * V::kWidth, a[m][j]);
+  }
+  return d;
+}
+
+// acc_m[d] += sum over keys t < n of p_m[t] * value_t[d] for MR rows. Vectors go DV at a time so that MR x DV >= 8
+// accumulators are independent FMA chains: with AVX2's two rows and one vector each, every FMA waited for the
+// previous one's result (perf: most of the tile's time on that chain).
 template <int MR>
 inline void accumulate_values(float* acc, const float* p, const float* const* values, int64_t n, int64_t d_total) {
-  int64_t d = 0;
-  for (; d + V::kWidth <= d_total; d += V::kWidth) {
-    typename V::F a[MR];
-    for (int m = 0; m < MR; ++m) a[m] = V::load(acc + m * d_total + d);
-    for (int64_t t = 0; t < n; ++t) {
-      const typename V::F value = V::load(values[t] + d);
-      for (int m = 0; m < MR; ++m) a[m] = V::fma(V::set1(p[m * kTile + t]), value, a[m]);
-    }
-    for (int m = 0; m < MR; ++m) V::store(acc + m * d_total + d, a[m]);
-  }
+  constexpr int DV = MR >= 8 ? 1 : 8 / MR;
+  int64_t d = accumulate_value_vectors<MR, DV>(acc, p, values, n, 0, d_total);
+  if constexpr (DV > 1) d = accumulate_value_vectors<MR, 1>(acc, p, values, n, d, d_total);
   for (; d < d_total; ++d)
     for (int m = 0; m < MR; ++m)
       for (int64_t t = 0; t < n; ++t) acc[m * d_total + d] += p[m * kTile + t] * values[t][d];
