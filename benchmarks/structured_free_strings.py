@@ -64,9 +64,11 @@ def main() -> None:
     parser.add_argument("--penalty", action="append", default=[], metavar="NAME=VALUE",
                         help="a sampling penalty for every request, e.g. repetition_penalty=1.3")
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--model", help="checkpoint directory (default: the embedded model)")
     args = parser.parse_args()
     penalties = {name: float(value) for name, value in (p.split("=") for p in args.penalty)}
-    server = start_server(FLAGS, Path(tempfile.mkdtemp()) / "server.log")
+    flags = FLAGS + (["--model", args.model] if args.model else [])
+    server = start_server(flags, Path(tempfile.mkdtemp()) / "server.log")
     try:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=600)
         model = client.models.list().data[0].id
