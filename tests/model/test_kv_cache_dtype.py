@@ -47,14 +47,14 @@ def _embedded_prompt() -> list[int]:
 
 @pytest.mark.parametrize("kv_dtype,calculate,bound,min_agree", [
     ("fp8", False, 0.1, 0.8), ("fp8", True, 0.1, 0.8), ("fp8_e5m2", False, 0.2, 0.7),
-    ("bfloat16", False, 0.005, 0.97)])
+    ("bfloat16", False, 0.012, 0.97)])
 def test_low_precision_kv_logits_near_the_fp32_cache(kv_dtype, calculate, bound, min_agree):
     """The embedded (trained) model on a chat prompt, then 4 decode steps. Bound: the largest logit difference over
     every row, as a fraction of the logits' standard deviation: the mean difference within `bound` (measured on the
-    shipped checkpoint J1: e4m3 0.086, e5m2 0.139, bf16 0.004, as the formats' 3, 2 and 7 mantissa bits predict; the
-    largest single logit moved by 1.4, 1.4 and 0.2), and the top token the same on `min_agree` of the 48 rows
-    (measured 0.83, 0.85, 0.98; the checkpoint before it, AB: 0.90, 0.79, 1.0). e4m3 with --calculate-kv-scales:
-    mean 0.084, the top token the same on 0.92 (AB: 0.067, 0.85).
+    shipped checkpoint J4: e4m3 0.073, e5m2 0.112, bf16 0.008, as the formats' 3, 2 and 7 mantissa bits predict; the
+    largest single logit moved by 1.1, 1.8 and 0.5), and the top token the same on `min_agree` of the 48 rows
+    (measured 0.90, 0.83, 0.98; the checkpoints before it, J1: 0.83, 0.85, 0.98 and AB: 0.90, 0.79, 1.0). e4m3 with
+    --calculate-kv-scales: mean 0.065, the top token the same on 0.90 (J1: 0.084, 0.92).
     Random test checkpoints are no use here: their logits move by half a standard deviation with a bf16 cache."""
     config = ModelConfig.from_pretrained(EMBEDDED_MODEL)
     prompt, extra = _embedded_prompt(), [5, 77, 901, 13]

@@ -33,6 +33,8 @@ def test_records_have_every_value_kind_and_short_strings():
     assert max(len(s) for s in strings) <= 40 and all(strings)
     keys = {k for r in records for k in r}
     assert {"name", "email", "a", "k"} <= keys and len(keys) > 300  # common, single letters and made up
+    addresses = [r[k] for r in records for k in r if k in json_records._EMAIL_KEYS]
+    assert len(addresses) > 50 and all(isinstance(a, str) and "@" in a for a in addresses)
 
 
 def test_a_request_that_names_keys_names_exactly_the_records():
