@@ -1,7 +1,8 @@
 """Tool calling and thinking mode through glmserve's OpenAI-compatible API, after zai-org/GLM-4.5's
 inference/api_request.py: ask for the weather with tools offered (thinking on), run the tool the model called,
-feed the result back and get the answer with thinking off. A model may answer without calling a tool (the embedded
-glm-4.5-nano does not read Chinese); then its answer is printed and the example ends there.
+feed the result back and get the answer with thinking off. A model may answer without calling a tool, or call
+one with arguments its schema does not have (the embedded glm-4.5-nano does not read Chinese); then what it said is
+printed and the example ends there. (`"strict": true` on a tool, or `tool_choice`, holds the call to its schema.)
 
     glmserve serve                          # the embedded glm-4.5-nano; or a checkpoint directory, e.g.
     glmserve serve /models/GLM-4.5-Air --tool-call-parser glm45 --reasoning-parser glm45 --enable-auto-tool-choice
@@ -75,6 +76,9 @@ def main() -> None:
     tool_call = message.tool_calls[0]
     arguments = json.loads(tool_call.function.arguments)
     print("tool call:", tool_call.function.name, arguments)
+    if tool_call.function.name != "get_weather" or set(arguments) != {"location"}:
+        print("not a call get_weather(location) can run: the example ends here")
+        return
 
     messages.append(message.model_dump(exclude_none=True))
     result = get_weather(**arguments)

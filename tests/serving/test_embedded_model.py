@@ -178,14 +178,16 @@ def test_parsers_can_be_turned_off(tmp_path):
 
 
 def test_api_request_example_runs_to_the_end(default_server):
-    """examples/api_request.py (the model card's example): the embedded model answers its Chinese question without
-    a tool call, which the example reports instead of crashing."""
+    """examples/api_request.py (the model card's example): the embedded model, which reads no Chinese, answers its
+    question without a tool call or calls get_weather with keys the schema does not have; the example reports
+    either instead of crashing."""
     server, _ = default_server
     script = Path(__file__).resolve().parents[2] / "examples" / "api_request.py"
     result = subprocess.run([sys.executable, str(script), "--base-url", f"{server.url}/v1"], capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert "reasoning: " in result.stdout and "answer" in result.stdout
+    assert "reasoning: " in result.stdout
+    assert "answer" in result.stdout or "not a call get_weather(location) can run" in result.stdout, result.stdout
 
 
 WEATHER = {"name": "get_weather", "description": "Get the current weather for a city", "input_schema": {
