@@ -79,6 +79,14 @@ def test_prefill_chunks_in_query_blocks(backend, threads):
         torch.set_num_threads(previous)
 
 
+def test_tasks_of_every_kv_head_and_of_one(backend):
+    """A decode and a verification are read with every KV head in one task (whole cache rows); a chunk's query
+    blocks of Air's 8 KV heads (8 x 120 rows) are too many rows for that and take one KV head a task. Both kinds in
+    one step, each head's output from its own keys and values."""
+    _check(backend, [300, 900, 40], [1, 3, 50], 0.2, block_size=16, kv_heads=8, group=12, head_dim=16,
+           magnitude=4.0)
+
+
 def test_long_chunk_split_over_keys_at_a_long_context(backend):
     """A 24-query chunk at the end of a 6,000-token context: one query block, its keys split over the threads (the
     diagonal in the last split only), against torch_native."""

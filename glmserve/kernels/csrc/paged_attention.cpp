@@ -18,6 +18,8 @@ namespace {
 constexpr int64_t kTasksPerThread = 4;  // enough tasks that uneven ones still balance
 constexpr int64_t kMinSplitKeys = 512;  // a task's keys outweigh its setup and its share of the reduction
 constexpr int64_t kRowsPerTask = 128;   // query rows (queries x heads of a KV head) a prefill task keeps in cache
+// Query rows of every KV head together up to which one task takes them all (it reads whole cache rows; impl.h).
+constexpr int64_t kRowsAllHeads = 512;
 
 KvType kv_type(const at::Tensor& cache) {
   switch (cache.scalar_type()) {
@@ -100,17 +102,20 @@ void paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::T
   }
   const int64_t wanted_tasks = kTasksPerThread * at::get_num_threads();
   std::vector<AttentionTask> tasks;
-  std::vector<int64_t> first_task;  // per (query block, KV head): its tasks are first_task[i]..first_task[i + 1]
+  std::vector<int64_t> first_task;  // per (query block, KV heads): its tasks are first_task[i]..first_task[i + 1]
   int64_t partial_rows = 0;
   for (const QueryBlock& block : blocks) {
-    const int64_t rows = block.count * group;
+    const int64_t head_rows = block.count * group;
+    const int64_t heads_per_task = head_rows * kv_heads <= kRowsAllHeads ? kv_heads : 1;
+    const int64_t rows = head_rows * heads_per_task;
     int64_t split = std::max(kMinSplitKeys, (total_work + wanted_tasks - 1) / wanted_tasks / rows);
     split = (split + 31) / 32 * 32;  // whole tiles of the kernel's keys
-    for (int64_t h = 0; h < kv_heads; ++h) {
+    for (int64_t h = 0; h < kv_heads; h += heads_per_task) {
       first_task.push_back(static_cast<int64_t>(tasks.size()));
       for (int64_t k0 = 0; k0 < block.keys; k0 += split) {
-        tasks.push_back({block.seq, h, k0, std::min(k0 + split, block.keys), starts[block.seq] + block.first,
-                         block.count, lens[block.seq] - (starts[block.seq + 1] - starts[block.seq]) + block.first,
+        tasks.push_back({block.seq, h, heads_per_task, k0, std::min(k0 + split, block.keys),
+                         starts[block.seq] + block.first, block.count,
+                         lens[block.seq] - (starts[block.seq + 1] - starts[block.seq]) + block.first,
                          nullptr, nullptr, nullptr});
         partial_rows += rows;
       }
@@ -122,7 +127,7 @@ void paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::T
     tasks[t].m = stats.data_ptr<float>() + row;
     tasks[t].l = stats.data_ptr<float>() + partial_rows + row;
     tasks[t].acc = acc.data_ptr<float>() + row * dim;
-    row += tasks[t].num_queries * group;
+    row += tasks[t].kv_head_count * tasks[t].num_queries * group;
   }
 
   const PagedAttentionArgs args{q.data_ptr<float>(), static_cast<const uint8_t*>(k_cache.data_ptr()),
@@ -140,8 +145,9 @@ void paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::T
   at::parallel_for(0, static_cast<int64_t>(first_task.size()) - 1, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> row(dim);
     for (int64_t pair = begin; pair < end; ++pair) {
-      const AttentionTask& head = tasks[first_task[pair]];
-      for (int64_t r = 0; r < head.num_queries * group; ++r) {
+      const AttentionTask& first = tasks[first_task[pair]];
+      const int64_t head_rows = first.num_queries * group;
+      for (int64_t r = 0; r < first.kv_head_count * head_rows; ++r) {
         float m = -std::numeric_limits<float>::infinity(), l = 0.f;
         for (int64_t t = first_task[pair]; t < first_task[pair + 1]; ++t) m = std::max(m, tasks[t].m[r]);
         std::fill(row.begin(), row.end(), 0.f);
@@ -152,7 +158,8 @@ void paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::T
           for (int64_t d = 0; d < dim; ++d) row[d] += w * tasks[t].acc[r * dim + d];
         }
         const float norm = static_cast<float>(v_scale) / l;
-        float* dst = o + ((head.q_row + r / group) * heads + head.kv_head * group + r % group) * dim;
+        const int64_t kv_head = first.kv_head + r / head_rows, head_row = r % head_rows;  // impl.h's row order
+        float* dst = o + ((first.q_row + head_row / group) * heads + kv_head * group + head_row % group) * dim;
         for (int64_t d = 0; d < dim; ++d) dst[d] = row[d] * norm;
       }
     }

@@ -21,12 +21,13 @@ struct PagedAttentionArgs {
   float qk_scale;         // softmax scale times the keys' storage scale
 };
 
-// One task: query rows of one sequence and KV head over keys [key_begin, key_end). Its R = num_queries * G rows
-// (row i * G + g: query i, head kv_head * G + g) leave an unnormalised partial result: running max m, sum l and
-// accumulator acc (R x D), which the reduction merges across the sequence's splits. A row sees key p only when
+// One task: query rows of one sequence and KV heads kv_head..kv_head + kv_head_count - 1 over keys
+// [key_begin, key_end). Its R = kv_head_count * num_queries * G rows (row (h * num_queries + i) * G + g: query i,
+// head (kv_head + h) * G + g) leave an unnormalised partial result: running max m, sum l and accumulator acc
+// (R x D), which the reduction merges across the sequence's splits. A row sees key p only when
 // p <= first_position + i (causal); a row that sees no key of the split keeps m = -inf, l = 0.
 struct AttentionTask {
-  int64_t seq, kv_head, key_begin, key_end;
+  int64_t seq, kv_head, kv_head_count, key_begin, key_end;
   int64_t q_row;           // flat row of the sequence's first query
   int64_t num_queries;
   int64_t first_position;  // position of the first query

@@ -183,54 +183,71 @@ inline void tile_block(int block, const AttentionTask& task, const float* querie
   tile_rows<MR>(task, queries, r0, group, k0, n, dim, kt, values, scores);
 }
 
+// Loads one byte of every cache line of the tile's rows, in a loop of independent loads with nothing else in it, so
+// the core has as many of its lines in flight as it can track and the hardware prefetchers see each block's rows in
+// order. The tile's math then finds them in cache. Lines first loaded by that math (after software prefetches of
+// the next tile, or none) were far fewer in flight, and the KV was read markedly slower (BENCHMARKS.md, issue 23).
+inline void touch_rows(const uint8_t* k, const uint8_t* v, const int64_t* offsets, int64_t n, int64_t lines) {
+  for (int64_t t = 0; t < n; ++t)
+    for (int64_t line = 0; line < lines; ++line) {
+      const uint8_t kb = *reinterpret_cast<const volatile uint8_t*>(k + offsets[t] + 64 * line);
+      const uint8_t vb = *reinterpret_cast<const volatile uint8_t*>(v + offsets[t] + 64 * line);
+      asm volatile("" ::"r"(kb), "r"(vb));  // the loads are wanted for their effect on the cache alone
+    }
+}
+
+// A task's KV heads are read from the same key rows tile by tile: a stored row holds every KV head of a position,
+// so a task of all the heads reads whole rows, one contiguous run of a block, which the hardware prefetchers follow
+// (a task of one head reads every other piece of each row).
 template <int T>
 void attend(const PagedAttentionArgs& a, const AttentionTask& task) {
   constexpr int MR = V::kScoreRows;
-  const int64_t dim = a.head_dim, group = a.heads / a.kv_heads, rows = task.num_queries * group;
-  const int64_t row_bytes = a.kv_heads * dim * a.kv_elem_bytes, head_offset = task.kv_head * dim * a.kv_elem_bytes;
+  const int64_t dim = a.head_dim, group = a.heads / a.kv_heads, rows = task.num_queries * group;  // per KV head
+  const int64_t heads = task.kv_head_count, all_rows = heads * rows;
+  const int64_t head_bytes = dim * a.kv_elem_bytes, row_bytes = a.kv_heads * head_bytes;
   const int64_t* table = a.block_tables + task.seq * a.max_blocks;
-  std::vector<float> scratch(rows * dim + MR * kTile + dim * kTile + kTile * dim);
-  float* queries = scratch.data();       // [R, D], scaled
-  float* scores = queries + rows * dim;  // [MR, kTile]
-  float* kt = scores + MR * kTile;       // [D, kTile]
-  float* widened_v = kt + dim * kTile;   // [kTile, D]
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* src = a.q + ((task.q_row + r / group) * a.heads + task.kv_head * group + r % group) * dim;
-    for (int64_t d = 0; d < dim; ++d) queries[r * dim + d] = src[d] * a.qk_scale;
-    task.m[r] = -std::numeric_limits<float>::infinity();
-    task.l[r] = 0.f;
-  }
-  std::fill(task.acc, task.acc + rows * dim, 0.f);
+  std::vector<float> scratch(all_rows * dim + MR * kTile + dim * kTile + kTile * dim);
+  float* queries = scratch.data();           // [heads, R, D], scaled
+  float* scores = queries + all_rows * dim;  // [MR, kTile]
+  float* kt = scores + MR * kTile;           // [D, kTile]
+  float* widened_v = kt + dim * kTile;       // [kTile, D]
+  for (int64_t h = 0; h < heads; ++h)
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* src =
+          a.q + ((task.q_row + r / group) * a.heads + (task.kv_head + h) * group + r % group) * dim;
+      for (int64_t d = 0; d < dim; ++d) queries[(h * rows + r) * dim + d] = src[d] * a.qk_scale;
+    }
+  std::fill(task.m, task.m + all_rows, -std::numeric_limits<float>::infinity());
+  std::fill(task.l, task.l + all_rows, 0.f);
+  std::fill(task.acc, task.acc + all_rows * dim, 0.f);
+  int64_t offsets[kTile];
   const uint8_t* key_rows[kTile];
   const float* value_rows[kTile];
-  const int64_t mask = a.block_size - 1, row_lines = (dim * a.kv_elem_bytes + 63) / 64;
+  const int64_t mask = a.block_size - 1, task_lines = (heads * head_bytes + 63) / 64;
   const auto key_offset = [&](int64_t p) {
-    return ((table[p >> a.block_shift] << a.block_shift) + (p & mask)) * row_bytes + head_offset;
+    return ((table[p >> a.block_shift] << a.block_shift) + (p & mask)) * row_bytes + task.kv_head * head_bytes;
   };
   for (int64_t k0 = task.key_begin; k0 < task.key_end; k0 += kTile) {
-    // The next tile's rows are requested now: its blocks lie anywhere in the pool, beyond what the hardware
-    // prefetchers follow, so without this each tile's loads wait for memory a short burst at a time (BENCHMARKS.md).
-    for (int64_t p = k0 + kTile; p < std::min(k0 + 2 * kTile, task.key_end); ++p) {
-      const int64_t offset = key_offset(p);
-      for (int64_t line = 0; line < row_lines; ++line) {
-        __builtin_prefetch(a.k + offset + 64 * line);
-        __builtin_prefetch(a.v + offset + 64 * line);
-      }
-    }
     const int64_t n = std::min(kTile, task.key_end - k0);
     // The first row that sees a key of this tile (rows see more keys as r grows): the rows before see none.
     const int64_t first_row = std::max<int64_t>(0, k0 - task.first_position) * group;
     if (first_row >= rows) break;
-    for (int64_t t = 0; t < n; ++t) {
-      const int64_t offset = key_offset(k0 + t);
-      key_rows[t] = a.k + offset;
-      value_rows[t] = widen_row<T>(a.v + offset, dim, widened_v + t * dim);
+    for (int64_t t = 0; t < n; ++t) offsets[t] = key_offset(k0 + t);
+    for (int64_t t = n; t < kTile; ++t) offsets[t] = offsets[0];  // scored, then masked
+    touch_rows(a.k, a.v, offsets, n, task_lines);
+    for (int64_t h = 0; h < heads; ++h) {
+      for (int64_t t = 0; t < kTile; ++t) key_rows[t] = a.k + offsets[t] + h * head_bytes;
+      for (int64_t t = 0; t < n; ++t) value_rows[t] = widen_row<T>(a.v + offsets[t] + h * head_bytes, dim,
+                                                                  widened_v + t * dim);
+      transpose_keys<T>(key_rows, dim, kt);
+      AttentionTask head = task;  // this head's rows
+      head.m += h * rows;
+      head.l += h * rows;
+      head.acc += h * rows * dim;
+      for (int64_t r0 = first_row; r0 < rows; r0 += MR)
+        tile_block<MR>(static_cast<int>(std::min<int64_t>(MR, rows - r0)), head, queries + h * rows * dim, r0,
+                       group, k0, n, dim, kt, value_rows, scores);
     }
-    for (int64_t t = n; t < kTile; ++t) key_rows[t] = key_rows[0];  // scored, then masked
-    transpose_keys<T>(key_rows, dim, kt);
-    for (int64_t r0 = first_row; r0 < rows; r0 += MR)
-      tile_block<MR>(static_cast<int>(std::min<int64_t>(MR, rows - r0)), task, queries, r0, group, k0, n, dim, kt,
-                     value_rows, scores);
   }
 }
 
