@@ -67,16 +67,36 @@ inline void transpose_keys(const uint8_t* const* rows, int64_t d_total, float* k
     for (int64_t t = 0; t < kTile; ++t) kt[d * kTile + t] = KvFormat<T>::at(rows[t], d);
 }
 
+// The next tile's cache lines (K and V of each key, in order), requested a pair at a time from inside this tile's
+// math (one pair per inner step of its scores and of P x V), so that memory stays busy while the math runs. They
+// go to L2 (prefetcht1): into L1 (prefetcht0) they gained far less (BENCHMARKS.md, issue 23).
+struct NextTileLines {
+  const uint8_t* k = nullptr;
+  const uint8_t* v = nullptr;
+  const int64_t* offsets = nullptr;
+  int64_t n = 0, lines = 0, t = 0, line = 0;
+  inline void request() {
+    if (t >= n) return;
+    __builtin_prefetch(k + offsets[t] + 64 * line, 0, 2);
+    __builtin_prefetch(v + offsets[t] + 64 * line, 0, 2);
+    if (++line == lines) {
+      line = 0;
+      ++t;
+    }
+  }
+};
+
 // s[m * kTile + t] = q_m . key_t for MR query rows (D apart) against the transposed tile: MR x kKeyVectors
 // accumulators, each kt vector loaded once for the MR rows, each query value broadcast once for the tile.
 template <int MR>
-inline void score_rows(const float* q, int64_t d_total, const float* kt, float* s) {
+inline void score_rows(const float* q, int64_t d_total, const float* kt, float* s, NextTileLines& next) {
   typename V::F acc[MR][kKeyVectors];
   for (int m = 0; m < MR; ++m)
     for (int v = 0; v < kKeyVectors; ++v) acc[m][v] = V::zero();
   for (int64_t d = 0; d < d_total; ++d) {
     typename V::F k[kKeyVectors];
     for (int v = 0; v < kKeyVectors; ++v) k[v] = V::load(kt + d * kTile + v * V::kWidth);
+    next.request();
     for (int m = 0; m < MR; ++m) {
       const typename V::F qm = V::set1(q[m * d_total + d]);
       for (int v = 0; v < kKeyVectors; ++v) acc[m][v] = V::fma(qm, k[v], acc[m][v]);
@@ -115,7 +135,7 @@ inline void softmax_tile(float* s, float& m, float& l, float* acc, int64_t d_tot
 // loaded once for the MR rows; the MR x DV accumulators stay in registers over the tile.
 template <int MR, int DV>
 inline int64_t accumulate_value_vectors(float* acc, const float* p, const float* const* values, int64_t n, int64_t d,
-                                        int64_t d_total) {
+                                        int64_t d_total, NextTileLines& next) {
   constexpr int64_t kStep = DV * V::kWidth;
   for (; d + kStep <= d_total; d += kStep) {
     typename V::F a[MR][DV];
@@ -124,6 +144,7 @@ inline int64_t accumulate_value_vectors(float* acc, const float* p, const float*
     for (int64_t t = 0; t < n; ++t) {
       typename V::F value[DV];
       for (int j = 0; j < DV; ++j) value[j] = V::load(values[t] + d + j * V::kWidth);
+      next.request();
       for (int m = 0; m < MR; ++m) {
         const typename V::F pm = V::set1(p[m * kTile + t]);
         for (int j = 0; j < DV; ++j) a[m][j] = V::fma(pm, value[j], a[m][j]);
@@ -139,10 +160,11 @@ inline int64_t accumulate_value_vectors(float* acc, const float* p, const float*
 // accumulators are independent FMA chains: with AVX2's two rows and one vector each, every FMA waited for the
 // previous one's result (perf: most of the tile's time on that chain).
 template <int MR>
-inline void accumulate_values(float* acc, const float* p, const float* const* values, int64_t n, int64_t d_total) {
+inline void accumulate_values(float* acc, const float* p, const float* const* values, int64_t n, int64_t d_total,
+                              NextTileLines& next) {
   constexpr int DV = MR >= 8 ? 1 : 8 / MR;
-  int64_t d = accumulate_value_vectors<MR, DV>(acc, p, values, n, 0, d_total);
-  if constexpr (DV > 1) d = accumulate_value_vectors<MR, 1>(acc, p, values, n, d, d_total);
+  int64_t d = accumulate_value_vectors<MR, DV>(acc, p, values, n, 0, d_total, next);
+  if constexpr (DV > 1) d = accumulate_value_vectors<MR, 1>(acc, p, values, n, d, d_total, next);
   for (; d < d_total; ++d)
     for (int m = 0; m < MR; ++m)
       for (int64_t t = 0; t < n; ++t) acc[m * d_total + d] += p[m * kTile + t] * values[t][d];
@@ -153,14 +175,15 @@ inline void accumulate_values(float* acc, const float* p, const float* const* va
 // row's own is masked, and rows that see none of it are left as they are.
 template <int MR>
 inline void tile_rows(const AttentionTask& task, const float* queries, int64_t r0, int64_t group, int64_t k0,
-                      int64_t n, int64_t dim, const float* kt, const float* const* values, float* scores) {
+                      int64_t n, int64_t dim, const float* kt, const float* const* values, float* scores,
+                      NextTileLines& next) {
   int64_t visible[MR], most = 0;
   for (int m = 0; m < MR; ++m) {
     visible[m] = std::clamp<int64_t>(task.first_position + (r0 + m) / group - k0 + 1, 0, n);
     most = std::max(most, visible[m]);
   }
   if (most == 0) return;
-  score_rows<MR>(queries + r0 * dim, dim, kt, scores);
+  score_rows<MR>(queries + r0 * dim, dim, kt, scores, next);
   for (int m = 0; m < MR; ++m) {
     float* row = scores + m * kTile;
     if (visible[m] == 0) {  // a later query's keys only: this row's state is unchanged
@@ -170,23 +193,23 @@ inline void tile_rows(const AttentionTask& task, const float* queries, int64_t r
     std::fill(row + visible[m], row + kTile, -std::numeric_limits<float>::infinity());
     softmax_tile(row, task.m[r0 + m], task.l[r0 + m], task.acc + (r0 + m) * dim, dim);
   }
-  accumulate_values<MR>(task.acc + r0 * dim, scores, values, most, dim);
+  accumulate_values<MR>(task.acc + r0 * dim, scores, values, most, dim, next);
 }
 
 // tile_rows for a block of `block` <= MR rows (the last block of a task).
 template <int MR>
 inline void tile_block(int block, const AttentionTask& task, const float* queries, int64_t r0, int64_t group,
                        int64_t k0, int64_t n, int64_t dim, const float* kt, const float* const* values,
-                       float* scores) {
+                       float* scores, NextTileLines& next) {
   if constexpr (MR > 1)
-    if (block < MR) return tile_block<MR - 1>(block, task, queries, r0, group, k0, n, dim, kt, values, scores);
-  tile_rows<MR>(task, queries, r0, group, k0, n, dim, kt, values, scores);
+    if (block < MR) return tile_block<MR - 1>(block, task, queries, r0, group, k0, n, dim, kt, values, scores, next);
+  tile_rows<MR>(task, queries, r0, group, k0, n, dim, kt, values, scores, next);
 }
 
 // Loads one byte of every cache line of the tile's rows, in a loop of independent loads with nothing else in it, so
-// the core has as many of its lines in flight as it can track and the hardware prefetchers see each block's rows in
-// order. The tile's math then finds them in cache. Lines first loaded by that math (after software prefetches of
-// the next tile, or none) were far fewer in flight, and the KV was read markedly slower (BENCHMARKS.md, issue 23).
+// that the lines the previous tile's prefetches did not bring (the first tile's, or any the core dropped) arrive
+// with as many in flight as the core can track; the tile's math then finds them in cache. Lines first loaded by
+// that math were far fewer in flight, and the KV was read markedly slower (BENCHMARKS.md, issue 23).
 inline void touch_rows(const uint8_t* k, const uint8_t* v, const int64_t* offsets, int64_t n, int64_t lines) {
   for (int64_t t = 0; t < n; ++t)
     for (int64_t line = 0; line < lines; ++line) {
@@ -220,20 +243,30 @@ void attend(const PagedAttentionArgs& a, const AttentionTask& task) {
   std::fill(task.m, task.m + all_rows, -std::numeric_limits<float>::infinity());
   std::fill(task.l, task.l + all_rows, 0.f);
   std::fill(task.acc, task.acc + all_rows * dim, 0.f);
-  int64_t offsets[kTile];
+  int64_t offset_buffers[2][kTile];
   const uint8_t* key_rows[kTile];
   const float* value_rows[kTile];
   const int64_t mask = a.block_size - 1, task_lines = (heads * head_bytes + 63) / 64;
   const auto key_offset = [&](int64_t p) {
     return ((table[p >> a.block_shift] << a.block_shift) + (p & mask)) * row_bytes + task.kv_head * head_bytes;
   };
-  for (int64_t k0 = task.key_begin; k0 < task.key_end; k0 += kTile) {
+  const auto fill_offsets = [&](int64_t k0, int64_t* offsets) {
+    const int64_t n = std::min(kTile, task.key_end - k0);
+    for (int64_t t = 0; t < n; ++t) offsets[t] = key_offset(k0 + t);
+    for (int64_t t = n; t < kTile; ++t) offsets[t] = offsets[0];  // scored, then masked
+  };
+  if (task.key_begin < task.key_end) fill_offsets(task.key_begin, offset_buffers[0]);
+  for (int64_t k0 = task.key_begin, tile = 0; k0 < task.key_end; k0 += kTile, ++tile) {
     const int64_t n = std::min(kTile, task.key_end - k0);
     // The first row that sees a key of this tile (rows see more keys as r grows): the rows before see none.
     const int64_t first_row = std::max<int64_t>(0, k0 - task.first_position) * group;
     if (first_row >= rows) break;
-    for (int64_t t = 0; t < n; ++t) offsets[t] = key_offset(k0 + t);
-    for (int64_t t = n; t < kTile; ++t) offsets[t] = offsets[0];  // scored, then masked
+    const int64_t* offsets = offset_buffers[tile & 1];
+    NextTileLines next;
+    if (k0 + kTile < task.key_end) {
+      fill_offsets(k0 + kTile, offset_buffers[(tile + 1) & 1]);
+      next = {a.k, a.v, offset_buffers[(tile + 1) & 1], std::min(kTile, task.key_end - k0 - kTile), task_lines};
+    }
     touch_rows(a.k, a.v, offsets, n, task_lines);
     for (int64_t h = 0; h < heads; ++h) {
       for (int64_t t = 0; t < kTile; ++t) key_rows[t] = a.k + offsets[t] + h * head_bytes;
@@ -246,7 +279,7 @@ void attend(const PagedAttentionArgs& a, const AttentionTask& task) {
       head.acc += h * rows * dim;
       for (int64_t r0 = first_row; r0 < rows; r0 += MR)
         tile_block<MR>(static_cast<int>(std::min<int64_t>(MR, rows - r0)), head, queries + h * rows * dim, r0,
-                       group, k0, n, dim, kt, value_rows, scores);
+                       group, k0, n, dim, kt, value_rows, scores, next);
     }
   }
 }
