@@ -33,6 +33,7 @@ from glmserve.layers.moe import FusedExperts, TopkRouter
 from glmserve.layers.norm import RMSNorm
 from glmserve.layers.quantization import QuantMethod
 from glmserve.layers.rotary import PartialRotaryEmbedding
+from glmserve.model import native_stack
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin) rows of this step's positions
 
@@ -194,6 +195,10 @@ class Glm4MoeModel(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.num_hidden_layers = config.num_hidden_layers
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if parallel.is_last_stage else None
+        self.parallel = parallel
+        # The native stack over the held layers (None: they cannot run in one), and the caches it was made for.
+        self._native_stack: native_stack.NativeStack | None = None
+        self._native_stack_caches: list | None = None
 
     def forward(self, inputs: torch.Tensor, positions: torch.Tensor,
                 meta: AttentionMetadata | DenseBatch) -> torch.Tensor:
@@ -201,10 +206,29 @@ class Glm4MoeModel(nn.Module):
         Returns this stage's last layer's hidden states, before the final norm (what the MTP layer reads)."""
         x = self.embed_tokens(inputs) if self.embed_tokens is not None else inputs
         rope = self.rotary.lookup(positions, x.dtype)  # once per step, shared by every layer
+        stack = self._native_stack_for(x, meta)
+        if stack is not None:
+            return stack(x, rope, meta)
         residual = None
         for i in self.held:
             x, residual = self.layers[i](rope, x, residual, meta)
         return x + residual
+
+    def _native_stack_for(self, x: torch.Tensor,
+                          meta: AttentionMetadata | DenseBatch) -> native_stack.NativeStack | None:
+        """The native stack when this step can run in it (model/native_stack.py), made anew whenever the layers'
+        caches are not those it was made for."""
+        if not native_stack.step_fits(x, meta):
+            return None
+        caches = [self.layers[i].self_attn.kv_cache for i in self.held]
+        known = self._native_stack_caches
+        if known is None or any(a is not b for a, b in zip(caches, known)):
+            self._native_stack = native_stack.build([self.layers[i] for i in self.held], self.parallel)
+            # (a cache whose FP8 scales come from its first keys is tried again at the next step)
+            pending = any(c is not None and c.calculate_scales for c in caches)
+            self._native_stack_caches = None if pending else caches
+        stack = self._native_stack
+        return stack if stack is not None and x.shape[0] <= stack.max_rows else None
 
 
 _LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.")

@@ -10,6 +10,8 @@
 #include <tuple>
 #include <vector>
 
+#include "ops.h"
+
 namespace glmserve {
 namespace {
 

@@ -13,6 +13,7 @@
 
 #include "gemm.h"
 #include "isa.h"
+#include "ops.h"
 
 namespace glmserve {
 
@@ -142,6 +143,8 @@ c10::optional<at::Tensor> contiguous_fp32(const c10::optional<at::Tensor>& t) {
   return t ? c10::optional<at::Tensor>(t->to(at::kFloat).contiguous()) : c10::nullopt;
 }
 
+}  // namespace
+
 // x [..., K] of any strides, as F.linear takes it, -> [..., N]: the reshapes and copies are done here rather than in
 // the Python wrapper, where they cost more than a small product's own time at batch 1.
 at::Tensor linear(const at::Tensor& x_in, const at::Tensor& w_in, const c10::optional<at::Tensor>& scales_in,
@@ -175,6 +178,8 @@ at::Tensor linear(const at::Tensor& x_in, const at::Tensor& w_in, const c10::opt
   return y;
 }
 
+namespace {
+
 // One task of an MoE phase: output rows [begin, end) of one expert's product.
 struct ExpertTask {
   int64_t expert, begin, end;
@@ -187,6 +192,8 @@ std::vector<ExpertTask> expert_tasks(const std::vector<int64_t>& counts, int64_t
       tasks.push_back({e, r, std::min(r + kRowsPerTask, out_rows)});
   return tasks;
 }
+
+}  // namespace
 
 at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& topk_weights, const at::Tensor& topk_ids,
                        const at::Tensor& w13, const c10::optional<at::Tensor>& w13_scales, const at::Tensor& w2,
@@ -325,6 +332,8 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_residual(const at::Tensor& x, const 
   return {out, sum};
 }
 
+namespace {
+
 // GCC vector types: 4 fp32 lanes on every x86-64 (this file is compiled for the baseline), so the row scans below
 // compare 16 values per step without intrinsics.
 typedef float Floats4 __attribute__((vector_size(16)));
@@ -442,21 +451,8 @@ int64_t stream_read(const at::Tensor& x) {
 
 }  // namespace
 
-// paged_attention.cpp
-void paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                     const at::Tensor& block_tables, int64_t block_size, const at::Tensor& seq_lens,
-                     const at::Tensor& query_start_loc, at::Tensor out, double scale,
-                     double k_scale, double v_scale, int64_t isa);
-
-// fused_step.cpp
-at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
-void qk_norm_rope_(at::Tensor qkv, const at::Tensor& cos, const at::Tensor& sin,
-                   const c10::optional<at::Tensor>& q_weight, const c10::optional<at::Tensor>& k_weight,
-                   int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim, int64_t rotary_dim, double eps);
-at::Tensor silu_and_mul(const at::Tensor& x);
-std::tuple<at::Tensor, at::Tensor> router_topk(const at::Tensor& logits, const at::Tensor& bias, int64_t top_k,
-                                               int64_t n_group, int64_t topk_group, bool renormalize,
-                                               double scale);
+// decoder_stack.cpp
+void bind_decoder_stack(pybind11::module& m);
 
 }  // namespace glmserve
 
@@ -481,4 +477,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("parallel_threads", &glmserve::parallel_threads, "threads at::parallel_for spreads n items over");
   m.def("paged_attention", &glmserve::paged_attention, "causal attention of query rows over the paged KV cache",
         no_gil);
+  glmserve::bind_decoder_stack(m);
 }

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "isa.h"
+#include "ops.h"
 #include "paged_attention.h"
 
 namespace glmserve {

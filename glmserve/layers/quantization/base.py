@@ -11,6 +11,7 @@ one slice at a time.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -50,6 +51,17 @@ class QuantizedTensor:
 
 
 Source = torch.Tensor | QuantizedTensor
+
+
+@dataclass(frozen=True, slots=True)
+class NativeWeight:
+    """A weight as the native kernels take it (kernels/reference.py's layouts), and the most activation rows for
+    which the method's apply_* runs it on them (math.inf: any number); model/native_stack.py composes these."""
+
+    weight: torch.Tensor
+    scales: torch.Tensor | None
+    group_size: int
+    max_rows: float
 
 
 def float_values(source: Source) -> torch.Tensor:
@@ -105,6 +117,16 @@ class QuantMethod(ABC):
     @abstractmethod
     def embed(self, layer: nn.Module, ids: torch.Tensor) -> torch.Tensor:
         """Rows of the table for token ids (any shape) -> [..., hidden]."""
+
+    def native_linear(self, layer: nn.Module) -> NativeWeight | None:
+        """The linear layer's weight as apply_linear hands it to kernels.linear (bias aside), for at most how many
+        rows; None where apply_linear never does."""
+        return None
+
+    def native_experts(self, layer: nn.Module) -> tuple[NativeWeight, NativeWeight] | None:
+        """(w13, w2) as apply_experts hands them to kernels.moe_experts, for at most how many tokens; None where it
+        never does."""
+        return None
 
     # --- shared by the methods ---
     def _register(self, layer: nn.Module, name: str, param: nn.Parameter, logical_shape: tuple[int, ...]) -> None:

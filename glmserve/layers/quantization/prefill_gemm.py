@@ -23,6 +23,7 @@ hold the native path to exact properties (fp8 equal to its dequantized checkpoin
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import torch
@@ -57,10 +58,17 @@ def fast_layouts() -> frozenset[str]:
     return frozenset(fast)
 
 
+def native_max_rows(weight: torch.Tensor, group_size: int, k: int) -> float:
+    """The most activation rows this weight's products keep on the native kernel (math.inf: every count)."""
+    kind = layout(weight, group_size, k)
+    if kind not in fast_layouts() or os.environ.get("GLMSERVE_PREFILL_GEMM") == "0":
+        return math.inf
+    return GEMM_MIN_ROWS[kind] - 1
+
+
 def wants_gemm(weight: torch.Tensor, group_size: int, rows: int, k: int) -> bool:
     """Whether `rows` activation rows are enough for the GEMM path to beat the native kernel on this weight."""
-    kind = layout(weight, group_size, k)
-    return kind in fast_layouts() and rows >= GEMM_MIN_ROWS[kind] and os.environ.get("GLMSERVE_PREFILL_GEMM") != "0"
+    return rows > native_max_rows(weight, group_size, k)
 
 
 def _tile_values(weight: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ from torch import nn
 from glmserve import kernels
 from glmserve.layers.quantization import prefill_gemm
 from glmserve.layers.quantization.base import (
+    NativeWeight,
     QuantizedTensor,
     QuantMethod,
     Source,
@@ -119,6 +120,19 @@ class ScaledMethod(QuantMethod):
             return layer.grouped_forward(x, weights, ids, self.expert, allow_grouped_mm=False)
         return kernels.moe_experts(x, weights, layer.local_ids(ids), layer.w13, layer.w13_scale, layer.w2,
                                    layer.w2_scale, layer.w13.group_size)
+
+    def native_linear(self, layer: nn.Module) -> NativeWeight:
+        weight, group = layer.weight, layer.weight.group_size
+        return NativeWeight(weight, layer.weight_scale, group,
+                            prefill_gemm.native_max_rows(weight, group, layer.in_features))
+
+    def native_experts(self, layer: nn.Module) -> tuple[NativeWeight, NativeWeight]:
+        """Up to the rows per expert from which apply_experts takes the GEMM path: at T tokens an expert has at
+        most T rows, so that many tokens always stay native."""
+        group = layer.w13.group_size
+        max_rows = prefill_gemm.native_max_rows(layer.w13, group, layer.hidden)
+        return (NativeWeight(layer.w13, layer.w13_scale, group, max_rows),
+                NativeWeight(layer.w2, layer.w2_scale, group, max_rows))
 
     def expert(self, layer: nn.Module, x: torch.Tensor, expert: int) -> torch.Tensor:
         """One expert's SwiGLU over its rows x (expert numbered on this rank)."""

@@ -11,6 +11,7 @@ from torch import nn
 from glmserve import kernels
 from glmserve.kernels import native
 from glmserve.layers.quantization.base import (
+    NativeWeight,
     QuantMethod,
     Source,
     float_values,
@@ -98,6 +99,13 @@ class UnquantizedMethod(QuantMethod):
             return kernels.moe_experts(x, weights, layer.local_ids(ids), layer.w13, None, layer.w2, None)
         return layer.grouped_forward(x, weights, ids, self.expert, allow_grouped_mm=True)
 
+    def native_linear(self, layer: nn.Module) -> NativeWeight:
+        return NativeWeight(layer.weight, None, 0, NATIVE_LINEAR_MAX_ROWS)
+
+    def native_experts(self, layer: nn.Module) -> tuple[NativeWeight, NativeWeight]:
+        return (NativeWeight(layer.w13, None, 0, NATIVE_EXPERT_MAX_TOKENS),
+                NativeWeight(layer.w2, None, 0, NATIVE_EXPERT_MAX_TOKENS))
+
     def expert(self, layer: nn.Module, x: torch.Tensor, expert: int) -> torch.Tensor:
         """One expert's SwiGLU over rows x (expert numbered on this rank)."""
         gate, up = F.linear(x, layer.w13[expert]).chunk(2, dim=-1)
@@ -128,6 +136,10 @@ class Fp16Method(UnquantizedMethod):
         bias = None if layer.bias is None else layer.bias.detach()
         layer.fp16_weight = torch.ops.quantized.linear_prepack_fp16(layer.weight.detach(), bias)
         layer.weight.data = torch.empty(0)
+
+    def native_linear(self, layer: nn.Module) -> None:
+        """fbgemm's fp16 GEMM or F.linear, never the native kernel."""
+        return None
 
     def apply_linear(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if layer.fp16_weight is not None:

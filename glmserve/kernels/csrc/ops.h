@@ -1,0 +1,35 @@
+// The ops one native call may compose (decoder_stack.cpp) as well as Python calls them: each is defined in the file
+// named above it and bound in ops.cpp.
+#pragma once
+#include <torch/extension.h>
+
+#include <tuple>
+
+namespace glmserve {
+
+// ops.cpp
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& scales,
+                  int64_t group_size, const c10::optional<at::Tensor>& bias, int64_t isa);
+at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& topk_weights, const at::Tensor& topk_ids,
+                       const at::Tensor& w13, const c10::optional<at::Tensor>& w13_scales, const at::Tensor& w2,
+                       const c10::optional<at::Tensor>& w2_scales, int64_t group_size, int64_t isa);
+std::tuple<at::Tensor, at::Tensor> rms_norm_residual(const at::Tensor& x, const at::Tensor& residual,
+                                                     const at::Tensor& weight, double eps);
+
+// paged_attention.cpp
+void paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                     const at::Tensor& block_tables, int64_t block_size, const at::Tensor& seq_lens,
+                     const at::Tensor& query_start_loc, at::Tensor out, double scale,
+                     double k_scale, double v_scale, int64_t isa);
+
+// fused_step.cpp
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
+void qk_norm_rope_(at::Tensor qkv, const at::Tensor& cos, const at::Tensor& sin,
+                   const c10::optional<at::Tensor>& q_weight, const c10::optional<at::Tensor>& k_weight,
+                   int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim, int64_t rotary_dim, double eps);
+at::Tensor silu_and_mul(const at::Tensor& x);
+std::tuple<at::Tensor, at::Tensor> router_topk(const at::Tensor& logits, const at::Tensor& bias, int64_t top_k,
+                                               int64_t n_group, int64_t topk_group, bool renormalize,
+                                               double scale);
+
+}  // namespace glmserve
