@@ -6,7 +6,8 @@
 // activation block and each one feeds kTileRows FMAs. The column tile is the outer loop, so a tile's weights come
 // from memory once and from cache for the other row blocks. A vector never straddles two scale groups: each group
 // runs whole vectors, then its tail one input at a time. A tile's sums are reduced four at a time (V::reduce4), so
-// the horizontal adds cost a quarter of one per output.
+// the horizontal adds cost a quarter of one per output. The tile kPrefetchAheadBytes ahead (gemm.h) is requested a
+// slice per vector step, into L2 (prefetcht1; into L1 the fp32 and bf16 lm_head GEMVs gained less).
 
 template <int T, int MB, int NR>
 inline void gemm_tile(const GemmArgs& a, int64_t m0, int64_t n0) {
@@ -23,6 +24,9 @@ inline void gemm_tile(const GemmArgs& a, int64_t m0, int64_t n0) {
   const float* x[MB];
   #pragma GCC unroll 16
   for (int m = 0; m < MB; ++m) x[m] = a.x + (m0 + m) * a.ldx;
+  const int64_t tiles_ahead = (kPrefetchAheadBytes + NR * row_bytes - 1) / (NR * row_bytes);
+  const char* next_tile = reinterpret_cast<const char*>(w[0] + tiles_ahead * NR * row_bytes);
+  constexpr int64_t kSliceBytes = NR * W::row_bytes(V::kWidth);  // of the next tile, per vector step
   F acc[MB][NR];
   float tail[MB][NR];
   #pragma GCC unroll 16
@@ -44,6 +48,8 @@ inline void gemm_tile(const GemmArgs& a, int64_t m0, int64_t n0) {
     }
     int64_t k = k0;
     for (; k + V::kWidth <= k1; k += V::kWidth) {
+      const char* slice = next_tile + k / V::kWidth * kSliceBytes;
+      for (int64_t line = 0; line < kSliceBytes; line += 64) __builtin_prefetch(slice + line, 0, 2);
       F xv[MB];
       #pragma GCC unroll 16
       for (int m = 0; m < MB; ++m) xv[m] = V::load(x[m] + k);

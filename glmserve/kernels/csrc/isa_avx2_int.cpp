@@ -22,8 +22,6 @@ namespace glmserve {
 namespace avx2_int {
 
 constexpr int kTileRows = 2, kTileCols = 4;  // 16 ymm registers: 8 accumulators, the activations, temporaries
-// Prefetched ahead in a tile's contiguous weight rows, as isa_avx512_vnni.cpp does (see kPrefetchAheadBytes there).
-constexpr int64_t kPrefetchAheadBytes = 16384;
 
 inline __m256 load_x(const float* row, int64_t k, int64_t i) {  // 8 inputs from i on, zero past k
   if (i + 8 <= k) return _mm256_loadu_ps(row + i);

@@ -20,10 +20,7 @@ namespace avx512_vnni {
 constexpr int kTileRows = 4, kTileCols = 4;
 constexpr int kPerRowTileRows = 4;  // gemm_tile_per_row's rows: it holds only int32 sums
 // A tile's NR weight rows are contiguous, and so are the next tiles': while a tile is read, a later one is
-// prefetched, NR cache lines per vector step, whole tiles and at least kPrefetchAheadBytes ahead. A row of an int8
-// [*, 4096] weight is one 4 KiB page, where the hardware prefetcher stops and restarts, so prefetching a fixed
-// distance along each row leaves the next tile's rows cold and a GEMV bound by latency rather than bandwidth.
-constexpr int64_t kPrefetchAheadBytes = 16384;
+// prefetched, NR cache lines per vector step (gemm.h's kPrefetchAheadBytes).
 
 // vpdpbusd multiplies unsigned bytes by signed ones: int8 weights are shifted to unsigned by +128 (an xor), int4
 // nibbles already are (q + 8); lane_bias takes the shift back out. Input k's weights sit at byte k (int8) or in

@@ -9,7 +9,7 @@ struct WeightFormat;
 template <>
 struct WeightFormat<kF32> {
   static constexpr bool kScaled = false;
-  static int64_t row_bytes(int64_t k) { return 4 * k; }
+  static constexpr int64_t row_bytes(int64_t k) { return 4 * k; }
   static float at(const uint8_t* row, int64_t k) {
     float v;
     __builtin_memcpy(&v, row + 4 * k, 4);
@@ -26,7 +26,7 @@ inline float float_from_bits(uint32_t bits) {
 template <>
 struct WeightFormat<kF16> {
   static constexpr bool kScaled = false;
-  static int64_t row_bytes(int64_t k) { return 2 * k; }
+  static constexpr int64_t row_bytes(int64_t k) { return 2 * k; }
   static float at(const uint8_t* row, int64_t k) {
     uint16_t h;
     __builtin_memcpy(&h, row + 2 * k, 2);
@@ -41,7 +41,7 @@ struct WeightFormat<kF16> {
 template <>
 struct WeightFormat<kBF16> {
   static constexpr bool kScaled = false;
-  static int64_t row_bytes(int64_t k) { return 2 * k; }
+  static constexpr int64_t row_bytes(int64_t k) { return 2 * k; }
   static float at(const uint8_t* row, int64_t k) {
     uint16_t h;
     __builtin_memcpy(&h, row + 2 * k, 2);
@@ -56,7 +56,7 @@ constexpr float kFp8Rebias = 1.329227995784916e36f;  // 2^120
 template <>
 struct WeightFormat<kF8E4M3> {
   static constexpr bool kScaled = true;
-  static int64_t row_bytes(int64_t k) { return k; }
+  static constexpr int64_t row_bytes(int64_t k) { return k; }
   static float at(const uint8_t* row, int64_t k) {
     const uint32_t b = row[k];
     return float_from_bits(((b & 0x80) << 24) | ((b & 0x7F) << 20)) * kFp8Rebias;
@@ -66,7 +66,7 @@ struct WeightFormat<kF8E4M3> {
 template <>
 struct WeightFormat<kI8> {
   static constexpr bool kScaled = true;
-  static int64_t row_bytes(int64_t k) { return k; }
+  static constexpr int64_t row_bytes(int64_t k) { return k; }
   static float at(const uint8_t* row, int64_t k) { return float(int8_t(row[k])); }
 };
 
@@ -74,7 +74,7 @@ struct WeightFormat<kI8> {
 template <>
 struct WeightFormat<kI4> {
   static constexpr bool kScaled = true;
-  static int64_t row_bytes(int64_t k) { return k / 2; }
+  static constexpr int64_t row_bytes(int64_t k) { return k / 2; }
   static float at(const uint8_t* row, int64_t k) {
     const int nibble = (k & 1) ? row[k >> 1] >> 4 : row[k >> 1] & 0x0F;
     return float(nibble - 8);
