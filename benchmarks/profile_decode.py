@@ -2,13 +2,14 @@
 """Where a decode step's time goes: glmserve's engine.step() loop after the prefill, at given batch sizes and
 weight formats, under torch.profiler, with the native kernels and the step's parts made visible.
 
-The native extension's calls (NATIVE_CALLS: linear, moe_experts, paged_attention and the small fused ops) are pybind
-functions the profiler does not see; this script wraps them, and the engine's parts (scheduling, attention metadata,
-each attention / MoE / dense MLP module, the router, the routed experts, the lm_head, sampling, the output update), in
-`record_function` labels at run time (nothing in glmserve changes). Each label's self time is then Python and torch
-dispatch inside that part outside any op, so the step splits into: native kernels, other torch ops (aten, by
-their self time), and Python (the labels' self time, plus what no label covers). The profiler's own overhead lands
-mostly in the Python share: the step time without the profiler is reported beside it.
+The native extension's calls (NATIVE_CALLS: linear, moe_experts, paged_attention and the small fused ops, and the
+native decoder stack, which runs a step's layers in one call) are pybind functions the profiler does not see; this
+script wraps them, and the engine's parts (scheduling, attention metadata, each attention / MoE / dense MLP module,
+the router, the routed experts, the lm_head, sampling, the output update), in `record_function` labels at run time
+(nothing in glmserve changes). Each label's self time is then Python and torch dispatch inside that part outside any
+op, so the step splits into: native kernels, other torch ops (aten, by their self time), and Python (the labels' self
+time, plus what no label covers). The profiler's own overhead lands mostly in the Python share: the step time without
+the profiler is reported beside it.
 
 With --py-spy, another plain decode loop runs under py-spy (sampling with native stacks; it pauses the process for
 each sample, so that loop is slower too): each sample of the engine's thread goes to the native kernels if the
@@ -86,6 +87,7 @@ def labels(engine):
     from glmserve.layers.attention import AttentionMetadata
     from glmserve.layers.moe import FusedExperts, TopkRouter
     from glmserve.model.glm4_moe import Glm4MoeAttention, Glm4MoeMLP, Glm4MoeMoE
+    from glmserve.model.native_stack import NativeStack
 
     patched: list[tuple[object, str, bool, object]] = []
 
@@ -98,6 +100,8 @@ def labels(engine):
     ext = native.extension()
     if ext is not None:
         patch(native, "extension", lambda: LabelledExtension(ext))
+    # a step's decoder layers in one native call where they run in it (its kernels are not seen one by one)
+    patch(NativeStack, "__call__", labelled(NATIVE + "decoder_stack", NativeStack.__call__))
     runner, scheduler = engine.runner, engine.scheduler
     patch(scheduler, "schedule", labelled(PART + "schedule", scheduler.schedule))
     patch(scheduler, "update_from_output", labelled(PART + "update_from_output", scheduler.update_from_output))

@@ -71,6 +71,14 @@ def dequantize(weight: torch.Tensor, scales: torch.Tensor | None, group_size: in
     return values * _expand(scales, values.shape[1], group_size)
 
 
+def embed_rows_reference(table: torch.Tensor, scales: torch.Tensor, group_size: int,
+                         ids: torch.Tensor) -> torch.Tensor:
+    """The rows ids (any shape) of a quantized [vocab, hidden] table, dequantized: [*ids.shape, hidden] fp32."""
+    flat = ids.reshape(-1)
+    rows = dequantize(table.index_select(0, flat), scales.index_select(0, flat), group_size)
+    return rows.view(*ids.shape, -1)
+
+
 def linear_reference(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = None,
                      group_size: int = 0, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] fp32 @ W.T (+ bias) -> [M, N] fp32."""

@@ -1,7 +1,7 @@
 """The small fused kernels equal their torch references: RMSNorm (with and without the residual add), QK-norm +
 partial RoPE, SiLU(gate) * up, the GLM-4.5 router's top-k, argmax over the vocabulary (first maximum on ties, NaN
-counting as the maximum). These ops have one native code path for every ISA (fused_step.cpp is compiled with the
-common flags), so each runs natively and on the torch fallback."""
+counting as the maximum), the rows of a quantized embedding table. These ops have one native code path for every ISA
+(fused_step.cpp is compiled with the common flags), so each runs natively and on the torch fallback."""
 
 import pytest
 import torch
@@ -107,3 +107,29 @@ def test_router_group_limit_changes_the_choice():
     logits, bias = torch.randn(6, 64, generator=gen) * 2, torch.randn(64, generator=gen)
     limited = kernels.router_topk_reference(logits, bias, 6, 8, 3, True, 1.0)[1]
     assert not torch.equal(limited, kernels.router_topk_reference(logits, bias, 6, 1, 1, True, 1.0)[1])
+
+
+@pytest.mark.parametrize("fmt,hidden,group_size", [("int8", 512, 512), ("int8", 70, 32), ("int4", 512, 128),
+                                                   ("int4", 70, 32), ("int4", 64, 64)])
+def test_embed_rows_equal_the_dequantized_table(fmt, hidden, group_size, path):
+    """Each row is q times the scale of its input's group (ids of any shape, repeated ids included). The scales
+    differ from group to group, so reading a neighbouring group's scale or a row's other nibble would fail."""
+    gen = torch.Generator().manual_seed(hidden + group_size)
+    weights = torch.randn(300, hidden, generator=gen) * torch.linspace(0.1, 4, hidden)
+    quantize = kernels.quantize_int8 if fmt == "int8" else kernels.quantize_int4
+    table, scales = quantize(weights, group_size)
+    ids = torch.tensor([[299, 0, 7], [7, 150, 1]])
+    rows = kernels.embed_rows(table, scales, group_size, ids)
+    whole = kernels.dequantize(table, scales, group_size)
+    assert rows.shape == (2, 3, hidden) and torch.equal(rows, whole[ids])
+    if scales.shape[1] > 1:  # the test data tells groups apart
+        assert not torch.equal(whole, kernels.dequantize(table, scales.roll(1, dims=1), group_size))
+    if fmt == "int4":
+        swapped = (table >> 4) | ((table & 0x0F) << 4)
+        assert not torch.equal(whole, kernels.dequantize(swapped, scales, group_size))
+
+
+def test_embed_rows_refuse_an_id_past_the_table(path):
+    table, scales = kernels.quantize_int8(torch.randn(10, 16), 16)
+    with pytest.raises((IndexError, RuntimeError)):
+        kernels.embed_rows(table, scales, 16, torch.tensor([10]))

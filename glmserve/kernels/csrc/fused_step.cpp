@@ -1,6 +1,6 @@
 // The small per-layer ops of a decode step, each one native call instead of several torch ops (their torch
-// references are in kernels/reference.py): RMSNorm, QK-norm + partial RoPE in place, SiLU(gate) * up, and the
-// GLM-4.5 router's choice of experts from its logits. fp32 throughout, as the torch ops on fp32 tensors.
+// references are in kernels/reference.py): RMSNorm, QK-norm + partial RoPE in place, SiLU(gate) * up, the
+// GLM-4.5 router's choice of experts from its logits, and the quantized embedding rows of a step's tokens. fp32 throughout, as the torch ops on fp32 tensors.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
@@ -190,6 +190,41 @@ std::tuple<at::Tensor, at::Tensor> router_topk(const at::Tensor& logits, const a
     }
   });
   return {weights, ids};
+}
+
+// The rows `ids` of an int8 or int4 (two to a byte, low nibble first, stored q + 8) embedding table [V, H] with
+// fp32 scales [V, ceil(H / group_size)], dequantized: q * the scale of its group, as reference.dequantize.
+at::Tensor embed_rows(const at::Tensor& table, const at::Tensor& scales, int64_t group_size, const at::Tensor& ids) {
+  const bool int4 = table.scalar_type() == at::kByte;
+  TORCH_CHECK((int4 || table.scalar_type() == at::kChar) && table.dim() == 2 && table.is_contiguous() &&
+                  scales.scalar_type() == at::kFloat && scales.dim() == 2 && scales.is_contiguous() &&
+                  scales.size(0) == table.size(0) && ids.scalar_type() == at::kLong && ids.is_contiguous() &&
+                  group_size > 0,
+              "glmserve kernels: embed_rows takes a contiguous int8 / int4 table, fp32 scales and int64 ids");
+  const int64_t vocab = table.size(0), hidden = int4 ? 2 * table.size(1) : table.size(1), groups = scales.size(1);
+  TORCH_CHECK(groups == (hidden + group_size - 1) / group_size, "glmserve kernels: embed_rows: scales per group");
+  const int64_t rows = ids.numel();
+  at::Tensor out = at::empty({rows, hidden}, scales.options());
+  const int64_t* id = ids.data_ptr<int64_t>();
+  for (int64_t r = 0; r < rows; ++r)
+    TORCH_CHECK(id[r] >= 0 && id[r] < vocab, "glmserve kernels: embed_rows: token id ", id[r], " of ", vocab);
+  const auto* bytes = static_cast<const uint8_t*>(table.data_ptr());
+  const float* sp = scales.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, rows, grain(hidden), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const uint8_t* row = bytes + id[r] * table.size(1);
+      const float* s = sp + id[r] * groups;
+      float* o = op + r * hidden;
+      for (int64_t c = 0; c < hidden; ++c) {
+        const int q = int4 ? ((row[c / 2] >> (4 * (c % 2))) & 0x0F) - 8 : static_cast<int8_t>(row[c]);
+        o[c] = static_cast<float>(q) * s[c / group_size];
+      }
+    }
+  });
+  std::vector<int64_t> shape = ids.sizes().vec();  // ids' shape, then hidden
+  shape.push_back(hidden);
+  return out.view(shape);
 }
 
 }  // namespace glmserve

@@ -472,6 +472,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qk_norm_rope_", &glmserve::qk_norm_rope_, "QK-norm and partial RoPE of the QKV rows, in place");
   m.def("silu_and_mul", &glmserve::silu_and_mul, "silu(gate) * up of [T, 2I] rows");
   m.def("router_topk", &glmserve::router_topk, "the GLM-4.5 router's expert weights and ids from its logits");
+  m.def("embed_rows", &glmserve::embed_rows, "the dequantized rows of an int8 / int4 embedding table");
   m.def("stream_read", &glmserve::stream_read, "the wrapping sum of x's 64-bit words: a plain read of its memory",
         no_gil);
   m.def("parallel_threads", &glmserve::parallel_threads, "threads at::parallel_for spreads n items over");

@@ -31,5 +31,6 @@ at::Tensor silu_and_mul(const at::Tensor& x);
 std::tuple<at::Tensor, at::Tensor> router_topk(const at::Tensor& logits, const at::Tensor& bias, int64_t top_k,
                                                int64_t n_group, int64_t topk_group, bool renormalize,
                                                double scale);
+at::Tensor embed_rows(const at::Tensor& table, const at::Tensor& scales, int64_t group_size, const at::Tensor& ids);
 
 }  // namespace glmserve

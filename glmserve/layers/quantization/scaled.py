@@ -141,10 +141,7 @@ class ScaledMethod(QuantMethod):
         return _linear(F.silu(gate) * up, layer.w2[expert], layer.w2_scale[expert], group)
 
     def embed(self, layer: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-        flat = ids.reshape(-1)
-        rows = kernels.dequantize(layer.weight.index_select(0, flat), layer.weight_scale.index_select(0, flat),
-                                  layer.weight.group_size)
-        return rows.view(*ids.shape, -1)
+        return kernels.embed_rows(layer.weight, layer.weight_scale, layer.weight.group_size, ids)
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, group_size: int,
