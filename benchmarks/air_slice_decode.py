@@ -8,7 +8,9 @@ For each batch size: b random prompts, greedy, EOS ignored; decode tokens/s = b 
 (from the end of the prefill step to the end of the run), median of --num-iters runs. The roofline counts the bytes
 of weights each decode step reads: every weight and scale once (attention, the dense layer, the shared experts,
 routers, norms, lm_head) except the embedding table (b rows) and the routed experts, of which each MoE layer reads
-the experts that step's tokens were routed to (recorded from the routers, not assumed); divided by the read
+the experts that step's tokens were routed to (recorded from the routers, not assumed: so the slice runs on the
+modules, GLMSERVE_NATIVE_STACK=0, as the native decoder stack calls no router module; a step here takes tens of
+milliseconds, of which the stack would save well under one); divided by the read
 bandwidth measured in the same run (benchmarks/kernels.py's measurement, glmserve.bench.roofline). KV-cache reads
 are left out (small at these lengths), which keeps the bound an upper one.
 
@@ -26,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -119,7 +122,11 @@ def decode_run(engine, prompts: list[list[int]], output_len: int, counter: StepB
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    with mock.patch.dict(os.environ, {"GLMSERVE_NATIVE_STACK": "0"}):  # (the routers' hooks must see every step)
+        return run(parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
     from glmserve.config import EngineConfig
     from glmserve.engine.llm_engine import LLMEngine
 

@@ -7,7 +7,8 @@ took a small decode step longer than its kernels did (BENCHMARKS.md). The module
 of every other step.
 
 The stack is handed the layers' weights and KV caches once, when first used; Glm4MoeModel makes a new one when
-its layers' caches change. GLMSERVE_NATIVE_STACK=0 keeps every step on the modules.
+its layers' caches change. Like a captured graph, it calls no module: layers with forward hooks at that time stay on
+the modules, and hooks added later are not called. GLMSERVE_NATIVE_STACK=0 keeps every step on the modules.
 """
 
 from __future__ import annotations
@@ -108,6 +109,8 @@ def build(decoder_layers: list[nn.Module], parallel: ParallelContext) -> NativeS
     """The stack over these layers as they are now, or None where any of them cannot run in it."""
     extension = native.extension()
     if os.environ.get("GLMSERVE_NATIVE_STACK") == "0" or extension is None or parallel.world_size > 1:
+        return None
+    if any(m._forward_hooks or m._forward_pre_hooks for layer in decoder_layers for m in layer.modules()):
         return None
     layers, max_rows = [], math.inf
     for decoder_layer in decoder_layers:

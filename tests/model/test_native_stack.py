@@ -137,9 +137,12 @@ def test_a_planted_fault_in_the_stack_is_caught(checkpoints, monkeypatch, plant)
         _assert_same_steps(checkpoints("glm45"), monkeypatch, quantization="int8", kv_cache_dtype="fp8")
 
 
-def test_layers_with_lora_adapters_stay_on_the_modules(checkpoints, monkeypatch):
+def test_layers_with_lora_adapters_or_hooks_stay_on_the_modules(checkpoints, monkeypatch):
     recorder = _run(checkpoints("air"), monkeypatch, True, max_tokens=2, quantization="int8")
     layers = [recorder.model.layers[i] for i in recorder.model.held]
     assert native_stack.build(layers, recorder.model.parallel) is not None
+    hook = layers[-1].mlp.gate.register_forward_hook(lambda *args: None)
+    assert native_stack.build(layers, recorder.model.parallel) is None
+    hook.remove()
     monkeypatch.setattr(layers[-1].self_attn.o_proj, "lora", object())
     assert native_stack.build(layers, recorder.model.parallel) is None
