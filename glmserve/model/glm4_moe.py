@@ -153,11 +153,16 @@ class Glm4MoeMTPLayer(Glm4MoeDecoderLayer):
         self.shared_head = nn.Module()
         self.shared_head.norm = RMSNorm(hidden, config.rms_norm_eps)
         self.shared_head.head = ReplicatedLinear(hidden, config.vocab_size, quant_method=quant and quant.vocab_method)
+        self.native_stack = native_stack.StackSlot([self], parallel)
 
     def forward(self, positions: torch.Tensor, token_ids: torch.Tensor, hidden: torch.Tensor,
                 meta: AttentionMetadata | DenseBatch) -> torch.Tensor:
         x = self.eh_proj(torch.cat([self.enorm(self.embed_tokens(token_ids)), self.hnorm(hidden)], dim=-1))
-        out, residual = super().forward(self.self_attn.rotary.lookup(positions, x.dtype), x, None, meta)
+        rope = self.self_attn.rotary.lookup(positions, x.dtype)
+        stack = self.native_stack.for_step(x, meta)
+        if stack is not None:
+            return stack(x, rope, meta)
+        out, residual = super().forward(rope, x, None, meta)
         return out + residual
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -195,12 +200,7 @@ class Glm4MoeModel(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.num_hidden_layers = config.num_hidden_layers
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if parallel.is_last_stage else None
-        self.parallel = parallel
-        # The native stack over the held layers (None: they cannot run in one), and the caches it was made for
-        # (read each step from the attention modules, listed once: module attribute lookups cost microseconds).
-        self._native_stack: native_stack.NativeStack | None = None
-        self._native_stack_caches: list | None = None
-        self._held_attention = [self.layers[i].self_attn for i in self.held]
+        self.native_stack = native_stack.StackSlot([self.layers[i] for i in self.held], parallel)
 
     def forward(self, inputs: torch.Tensor, positions: torch.Tensor,
                 meta: AttentionMetadata | DenseBatch) -> torch.Tensor:
@@ -208,29 +208,13 @@ class Glm4MoeModel(nn.Module):
         Returns this stage's last layer's hidden states, before the final norm (what the MTP layer reads)."""
         x = self.embed_tokens(inputs) if self.embed_tokens is not None else inputs
         rope = self.rotary.lookup(positions, x.dtype)  # once per step, shared by every layer
-        stack = self._native_stack_for(x, meta)
+        stack = self.native_stack.for_step(x, meta)
         if stack is not None:
             return stack(x, rope, meta)
         residual = None
         for i in self.held:
             x, residual = self.layers[i](rope, x, residual, meta)
         return x + residual
-
-    def _native_stack_for(self, x: torch.Tensor,
-                          meta: AttentionMetadata | DenseBatch) -> native_stack.NativeStack | None:
-        """The native stack when this step can run in it (model/native_stack.py), made anew whenever the layers'
-        caches are not those it was made for."""
-        if not native_stack.step_fits(x, meta):
-            return None
-        caches = [attention.kv_cache for attention in self._held_attention]
-        known = self._native_stack_caches
-        if known is None or any(a is not b for a, b in zip(caches, known)):
-            self._native_stack = native_stack.build([self.layers[i] for i in self.held], self.parallel)
-            # (a cache whose FP8 scales come from its first keys is tried again at the next step)
-            pending = any(c is not None and c.calculate_scales for c in caches)
-            self._native_stack_caches = None if pending else caches
-        stack = self._native_stack
-        return stack if stack is not None and x.shape[0] <= stack.max_rows else None
 
 
 _LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.")

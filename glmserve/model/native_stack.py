@@ -6,9 +6,10 @@ so its output equals the modules' bit for bit; what it removes is the Python and
 took a small decode step longer than its kernels did (BENCHMARKS.md). The modules stay the reference and the path
 of every other step.
 
-The stack is handed the layers' weights and KV caches once, when first used; Glm4MoeModel makes a new one when
-its layers' caches change. Like a captured graph, it calls no module: layers with forward hooks at that time stay on
-the modules, and hooks added later are not called. GLMSERVE_NATIVE_STACK=0 keeps every step on the modules.
+The stack is handed the layers' weights and KV caches once, when first used; a StackSlot (one in Glm4MoeModel for
+its layers, one in the MTP layer for itself) makes a new one when the layers' caches change. Like a captured graph,
+it calls no module: layers with forward hooks at that time stay on the modules, and hooks added later are not
+called. GLMSERVE_NATIVE_STACK=0 keeps every step on the modules.
 """
 
 from __future__ import annotations
@@ -120,3 +121,28 @@ def build(decoder_layers: list[nn.Module], parallel: ParallelContext) -> NativeS
         layers.append(built[0])
         max_rows = min(max_rows, built[1])
     return NativeStack(extension.DecoderStack(layers), [d.self_attn.kv_cache for d in decoder_layers], max_rows)
+
+
+class StackSlot:
+    """The native stack of some decoder layers, made when a step can first run in it and made anew whenever the
+    layers' caches are not those it was made for."""
+
+    def __init__(self, decoder_layers: list[nn.Module], parallel: ParallelContext):
+        self.decoder_layers, self.parallel = decoder_layers, parallel
+        # (the attention modules listed once: module attribute lookups cost microseconds a step)
+        self.attention = [layer.self_attn for layer in decoder_layers]
+        self.stack: NativeStack | None = None
+        self.caches: list[PagedKVCache | None] | None = None
+
+    def for_step(self, x: torch.Tensor, meta: AttentionMetadata | DenseBatch) -> NativeStack | None:
+        """The stack when this step can run in it, else None."""
+        if not step_fits(x, meta):
+            return None
+        caches = [attention.kv_cache for attention in self.attention]
+        if self.caches is None or any(a is not b for a, b in zip(caches, self.caches)):
+            self.stack = build(self.decoder_layers, self.parallel)
+            # (a cache whose FP8 scales come from its first keys is tried again at the next step)
+            pending = any(c is not None and c.calculate_scales for c in caches)
+            self.caches = None if pending else caches
+        stack = self.stack
+        return stack if stack is not None and x.shape[0] <= stack.max_rows else None

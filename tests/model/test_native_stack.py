@@ -1,7 +1,7 @@
 """The native decoder stack (model/native_stack.py, kernels/csrc/decoder_stack.cpp) computes what the modules compute,
 bit for bit, on every step it takes, and takes exactly the steps it should: each step's hidden states with the stack
 equal those of the same engine with GLMSERVE_NATIVE_STACK=0, over prefills, decodes of several sequences, prefix-cache
-hits, MTP verification, every weight format and KV cache dtype."""
+hits, MTP verification and drafting (the MTP layer's own stack), every weight format and KV cache dtype."""
 
 import math
 
@@ -43,6 +43,20 @@ class StepRecorder:
 
         monkeypatch.setattr(native_stack.NativeStack, "__call__", counting_call)
         model.forward = recording_forward
+        # the MTP layer's outputs too (its drafts), when the engine speculates
+        self.mtp_outputs, self.mtp_stacked = [], []
+        self.mtp = llm.engine.runner.model.mtp_layer if llm.engine.runner.proposer is not None else None
+        if self.mtp is not None:
+            mtp_forward = self.mtp.forward
+
+            def recording_mtp(*args):
+                ran.clear()
+                out = mtp_forward(*args)
+                self.mtp_outputs.append(out.clone())
+                self.mtp_stacked.append(bool(ran))
+                return out
+
+            self.mtp.forward = recording_mtp
 
 
 def _run(checkpoint, monkeypatch, stack: bool, prompts=PROMPTS, max_tokens: int = 5, **engine) -> StepRecorder:
@@ -63,7 +77,10 @@ def _assert_same_steps(checkpoint, monkeypatch, **engine) -> StepRecorder:
     assert with_stack.rows == modules.rows
     for step, (a, b) in enumerate(zip(with_stack.outputs, modules.outputs)):
         assert torch.equal(a, b), f"step {step} ({with_stack.rows[step]} rows) differs: {(a - b).abs().max()}"
-    stack = with_stack.model._native_stack
+    assert len(with_stack.mtp_outputs) == len(modules.mtp_outputs)
+    for step, (a, b) in enumerate(zip(with_stack.mtp_outputs, modules.mtp_outputs)):
+        assert torch.equal(a, b), f"MTP call {step} differs: {(a - b).abs().max()}"
+    stack = with_stack.model.native_stack.stack
     assert stack is not None
     # exactly the steps of at most max_rows rows ran in the stack (but the first when its KV scales come from it)
     expected = [rows <= stack.max_rows for rows in with_stack.rows]
@@ -86,14 +103,15 @@ def test_the_stack_equals_the_modules_step_for_step(checkpoints, monkeypatch, sh
     recorder = _assert_same_steps(checkpoints(shape), monkeypatch, quantization=quantization,
                                   kv_cache_dtype=kv_cache_dtype)
     if quantization is None:  # fp32 weights: from 3 rows oneDNN's packed GEMM beats the native kernel
-        assert recorder.model._native_stack.max_rows == 2
+        assert recorder.model.native_stack.stack.max_rows == 2
     else:  # (fp8 prefills here may exceed its GEMM threshold, where that GEMM is fast)
-        assert recorder.model._native_stack.max_rows > max(recorder.rows[1:])
+        assert recorder.model.native_stack.stack.max_rows > max(recorder.rows[1:])
 
 
 def test_the_stack_equals_the_modules_with_mtp_verification(checkpoints, monkeypatch):
     recorder = _assert_same_steps(checkpoints("glm45"), monkeypatch, quantization="int8", num_speculative_tokens=2)
     assert any(rows > len(PROMPTS) for rows, stacked in zip(recorder.rows, recorder.stacked) if stacked)
+    assert recorder.mtp_outputs and all(recorder.mtp_stacked)  # the MTP layer ran in a stack of its own
 
 
 def test_the_stack_takes_kv_scales_from_the_first_keys(checkpoints, monkeypatch):
@@ -108,10 +126,10 @@ def test_the_stack_stops_where_the_gemm_path_starts(checkpoints, monkeypatch):
     """A layout that torch's GEMM serves on this CPU keeps the stack below GEMM_MIN_ROWS rows."""
     recorder = _run(checkpoints("air"), monkeypatch, True, max_tokens=1, quantization="fp8")
     wants = "fp8" in prefill_gemm.fast_layouts()
-    assert recorder.model._native_stack.max_rows == (prefill_gemm.GEMM_MIN_ROWS["fp8"] - 1 if wants else math.inf)
+    assert recorder.model.native_stack.stack.max_rows == (prefill_gemm.GEMM_MIN_ROWS["fp8"] - 1 if wants else math.inf)
     monkeypatch.setenv("GLMSERVE_PREFILL_GEMM", "0")
     recorder = _run(checkpoints("air"), monkeypatch, True, max_tokens=1, quantization="fp8")
-    assert recorder.model._native_stack.max_rows == math.inf
+    assert recorder.model.native_stack.stack.max_rows == math.inf
 
 
 @pytest.mark.parametrize("plant", ["rotary_dim", "attention_scale", "routed_scaling_factor", "input_norm_eps"])
@@ -140,9 +158,9 @@ def test_a_planted_fault_in_the_stack_is_caught(checkpoints, monkeypatch, plant)
 def test_layers_with_lora_adapters_or_hooks_stay_on_the_modules(checkpoints, monkeypatch):
     recorder = _run(checkpoints("air"), monkeypatch, True, max_tokens=2, quantization="int8")
     layers = [recorder.model.layers[i] for i in recorder.model.held]
-    assert native_stack.build(layers, recorder.model.parallel) is not None
+    assert native_stack.build(layers, recorder.model.native_stack.parallel) is not None
     hook = layers[-1].mlp.gate.register_forward_hook(lambda *args: None)
-    assert native_stack.build(layers, recorder.model.parallel) is None
+    assert native_stack.build(layers, recorder.model.native_stack.parallel) is None
     hook.remove()
     monkeypatch.setattr(layers[-1].self_attn.o_proj, "lora", object())
-    assert native_stack.build(layers, recorder.model.parallel) is None
+    assert native_stack.build(layers, recorder.model.native_stack.parallel) is None
