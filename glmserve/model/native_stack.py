@@ -35,11 +35,10 @@ def step_fits(x: torch.Tensor, meta: AttentionMetadata | DenseBatch) -> bool:
 
 
 class NativeStack:
-    """The extension's DecoderStack over a model's decoder layers, with the caches those layers held when it was
-    made and the most rows a step may have."""
+    """The extension's DecoderStack over a model's decoder layers, and the most rows a step may have."""
 
-    def __init__(self, stack, caches: list[PagedKVCache], max_rows: float):
-        self.stack, self.caches, self.max_rows = stack, caches, max_rows
+    def __init__(self, stack, max_rows: float):
+        self.stack, self.max_rows = stack, max_rows
 
     def __call__(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                  meta: AttentionMetadata) -> torch.Tensor:
@@ -120,7 +119,7 @@ def build(decoder_layers: list[nn.Module], parallel: ParallelContext) -> NativeS
             return None
         layers.append(built[0])
         max_rows = min(max_rows, built[1])
-    return NativeStack(extension.DecoderStack(layers), [d.self_attn.kv_cache for d in decoder_layers], max_rows)
+    return NativeStack(extension.DecoderStack(layers), max_rows)
 
 
 class StackSlot:

@@ -5,6 +5,7 @@
 // passes its rows, their RoPE rows and the attention metadata.
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cstring>
 #include <limits>
 #include <vector>
