@@ -185,11 +185,33 @@ inline void gemm_tile_per_row(const GemmArgs& a, int64_t m0, int64_t n0) {
                                            (qx.row_scale[m0 + m] * a.scales[n0 + r]) + (a.bias ? a.bias[n0 + r] : 0.f);
 }
 
-// Per-row activations against grouped int8 / int4 weights: each vector's int32 sums are scaled by its weight
-// groups' scales into fp32 sums, and the row's activation scale is applied once at the end. ops.cpp sends group
-// sizes that a vector (32 int8 or 64 int4 inputs) never straddles, except int4 groups of 32: two to a vector.
+// A tile's fp32 sums, one vector of lanes per (activation row, weight row).
+template <int MB, int NR>
+struct TileSums {
+  __m256 acc[MB][NR];
+  TileSums() {
+    #pragma GCC unroll 8
+    for (int m = 0; m < MB; ++m)
+      #pragma GCC unroll 8
+      for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_setzero_ps();
+  }
+  // y = the sums times the activation row's scale, plus the bias.
+  void store(const GemmArgs& a, int64_t m0, int64_t n0) const {
+    #pragma GCC unroll 8
+    for (int m = 0; m < MB; ++m)
+      #pragma GCC unroll 8
+      for (int r = 0; r < NR; ++r)
+        a.y[(m0 + m) * a.ldy + n0 + r] =
+            reduce_add(acc[m][r]) * a.qx->row_scale[m0 + m] + (a.bias ? a.bias[n0 + r] : 0.f);
+  }
+};
+
+// Per-row activations against grouped int8 / int4 weights, the row's 32-byte vectors from `first_vector` on: each
+// vector's int32 sums are scaled by its weight groups' scales into fp32 sums (the row's activation scale is
+// applied once, by TileSums::store). ops.cpp sends group sizes that a vector (32 int8 or 64 int4 inputs) never
+// straddles, except int4 groups of 32: two to a vector.
 template <int T, int MB, int NR>
-inline void gemm_tile_grouped(const GemmArgs& a, int64_t m0, int64_t n0) {
+inline void grouped_vectors(const GemmArgs& a, int64_t m0, int64_t n0, int64_t first_vector, TileSums<MB, NR>& sums) {
   constexpr int64_t kInputs = T == kI4 ? 64 : 32;  // inputs one 32-byte weight vector holds
   const int64_t row_bytes = T == kI4 ? a.k / 2 : a.k;
   const QuantizedRows& qx = *a.qx;
@@ -200,12 +222,9 @@ inline void gemm_tile_grouped(const GemmArgs& a, int64_t m0, int64_t n0) {
   const float* s = a.scales + n0 * a.groups;
   const int64_t tiles_ahead = (kPrefetchAheadBytes + NR * row_bytes - 1) / (NR * row_bytes);
   const char* next_tile = reinterpret_cast<const char*>(w + tiles_ahead * NR * row_bytes);
-  __m256 acc[MB][NR];
-  #pragma GCC unroll 8
-  for (int m = 0; m < MB; ++m)
-    #pragma GCC unroll 8
-    for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_setzero_ps();
-  for (int64_t v = 0, offset = 0, g = 0, in_group = 0; offset < row_bytes; ++v, offset += 32) {
+  int64_t g = two_groups ? 2 * first_vector : first_vector / vectors_per_group;
+  int64_t in_group = two_groups ? 0 : first_vector % vectors_per_group;
+  for (int64_t v = first_vector, offset = 32 * first_vector; offset < row_bytes; ++v, offset += 32) {
     prefetch_ahead<NR>(next_tile, offset);
     // The vector's activations: int4's 64 inputs are half a 128-input block, its even inputs then its odd ones.
     const int64_t q_offset = T == kI4 ? 128 * (v / 2) + 32 * (v % 2) : offset;
@@ -232,13 +251,13 @@ inline void gemm_tile_grouped(const GemmArgs& a, int64_t m0, int64_t n0) {
         #pragma GCC unroll 8
         for (int m = 0; m < MB; ++m) {
           const __m256i dot = _mm256_add_epi32(dot_i4(low, high, x_low[m], x_high[m]), bias[m]);
-          acc[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[m][r]);
+          sums.acc[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, sums.acc[m][r]);
         }
       } else {
         const __m256i abs_w = _mm256_sign_epi8(wv, wv);
         #pragma GCC unroll 8
         for (int m = 0; m < MB; ++m)
-          acc[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_i8(abs_w, wv, x_low[m])), scale, acc[m][r]);
+          sums.acc[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_i8(abs_w, wv, x_low[m])), scale, sums.acc[m][r]);
       }
     }
     if (two_groups) {
@@ -248,12 +267,69 @@ inline void gemm_tile_grouped(const GemmArgs& a, int64_t m0, int64_t n0) {
       ++g;
     }
   }
-  #pragma GCC unroll 8
-  for (int m = 0; m < MB; ++m)
+}
+
+// Per-row activations against int4 weights whose groups hold whole 128-input blocks (AWQ's 128, or one group per
+// row), the row's whole blocks: a block's two vectors add their int16 pair sums before one widening, so the
+// widening, the bias, the conversion and the scaling run once per 128 inputs instead of once per 64 (two vectors'
+// pair sums stay within int16: 4 * 15 * 127 = 7620). Returns the vectors it covered.
+template <int MB, int NR>
+inline int64_t i4_blocks(const GemmArgs& a, int64_t m0, int64_t n0, TileSums<MB, NR>& sums) {
+  const int64_t row_bytes = a.k / 2, blocks = row_bytes / 64;
+  const QuantizedRows& qx = *a.qx;
+  const __m256i low_nibbles = _mm256_set1_epi8(0x0F);
+  const uint8_t* w = static_cast<const uint8_t*>(a.w) + n0 * row_bytes;
+  const float* s = a.scales + n0 * a.groups;
+  const int64_t blocks_per_group = a.groups == 1 ? INT64_MAX : a.group_size / 128;
+  const int64_t tiles_ahead = (kPrefetchAheadBytes + NR * row_bytes - 1) / (NR * row_bytes);
+  const char* next_tile = reinterpret_cast<const char*>(w + tiles_ahead * NR * row_bytes);
+  for (int64_t b = 0; b < blocks; ++b) {
+    prefetch_ahead<NR>(next_tile, 64 * b);
+    prefetch_ahead<NR>(next_tile, 64 * b + 32);
+    const int64_t g = b / blocks_per_group;
+    __m256i bias[MB];
     #pragma GCC unroll 8
-    for (int r = 0; r < NR; ++r)
-      a.y[(m0 + m) * a.ldy + n0 + r] =
-          reduce_add(acc[m][r]) * qx.row_scale[m0 + m] + (a.bias ? a.bias[n0 + r] : 0.f);
+    for (int m = 0; m < MB; ++m) {  // the block's two vectors' lanes, added as their pair sums are
+      const int32_t* lanes = qx.lane_bias + (m0 + m) * qx.ld_lane + 16 * b;
+      bias[m] = _mm256_add_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(lanes)),
+                                 _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lanes + 8)));
+    }
+    #pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) {
+      const uint8_t* wr = w + r * row_bytes + 64 * b;
+      const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr));
+      const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + 32));
+      const __m256i low0 = _mm256_and_si256(w0, low_nibbles);
+      const __m256i high0 = _mm256_and_si256(_mm256_srli_epi16(w0, 4), low_nibbles);
+      const __m256i low1 = _mm256_and_si256(w1, low_nibbles);
+      const __m256i high1 = _mm256_and_si256(_mm256_srli_epi16(w1, 4), low_nibbles);
+      const __m256 scale = _mm256_broadcast_ss(s + r * a.groups + g);
+      #pragma GCC unroll 8
+      for (int m = 0; m < MB; ++m) {
+        // The block's activations: the first vector's even inputs, the second's, then their odd ones.
+        const __m256i* xb = reinterpret_cast<const __m256i*>(qx.q + (m0 + m) * qx.ld_q + 128 * b);
+        const __m256i pairs = _mm256_add_epi16(
+            _mm256_add_epi16(_mm256_maddubs_epi16(low0, _mm256_loadu_si256(xb)),
+                             _mm256_maddubs_epi16(high0, _mm256_loadu_si256(xb + 2))),
+            _mm256_add_epi16(_mm256_maddubs_epi16(low1, _mm256_loadu_si256(xb + 1)),
+                             _mm256_maddubs_epi16(high1, _mm256_loadu_si256(xb + 3))));
+        const __m256i dot = _mm256_add_epi32(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)), bias[m]);
+        sums.acc[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, sums.acc[m][r]);
+      }
+    }
+  }
+  return 2 * blocks;
+}
+
+template <int T, int MB, int NR>
+inline void gemm_tile_grouped(const GemmArgs& a, int64_t m0, int64_t n0) {
+  TileSums<MB, NR> sums;
+  int64_t first_vector = 0;
+  if constexpr (T == kI4) {
+    if (a.groups == 1 || a.group_size % 128 == 0) first_vector = i4_blocks<MB, NR>(a, m0, n0, sums);
+  }
+  grouped_vectors<T, MB, NR>(a, m0, n0, first_vector, sums);
+  sums.store(a, m0, n0);
 }
 
 template <int T, int MB, int NR>
