@@ -7,7 +7,9 @@
 // from memory once and from cache for the other row blocks. A vector never straddles two scale groups: each group
 // runs whole vectors, then its tail one input at a time. A tile's sums are reduced four at a time (V::reduce4), so
 // the horizontal adds cost a quarter of one per output. The tile kPrefetchAheadBytes ahead (gemm.h) is requested a
-// slice per vector step, into L2 (prefetcht1; into L1 the fp32 and bf16 lm_head GEMVs gained less).
+// slice per vector step, into L2 (prefetcht1; into L1 the fp32 and bf16 lm_head GEMVs gained less); where the ISA's
+// V::kNonTemporalStreams says so, a product of one row block (each tile read once) fetches it non-temporally
+// instead, so that the weights it streams do not evict the rest of the step from L2 / L3.
 
 template <int T, int MB, int NR>
 inline void gemm_tile(const GemmArgs& a, int64_t m0, int64_t n0) {
@@ -27,6 +29,7 @@ inline void gemm_tile(const GemmArgs& a, int64_t m0, int64_t n0) {
   const int64_t tiles_ahead = (kPrefetchAheadBytes + NR * row_bytes - 1) / (NR * row_bytes);
   const char* next_tile = reinterpret_cast<const char*>(w[0] + tiles_ahead * NR * row_bytes);
   constexpr int64_t kSliceBytes = NR * W::row_bytes(V::kWidth);  // of the next tile, per vector step
+  const bool streaming = V::kNonTemporalStreams && a.rows <= V::kTileRows;  // each tile read once
   F acc[MB][NR];
   float tail[MB][NR];
   #pragma GCC unroll 16
@@ -49,7 +52,13 @@ inline void gemm_tile(const GemmArgs& a, int64_t m0, int64_t n0) {
     int64_t k = k0;
     for (; k + V::kWidth <= k1; k += V::kWidth) {
       const char* slice = next_tile + k / V::kWidth * kSliceBytes;
-      for (int64_t line = 0; line < kSliceBytes; line += 64) __builtin_prefetch(slice + line, 0, 2);
+      for (int64_t line = 0; line < kSliceBytes; line += 64) {
+        if (streaming) {
+          __builtin_prefetch(slice + line, 0, 0);
+        } else {
+          __builtin_prefetch(slice + line, 0, 2);
+        }
+      }
       F xv[MB];
       #pragma GCC unroll 16
       for (int m = 0; m < MB; ++m) xv[m] = V::load(x[m] + k);

@@ -17,6 +17,7 @@ namespace avx2 {
 struct V {
   using F = __m256;
   static constexpr int kWidth = 8, kTileRows = 2, kTileCols = 4;
+  static constexpr bool kNonTemporalStreams = true;  // gemm_impl.h; BENCHMARKS.md, session 24
   static F zero() { return _mm256_setzero_ps(); }
   static F load(const float* p) { return _mm256_loadu_ps(p); }
   static F set1(float v) { return _mm256_set1_ps(v); }

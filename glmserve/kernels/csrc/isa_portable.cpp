@@ -11,6 +11,7 @@ namespace portable {
 struct V {
   using F = float;
   static constexpr int kWidth = 1, kTileRows = 4, kTileCols = 4;
+  static constexpr bool kNonTemporalStreams = false;
   static F zero() { return 0.f; }
   static F load(const float* p) { return *p; }
   static F set1(float v) { return v; }
