@@ -10,9 +10,9 @@ from glmserve.kernels import native
 from glmserve.layers.linear import ReplicatedLinear
 from glmserve.layers.quantization import Fp16Method
 from glmserve.layers.quantization.unquantized import (
-    NATIVE_LINEAR_MAX_ROWS,
     PACKED_MAX_ROWS,
     PREPACK_MIN_ELEMENTS,
+    native_linear_max_rows,
 )
 
 pytestmark = pytest.mark.skipif(not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"), reason="no oneDNN")
@@ -26,13 +26,13 @@ def _linear(out_features: int, in_features: int, bias: bool, fp16: bool = False)
     return layer
 
 
-@pytest.mark.parametrize("rows", [1, NATIVE_LINEAR_MAX_ROWS, NATIVE_LINEAR_MAX_ROWS + 1, PACKED_MAX_ROWS,
+@pytest.mark.parametrize("rows", [1, native_linear_max_rows(), native_linear_max_rows() + 1, PACKED_MAX_ROWS,
                                   PACKED_MAX_ROWS + 1])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("extension", ["native", "absent"])
 def test_large_weights_are_prepacked_and_equal_f_linear(extension, bias, rows, monkeypatch):
-    """Decode rows up to NATIVE_LINEAR_MAX_ROWS run on the native kernel when it is built, then oneDNN's packed
-    weight up to PACKED_MAX_ROWS, then F.linear; all equal F.linear."""
+    """Decode rows up to native_linear_max_rows() (by the ISA the kernels run) run on the native kernel when it is
+    built, then oneDNN's packed weight up to PACKED_MAX_ROWS, then F.linear; all equal F.linear."""
     if extension == "absent":
         monkeypatch.setattr(native, "extension", lambda: None)
     elif native.extension() is None:
@@ -49,7 +49,7 @@ def test_large_weights_are_prepacked_and_equal_f_linear(extension, bias, rows, m
     x = torch.randn(rows, 256)
     with torch.inference_mode():
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
-    on_native = extension == "native" and rows <= NATIVE_LINEAR_MAX_ROWS
+    on_native = extension == "native" and rows <= native_linear_max_rows()
     assert calls["native"] == on_native
     assert calls["packed"] == (not on_native and rows <= PACKED_MAX_ROWS)  # then F.linear: oneDNN's memory bounded
 

@@ -4,6 +4,8 @@ oneDNN-prepacked weights, whichever benchmarks/kernels.py measured faster) and f
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,9 +29,12 @@ PREPACK_MIN_ELEMENTS = 1 << 17
 # would grow without bound. Up to 128 rows (decode steps) the packed path is 1.1-2.5x faster and its memory
 # plateaus (+40 MiB); above, F.linear is within 15% and keeps nothing.
 PACKED_MAX_ROWS = 128
-# Up to this many rows the native kernel reads fp32 weights faster than oneDNN's packed GEMM (at 1 row on 11 of the
-# 12 bench shapes, 0.92-1.5x; at 2 on all, 1.02-1.5x); from 4 rows oneDNN's blocked layout wins.
-NATIVE_LINEAR_MAX_ROWS = 2
+# Up to this many rows the native kernel reads fp32 weights faster than oneDNN's packed GEMM, by the ISA it runs:
+# with AVX-512 at 1 row on 11 of the 12 bench shapes (0.92-1.5x), at 2 on all (1.02-1.5x), and from 4 rows oneDNN's
+# blocked layout wins; on an AVX2-only CPU, where oneDNN's kernels are half as wide, the native kernel won at every
+# row count measured, 2 to 16, on five bench shapes (BENCHMARKS.md, session 24).
+NATIVE_LINEAR_MAX_ROWS = {"avx2": 16}
+NATIVE_LINEAR_DEFAULT_MAX_ROWS = 2
 # The native MoE kernel against FusedExperts.grouped_forward (torch's grouped GEMM or per-expert products), fp32
 # bench shapes: 2.6-3.3x faster at 1-16 tokens, 1.7-1.9x at 64-256, 1.4-1.8x at 512; level (bench-528m) to 1.5x
 # (bench-57m) at 1024, 0.9-1.2x at 2048: larger prefills keep torch's grouped GEMM.
@@ -39,6 +44,12 @@ NATIVE_EXPERT_MAX_TOKENS = 512
 # GEMM over the fp32 stack (bench-57m shapes, 16 experts x 4 rows, 3 layers: 15.7 -> 5.8 ms). Smaller experts are
 # bound by dispatch, where the grouped GEMM wins from a few tokens on.
 EXPERT_FP16_MIN_ELEMENTS = 1 << 17
+
+
+@functools.cache
+def native_linear_max_rows() -> int:
+    """Up to how many rows fp32 products run on the native kernel, on the ISA it runs here."""
+    return NATIVE_LINEAR_MAX_ROWS.get(native.default_isa(), NATIVE_LINEAR_DEFAULT_MAX_ROWS)
 
 
 def _native_rows(x: torch.Tensor, max_rows: int, *weights: torch.Tensor) -> bool:
@@ -84,7 +95,7 @@ class UnquantizedMethod(QuantMethod):
             layer.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
 
     def apply_linear(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if _native_rows(x, NATIVE_LINEAR_MAX_ROWS, layer.weight):
+        if _native_rows(x, native_linear_max_rows(), layer.weight):
             return kernels.linear(x, layer.weight, bias=bias)
         if layer.packed_weight is not None and x.shape[0] <= PACKED_MAX_ROWS and not torch.is_grad_enabled():
             return torch.ops.mkldnn._linear_pointwise(x, layer.packed_weight, bias, "none", [], "")
@@ -100,7 +111,7 @@ class UnquantizedMethod(QuantMethod):
         return layer.grouped_forward(x, weights, ids, self.expert, allow_grouped_mm=True)
 
     def native_linear(self, layer: nn.Module) -> NativeWeight:
-        return NativeWeight(layer.weight, None, 0, NATIVE_LINEAR_MAX_ROWS)
+        return NativeWeight(layer.weight, None, 0, native_linear_max_rows())
 
     def native_experts(self, layer: nn.Module) -> tuple[NativeWeight, NativeWeight]:
         return (NativeWeight(layer.w13, None, 0, NATIVE_EXPERT_MAX_TOKENS),
