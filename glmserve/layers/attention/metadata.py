@@ -9,6 +9,7 @@ prefix-cache hit). Prefill, chunked prefill, decode and verification of draft to
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -45,21 +46,16 @@ class AttentionMetadata:
             from glmserve.layers.attention.selector import get_attention_backend
 
             backend = get_attention_backend()
-        batch = len(starts)
         seq_lens = [s + q for s, q in zip(starts, query_lens)]
         max_blocks = -(-max(seq_lens) // block_size)
-        tables = torch.tensor([t[:max_blocks] + [0] * (max_blocks - len(t)) for t in block_tables], dtype=torch.long)
-        query_start_loc = [0]
-        for q in query_lens:
-            query_start_loc.append(query_start_loc[-1] + q)
-        if all(q == 1 for q in query_lens):  # decode: one new token per sequence, at position starts[b]
-            rows = torch.arange(batch)
-            positions = torch.tensor(starts, dtype=torch.long)
-        else:
-            lens = torch.tensor([starts, query_lens, query_start_loc[:-1]], dtype=torch.long)
-            rows = torch.repeat_interleave(torch.arange(batch), lens[1], output_size=query_start_loc[-1])
-            positions = torch.arange(query_start_loc[-1]) - lens[2, rows] + lens[0, rows]
-        slot_mapping = tables[rows, positions // block_size] * block_size + positions % block_size
+        padded = [t[:max_blocks] + [0] * (max_blocks - len(t)) for t in block_tables]
+        query_start_loc = list(itertools.accumulate(query_lens, initial=0))
+        # Each new token's cache slot, in plain Python: a decode step's few rows cost less so than as tensor ops
+        # (each a few microseconds of dispatch), and a prefill chunk's thousands little beside its compute.
+        slots = [table[p // block_size] * block_size + p % block_size
+                 for table, start, q in zip(padded, starts, query_lens) for p in range(start, start + q)]
+        tables = torch.tensor(padded, dtype=torch.long)
+        slot_mapping = torch.tensor(slots, dtype=torch.long)
         meta = cls(backend, list(starts), list(query_lens), seq_lens, query_start_loc, tables.to(device),
                    slot_mapping.to(device), block_size)
         meta.plan = backend.plan(meta, tables, device)
