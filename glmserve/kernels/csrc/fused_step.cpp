@@ -1,6 +1,7 @@
 // The small per-layer ops of a decode step, each one native call instead of several torch ops (their torch
 // references are in kernels/reference.py): RMSNorm, QK-norm + partial RoPE in place, SiLU(gate) * up, the
-// GLM-4.5 router's choice of experts from its logits, and the quantized embedding rows of a step's tokens. fp32 throughout, as the torch ops on fp32 tensors.
+// GLM-4.5 router's choice of experts from its logits, and the quantized embedding rows of a step's tokens. fp32
+// throughout, as the torch ops on fp32 tensors.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 

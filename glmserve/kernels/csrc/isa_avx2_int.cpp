@@ -144,24 +144,32 @@ inline __m256i dot_i4(__m256i low, __m256i high, __m256i x_low, __m256i x_high) 
   return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
 }
 
-// Prefetches the part of the tile `tiles_ahead` tiles on that matches the 32 * NR bytes a step reads. A product of
-// one row block (`streaming`: decode's GEMVs, an expert's few tokens) reads each weight line once, so it is fetched
-// non-temporally: the weights a step streams then no longer evict from L2 / L3 what the rest of the step keeps
-// there (activations, KV blocks, the interpreter's own working set). More rows re-read each tile from cache.
+// The tile of NR weight rows at least kPrefetchAheadBytes after the one at `w` is requested a slice per step: the
+// part matching the 32 * NR bytes the step reads. A product of one row block (decode's GEMVs, an expert's few
+// tokens) reads each weight line once, so it is fetched non-temporally: the weights a step streams then no longer
+// evict from L2 / L3 what the rest of the step keeps there (activations, KV blocks, the interpreter's own working
+// set). More rows re-read each tile from cache, so theirs is fetched into L1.
 template <int NR>
-inline void prefetch_ahead(const char* next_tile, int64_t offset, bool streaming) {
-  #pragma GCC unroll 8
-  for (int line = 0; line < (NR + 1) / 2; ++line) {
-    if (streaming) {
-      _mm_prefetch(next_tile + NR * offset + 64 * line, _MM_HINT_NTA);
-    } else {
-      _mm_prefetch(next_tile + NR * offset + 64 * line, _MM_HINT_T0);
+struct TilePrefetch {
+  const char* next_tile;
+  bool streaming;
+
+  TilePrefetch(const GemmArgs& a, const uint8_t* w, int64_t row_bytes)
+      : next_tile(reinterpret_cast<const char*>(
+            w + (kPrefetchAheadBytes + NR * row_bytes - 1) / (NR * row_bytes) * NR * row_bytes)),
+        streaming(a.rows <= kTileRows) {}
+
+  void operator()(int64_t offset) const {
+    #pragma GCC unroll 8
+    for (int line = 0; line < (NR + 1) / 2; ++line) {
+      if (streaming) {
+        _mm_prefetch(next_tile + NR * offset + 64 * line, _MM_HINT_NTA);
+      } else {
+        _mm_prefetch(next_tile + NR * offset + 64 * line, _MM_HINT_T0);
+      }
     }
   }
-}
-
-// Whether a product's tiles are read once (one block of activation rows).
-inline bool streams_weights(const GemmArgs& a) { return a.rows <= kTileRows; }
+};
 
 // Per-row activations against an int8 weight with one scale per row: int32 sums over all of k.
 template <int MB, int NR>
@@ -169,16 +177,14 @@ inline void gemm_tile_per_row(const GemmArgs& a, int64_t m0, int64_t n0) {
   const int64_t row_bytes = a.k;
   const QuantizedRows& qx = *a.qx;
   const uint8_t* w = static_cast<const uint8_t*>(a.w) + n0 * row_bytes;
-  const int64_t tiles_ahead = (kPrefetchAheadBytes + NR * row_bytes - 1) / (NR * row_bytes);
-  const char* next_tile = reinterpret_cast<const char*>(w + tiles_ahead * NR * row_bytes);
-  const bool streaming = streams_weights(a);
+  const TilePrefetch<NR> prefetch(a, w, row_bytes);
   __m256i acc[MB][NR];
   #pragma GCC unroll 8
   for (int m = 0; m < MB; ++m)
     #pragma GCC unroll 8
     for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_setzero_si256();
   for (int64_t offset = 0; offset < row_bytes; offset += 32) {
-    prefetch_ahead<NR>(next_tile, offset, streaming);
+    prefetch(offset);
     __m256i xv[MB];
     #pragma GCC unroll 8
     for (int m = 0; m < MB; ++m)
@@ -233,13 +239,11 @@ inline void grouped_vectors(const GemmArgs& a, int64_t m0, int64_t n0, int64_t f
   const __m256i low_nibbles = _mm256_set1_epi8(0x0F);
   const uint8_t* w = static_cast<const uint8_t*>(a.w) + n0 * row_bytes;
   const float* s = a.scales + n0 * a.groups;
-  const int64_t tiles_ahead = (kPrefetchAheadBytes + NR * row_bytes - 1) / (NR * row_bytes);
-  const char* next_tile = reinterpret_cast<const char*>(w + tiles_ahead * NR * row_bytes);
-  const bool streaming = streams_weights(a);
+  const TilePrefetch<NR> prefetch(a, w, row_bytes);
   int64_t g = two_groups ? 2 * first_vector : first_vector / vectors_per_group;
   int64_t in_group = two_groups ? 0 : first_vector % vectors_per_group;
   for (int64_t v = first_vector, offset = 32 * first_vector; offset < row_bytes; ++v, offset += 32) {
-    prefetch_ahead<NR>(next_tile, offset, streaming);
+    prefetch(offset);
     // The vector's activations: int4's 64 inputs are half a 128-input block, its even inputs then its odd ones.
     const int64_t q_offset = T == kI4 ? 128 * (v / 2) + 32 * (v % 2) : offset;
     __m256i x_low[MB], x_high[MB], bias[MB];
@@ -295,12 +299,10 @@ inline int64_t i4_blocks(const GemmArgs& a, int64_t m0, int64_t n0, TileSums<MB,
   const uint8_t* w = static_cast<const uint8_t*>(a.w) + n0 * row_bytes;
   const float* s = a.scales + n0 * a.groups;
   const int64_t blocks_per_group = a.groups == 1 ? INT64_MAX : a.group_size / 128;
-  const int64_t tiles_ahead = (kPrefetchAheadBytes + NR * row_bytes - 1) / (NR * row_bytes);
-  const char* next_tile = reinterpret_cast<const char*>(w + tiles_ahead * NR * row_bytes);
-  const bool streaming = streams_weights(a);
+  const TilePrefetch<NR> prefetch(a, w, row_bytes);
   for (int64_t b = 0; b < blocks; ++b) {
-    prefetch_ahead<NR>(next_tile, 64 * b, streaming);
-    prefetch_ahead<NR>(next_tile, 64 * b + 32, streaming);
+    prefetch(64 * b);
+    prefetch(64 * b + 32);
     const int64_t g = b / blocks_per_group;
     __m256i bias[MB];
     #pragma GCC unroll 8
