@@ -11,7 +11,7 @@ routers, norms, lm_head) except the embedding table (b rows) and the routed expe
 the experts that step's tokens were routed to (recorded from the routers, not assumed: so the slice runs on the
 modules, GLMSERVE_NATIVE_STACK=0, as the native decoder stack calls no router module; a step here takes tens of
 milliseconds, of which the stack would save well under one); divided by the read
-bandwidth measured in the same run (benchmarks/kernels.py's measurement, glmserve.bench.roofline). KV-cache reads
+bandwidth measured in the same run (benchmarks/kernel_speed.py's measurement, glmserve.bench.roofline). KV-cache reads
 are left out (small at these lengths), which keeps the bound an upper one.
 
     python benchmarks/air_slice_decode.py --quantization int8 --cpu-lock /work/cpu.lock \\

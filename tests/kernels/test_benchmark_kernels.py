@@ -1,4 +1,4 @@
-"""benchmarks/kernels.py as a smoke run on one small shape: every native format and every torch kernel gets a
+"""benchmarks/kernel_speed.py as a smoke run on one small shape: every native format and every torch kernel gets a
 figure (or the error a torch build without it gives), and the results JSON records the machine and its load."""
 
 import json
@@ -10,7 +10,7 @@ import pytest
 
 from glmserve.kernels import native
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "kernels.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "kernel_speed.py"
 
 
 def test_kernels_benchmark_measures_every_kernel(tmp_path):

@@ -1,5 +1,5 @@
 """Float weights: unquantized (the compute dtype; on CPU in fp32 decode rows run on the native kernels or
-oneDNN-prepacked weights, whichever benchmarks/kernels.py measured faster) and fp16 storage for fp32 compute on CPU
+oneDNN-prepacked weights, whichever benchmarks/kernel_speed.py measured faster) and fp16 storage for fp32 compute on CPU
 (`--weight-dtype float16`: fbgemm's fp16 GEMM for linear layers, the native MoE kernel for the routed experts)."""
 
 from __future__ import annotations

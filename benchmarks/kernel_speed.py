@@ -9,8 +9,8 @@ fbgemm's dynamic-int8 linear (per-channel int8 weights, activations quantized pe
 aten's _weight_int8pack_mm and _weight_int4pack_mm_for_cpu (bf16 activations, as they are fast only with those).
 
 Examples:
-    python benchmarks/kernels.py --output-json benchmarks/results/kernels.json
-    python benchmarks/kernels.py --threads 1 --batch-size 1 --shapes air.o_proj --repeats 5
+    python benchmarks/kernel_speed.py --output-json benchmarks/results/kernels.json
+    python benchmarks/kernel_speed.py --threads 1 --batch-size 1 --shapes air.o_proj --repeats 5
 """
 
 from __future__ import annotations
