@@ -32,7 +32,7 @@ from glmserve.layers.attention import (
     kv_storage_dtype,
 )
 from glmserve.layers.quantization import QuantMethod, get_quant_method
-from glmserve.loader import fill_dummy_weights, load_model, release_freed_heap
+from glmserve.loader import fill_dummy_weights, keep_freed_heap_for_steps, load_model, release_freed_heap
 from glmserve.loader.fp8 import Fp8Scheme
 from glmserve.model import get_model_class
 from glmserve.types import ScheduledChunk, SchedulerOutput, StepOutput
@@ -97,6 +97,7 @@ class ModelRunner:
             if hasattr(module, "process_weights_after_loading"):
                 module.process_weights_after_loading()
         release_freed_heap()
+        keep_freed_heap_for_steps()
         self.proposer = self._make_proposer()
         self.lora = None if not engine_config.enable_lora else LoRAManager(
             self.model, model_config, engine_config.max_loras, engine_config.max_lora_rank,

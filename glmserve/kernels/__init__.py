@@ -15,6 +15,7 @@ from glmserve.kernels.reference import (
     argmax_reference,
     dequantize,
     embed_rows_reference,
+    int8_channel_gemm_reference,
     linear_reference,
     moe_experts_reference,
     qk_norm_rope_reference,
@@ -65,6 +66,18 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = 
     if ext is None or not _fits_native(x, weight):
         return linear_reference(x, weight, scales, group_size, bias)
     return ext.linear(x, weight, scales, group_size, bias, native.isa_index(isa))
+
+
+def int8_channel_gemm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
+                      isa: str | None = None) -> torch.Tensor:
+    """x [M, K] fp32 @ W.T (+ bias) for an int8 W [N, K] with one scale per row, as `int8_channel_gemm_reference`
+    defines it, bit for bit: torch's int8 GEMM either way, and on the native path the quantization of x and the
+    scaling of the sums in one pass each (the ISAs of native.INT8_ACTIVATION_ISAS; the others run the reference)."""
+    ext = native.extension()
+    isa = isa or native.default_isa()
+    if ext is None or isa not in native.INT8_ACTIVATION_ISAS or not _fits_native(x, weight):
+        return int8_channel_gemm_reference(x, weight, scales, bias)
+    return ext.int8_channel_gemm(x.contiguous(), weight, scales, bias, native.isa_index(isa))
 
 
 def moe_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, w13: torch.Tensor,
@@ -147,7 +160,7 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = ["argmax", "argmax_reference", "dequantize", "embed_rows", "embed_rows_reference", "fused_ops_native",
-           "linear", "linear_reference", "moe_experts", "moe_experts_reference", "qk_norm_rope",
-           "qk_norm_rope_reference", "quantize_int4", "quantize_int8", "rms_norm", "rms_norm_reference",
-           "rms_norm_residual", "rms_norm_residual_reference", "router_topk", "router_topk_reference", "runs_native",
-           "silu_and_mul", "silu_and_mul_reference"]
+           "int8_channel_gemm", "int8_channel_gemm_reference", "linear", "linear_reference", "moe_experts",
+           "moe_experts_reference", "qk_norm_rope", "qk_norm_rope_reference", "quantize_int4", "quantize_int8",
+           "rms_norm", "rms_norm_reference", "rms_norm_residual", "rms_norm_residual_reference", "router_topk",
+           "router_topk_reference", "runs_native", "silu_and_mul", "silu_and_mul_reference"]

@@ -163,3 +163,21 @@ def test_experts_with_many_rows_match_the_reference(method, monkeypatch, every_l
     got = method.apply_experts(layer, x, weights, ids)
     assert _relative_error(got, ref) <= TOLERANCE
     assert _relative_error(got, kernels.moe_experts(*args)) <= TOLERANCE
+
+
+@pytest.mark.parametrize("m,k,n", [(300, 200, 77), (257, 1000, 129), (1, 8, 3), (0, 64, 5)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_int8_channel_gemm_gives_its_references_bits(isa, m, k, n, with_bias):
+    """kernels.int8_channel_gemm on every path against int8_channel_gemm_reference, bit for bit: the native op only
+    moves the reference's quantization of x and scaling of the int32 sums into one pass each (ISAs without integer
+    kernels run the reference). K = 1000 pads the quantized rows past K; an all-zero row has no scale. Planted and
+    caught: the scales' product taken as s * w_scale[c + 1], the bias added twice, the rows' q read from K instead
+    of the padded stride."""
+    q, scales, _ = _weight("int8-channel", n, k, seed=m + k)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(k))
+    if m:
+        x[m // 2] = 0
+    bias = torch.randn(n) if with_bias else None
+    got = kernels.int8_channel_gemm(x, q, scales, bias, isa=isa)
+    assert got.shape == (m, n) and got.dtype == torch.float32
+    assert torch.equal(got, kernels.int8_channel_gemm_reference(x, q, scales, bias))

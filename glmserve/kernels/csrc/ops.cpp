@@ -178,6 +178,47 @@ at::Tensor linear(const at::Tensor& x_in, const at::Tensor& w_in, const c10::opt
   return y;
 }
 
+// x [M, K] fp32 @ W.T (+ bias) for an int8 W [N, K] with one scale per row, as torch's int8 GEMM (at::_int_mm,
+// oneDNN: VNNI or AMX, blocked for cache) over x quantized as the integer kernels quantize it. Its int32 sums are
+// scaled in their own buffer, each step rounded as the VNNI kernel rounds it, so a product gives the same bits on
+// either path. Torch ops around _int_mm took 2-4x the GEMM's own time (a pass, and often a fresh buffer, each).
+at::Tensor int8_channel_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                             const c10::optional<at::Tensor>& bias_in, int64_t isa) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "glmserve kernels: int8_channel_gemm takes contiguous fp32 [M, K] rows");
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar && w.size(1) == x.size(1),
+              "glmserve kernels: int8_channel_gemm takes int8 weights [N, K]");
+  const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
+  const at::Tensor col_scale = scales.to(at::kFloat).contiguous();
+  TORCH_CHECK(col_scale.numel() == n, "glmserve kernels: int8_channel_gemm takes one scale per weight row");
+  const c10::optional<at::Tensor> bias = contiguous_fp32(bias_in);
+  if (bias) TORCH_CHECK(bias->numel() == n, "glmserve kernels: bias must be [N]");
+  const IsaKernels& table = kernels_for(isa);
+  TORCH_CHECK(table.quantize_rows != nullptr, "glmserve kernels: ISA ", isa, " quantizes no activations");
+  if (m == 0 || n == 0) return at::zeros({m, n}, x.options());
+  const WeightView v{kI8, n, k, k, 1, k};
+  const QuantizedX qx = quantize_x(table, v, x.data_ptr<float>(), k, m);
+  at::Tensor sums = at::_int_mm(qx.q.narrow(1, 0, k), w.t());
+  TORCH_CHECK(sums.is_contiguous(), "glmserve kernels: _int_mm returned strided sums");
+  int32_t* out = sums.data_ptr<int32_t>();
+  const float* row_scale = qx.row_scale.data_ptr<float>();
+  const float* w_scale = col_scale.data_ptr<float>();
+  const float* b = bias ? bias->data_ptr<float>() : nullptr;
+  at::parallel_for(0, m, std::max<int64_t>(1, 16384 / n), [&](int64_t begin, int64_t end) {
+    std::vector<float> scaled(n);  // a row's floats, copied over its int32 sums (distinct buffers: vectorized)
+    float* y = scaled.data();
+    for (int64_t r = begin; r < end; ++r) {
+      const float s = row_scale[r];
+      const int32_t* row = out + r * n;
+      for (int64_t c = 0; c < n; ++c) y[c] = static_cast<float>(row[c]) * (s * w_scale[c]);
+      if (b != nullptr)
+        for (int64_t c = 0; c < n; ++c) y[c] += b[c];
+      std::memcpy(out + r * n, y, n * sizeof(float));
+    }
+  });
+  return sums.view(at::kFloat);
+}
+
 namespace {
 
 // One task of an MoE phase: output rows [begin, end) of one expert's product.
@@ -464,6 +505,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("available_isas", &glmserve::available_isas, "the ISA paths this CPU can run, slowest first");
   m.def("linear", &glmserve::linear, "x [..., K] fp32 @ W.T (+ bias) for W in any layout of kernels/reference.py",
         no_gil);
+  m.def("int8_channel_gemm", &glmserve::int8_channel_gemm,
+        "x @ W.T (+ bias) for per-channel int8 W through torch's int8 GEMM, as int8_channel_gemm_reference", no_gil);
   m.def("moe_experts", &glmserve::moe_experts, "the routed experts of one MoE block, as moe_experts_reference",
         no_gil);
   m.def("rms_norm_residual", &glmserve::rms_norm_residual, "(RMSNorm(x + residual) * weight, x + residual)");

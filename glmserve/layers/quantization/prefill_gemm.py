@@ -2,8 +2,8 @@
 the native small-M kernel, which widens the weights in registers and does not block for cache.
 
 - int8 with one scale per output channel: torch._int_mm (oneDNN) over int8 activations quantized per row, int32
-  sums scaled per row and channel: the native VNNI kernel's own arithmetic, run as a blocked GEMM. It reads the int8
-  weight as it is stored, so it costs no memory.
+  sums scaled per row and channel (kernels.int8_channel_gemm): the native VNNI kernel's own arithmetic, run as a
+  blocked GEMM. It reads the int8 weight as it is stored, so it costs no memory.
 - every other layout (int8 in groups, int4, fp8): the weight dequantized to bf16 a tile of output rows at a time and
   multiplied with oneDNN's bf16 GEMM. Activations and products are rounded to bf16 (relative error ~2^-9 each,
   below the weights' own quantization error); sums are fp32 inside the GEMM. One tile exists at a time, whatever
@@ -28,6 +28,8 @@ import os
 
 import torch
 import torch.nn.functional as F
+
+from glmserve import kernels
 
 # Fewest activation rows from which the GEMM path is used, per layout (kernels.reference's layouts). Below, the
 # native kernel is as fast or faster: a tile's dequantization is paid once per call whatever the rows, int4 and fp8
@@ -105,18 +107,6 @@ def dequantize_tile(weight: torch.Tensor, scales: torch.Tensor, group_size: int)
     return values
 
 
-def _int8_channel_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
-                         bias: torch.Tensor | None) -> torch.Tensor:
-    """Per-row int8 activations x per-channel int8 weights, int32 sums, each step rounded as the native VNNI kernel
-    rounds it (127 / absmax, ties to even, sum * (activation scale * weight scale) + bias): on a VNNI CPU the two
-    paths give the same bits, so these layers' results do not depend on how many rows a step holds."""
-    # max |x| per row from two plain reductions: linalg.vector_norm(inf) took 2x the GEMM's time (profiled)
-    top = torch.maximum(x.amax(1, keepdim=True), x.amin(1, keepdim=True).neg_())
-    xq = torch.mul(x, torch.where(top > 0, 127 / top, 0.0)).round_().to(torch.int8)
-    out = torch._int_mm(xq, weight.t()).float().mul_((top / 127) * scales.view(1, -1))
-    return out if bias is None else out.add_(bias)
-
-
 def _tiled_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
     n, k = weight.shape[0], x.shape[1]
     xb = x.to(torch.bfloat16)
@@ -140,7 +130,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, group_si
     k = x.shape[-1]
     rows = x.reshape(-1, k).float()
     if layout(weight, group_size, k) == "int8-channel":
-        out = _int8_channel_linear(rows, weight, scales, bias)
+        out = kernels.int8_channel_gemm(rows, weight, scales, bias)
     else:
         out = _tiled_linear(rows, weight, scales, group_size)
         if bias is not None:
