@@ -391,7 +391,7 @@ def _load_engine(config, scripted_output_file: str | None, inject_fault_after_st
     data-parallel replicas can build theirs in their own processes."""
     from glmserve.engine.llm_engine import LLMEngine
 
-    engine = LLMEngine(config, progress=False)
+    engine = LLMEngine(config, progress=False, wait_for_kv_memory=False)  # answer while the pool is being backed
     if scripted_output_file:
         from glmserve.serving.tokenizer import Tokenizer
         from glmserve.testing.scripted import ScriptedRunner

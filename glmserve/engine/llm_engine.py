@@ -11,6 +11,7 @@ from glmserve.engine.lora_registry import LoRARegistry
 from glmserve.engine.model_runner import ModelRunner
 from glmserve.engine.scheduler import Scheduler
 from glmserve.engine.tensor_parallel import TensorParallelRunner
+from glmserve.layers.attention.huge_pages import wait_until_backed
 from glmserve.types import (
     AdapterError,
     EngineOutput,
@@ -39,7 +40,9 @@ def check_request(prompt_token_ids: list[int], params: SamplingParams, vocab_siz
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, progress: bool = True):
+    def __init__(self, config: EngineConfig, progress: bool = True, wait_for_kv_memory: bool = True):
+        """wait_for_kv_memory=False (the server): return while the CPU KV pool is still being backed by memory
+        in the background (layers/attention/huge_pages.py)."""
         self.config = config
         self.model_config = ModelConfig.from_pretrained(config.model)
         self.generation_defaults = GenerationDefaults.from_pretrained(config.model)
@@ -53,6 +56,8 @@ class LLMEngine:
         parallel = config.tensor_parallel_size * config.pipeline_parallel_size > 1
         self.runner = (TensorParallelRunner(self.model_config, config, progress) if parallel
                        else ModelRunner(self.model_config, config, progress=progress))
+        if wait_for_kv_memory:
+            wait_until_backed()
         self.kv_cache = KVCacheManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.kv_spec = self.runner.kv_spec
         self.max_model_len = self._max_model_len(positions)

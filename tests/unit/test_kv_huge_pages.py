@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from glmserve.layers.attention import PagedKVCache
-from glmserve.layers.attention.huge_pages import HUGE_PAGE, huge_page_zeros, thp_mode
+from glmserve.layers.attention.huge_pages import HUGE_PAGE, huge_page_zeros, thp_mode, wait_until_backed
 
 CPU = torch.device("cpu")
 
@@ -39,9 +39,24 @@ def test_the_cpu_kv_pool_lies_on_huge_pages():
         pytest.skip(f"transparent huge pages are {thp_mode() or 'absent'} here")
     cache = PagedKVCache.allocate(2048, 16, 2, 64, torch.float32, CPU)  # 16 MiB each for K and V
     assert cache.k.data_ptr() % HUGE_PAGE == 0
+    wait_until_backed()
     for pool in (cache.k, cache.v):
         # The kernel may fall back to small pages when it finds no free huge page: most of the pool suffices.
         assert huge_kib_of(pool) * 1024 >= pool.numel() * pool.element_size() // 2
+
+
+def test_what_is_written_while_the_pool_is_backed_stays():
+    """The pool is backed by a thread after huge_page_zeros returns; the engine may write KV meanwhile."""
+    pools = [huge_page_zeros((32 * HUGE_PAGE // 4,), torch.float32) for _ in range(3)]  # 64 MiB each
+    for number, pool in enumerate(pools, 1):  # the last pages first: the thread backs each pool from its start
+        pool[-HUGE_PAGE:] = number
+        pool[:16] = -number
+    wait_until_backed()
+    for number, pool in enumerate(pools, 1):
+        assert (pool[-HUGE_PAGE:] == number).all() and (pool[:16] == -number).all()
+        assert not pool[16:-HUGE_PAGE].any()
+    if thp_mode() in ("always", "madvise"):  # and backed it is, in huge pages
+        assert all(huge_kib_of(pool) * 1024 >= pool.numel() * 4 // 2 for pool in pools)
 
 
 def test_glmserve_kv_huge_pages_0_allocates_with_torch(monkeypatch):
