@@ -23,6 +23,7 @@ from glmserve.config import GenerationDefaults
 from glmserve.engine.kv_planning import KVCacheSpec
 from glmserve.engine.scheduler import SchedulerStats
 from glmserve.engine.stat_logger import StatLogger
+from glmserve.loader.heap import one_heap_for_every_thread
 from glmserve.types import EngineOutput, LoRARequest, ParamError, SamplingParams
 
 if TYPE_CHECKING:  # the client itself needs no torch; only the factory it is given builds an engine
@@ -184,6 +185,7 @@ class AsyncEngineClient:
         self._loop = asyncio.get_running_loop()
         self._ready = self._loop.create_future()
         self._dead = asyncio.Event()
+        one_heap_for_every_thread()  # the engine thread's step temporaries under the steps' heap policy
         self._thread = threading.Thread(target=self._run, name="glmserve-engine", daemon=True)
         self._thread.start()
 

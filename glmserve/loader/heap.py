@@ -4,11 +4,15 @@ Quantizing while loading allocates and frees many slice-sized temporaries; glibc
 heap (its mmap threshold grows to the size of freed blocks), where they count as the process's resident memory
 until trimmed (measured: ~140 MiB after loading a 0.6B-parameter slice in int8).
 
-Serving, the opposite: a prefill step's temporaries (activations, int32 GEMM sums: up to tens of MB each) were
-freshly mmapped or the heap's top given back after the step, so every step faulted its pages in again and the
-kernel zeroed them (perf: clear_page and page faults ~10% of a prefill step). After loading, blocks up to glibc's
-largest mmap threshold come from the heap and up to STEP_HEAP_TRIM_BYTES of freed heap stay mapped for the next
-step, as tcmalloc (which vLLM's CPU backend preloads) keeps them. Other C libraries keep their own policy.
+Serving, the opposite: a prefill step's temporaries (activations, int32 GEMM sums, the MoE's rows grouped by
+expert: tens of MB each, hundreds for the real models) were freshly mmapped or the heap's top given back after the
+step, so every step faulted their pages in again and the kernel zeroed them (perf: clear_page and page faults ~10%
+of a prefill step). After loading, every block comes from the heap (glibc mmaps blocks past its mmap threshold,
+which cannot be raised above 32 MiB, so mmap is turned off) and up to STEP_HEAP_TRIM_BYTES of freed heap stay
+mapped for the next step, as tcmalloc (which vLLM's CPU backend preloads) keeps them. A thread allocates from an
+arena of its own, whose heaps hold at most 64 MiB and are trimmed by their own rules: the server's engine thread
+is started after one_heap_for_every_thread, so that it allocates from the main heap this policy governs. Other C
+libraries keep their own policy.
 """
 
 from __future__ import annotations
@@ -17,8 +21,7 @@ import ctypes
 import ctypes.util
 import functools
 
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)
-STEP_MMAP_THRESHOLD_BYTES = 32 << 20  # the most mallopt accepts on 64-bit (HEAP_MAX_SIZE / 2)
+M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8  # mallopt's parameter numbers (malloc.h)
 STEP_HEAP_TRIM_BYTES = 256 << 20
 
 
@@ -36,8 +39,14 @@ def release_freed_heap() -> None:
 
 
 def keep_freed_heap_for_steps() -> None:
-    """From now on, blocks up to STEP_MMAP_THRESHOLD_BYTES from the heap, and freed heap kept up to
-    STEP_HEAP_TRIM_BYTES (see the module's docstring)."""
+    """From now on, every block from the heap, and freed heap kept up to STEP_HEAP_TRIM_BYTES (see the module's
+    docstring)."""
     if (libc := _glibc()) is not None:
-        libc.mallopt(M_MMAP_THRESHOLD, STEP_MMAP_THRESHOLD_BYTES)
+        libc.mallopt(M_MMAP_MAX, 0)
         libc.mallopt(M_TRIM_THRESHOLD, STEP_HEAP_TRIM_BYTES)
+
+
+def one_heap_for_every_thread() -> None:
+    """Threads that allocate for the first time from now on share the main heap (glibc's M_ARENA_MAX 1)."""
+    if (libc := _glibc()) is not None:
+        libc.mallopt(M_ARENA_MAX, 1)
