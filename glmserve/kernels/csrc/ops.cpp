@@ -181,7 +181,8 @@ at::Tensor linear(const at::Tensor& x_in, const at::Tensor& w_in, const c10::opt
 // x [M, K] fp32 @ W.T (+ bias) for an int8 W [N, K] with one scale per row, as torch's int8 GEMM (at::_int_mm,
 // oneDNN: VNNI or AMX, blocked for cache) over x quantized as the integer kernels quantize it. Its int32 sums are
 // scaled in their own buffer, each step rounded as the VNNI kernel rounds it, so a product gives the same bits on
-// either path. Torch ops around _int_mm took 2-4x the GEMM's own time (a pass, and often a fresh buffer, each).
+// either path; with a bias not always (at 5, 9, 13, 17 and 33 rows the bias's addition differed in the last bit).
+// Torch ops around _int_mm took 2-4x the GEMM's own time (a pass, and often a fresh buffer, each).
 at::Tensor int8_channel_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
                              const c10::optional<at::Tensor>& bias_in, int64_t isa) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
