@@ -6,8 +6,8 @@ until trimmed (measured: ~140 MiB after loading a 0.6B-parameter slice in int8).
 
 Serving, the opposite: a prefill step's temporaries (activations, int32 GEMM sums, the MoE's rows grouped by
 expert: tens of MB each, hundreds for the real models) were freshly mmapped or the heap's top given back after the
-step, so every step faulted their pages in again and the kernel zeroed them (perf: clear_page and page faults ~10%
-of a prefill step). After loading, every block comes from the heap (glibc mmaps blocks past its mmap threshold,
+step, so every step faulted their pages in again and the kernel zeroed them (perf: clear_page and page faults;
+BENCHMARKS.md). After loading, every block comes from the heap (glibc mmaps blocks past its mmap threshold,
 which cannot be raised above 32 MiB, so mmap is turned off) and up to STEP_HEAP_TRIM_BYTES of freed heap stay
 mapped for the next step, as tcmalloc (which vLLM's CPU backend preloads) keeps them. A thread allocates from an
 arena of its own, whose heaps hold at most 64 MiB and are trimmed by their own rules: the server's engine thread
