@@ -8,11 +8,12 @@ For each batch size: b random prompts, greedy, EOS ignored; decode tokens/s = b 
 (from the end of the prefill step to the end of the run), median of --num-iters runs. The roofline counts the bytes
 of weights each decode step reads: every weight and scale once (attention, the dense layer, the shared experts,
 routers, norms, lm_head) except the embedding table (b rows) and the routed experts, of which each MoE layer reads
-the experts that step's tokens were routed to (recorded from the routers, not assumed: so the slice runs on the
-modules, GLMSERVE_NATIVE_STACK=0, as the native decoder stack calls no router module; a step here takes tens of
-milliseconds, of which the stack would save well under one); divided by the read
+the experts that step's tokens were routed to (recorded from the routers, not assumed); divided by the read
 bandwidth measured in the same run (benchmarks/kernel_speed.py's measurement, glmserve.bench.roofline). KV-cache reads
-are left out (small at these lengths), which keeps the bound an upper one.
+are left out (small at these lengths), which keeps the bound an upper one. The routers' choices are recorded in a
+run of their own, through hooks, which keep that run's steps on the modules (the native decoder stack calls no
+module); the timed runs then take the engine's default path, the stack where a step fits it (--modules: the
+modules, hooks on), and must produce the recorded run's tokens, so their steps read what it read.
 
     python benchmarks/air_slice_decode.py --quantization int8 --cpu-lock /work/cpu.lock \\
         --output-json benchmarks/results/air-slice-decode-int8.json
@@ -28,7 +29,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from unittest import mock
 
 import torch
 
@@ -61,6 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--headroom", type=float, default=0.8, help="share of the available memory the slice may take")
     p.add_argument("--cpu-lock", type=Path, help="hold this file's exclusive flock while timing (not while loading)")
+    p.add_argument("--modules", action="store_true", help="time the steps on the modules, not the native stack")
     p.add_argument("--output-json", type=Path)
     return p.parse_args(argv)
 
@@ -91,16 +92,24 @@ class StepBytes:
         if self.recording:
             self.routed.append(output[1].clone())
 
+    def remove_hooks(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+
     def routed_bytes(self) -> int:
         return sum(ids.unique().numel() for ids in self.routed) * self.expert_bytes
+
+    def experts_per_moe_layer_step(self) -> float:
+        return sum(ids.unique().numel() for ids in self.routed) / len(self.routed)
 
 
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def decode_run(engine, prompts: list[list[int]], output_len: int, counter: StepBytes) -> dict:
-    """One batch: the first step prefills every prompt, the other output_len - 1 decode; their time and bytes."""
+def decode_run(engine, prompts: list[list[int]], output_len: int, counter: StepBytes | None = None) -> dict:
+    """One batch: the first step prefills every prompt, the other output_len - 1 decode; their time and tokens, and
+    with a `counter` the experts they were routed to."""
     from glmserve.types import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
@@ -108,22 +117,22 @@ def decode_run(engine, prompts: list[list[int]], output_len: int, counter: StepB
                 for i, prompt in enumerate(prompts)]
     engine.step()
     assert all(r.num_output_tokens == 1 for r in requests), "the first step did not prefill every prompt"
-    counter.routed.clear()
-    counter.recording = True
+    if counter is not None:
+        counter.routed.clear()
+        counter.recording = True
     steps, start = 0, time.perf_counter()
     while engine.has_unfinished_requests():
         engine.step()
         steps += 1
     elapsed = time.perf_counter() - start
-    counter.recording = False
+    if counter is not None:
+        counter.recording = False
     return {"decode_s": elapsed, "steps": steps, "tokens": steps * len(prompts),
-            "bytes_read": steps * counter.fixed + counter.routed_bytes(),
-            "experts_per_moe_layer_step": sum(ids.unique().numel() for ids in counter.routed) / len(counter.routed)}
+            "output_token_ids": [list(r.output_token_ids) for r in requests]}
 
 
 def main(argv: list[str] | None = None) -> int:
-    with mock.patch.dict(os.environ, {"GLMSERVE_NATIVE_STACK": "0"}):  # (the routers' hooks must see every step)
-        return run(parse_args(argv))
+    return run(parse_args(argv))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -151,7 +160,8 @@ def run(args: argparse.Namespace) -> int:
     results = {"cpu": cpu_name(), "machine": platform.machine(), "torch": torch.__version__,
                "revision": glmserve_revision(), "isa": native.default_isa(), "quantization": args.quantization,
                "moe_layers": shape.num_hidden_layers - 1, "threads": args.threads, "input_len": args.input_len,
-               "output_len": args.output_len, "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+               "output_len": args.output_len, "timed_on": "modules" if args.modules else "engine default (stack)",
+               "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
                "load_s": load_s, "batches": []}
     with exclusive_lock(args.cpu_lock):
         load = OtherLoad()
@@ -165,11 +175,17 @@ def run(args: argparse.Namespace) -> int:
             counter = StepBytes(model, batch)
             prompts = torch.randint(0, shape.vocab_size - 1000, (batch, args.input_len),
                                     generator=generator).tolist()
-            decode_run(engine, prompts, 3, counter)  # warm-up
-            runs = [decode_run(engine, prompts, args.output_len, counter) for _ in range(args.num_iters)]
-            for hook in counter.hooks:
-                hook.remove()
+            decode_run(engine, prompts, 3)  # warm-up, on the modules
+            recorded = decode_run(engine, prompts, args.output_len, counter)
+            if not args.modules:
+                counter.remove_hooks()
+                decode_run(engine, prompts, 3)  # warm-up, in the stack
+            runs = [decode_run(engine, prompts, args.output_len) for _ in range(args.num_iters)]
+            counter.remove_hooks()
             for run in runs:
+                assert run.pop("output_token_ids") == recorded["output_token_ids"], "a timed run took other tokens"
+                run["bytes_read"] = run["steps"] * counter.fixed + counter.routed_bytes()
+                run["experts_per_moe_layer_step"] = counter.experts_per_moe_layer_step()
                 run["tok_s"] = run["tokens"] / run["decode_s"]
                 run["of_roofline"] = run["bytes_read"] / (gbps * 1e9) / run["decode_s"]
             row = {"batch": batch, "decode_tok_s": statistics.median(r["tok_s"] for r in runs),

@@ -7,9 +7,9 @@ took a small decode step longer than its kernels did (BENCHMARKS.md). The module
 of every other step.
 
 The stack is handed the layers' weights and KV caches once, when first used; a StackSlot (one in Glm4MoeModel for
-its layers, one in the MTP layer for itself) makes a new one when the layers' caches change. Like a captured graph,
-it calls no module: layers with forward hooks at that time stay on the modules, and hooks added later are not
-called. GLMSERVE_NATIVE_STACK=0 keeps every step on the modules.
+its layers, one in the MTP layer for itself) makes a new one when the layers' caches change. It calls no module, so
+a step runs on the modules while any module of its layers has a forward hook (looked for at every step: a hook added
+later is called, and once removed the stack runs again). GLMSERVE_NATIVE_STACK=0 keeps every step on the modules.
 """
 
 from __future__ import annotations
@@ -110,8 +110,6 @@ def build(decoder_layers: list[nn.Module], parallel: ParallelContext) -> NativeS
     extension = native.extension()
     if os.environ.get("GLMSERVE_NATIVE_STACK") == "0" or extension is None or parallel.world_size > 1:
         return None
-    if any(m._forward_hooks or m._forward_pre_hooks for layer in decoder_layers for m in layer.modules()):
-        return None
     layers, max_rows = [], math.inf
     for decoder_layer in decoder_layers:
         built = _layer(decoder_layer, extension)
@@ -130,12 +128,15 @@ class StackSlot:
         self.decoder_layers, self.parallel = decoder_layers, parallel
         # (the attention modules listed once: module attribute lookups cost microseconds a step)
         self.attention = [layer.self_attn for layer in decoder_layers]
+        # every module's hook dicts, which torch adds to in place: one any() over them a step, without attribute lookups
+        self.hook_dicts = [hooks for layer in decoder_layers for module in layer.modules()
+                           for hooks in (module._forward_hooks, module._forward_pre_hooks)]
         self.stack: NativeStack | None = None
         self.caches: list[PagedKVCache | None] | None = None
 
     def for_step(self, x: torch.Tensor, meta: AttentionMetadata | DenseBatch) -> NativeStack | None:
         """The stack when this step can run in it, else None."""
-        if not step_fits(x, meta):
+        if not step_fits(x, meta) or any(self.hook_dicts):
             return None
         caches = [attention.kv_cache for attention in self.attention]
         if self.caches is None or any(a is not b for a, b in zip(caches, self.caches)):

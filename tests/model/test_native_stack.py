@@ -156,12 +156,30 @@ def test_a_planted_fault_in_the_stack_is_caught(checkpoints, monkeypatch, plant)
         _assert_same_steps(checkpoints("glm45"), monkeypatch, quantization="int8", kv_cache_dtype="fp8")
 
 
-def test_layers_with_lora_adapters_or_hooks_stay_on_the_modules(checkpoints, monkeypatch):
+def test_layers_with_lora_adapters_stay_on_the_modules(checkpoints, monkeypatch):
     recorder = _run(checkpoints("air"), monkeypatch, True, max_tokens=2, quantization="int8")
     layers = [recorder.model.layers[i] for i in recorder.model.held]
     assert native_stack.build(layers, recorder.model.native_stack.parallel) is not None
-    hook = layers[-1].mlp.gate.register_forward_hook(lambda *args: None)
-    assert native_stack.build(layers, recorder.model.native_stack.parallel) is None
-    hook.remove()
     monkeypatch.setattr(layers[-1].self_attn.o_proj, "lora", object())
     assert native_stack.build(layers, recorder.model.native_stack.parallel) is None
+
+
+def test_steps_run_on_the_modules_while_a_hook_is_registered(checkpoints, monkeypatch):
+    """A hook registered after the stack was made is called at every step; once removed, the stack runs again."""
+    monkeypatch.setenv("GLMSERVE_NATIVE_STACK", "1")
+    llm = LLM(checkpoints("air"), num_kv_blocks=64, quantization="int8")
+    recorder = StepRecorder(llm, monkeypatch)
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS]
+    llm.generate(prompts, params)
+    assert recorder.model.native_stack.stack is not None and recorder.stacked[1:] == [True, True]
+    calls = []
+    hook = recorder.model.layers[recorder.model.held[-1]].mlp.gate.register_forward_hook(
+        lambda *args: calls.append(True))
+    recorder.stacked.clear()
+    llm.generate(prompts, params)
+    assert not any(recorder.stacked) and len(calls) == 3
+    hook.remove()
+    recorder.stacked.clear()
+    llm.generate(prompts, params)
+    assert recorder.stacked[1:] == [True, True]

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from glmserve.bench.memory import AIR, stored_bytes
+from glmserve.kernels import native
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import air_slice_decode  # noqa: E402
@@ -28,10 +29,19 @@ def tiny_slice(monkeypatch):
     torch.set_num_threads(threads)  # the script sets its own
 
 
-def test_step_bytes_count_the_model_and_the_routed_experts(tiny_slice, tmp_path):
+@pytest.mark.parametrize("modules", [False, True])
+def test_step_bytes_count_the_model_and_the_routed_experts(tiny_slice, tmp_path, monkeypatch, modules):
+    from glmserve.model import native_stack
+
+    stacked = []
+    call = native_stack.NativeStack.__call__
+    monkeypatch.setattr(native_stack.NativeStack, "__call__", lambda *args: stacked.append(True) or call(*args))
     out = tmp_path / "air.json"
     assert air_slice_decode.main(["--quantization", "int8", "--batch-size", "1", "4", "--num-iters", "2",
-                                  "--output-len", "5", "--threads", "1", "--output-json", str(out)]) == 0
+                                  "--output-len", "5", "--threads", "1", "--output-json", str(out)]
+                                 + ["--modules"] * modules) == 0
+    # the timed runs' steps take the engine's default path, the native stack, unless --modules
+    assert bool(stacked) == (not modules and native.extension() is not None)
     result = json.loads(out.read_text())
     assert result["quantization"] == "int8" and result["moe_layers"] == 2 and result["bandwidth"]["roofline_GBps"] > 0
     hidden, inter, experts = TINY.hidden_size, TINY.moe_intermediate_size, TINY.n_routed_experts

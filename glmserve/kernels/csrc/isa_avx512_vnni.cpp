@@ -20,7 +20,8 @@ namespace avx512_vnni {
 constexpr int kTileRows = 4, kTileCols = 4;
 constexpr int kPerRowTileRows = 4;  // gemm_tile_per_row's rows: it holds only int32 sums
 // A tile's NR weight rows are contiguous, and so are the next tiles': while a tile is read, a later one is
-// prefetched, NR cache lines per vector step (gemm.h's kPrefetchAheadBytes).
+// prefetched into L2, NR cache lines per vector step (gemm.h's kPrefetchAheadBytes), as the float path does
+// (gemm_impl.h); into L1 (prefetcht0) the int4 GEMVs read memory slower (BENCHMARKS.md).
 
 // vpdpbusd multiplies unsigned bytes by signed ones: int8 weights are shifted to unsigned by +128 (an xor), int4
 // nibbles already are (q + 8); lane_bias takes the shift back out. Input k's weights sit at byte k (int8) or in
@@ -63,11 +64,11 @@ inline void gemm_tile(const GemmArgs& a, int64_t m0, int64_t n0, const ScaleWalk
       if constexpr (T == kI4) x_high[m] = _mm512_loadu_si512(q + 64);
       bias[m] = _mm512_loadu_si512(qx.lane_bias + (m0 + m) * qx.ld_lane + 16 * v);
     }
-    if (64 * v < scale_bytes) _mm_prefetch(next_scales + 64 * v, _MM_HINT_T0);
+    if (64 * v < scale_bytes) _mm_prefetch(next_scales + 64 * v, _MM_HINT_T1);
     const __mmask8 scales_left = static_cast<__mmask8>((1 << (a.groups - g0 < 4 ? a.groups - g0 : 4)) - 1);
     #pragma GCC unroll 16
     for (int r = 0; r < NR; ++r) {
-      _mm_prefetch(next_tile + 64 * (NR * v + r), _MM_HINT_T0);
+      _mm_prefetch(next_tile + 64 * (NR * v + r), _MM_HINT_T1);
       // Masked loads only at a row's end: on AMD Zen they cost several times a plain load.
       const uint8_t* wp = w + r * row_bytes + 64 * v;
       const __m512i wv = bytes == ~0ULL ? _mm512_loadu_si512(wp) : _mm512_maskz_loadu_epi8(bytes, wp);
@@ -153,7 +154,7 @@ inline void gemm_tile_per_row(const GemmArgs& a, int64_t m0, int64_t n0) {
     for (int m = 0; m < MB; ++m) qv[m] = _mm512_loadu_si512(q[m] + 64 * v);
     #pragma GCC unroll 16
     for (int r = 0; r < NR; ++r) {
-      _mm_prefetch(next_tile + 64 * (NR * v + r), _MM_HINT_T0);
+      _mm_prefetch(next_tile + 64 * (NR * v + r), _MM_HINT_T1);
       const uint8_t* wp = w[r] + 64 * v;
       // Masked loads only at a row's end: on AMD Zen they cost several times a plain load.
       const __m512i wv = bytes == ~0ULL ? _mm512_loadu_si512(wp) : _mm512_maskz_loadu_epi8(bytes, wp);
@@ -199,10 +200,12 @@ inline void gemm_columns(const GemmArgs& a, int64_t n0, const ScaleWalk& walk) {
 template <int T, bool kOneScale>
 void gemm_walk(const GemmArgs& a, int64_t n_begin, int64_t n_end, const ScaleWalk& walk) {
   int64_t n = n_begin;
-  // A GEMV takes one weight row at a time, so that a thread reads one sequential stream, where a row holds enough
-  // vectors to outweigh a tile's setup (measured faster: per-row int8 sums at every k, grouped rows of 1 KiB).
-  const int64_t row_bytes = T == kI4 ? a.k / 2 : a.k;
-  if (a.rows == 1 && (a.qx->per_row || (kOneScale && row_bytes >= 1024))) {
+  // An int8 GEMV takes one weight row at a time, so that a thread reads one sequential stream, where a row holds
+  // enough vectors to outweigh a tile's setup (measured faster: per-row sums at every k, grouped rows of 1 KiB).
+  // An int4 vector costs twice the instructions: its GEMVs keep the tile, whose weight rows share their activation
+  // loads and whose accumulators are independent (measured faster, BENCHMARKS.md).
+  const int64_t row_bytes = a.k;
+  if (T == kI8 && a.rows == 1 && (a.qx->per_row || (kOneScale && row_bytes >= 1024))) {
     for (; n < n_end; ++n) gemm_columns<T, 1, kOneScale>(a, n, walk);
     return;
   }
