@@ -118,11 +118,12 @@ class FusedExperts(nn.Module):
         if x.device.type == "cpu" and ids.numel() <= self.MAX_CHOICES_ONE_BY_ONE:
             return self._one_by_one(x, weights, ids, expert_fn)
         choices, counts = self._sort_choices(ids.flatten())
-        grouped_x = x.index_select(0, choices // top_k)  # (index_select: ~5x faster than x[...] on CPU)
         if allow_grouped_mm and self._prefer_grouped_mm(x, counts, choices.numel()):
-            grouped_out = self._grouped_mm(grouped_x, counts)
-        else:
-            grouped_out = self._expert_loop(grouped_x, counts.tolist(), expert_fn)
+            grouped_x = x.index_select(0, choices // top_k)  # (index_select: ~5x faster than x[...] on CPU)
+            return self._combine(self._grouped_mm(grouped_x, counts), choices, weights)
+        if x.device.type == "cpu":
+            return self._add_expert_by_expert(x, weights, choices, counts.tolist(), expert_fn)
+        grouped_out = self._expert_loop(x.index_select(0, choices // top_k), counts.tolist(), expert_fn)
         return self._combine(grouped_out, choices, weights)
 
     def _sort_choices(self, flat_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,6 +183,26 @@ class FusedExperts(nn.Module):
                 outs.append(expert_fn(self, row, expert - self.expert_ids.start) if expert in self.expert_ids
                             else row.new_zeros(row.shape))
         return (torch.cat(outs).view(*ids.shape, -1) * weights.to(x.dtype)[..., None]).sum(1)
+
+    def _add_expert_by_expert(self, x: torch.Tensor, weights: torch.Tensor, choices: torch.Tensor,
+                              counts: list[int], expert_fn: ExpertFn) -> torch.Tensor:
+        """_combine(_expert_loop(...)) on CPU without the grouped rows: each expert's rows are scaled by their
+        routing weights and added into their tokens' rows as soon as they are computed. A token's rows are added in
+        the same order (choices are sorted by expert), so the sums are the same, bit for bit; what goes is the
+        grouped buffer the experts' outputs were copied into and read back from."""
+        top_k = weights.shape[1]
+        flat_weights = weights.to(x.dtype).view(-1)
+        out = x.new_zeros(x.shape)
+        start = 0
+        for expert, count in enumerate(counts):
+            if count == 0:
+                continue
+            mine = choices[start : start + count]
+            start += count
+            tokens = mine // top_k
+            rows = expert_fn(self, x.index_select(0, tokens), expert)
+            out.index_add_(0, tokens, rows.mul_(flat_weights.index_select(0, mine).unsqueeze(1)))
+        return out
 
     def _expert_loop(self, grouped_x: torch.Tensor, counts: list[int], expert_fn: ExpertFn) -> torch.Tensor:
         """The plain reference: one matmul pair per active expert."""

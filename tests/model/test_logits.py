@@ -143,6 +143,31 @@ def test_expert_rows_combine_into_each_tokens_weighted_sum(add_in_place):
     assert torch.allclose(got, expected, atol=1e-6)
 
 
+@pytest.mark.parametrize("held", [range(8), range(4, 8)])
+def test_experts_added_one_by_one_equal_the_grouped_rows_combined(held):
+    """CPU's prefill path (_add_expert_by_expert) against the grouped rows summed by _combine, bit for bit: an
+    expert no token picked, and (expert parallel) a rank that holds half the experts, whose other choices add
+    nothing."""
+    from glmserve.distributed import ParallelContext
+    from glmserve.layers.moe import FusedExperts
+
+    gen = torch.Generator().manual_seed(7)
+    experts = FusedExperts(8, 32, 16, ParallelContext())
+    experts.w13.copy_(torch.randn(8, 32, 32, generator=gen))
+    experts.w2.copy_(torch.randn(8, 32, 16, generator=gen))
+    experts.expert_ids = held
+    x = torch.randn(40, 32, generator=gen)
+    ids = torch.stack([torch.randperm(7, generator=gen)[:3] for _ in range(40)])
+    ids[ids == 5] = 7  # expert 5: no rows
+    weights = torch.rand(40, 3, generator=gen)
+    choices, counts = experts._sort_choices(ids.flatten())
+    assert 0 in counts.tolist() and (choices.numel() < ids.numel()) == (held.start > 0)
+    fn = experts.quant_method.expert
+    got = experts._add_expert_by_expert(x, weights, choices, counts.tolist(), fn)
+    grouped = experts._expert_loop(x.index_select(0, choices // 3), counts.tolist(), fn)
+    assert torch.equal(got, FusedExperts._combine(grouped, choices, weights))
+
+
 @pytest.mark.parametrize("num_tokens", [1, 2])
 def test_small_decodes_one_choice_at_a_time_equal_the_sorted_path(num_tokens):
     from glmserve.distributed import ParallelContext
