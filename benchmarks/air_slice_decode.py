@@ -181,7 +181,8 @@ def run(args: argparse.Namespace) -> int:
                 counter.remove_hooks()
                 decode_run(engine, prompts, 3)  # warm-up, in the stack
             runs = [decode_run(engine, prompts, args.output_len) for _ in range(args.num_iters)]
-            counter.remove_hooks()
+            if args.modules:
+                counter.remove_hooks()
             for run in runs:
                 assert run.pop("output_token_ids") == recorded["output_token_ids"], "a timed run took other tokens"
                 run["bytes_read"] = run["steps"] * counter.fixed + counter.routed_bytes()

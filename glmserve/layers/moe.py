@@ -189,7 +189,8 @@ class FusedExperts(nn.Module):
         """_combine(_expert_loop(...)) on CPU without the grouped rows: each expert's rows are scaled by their
         routing weights and added into their tokens' rows as soon as they are computed. A token's rows are added in
         the same order (choices are sorted by expert), so the sums are the same, bit for bit; what goes is the
-        grouped buffer the experts' outputs were copied into and read back from."""
+        grouped buffer the experts' outputs were copied into and read back from. expert_fn's rows are fresh tensors
+        (every QuantMethod.expert returns a product's output), so they are scaled in place."""
         top_k = weights.shape[1]
         flat_weights = weights.to(x.dtype).view(-1)
         out = x.new_zeros(x.shape)

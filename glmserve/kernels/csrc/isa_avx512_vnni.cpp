@@ -204,8 +204,7 @@ void gemm_walk(const GemmArgs& a, int64_t n_begin, int64_t n_end, const ScaleWal
   // enough vectors to outweigh a tile's setup (measured faster: per-row sums at every k, grouped rows of 1 KiB).
   // An int4 vector costs twice the instructions: its GEMVs keep the tile, whose weight rows share their activation
   // loads and whose accumulators are independent (measured faster, BENCHMARKS.md).
-  const int64_t row_bytes = a.k;
-  if (T == kI8 && a.rows == 1 && (a.qx->per_row || (kOneScale && row_bytes >= 1024))) {
+  if (T == kI8 && a.rows == 1 && (a.qx->per_row || (kOneScale && a.k >= 1024))) {
     for (; n < n_end; ++n) gemm_columns<T, 1, kOneScale>(a, n, walk);
     return;
   }
