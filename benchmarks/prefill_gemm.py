@@ -1,9 +1,10 @@
 #!/usr/bin/env python
 """Quantized products at prefill shapes (M = 16..2048 activation rows): glmserve's native small-M kernel against
-glmserve's prefill path (layers/quantization/prefill_gemm.py: torch._int_mm over per-row int8 activations for
-per-channel int8, bf16 tiles and oneDNN's bf16 GEMM for the other layouts), against the whole weight dequantized to
-fp32 and F.linear (MKL), and against fbgemm's dynamic int8 linear (per-channel int8 only: the weight prepacked in
-each call, and prepacked once, which would keep a second copy of the weight). It chose prefill_gemm's thresholds.
+glmserve's prefill path (layers/quantization/prefill_gemm.py: AMX int8 tiles or torch._int_mm over per-row int8
+activations for per-channel int8, each also timed alone, bf16 tiles and oneDNN's bf16 GEMM for the other layouts),
+against the whole weight dequantized to fp32 and F.linear (MKL), and against fbgemm's dynamic int8 linear (per-
+channel int8 only: the weight prepacked in each call, and prepacked once, which would keep a second copy of the
+weight). It chose prefill_gemm's thresholds.
 
 Weights here stay in cache between calls of one figure (prefill reads each weight once per chunk of many rows, so
 the products are bound by arithmetic, not by the weight's read).
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 
 from glmserve import kernels
 from glmserve.bench.host import OtherLoad, call_times, cpu_name, glmserve_revision, write_results
+from glmserve.kernels import native
 from glmserve.layers.quantization import prefill_gemm
 from glmserve.layers.quantization.scaled import quantize_fp8
 
@@ -85,6 +87,9 @@ def candidates(dtype: torch.dtype, group: int, q: torch.Tensor, scales: torch.Te
         packed = fbgemm_weight(q, scales)
         out["fbgemm prepacked"] = lambda x: torch.ops.quantized.linear_dynamic(x, packed)
         out["fbgemm prepack per call"] = lambda x: torch.ops.quantized.linear_dynamic(x, fbgemm_weight(q, scales))
+        out["_int_mm"] = lambda x: kernels.int8_channel_gemm(x, q, scales.view(-1), tiles=False)
+        if native.int8_tiles():
+            out["AMX tiles"] = lambda x: kernels.int8_channel_gemm(x, q, scales.view(-1), tiles=True)
     return out
 
 

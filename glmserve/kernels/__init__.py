@@ -68,16 +68,25 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = 
     return ext.linear(x, weight, scales, group_size, bias, native.isa_index(isa))
 
 
+def tiles_beat_int_mm(rows: int, k: int) -> bool:
+    """Whether int8_channel_gemm's AMX tiles beat torch's _int_mm on `rows` rows of `k` inputs: the tiles repack the
+    whole weight on every call, which few rows of a long K do not repay (benchmarks/prefill_gemm.py, BENCHMARKS.md)."""
+    return k <= 1024 or rows >= 256
+
+
 def int8_channel_gemm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
-                      isa: str | None = None) -> torch.Tensor:
+                      isa: str | None = None, tiles: bool | None = None) -> torch.Tensor:
     """x [M, K] fp32 @ W.T (+ bias) for an int8 W [N, K] with one scale per row, as `int8_channel_gemm_reference`
-    defines it, bit for bit: torch's int8 GEMM either way, and on the native path the quantization of x and the
-    scaling of the sums in one pass each (the ISAs of native.INT8_ACTIVATION_ISAS; the others run the reference)."""
+    defines it, bit for bit: on the native path (the ISAs of native.INT8_ACTIVATION_ISAS; the others run the
+    reference) the quantization of x and the scaling of the sums in one pass each, the sums from torch's int8 GEMM
+    or, with `tiles` (default: where native.int8_tiles(isa) and tiles_beat_int_mm), from AMX tiles."""
     ext = native.extension()
     isa = isa or native.default_isa()
     if ext is None or isa not in native.INT8_ACTIVATION_ISAS or not _fits_native(x, weight):
         return int8_channel_gemm_reference(x, weight, scales, bias)
-    return ext.int8_channel_gemm(x.contiguous(), weight, scales, bias, native.isa_index(isa))
+    if tiles is None:
+        tiles = native.int8_tiles(isa) and tiles_beat_int_mm(x.shape[0], x.shape[1])
+    return ext.int8_channel_gemm(x.contiguous(), weight.contiguous(), scales, bias, native.isa_index(isa), tiles)
 
 
 def moe_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, w13: torch.Tensor,

@@ -16,6 +16,8 @@ Environment:
   conversion per vector and weight group against grouped weights. benchmarks/activation_quant_accuracy.py measures
   what that costs a whole model. Every other format, and avx512 and portable for every format, keep fp32
   activations and widen the weights to fp32 in registers, so GLMSERVE_KERNEL_ISA=avx512 keeps them for int8 / int4.
+- GLMSERVE_AMX=0: prefill's per-channel int8 GEMM (kernels.int8_channel_gemm) takes torch's _int_mm even on a CPU
+  with AMX int8 tiles (default: the tiles wherever the ISA is avx512_vnni and the CPU and OS allow them).
 - GLMSERVE_CACHE_DIR: where builds are kept (default ~/.cache/glmserve).
 """
 
@@ -39,7 +41,7 @@ logger = logging.getLogger(__name__)
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = ("ops.cpp", "isa_portable.cpp", "isa_avx2.cpp", "isa_avx2_int.cpp", "isa_avx512.cpp",
            "isa_avx512_vnni.cpp", "paged_attention.cpp", "attention_isa_portable.cpp", "attention_isa_avx2.cpp",
-           "attention_isa_avx512.cpp", "fused_step.cpp", "decoder_stack.cpp")
+           "attention_isa_avx512.cpp", "fused_step.cpp", "decoder_stack.cpp", "int8_gemm_amx.cpp")
 # -fopenmp: at::parallel_for splits work over torch's threads only where _OPENMP is defined (ATen/ParallelOpenMP.h);
 # without it every kernel ran on the calling thread alone. Linking it names libgomp.so.1, the runtime torch has
 # already loaded, so both share one thread pool and torch.set_num_threads.
@@ -144,6 +146,13 @@ def fp32_activation_isa() -> str | None:
     the reference the integer paths are held to; None without the extension."""
     keep = [isa for isa in available_isas() if isa not in INT8_ACTIVATION_ISAS]
     return keep[-1] if keep else None
+
+
+def int8_tiles(isa: str | None = None) -> bool:
+    """Whether int8_channel_gemm's sums come from AMX tiles on this ISA path (csrc/int8_gemm_amx.cpp)."""
+    ext = extension()
+    return (ext is not None and (isa or default_isa()) == "avx512_vnni" and os.environ.get("GLMSERVE_AMX") != "0"
+            and ext.amx_int8_ready())
 
 
 def isa_index(isa: str | None) -> int:

@@ -102,15 +102,24 @@ def _apply_calls(layout: str, rows: list[int], monkeypatch) -> list[str]:
     return calls
 
 
-def _threshold(layout: str) -> int:
+def _kind(layout: str) -> str:
     dtype, group = LAYOUTS[layout]
-    return prefill_gemm.GEMM_MIN_ROWS[prefill_gemm.layout(torch.empty(0, dtype=dtype), group or 64, 64)]
+    return prefill_gemm.layout(torch.empty(0, dtype=dtype), group or 64, 64)
 
 
+def _threshold(layout: str) -> int:
+    return prefill_gemm.gemm_min_rows(_kind(layout))
+
+
+@pytest.mark.parametrize("tiles", [False, True])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_the_switch_is_at_the_threshold(layout, monkeypatch, every_layout_fast):
-    """Below GEMM_MIN_ROWS rows the native kernel runs, from it on the GEMM path, whatever the leading shape."""
+def test_the_switch_is_at_the_threshold(layout, tiles, monkeypatch, every_layout_fast):
+    """Below the layout's threshold rows the native kernel runs, from it on the GEMM path, whatever the leading shape;
+    with AMX int8 tiles the per-channel int8 threshold is GEMM_MIN_ROWS_WITH_TILES's, the others' unchanged."""
+    monkeypatch.setattr(kernels.native, "int8_tiles", lambda isa=None: tiles)
     threshold = _threshold(layout)
+    wanted = prefill_gemm.GEMM_MIN_ROWS_WITH_TILES if tiles else {}
+    assert threshold == wanted.get(_kind(layout), prefill_gemm.GEMM_MIN_ROWS[_kind(layout)])
     assert _apply_calls(layout, [threshold - 1, threshold], monkeypatch) == ["native", "gemm"]
 
 
@@ -181,3 +190,41 @@ def test_int8_channel_gemm_gives_its_references_bits(isa, m, k, n, with_bias):
     got = kernels.int8_channel_gemm(x, q, scales, bias, isa=isa)
     assert got.shape == (m, n) and got.dtype == torch.float32
     assert torch.equal(got, kernels.int8_channel_gemm_reference(x, q, scales, bias))
+
+
+@pytest.mark.parametrize("m,k,n", [(300, 200, 77), (257, 1000, 129), (1, 8, 3), (33, 64, 16), (64, 4096, 300),
+                                   (0, 64, 5)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_int8_tiles_give_the_references_bits(m, k, n, with_bias):
+    """int8_channel_gemm's AMX tiles (csrc/int8_gemm_amx.cpp) against int8_channel_gemm_reference, bit for bit: the
+    int32 sums are exact and scaled in the same steps. Shapes with tails in every direction (rows past a block of
+    32, weight rows past a block, inputs past a step of 64 and not a multiple of 4); [300, 4096] spans two slabs of
+    packed weights. Planted and caught: a transpose missing its lane shuffles, the second slab's weights read from
+    the first's offset, every row of a tile scaled by its first row's scale, two tiles' sums stored swapped. (The
+    masks and zero padding past K and past M keep reads inside the buffers; the zero-padded activations already
+    keep such bytes out of the sums, so only a crash or a sanitizer would show them dropped.)"""
+    ext = native.extension()
+    if ext is None or not ext.amx_int8_ready():
+        pytest.skip("this CPU has no AMX int8 tiles (or its OS does not lend them)")
+    q, scales, _ = _weight("int8-channel", n, k, seed=m + k)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(k))
+    if m:
+        x[m // 2] = 0
+    bias = torch.randn(n) if with_bias else None
+    got = kernels.int8_channel_gemm(x, q, scales, bias, isa="avx512_vnni", tiles=True)
+    assert got.shape == (m, n) and got.dtype == torch.float32
+    assert torch.equal(got, kernels.int8_channel_gemm_reference(x, q, scales, bias))
+
+
+def test_amx_tiles_are_taken_by_default_where_they_win(monkeypatch):
+    """The default path of int8_channel_gemm: the tiles where native.int8_tiles() and tiles_beat_int_mm, else
+    torch's _int_mm; GLMSERVE_AMX=0 switches the tiles off."""
+    assert kernels.tiles_beat_int_mm(8, 1024) and kernels.tiles_beat_int_mm(256, 4096)
+    assert not kernels.tiles_beat_int_mm(255, 4096)
+    ext = native.extension()
+    if ext is None or not ext.amx_int8_ready():
+        assert not native.int8_tiles("avx512_vnni")
+        return
+    assert native.int8_tiles("avx512_vnni") and not native.int8_tiles("avx2")
+    monkeypatch.setenv("GLMSERVE_AMX", "0")
+    assert not native.int8_tiles("avx512_vnni")

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "gemm.h"
+#include "int8_gemm_amx.h"
 #include "isa.h"
 #include "ops.h"
 
@@ -179,12 +180,13 @@ at::Tensor linear(const at::Tensor& x_in, const at::Tensor& w_in, const c10::opt
 }
 
 // x [M, K] fp32 @ W.T (+ bias) for an int8 W [N, K] with one scale per row, as torch's int8 GEMM (at::_int_mm,
-// oneDNN: VNNI or AMX, blocked for cache) over x quantized as the integer kernels quantize it. Its int32 sums are
+// oneDNN, blocked for cache) or, with `tiles`, int8_gemm_amx.cpp's AMX GEMM, over x quantized as the integer
+// kernels quantize it (the tiles scale their own sums, in the same steps). Its int32 sums are
 // scaled in their own buffer, each step rounded as the VNNI kernel rounds it, so a product gives the same bits on
 // either path; with a bias not always (at 5, 9, 13, 17 and 33 rows the bias's addition differed in the last bit).
 // Torch ops around _int_mm took 2-4x the GEMM's own time (a pass, and often a fresh buffer, each).
 at::Tensor int8_channel_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
-                             const c10::optional<at::Tensor>& bias_in, int64_t isa) {
+                             const c10::optional<at::Tensor>& bias_in, int64_t isa, bool tiles) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
               "glmserve kernels: int8_channel_gemm takes contiguous fp32 [M, K] rows");
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar && w.size(1) == x.size(1),
@@ -199,6 +201,15 @@ at::Tensor int8_channel_gemm(const at::Tensor& x, const at::Tensor& w, const at:
   if (m == 0 || n == 0) return at::zeros({m, n}, x.options());
   const WeightView v{kI8, n, k, k, 1, k};
   const QuantizedX qx = quantize_x(table, v, x.data_ptr<float>(), k, m);
+  if (tiles) {
+    TORCH_CHECK(amx_int8_ready(), "glmserve kernels: this CPU has no AMX int8 tiles for int8_channel_gemm");
+    TORCH_CHECK(w.is_contiguous(), "glmserve kernels: int8_channel_gemm's tiles read contiguous weights");
+    at::Tensor y = at::empty({m, n}, x.options());
+    int8_channel_gemm_amx({qx.q.data_ptr<int8_t>(), qx.q.size(1), qx.row_scale.data_ptr<float>(), m,
+                           w.data_ptr<int8_t>(), k, n, col_scale.data_ptr<float>(),
+                           bias ? bias->data_ptr<float>() : nullptr, y.data_ptr<float>()});
+    return y;
+  }
   at::Tensor sums = at::_int_mm(qx.q.narrow(1, 0, k), w.t());
   TORCH_CHECK(sums.is_contiguous(), "glmserve kernels: _int_mm returned strided sums");
   int32_t* out = sums.data_ptr<int32_t>();
@@ -507,7 +518,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &glmserve::linear, "x [..., K] fp32 @ W.T (+ bias) for W in any layout of kernels/reference.py",
         no_gil);
   m.def("int8_channel_gemm", &glmserve::int8_channel_gemm,
-        "x @ W.T (+ bias) for per-channel int8 W through torch's int8 GEMM, as int8_channel_gemm_reference", no_gil);
+        "x @ W.T (+ bias) for per-channel int8 W through torch's int8 GEMM or AMX tiles, as "
+        "int8_channel_gemm_reference", no_gil);
+  m.def("amx_int8_ready", &glmserve::amx_int8_ready, "whether this CPU has AMX int8 tiles this process may use");
   m.def("moe_experts", &glmserve::moe_experts, "the routed experts of one MoE block, as moe_experts_reference",
         no_gil);
   m.def("rms_norm_residual", &glmserve::rms_norm_residual, "(RMSNorm(x + residual) * weight, x + residual)");

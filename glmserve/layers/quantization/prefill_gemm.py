@@ -38,6 +38,9 @@ from glmserve import kernels
 # shapes; BENCHMARKS.md, session 16 merged): fp8 32-64 rows, int8 in groups 128-512, int8 per channel 128-256
 # (bench-57m's small products stay native to 2048: the expert path decides per expert), int4 1024-2048.
 GEMM_MIN_ROWS = {"int8-channel": 256, "int8-group": 256, "int4": 1024, "fp8": 64}
+# With AMX int8 tiles (kernels.native.int8_tiles) the per-channel GEMM beats the native kernel from 32-64 rows on
+# every bench and Air shape measured (and torch's _int_mm does too on that CPU).
+GEMM_MIN_ROWS_WITH_TILES = {"int8-channel": 64}
 TILE_ELEMENTS = 1 << 22  # an Air lm_head ([151552, 4096]) would be 1.2 GB as bf16: never widened whole
 FP8_TO_BF16_SCALE = 2.0**120  # e4m3 bits placed in a bf16's exponent and mantissa read 2^120 times too small
 
@@ -60,12 +63,19 @@ def fast_layouts() -> frozenset[str]:
     return frozenset(fast)
 
 
+def gemm_min_rows(kind: str) -> int:
+    """Fewest activation rows from which a layout's products take the GEMM path on this CPU."""
+    if kind in GEMM_MIN_ROWS_WITH_TILES and kernels.native.int8_tiles():
+        return GEMM_MIN_ROWS_WITH_TILES[kind]
+    return GEMM_MIN_ROWS[kind]
+
+
 def native_max_rows(weight: torch.Tensor, group_size: int, k: int) -> float:
     """The most activation rows this weight's products keep on the native kernel (math.inf: every count)."""
     kind = layout(weight, group_size, k)
     if kind not in fast_layouts() or os.environ.get("GLMSERVE_PREFILL_GEMM") == "0":
         return math.inf
-    return GEMM_MIN_ROWS[kind] - 1
+    return gemm_min_rows(kind) - 1
 
 
 def wants_gemm(weight: torch.Tensor, group_size: int, rows: int, k: int) -> bool:
