@@ -18,18 +18,10 @@ namespace avx2_attention {
 
 #include "weights.h"
 #include "vector_exp.h"
+#include "vector_avx2.h"
 
-struct V {
-  using F = __m256;
+struct V : Avx2Lanes {
   static constexpr int kWidth = 8, kScoreRows = 2;  // query rows scored together (8 accumulators of 16)
-  static F zero() { return _mm256_setzero_ps(); }
-  static F load(const float* p) { return _mm256_loadu_ps(p); }
-  static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
-  static F set1(float v) { return _mm256_set1_ps(v); }
-  static F add(F a, F b) { return _mm256_add_ps(a, b); }
-  static F sub(F a, F b) { return _mm256_sub_ps(a, b); }
-  static F max(F a, F b) { return _mm256_max_ps(a, b); }
-  static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
   static float reduce(F a) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -58,13 +50,6 @@ struct V {
     s = _mm_max_ps(s, _mm_movehl_ps(s, s));
     return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
   }
-  static F min(F a, F b) { return _mm256_min_ps(a, b); }
-  static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
-  static F floor(F a) { return _mm256_floor_ps(a); }
-  static F pow2(F n) {  // 2^n for whole n in fp32's exponent range
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
-  }
-  static F exp(F x) { return cephes_exp<V>(x); }
   template <int T>
   static F load_kv(const uint8_t* row, int64_t d);
 };

@@ -11,7 +11,9 @@
 #include <tuple>
 #include <vector>
 
+#include "isa.h"
 #include "ops.h"
+#include "silu.h"
 
 namespace glmserve {
 namespace {
@@ -107,7 +109,9 @@ at::Tensor silu_and_mul(const at::Tensor& x) {
   at::Tensor out = at::empty({x.size(0), inter}, x.options());
   const float* xp = x.data_ptr<float>();
   float* op = out.data_ptr<float>();
+  static const bool avx2 = cpu_runs_isa(1);
   at::parallel_for(0, x.size(0), grain(inter), [&](int64_t begin, int64_t end) {
+    if (avx2) return silu_and_mul_rows_avx2(xp + begin * 2 * inter, end - begin, inter, op + begin * inter);
     for (int64_t r = begin; r < end; ++r) {
       const float *gate = xp + r * 2 * inter, *up = gate + inter;
       for (int64_t c = 0; c < inter; ++c) op[r * inter + c] = gate[c] / (1.f + std::exp(-gate[c])) * up[c];
