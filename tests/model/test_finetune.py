@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from glmserve import kernels
 from glmserve.cli import main as cli_main
 from glmserve.finetune import train as finetune_train
 from glmserve.finetune.adapter import adapter_from_directory, write_adapter
@@ -31,6 +32,28 @@ def _ours(model, ids) -> torch.Tensor:
         return model.compute_logits(model(ids, torch.arange(len(ids)), DenseBatch(1)))
 
 
+def _rows_before_router_ties(model, ids, monkeypatch, margin: float = 1e-5) -> int:
+    """How many leading tokens every router of our model (as it is now) sends clear of a near-tie: where a token's
+    k-th and (k+1)-th experts score within `margin`, a last-bit difference between two correct implementations
+    (our SiLU's expf and torch's round differently in a few percent of values) may swap the expert. That changes
+    the token's row, and every later token's through attention, so only the rows before it compare within 1e-4."""
+    first_tie = len(ids)
+
+    def recording(logits, bias, top_k, *args, **kwargs):
+        nonlocal first_tie
+        best = (logits.float().sigmoid() + bias).topk(top_k + 1, dim=-1).values
+        ties = ((best[:, top_k - 1] - best[:, top_k]) < margin).nonzero()
+        if len(ties):
+            first_tie = min(first_tie, int(ties[0]))
+        return route(logits, bias, top_k, *args, **kwargs)
+
+    route = kernels.router_topk
+    with monkeypatch.context() as patch:
+        patch.setattr(kernels, "router_topk", recording)
+        _ours(model, ids)
+    return first_tie
+
+
 def _hf_model(directory=EMBEDDED_MODEL):
     transformers.logging.set_verbosity_error()  # it reports the MTP layer's tensors as unused
     return transformers.Glm4MoeForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
@@ -52,10 +75,12 @@ def _random_adapter(model, targets, rank, alpha, rslora, seed=0) -> LoraAdapter:
     ("glm45", ["q_proj", "k_proj", "v_proj", "o_proj"], 16, 32.0, False),
     ("air", ["k_proj", "o_proj", "q_proj"], 4, 4.0, True),
 ])
-def test_peft_loads_our_adapter_and_means_the_same(tmp_path, checkpoints, ids, shape, targets, rank, alpha, rslora):
+def test_peft_loads_our_adapter_and_means_the_same(tmp_path, checkpoints, ids, monkeypatch, shape, targets, rank,
+                                                   alpha, rslora):
     """PeftModel over transformers' Glm4Moe with our adapter file gives our model's logits with the adapter hooked
     in, and with it merged into the weights (within 1e-4, fp32): on the embedded model and on random GLM-4.5- and
-    Air-shaped checkpoints."""
+    Air-shaped checkpoints; every token before the first that a router sends within 1e-5 of a tie (at least half of
+    them)."""
     directory = EMBEDDED_MODEL if shape == "nano" else checkpoints(shape)
     if shape != "nano":  # token ids within the random checkpoints' vocabulary
         ids = torch.randint(0, 200, (24,), generator=torch.Generator().manual_seed(0))
@@ -63,6 +88,8 @@ def test_peft_loads_our_adapter_and_means_the_same(tmp_path, checkpoints, ids, s
     base = _ours(model, ids)
     adapter = _random_adapter(model, targets, rank, alpha, rslora).attach()
     hooked = _ours(model, ids)
+    rows = _rows_before_router_ties(model, ids, monkeypatch)
+    assert rows >= len(ids) // 2
     write_adapter(adapter, tmp_path, str(EMBEDDED_MODEL))
     adapter.detach()
     adapter.merge_into()
@@ -72,8 +99,8 @@ def test_peft_loads_our_adapter_and_means_the_same(tmp_path, checkpoints, ids, s
     with torch.no_grad():
         theirs = reference(ids[None]).logits[0]
     assert (hooked - base).abs().max() > 1e-3  # the adapter changes the logits
-    assert (hooked - theirs).abs().max() < 1e-4
-    assert (merged - hooked).abs().max() < 1e-4
+    assert (hooked[:rows] - theirs[:rows]).abs().max() < 1e-4
+    assert (merged[:rows] - hooked[:rows]).abs().max() < 1e-4
 
 
 def test_mlp_targets_equal_their_deltas_merged_into_transformers(tmp_path, ids):

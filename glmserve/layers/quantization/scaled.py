@@ -13,7 +13,6 @@ stored (fp8's float_vocab) keeps the embeddings and heads its release left in bf
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from glmserve import kernels
@@ -137,8 +136,8 @@ class ScaledMethod(QuantMethod):
     def expert(self, layer: nn.Module, x: torch.Tensor, expert: int) -> torch.Tensor:
         """One expert's SwiGLU over its rows x (expert numbered on this rank)."""
         group = layer.w13.group_size
-        gate, up = _linear(x, layer.w13[expert], layer.w13_scale[expert], group).chunk(2, dim=-1)
-        return _linear(F.silu(gate) * up, layer.w2[expert], layer.w2_scale[expert], group)
+        gate_up = _linear(x, layer.w13[expert], layer.w13_scale[expert], group)
+        return _linear(kernels.silu_and_mul(gate_up), layer.w2[expert], layer.w2_scale[expert], group)
 
     def embed(self, layer: nn.Module, ids: torch.Tensor) -> torch.Tensor:
         return kernels.embed_rows(layer.weight, layer.weight_scale, layer.weight.group_size, ids)
