@@ -1,12 +1,13 @@
 // Prefill's per-channel int8 GEMM on AMX tiles (Intel Sapphire Rapids and later): int32 sums of activations
 // quantized per row (QuantizedRows' layout, zero-padded to kQ8Pad inputs) times int8 weights [N, K] with one scale
 // per row, scaled as int8_channel_gemm scales torch's sums, so both give the same bits. torch's _int_mm, which
-// int8_channel_gemm uses elsewhere, runs oneDNN's VNNI code for these shapes, not its AMX code.
+// int8_channel_gemm uses elsewhere, is slower on prefill's shapes here (BENCHMARKS.md).
 //
 // A tile multiply (tdpbssd) takes A as 16 rows of 64 int8 inputs, which the quantized activation rows already are,
-// and B as 16 rows of 16 weight rows' 4 consecutive inputs each: a 16 x 16 transpose of 4-byte groups, packed here
-// one block of 32 weight rows at a time and reused over every activation row of a chunk. Each step holds a 2 x 2
-// block of 16 x 16 int32 sums (tiles 0-3) over two A tiles (4, 5) and two B tiles (6, 7).
+// and B as 16 rows of 16 weight rows' 4 consecutive inputs each: a 16 x 16 transpose of 4-byte groups. The weights
+// are packed so on every call, a slab of blocks of 32 rows at a time (kept in L2), and each block of 32 activation
+// rows (kept in L1) walks the slab. Each step holds a 2 x 2 block of 16 x 16 int32 sums (tiles 0-3) over two A
+// tiles (4, 5) and two B tiles (6, 7). Tile loads, not multiplies, bound it: the next packed tiles are prefetched.
 #include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
