@@ -17,6 +17,7 @@ namespace glmserve {
 namespace avx512_attention {
 
 #include "weights.h"
+#include "transpose_avx512.h"
 #include "vector_exp.h"
 
 struct V {
@@ -31,29 +32,7 @@ struct V {
   static F max(F a, F b) { return _mm512_max_ps(a, b); }
   static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
   static float reduce(F a) { return _mm512_reduce_add_ps(a); }
-  // r[j] = lane j of the 16 rows r[0..15]: pairs of rows interleaved, then fours, then 128-bit lanes exchanged.
-  static void transpose(F* r) {
-    F t[16], s[16];
-    for (int i = 0; i < 8; ++i) {
-      t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-      t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-    }
-    for (int g = 0; g < 4; ++g) {  // s[4g + c], 128-bit lane L: lane 4L + c of rows 4g..4g + 3
-      s[4 * g] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], 0x44);
-      s[4 * g + 1] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], 0xEE);
-      s[4 * g + 2] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0x44);
-      s[4 * g + 3] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0xEE);
-    }
-    for (int c = 0; c < 4; ++c) {  // a 4 x 4 transpose of 128-bit lanes across s[c], s[4 + c], s[8 + c], s[12 + c]
-      const F u0 = _mm512_shuffle_f32x4(s[c], s[4 + c], 0x88), u1 = _mm512_shuffle_f32x4(s[c], s[4 + c], 0xDD);
-      const F u2 = _mm512_shuffle_f32x4(s[8 + c], s[12 + c], 0x88);
-      const F u3 = _mm512_shuffle_f32x4(s[8 + c], s[12 + c], 0xDD);
-      r[c] = _mm512_shuffle_f32x4(u0, u2, 0x88);
-      r[4 + c] = _mm512_shuffle_f32x4(u1, u3, 0x88);
-      r[8 + c] = _mm512_shuffle_f32x4(u0, u2, 0xDD);
-      r[12 + c] = _mm512_shuffle_f32x4(u1, u3, 0xDD);
-    }
-  }
+  static void transpose(F* r) { transpose_16x16(r); }
   static float reduce_max(F a) { return _mm512_reduce_max_ps(a); }
   static F min(F a, F b) { return _mm512_min_ps(a, b); }
   static F mul(F a, F b) { return _mm512_mul_ps(a, b); }

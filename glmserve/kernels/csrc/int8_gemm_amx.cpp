@@ -49,31 +49,7 @@ bool request_tile_data() {
 #pragma GCC push_options
 #pragma GCC target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,avx512dq")
 
-// The 16 x 16 int32 matrix r transposed in place (within 128-bit lanes by unpacks, then lanes by shuffles).
-inline void transpose_16x16(__m512i r[16]) {
-  __m512i t[16];
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-  }
-  for (int i = 0; i < 16; i += 4) {  // r[i + j], lane L: rows i..i+3 of column 4L + j
-    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
-  }
-  __m512i out[16];
-  for (int j = 0; j < 4; ++j) {  // column 4L + j gathers lane L of r[j], r[4 + j], r[8 + j], r[12 + j]
-    const __m512i u0 = _mm512_shuffle_i32x4(r[j], r[4 + j], 0x44), u1 = _mm512_shuffle_i32x4(r[j], r[4 + j], 0xEE);
-    const __m512i u2 = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0x44);
-    const __m512i u3 = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0xEE);
-    out[j] = _mm512_shuffle_i32x4(u0, u2, 0x88);
-    out[4 + j] = _mm512_shuffle_i32x4(u0, u2, 0xDD);
-    out[8 + j] = _mm512_shuffle_i32x4(u1, u3, 0x88);
-    out[12 + j] = _mm512_shuffle_i32x4(u1, u3, 0xDD);
-  }
-  for (int i = 0; i < 16; ++i) r[i] = out[i];
-}
+#include "transpose_avx512.h"
 
 // Weight rows [n0, n0 + 32) as B tiles: packed[(step * 2 + half) * kTileBytes], row j of a tile holding inputs
 // 4j..4j+3 of the step for each of its 16 weight rows; rows past n and inputs past k are zeros.
@@ -82,14 +58,15 @@ void pack_weight_block(const int8_t* w, int64_t n, int64_t k, int64_t n0, int64_
     const int64_t k0 = s * kStep;
     const __mmask64 inputs = k - k0 >= kStep ? ~__mmask64{0} : (__mmask64{1} << (k - k0)) - 1;
     for (int64_t half = 0; half < 2; ++half) {
-      __m512i r[16];
+      __m512 r[16];  // 16 weight rows' 16 groups of 4 inputs, moved as 32-bit lanes
       for (int64_t i = 0; i < 16; ++i) {
         const int64_t row = n0 + half * 16 + i;
-        r[i] = row < n ? _mm512_maskz_loadu_epi8(inputs, w + row * k + k0) : _mm512_setzero_si512();
+        const __m512i bytes = row < n ? _mm512_maskz_loadu_epi8(inputs, w + row * k + k0) : _mm512_setzero_si512();
+        r[i] = _mm512_castsi512_ps(bytes);
       }
       transpose_16x16(r);
       int8_t* tile = packed + (s * 2 + half) * kTileBytes;
-      for (int64_t j = 0; j < 16; ++j) _mm512_storeu_si512(tile + j * 64, r[j]);
+      for (int64_t j = 0; j < 16; ++j) _mm512_storeu_ps(tile + j * 64, r[j]);
     }
   }
 }
