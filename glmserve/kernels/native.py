@@ -148,11 +148,16 @@ def fp32_activation_isa() -> str | None:
     return keep[-1] if keep else None
 
 
-def int8_tiles(isa: str | None = None) -> bool:
-    """Whether int8_channel_gemm's sums come from AMX tiles on this ISA path (csrc/int8_gemm_amx.cpp)."""
+@functools.cache
+def _amx_int8_ready() -> bool:
     ext = extension()
-    return (ext is not None and (isa or default_isa()) == "avx512_vnni" and os.environ.get("GLMSERVE_AMX") != "0"
-            and ext.amx_int8_ready())
+    return ext is not None and ext.amx_int8_ready()
+
+
+def int8_tiles(isa: str | None = None) -> bool:
+    """Whether int8_channel_gemm's sums come from AMX tiles on this ISA path (csrc/int8_gemm_amx.cpp). Asked for
+    every quantized product's path (prefill_gemm.native_max_rows), so the CPU's answer is kept."""
+    return (isa or default_isa()) == "avx512_vnni" and os.environ.get("GLMSERVE_AMX") != "0" and _amx_int8_ready()
 
 
 def isa_index(isa: str | None) -> int:

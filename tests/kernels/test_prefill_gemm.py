@@ -225,6 +225,7 @@ def test_amx_tiles_are_taken_by_default_where_they_win(monkeypatch):
     if ext is None or not ext.amx_int8_ready():
         assert not native.int8_tiles("avx512_vnni")
         return
+    monkeypatch.delenv("GLMSERVE_AMX", raising=False)
     assert native.int8_tiles("avx512_vnni") and not native.int8_tiles("avx2")
     monkeypatch.setenv("GLMSERVE_AMX", "0")
     assert not native.int8_tiles("avx512_vnni")

@@ -1,9 +1,10 @@
 """Quantized products with many activation rows (prefill chunks, experts with many tokens): torch's GEMMs instead of
 the native small-M kernel, which widens the weights in registers and does not block for cache.
 
-- int8 with one scale per output channel: torch._int_mm (oneDNN) over int8 activations quantized per row, int32
-  sums scaled per row and channel (kernels.int8_channel_gemm): the native VNNI kernel's own arithmetic, run as a
-  blocked GEMM. It reads the int8 weight as it is stored, so it costs no memory.
+- int8 with one scale per output channel: int32 sums of int8 activations quantized per row, from AMX tiles where the
+  CPU has them (kernels/csrc/int8_gemm_amx.cpp) or torch._int_mm (oneDNN), scaled per row and channel
+  (kernels.int8_channel_gemm): the native VNNI kernel's own arithmetic, run as a blocked GEMM. It reads the int8
+  weight as it is stored (the tiles pack a slab of it per call), so it costs no memory.
 - every other layout (int8 in groups, int4, fp8): the weight dequantized to bf16 a tile of output rows at a time and
   multiplied with oneDNN's bf16 GEMM. Activations and products are rounded to bf16 (relative error ~2^-9 each,
   below the weights' own quantization error); sums are fp32 inside the GEMM. One tile exists at a time, whatever
