@@ -70,8 +70,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = 
 
 def tiles_beat_int_mm(rows: int, k: int) -> bool:
     """Whether int8_channel_gemm's AMX tiles beat torch's _int_mm on `rows` rows of `k` inputs: the tiles repack the
-    whole weight on every call, which few rows of a long K do not repay (benchmarks/prefill_gemm.py, BENCHMARKS.md)."""
-    return k <= 1024 or rows >= 256
+    whole weight on every call, which few rows of a long K do not repay (benchmarks/prefill_gemm.py, BENCHMARKS.md).
+    The rule lives in the extension (ops.cpp), which moe_grouped_int8 applies per expert; only the native path asks."""
+    return native.extension().tiles_beat_int_mm(rows, k)
 
 
 def int8_channel_gemm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
@@ -86,7 +87,29 @@ def int8_channel_gemm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tenso
         return int8_channel_gemm_reference(x, weight, scales, bias)
     if tiles is None:
         tiles = native.int8_tiles(isa) and tiles_beat_int_mm(x.shape[0], x.shape[1])
-    return ext.int8_channel_gemm(x.contiguous(), weight.contiguous(), scales, bias, native.isa_index(isa), tiles)
+    return ext.int8_channel_gemm(x.contiguous(), weight.contiguous(), scales, bias, native.isa_index(isa), tiles,
+                                 None)
+
+
+def moe_grouped_int8_native(x: torch.Tensor, w13: torch.Tensor) -> bool:
+    """Whether `moe_grouped_int8` runs here: the extension is built, its default ISA quantizes activations (as
+    int8_channel_gemm's native path needs) and x is fp32 on CPU with nothing needing a gradient."""
+    return (w13.dtype == torch.int8 and native.default_isa() in native.INT8_ACTIVATION_ISAS
+            and _fp32_rows(x) is not None)
+
+
+def moe_grouped_int8(x: torch.Tensor, flat_weights: torch.Tensor, choices: torch.Tensor, counts: torch.Tensor,
+                     top_k: int, w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor,
+                     group_size: int, native_max_rows: int) -> torch.Tensor:
+    """A prefill chunk's routed experts with per-channel int8 weights, in one native call (where
+    moe_grouped_int8_native): FusedExperts._add_expert_by_expert with ScaledMethod.expert, bit for bit. choices
+    (flat (token, k) indices sorted by expert) and counts as FusedExperts.sort_choices gives them; an expert with
+    more than native_max_rows rows goes through int8_channel_gemm (AMX tiles as it would choose them), the others
+    through the native kernel."""
+    isa = native.default_isa()
+    return native.extension().moe_grouped_int8(
+        x.contiguous(), flat_weights.float().contiguous(), choices.contiguous(), counts, top_k, w13, w13_scale, w2,
+        w2_scale, group_size, native_max_rows, native.isa_index(isa), native.int8_tiles(isa))
 
 
 def moe_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, w13: torch.Tensor,

@@ -41,7 +41,8 @@ logger = logging.getLogger(__name__)
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = ("ops.cpp", "isa_portable.cpp", "isa_avx2.cpp", "isa_avx2_int.cpp", "isa_avx512.cpp",
            "isa_avx512_vnni.cpp", "paged_attention.cpp", "attention_isa_portable.cpp", "attention_isa_avx2.cpp",
-           "attention_isa_avx512.cpp", "fused_step.cpp", "decoder_stack.cpp", "int8_gemm_amx.cpp", "silu_isa_avx2.cpp")
+           "attention_isa_avx512.cpp", "fused_step.cpp", "decoder_stack.cpp", "int8_gemm_amx.cpp", "silu_isa_avx2.cpp",
+           "moe_grouped.cpp")
 # -fopenmp: at::parallel_for splits work over torch's threads only where _OPENMP is defined (ATen/ParallelOpenMP.h);
 # without it every kernel ran on the calling thread alone. Linking it names libgomp.so.1, the runtime torch has
 # already loaded, so both share one thread pool and torch.set_num_threads.

@@ -117,7 +117,7 @@ class FusedExperts(nn.Module):
         top_k = ids.shape[1]
         if x.device.type == "cpu" and ids.numel() <= self.MAX_CHOICES_ONE_BY_ONE:
             return self._one_by_one(x, weights, ids, expert_fn)
-        choices, counts = self._sort_choices(ids.flatten())
+        choices, counts = self.sort_choices(ids.flatten())
         if allow_grouped_mm and self._prefer_grouped_mm(x, counts, choices.numel()):
             grouped_x = x.index_select(0, choices // top_k)  # (index_select: ~5x faster than x[...] on CPU)
             return self._combine(self._grouped_mm(grouped_x, counts), choices, weights)
@@ -126,7 +126,7 @@ class FusedExperts(nn.Module):
         grouped_out = self._expert_loop(x.index_select(0, choices // top_k), counts.tolist(), expert_fn)
         return self._combine(grouped_out, choices, weights)
 
-    def _sort_choices(self, flat_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def sort_choices(self, flat_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The (token, k) choices this rank computes, as flat indices sorted by expert, and how many rows each
         of its experts gets."""
         held = len(self.expert_ids)

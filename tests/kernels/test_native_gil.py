@@ -1,6 +1,6 @@
-"""The long-running native ops let go of the GIL, so that another Python thread (the server's event loop) runs while
-one of them works: a thread looping in Python must not stall for the length of a call that takes tens of
-milliseconds."""
+"""The native ops let go of the GIL, so that another Python thread (the server's event loop) runs while one of them
+works: a thread looping in Python must not stall for the length of a call that takes tens of milliseconds. The
+per-layer ops too (SiLU here), which take milliseconds over a prefill chunk."""
 
 import threading
 import time
@@ -43,10 +43,12 @@ def ext():
     torch.set_num_threads(threads)
 
 
-def test_stream_read_and_linear_run_without_the_gil(ext):
+def test_stream_read_linear_and_silu_run_without_the_gil(ext):
     big = torch.ones(2**28, dtype=torch.int64)  # 2 GiB: over 20 ms to read on one core even at 60 GB/s
     x, (w, scales) = torch.randn(256, 4096), kernels.quantize_int8(torch.randn(4096, 4096), 4096)
-    for call in (lambda: ext.stream_read(big), lambda: kernels.linear(x, w, scales, 4096)):
+    rows = torch.randn(8192, 4096)  # 128 MiB in, 64 MiB out
+    for call in (lambda: ext.stream_read(big), lambda: kernels.linear(x, w, scales, 4096),
+                 lambda: kernels.silu_and_mul(rows)):
         stall, seconds = _longest_stall_during(call)
         # Holding the GIL, the op would stall this thread for about its whole length.
         assert seconds > 0.02 and stall < seconds / 2, (stall, seconds)

@@ -121,7 +121,9 @@ struct QuantizedX {
 // costs a whole model); against an int8 weight with one scale per row the kernel's int32 sums span all of k.
 bool per_row_sums(const WeightView& v) { return v.type == kI8 && v.groups == 1 && v.k <= kQ8PerRowMaxK; }
 
-QuantizedX quantize_x(const IsaKernels& table, const WeightView& v, const float* x, int64_t ldx, int64_t rows) {
+// `gather`: the rows of x to quantize, in order (default: rows 0..rows-1), read where they lie.
+QuantizedX quantize_x(const IsaKernels& table, const WeightView& v, const float* x, int64_t ldx, int64_t rows,
+                      const int64_t* gather = nullptr) {
   const bool per_row = per_row_sums(v);
   const int64_t padded = (v.k + kQ8Pad - 1) / kQ8Pad * kQ8Pad;
   const int64_t lanes = per_row ? 1 : padded / q8_lane_inputs(v.type);
@@ -130,9 +132,13 @@ QuantizedX quantize_x(const IsaKernels& table, const WeightView& v, const float*
   out.rows = {out.q.data_ptr<int8_t>(), out.row_scale.data_ptr<float>(), out.lane_bias.data_ptr<int32_t>(), padded,
               lanes, per_row};
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-    table.quantize_rows(v.type, per_row, x + begin * ldx, ldx, end - begin, v.k,
-                        out.q.data_ptr<int8_t>() + begin * padded, out.row_scale.data_ptr<float>() + begin,
-                        out.lane_bias.data_ptr<int32_t>() + begin * lanes);
+    if (gather == nullptr)
+      return table.quantize_rows(v.type, per_row, x + begin * ldx, ldx, end - begin, v.k,
+                                 out.q.data_ptr<int8_t>() + begin * padded, out.row_scale.data_ptr<float>() + begin,
+                                 out.lane_bias.data_ptr<int32_t>() + begin * lanes);
+    for (int64_t r = begin; r < end; ++r)
+      table.quantize_rows(v.type, per_row, x + gather[r] * ldx, ldx, 1, v.k, out.q.data_ptr<int8_t>() + r * padded,
+                          out.row_scale.data_ptr<float>() + r, out.lane_bias.data_ptr<int32_t>() + r * lanes);
   });
   return out;
 }
@@ -179,19 +185,28 @@ at::Tensor linear(const at::Tensor& x_in, const at::Tensor& w_in, const c10::opt
   return y;
 }
 
+bool tiles_beat_int_mm(int64_t rows, int64_t k) { return k <= 1024 || rows >= 256; }
+
 // x [M, K] fp32 @ W.T (+ bias) for an int8 W [N, K] with one scale per row, as torch's int8 GEMM (at::_int_mm,
 // oneDNN, blocked for cache) or, with `tiles`, int8_gemm_amx.cpp's AMX GEMM, over x quantized as the integer
 // kernels quantize it (the tiles scale their own sums, in the same steps). Its int32 sums are
 // scaled in their own buffer, each step rounded as the VNNI kernel rounds it, so a product gives the same bits on
 // either path; with a bias not always (at 5, 9, 13, 17 and 33 rows the bias's addition differed in the last bit).
 // Torch ops around _int_mm took 2-4x the GEMM's own time (a pass, and often a fresh buffer, each).
+// `rows` (int64 [M], optional): the rows of x to multiply, read where they lie, instead of all of x.
 at::Tensor int8_channel_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
-                             const c10::optional<at::Tensor>& bias_in, int64_t isa, bool tiles) {
+                             const c10::optional<at::Tensor>& bias_in, int64_t isa, bool tiles,
+                             const c10::optional<at::Tensor>& rows) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
               "glmserve kernels: int8_channel_gemm takes contiguous fp32 [M, K] rows");
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar && w.size(1) == x.size(1),
               "glmserve kernels: int8_channel_gemm takes int8 weights [N, K]");
-  const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
+  TORCH_CHECK(!rows || (rows->dim() == 1 && rows->scalar_type() == at::kLong && rows->is_contiguous()),
+              "glmserve kernels: int8_channel_gemm's rows are contiguous int64 [M]");
+  const int64_t m = rows ? rows->size(0) : x.size(0), k = x.size(1), n = w.size(0);
+  const int64_t* gather = rows ? rows->data_ptr<int64_t>() : nullptr;
+  for (int64_t r = 0; gather != nullptr && r < m; ++r)
+    TORCH_CHECK(gather[r] >= 0 && gather[r] < x.size(0), "glmserve kernels: row ", gather[r], " is not in x");
   const at::Tensor col_scale = scales.to(at::kFloat).contiguous();
   TORCH_CHECK(col_scale.numel() == n, "glmserve kernels: int8_channel_gemm takes one scale per weight row");
   const c10::optional<at::Tensor> bias = contiguous_fp32(bias_in);
@@ -200,7 +215,7 @@ at::Tensor int8_channel_gemm(const at::Tensor& x, const at::Tensor& w, const at:
   TORCH_CHECK(table.quantize_rows != nullptr, "glmserve kernels: ISA ", isa, " quantizes no activations");
   if (m == 0 || n == 0) return at::zeros({m, n}, x.options());
   const WeightView v{kI8, n, k, k, 1, k};
-  const QuantizedX qx = quantize_x(table, v, x.data_ptr<float>(), k, m);
+  const QuantizedX qx = quantize_x(table, v, x.data_ptr<float>(), k, m, gather);
   if (tiles) {
     TORCH_CHECK(amx_int8_ready(), "glmserve kernels: this CPU has no AMX int8 tiles for int8_channel_gemm");
     TORCH_CHECK(w.is_contiguous(), "glmserve kernels: int8_channel_gemm's tiles read contiguous weights");
@@ -510,26 +525,29 @@ void bind_decoder_stack(pybind11::module& m);
 }  // namespace glmserve
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  // The ops that can run for milliseconds (a prefill chunk's products, attention over a long context) let go of
-  // the GIL, as torch's own ops do, so that the server's event loop and other Python threads run meanwhile; the
-  // small per-layer ops, which take microseconds, keep it.
+  // Every op that reads tensors lets go of the GIL, as torch's own ops do, so that the server's event loop runs
+  // meanwhile: even the per-layer ops (SiLU, the norms, the router) take milliseconds over a prefill chunk.
   const auto no_gil = py::call_guard<py::gil_scoped_release>();
   m.def("available_isas", &glmserve::available_isas, "the ISA paths this CPU can run, slowest first");
   m.def("linear", &glmserve::linear, "x [..., K] fp32 @ W.T (+ bias) for W in any layout of kernels/reference.py",
         no_gil);
   m.def("int8_channel_gemm", &glmserve::int8_channel_gemm,
         "x @ W.T (+ bias) for per-channel int8 W through torch's int8 GEMM or AMX tiles, as "
-        "int8_channel_gemm_reference", no_gil);
+        "int8_channel_gemm_reference (x[rows] with rows)", no_gil);
+  m.def("tiles_beat_int_mm", &glmserve::tiles_beat_int_mm, "whether AMX tiles beat _int_mm on rows x k inputs");
+  m.def("moe_grouped_int8", &glmserve::moe_grouped_int8,
+        "a prefill chunk's routed experts with per-channel int8 weights, as FusedExperts._add_expert_by_expert",
+        no_gil);
   m.def("amx_int8_ready", &glmserve::amx_int8_ready, "whether this CPU has AMX int8 tiles this process may use");
   m.def("moe_experts", &glmserve::moe_experts, "the routed experts of one MoE block, as moe_experts_reference",
         no_gil);
-  m.def("rms_norm_residual", &glmserve::rms_norm_residual, "(RMSNorm(x + residual) * weight, x + residual)");
-  m.def("argmax", &glmserve::argmax_rows, "each row's first maximum (NaN counts as the maximum)");
-  m.def("rms_norm", &glmserve::rms_norm, "RMSNorm(x) * weight");
-  m.def("qk_norm_rope_", &glmserve::qk_norm_rope_, "QK-norm and partial RoPE of the QKV rows, in place");
-  m.def("silu_and_mul", &glmserve::silu_and_mul, "silu(gate) * up of [T, 2I] rows");
-  m.def("router_topk", &glmserve::router_topk, "the GLM-4.5 router's expert weights and ids from its logits");
-  m.def("embed_rows", &glmserve::embed_rows, "the dequantized rows of an int8 / int4 embedding table");
+  m.def("rms_norm_residual", &glmserve::rms_norm_residual, "(RMSNorm(x + residual) * weight, x + residual)", no_gil);
+  m.def("argmax", &glmserve::argmax_rows, "each row's first maximum (NaN counts as the maximum)", no_gil);
+  m.def("rms_norm", &glmserve::rms_norm, "RMSNorm(x) * weight", no_gil);
+  m.def("qk_norm_rope_", &glmserve::qk_norm_rope_, "QK-norm and partial RoPE of the QKV rows, in place", no_gil);
+  m.def("silu_and_mul", &glmserve::silu_and_mul, "silu(gate) * up of [T, 2I] rows", no_gil);
+  m.def("router_topk", &glmserve::router_topk, "the GLM-4.5 router's expert weights and ids from its logits", no_gil);
+  m.def("embed_rows", &glmserve::embed_rows, "the dequantized rows of an int8 / int4 embedding table", no_gil);
   m.def("stream_read", &glmserve::stream_read, "the wrapping sum of x's 64-bit words: a plain read of its memory",
         no_gil);
   m.def("parallel_threads", &glmserve::parallel_threads, "threads at::parallel_for spreads n items over");

@@ -114,8 +114,16 @@ class ScaledMethod(QuantMethod):
     def apply_experts(self, layer: nn.Module, x: torch.Tensor, weights: torch.Tensor,
                       ids: torch.Tensor) -> torch.Tensor:
         """Prefill (as many rows per expert on average as the GEMM path wants): expert by expert, each through
-        prefill_gemm or the native kernel by its own rows. Otherwise the native MoE block in one call."""
-        if prefill_gemm.wants_gemm(layer.w13, layer.w13.group_size, ids.numel() // layer.num_experts, layer.hidden):
+        prefill_gemm or the native kernel by its own rows; with per-channel int8 weights that loop is one native
+        call (kernels.moe_grouped_int8). Otherwise the native MoE block in one call."""
+        group = layer.w13.group_size
+        if prefill_gemm.wants_gemm(layer.w13, group, ids.numel() // layer.num_experts, layer.hidden):
+            if (prefill_gemm.layout(layer.w13, group, layer.hidden) == "int8-channel"
+                    and kernels.moe_grouped_int8_native(x, layer.w13)):
+                choices, counts = layer.sort_choices(ids.flatten())
+                return kernels.moe_grouped_int8(x, weights.view(-1), choices, counts, ids.shape[1], layer.w13,
+                                                layer.w13_scale, layer.w2, layer.w2_scale, group,
+                                                prefill_gemm.native_max_rows(layer.w13, group, layer.hidden))
             return layer.grouped_forward(x, weights, ids, self.expert, allow_grouped_mm=False)
         return kernels.moe_experts(x, weights, layer.local_ids(ids), layer.w13, layer.w13_scale, layer.w2,
                                    layer.w2_scale, layer.w13.group_size)
