@@ -221,9 +221,15 @@ at::Tensor embed_rows(const at::Tensor& table, const at::Tensor& scales, int64_t
       const uint8_t* row = bytes + id[r] * table.size(1);
       const float* s = sp + id[r] * groups;
       float* o = op + r * hidden;
-      for (int64_t c = 0; c < hidden; ++c) {
-        const int q = int4 ? ((row[c / 2] >> (4 * (c % 2))) & 0x0F) - 8 : static_cast<int8_t>(row[c]);
-        o[c] = static_cast<float>(q) * s[c / group_size];
+      // A group at a time, the format chosen outside the loop: int8's loop vectorizes.
+      for (int64_t g = 0; g < groups; ++g) {
+        const float scale = s[g];
+        const int64_t first = g * group_size, last = std::min(hidden, first + group_size);
+        if (int4)
+          for (int64_t c = first; c < last; ++c)
+            o[c] = static_cast<float>(((row[c / 2] >> (4 * (c % 2))) & 0x0F) - 8) * scale;
+        else
+          for (int64_t c = first; c < last; ++c) o[c] = static_cast<float>(static_cast<int8_t>(row[c])) * scale;
       }
     }
   });
