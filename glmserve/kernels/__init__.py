@@ -98,18 +98,18 @@ def moe_grouped_int8_native(x: torch.Tensor, w13: torch.Tensor) -> bool:
             and _fp32_rows(x) is not None)
 
 
-def moe_grouped_int8(x: torch.Tensor, flat_weights: torch.Tensor, choices: torch.Tensor, counts: torch.Tensor,
-                     top_k: int, w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor,
+def moe_grouped_int8(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, first_expert: int,
+                     w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor,
                      group_size: int, native_max_rows: int) -> torch.Tensor:
     """A prefill chunk's routed experts with per-channel int8 weights, in one native call (where
-    moe_grouped_int8_native): FusedExperts._add_expert_by_expert with ScaledMethod.expert, bit for bit. choices
-    (flat (token, k) indices sorted by expert) and counts as FusedExperts.sort_choices gives them; an expert with
-    more than native_max_rows rows goes through int8_channel_gemm (AMX tiles as it would choose them), the others
-    through the native kernel."""
+    moe_grouped_int8_native): FusedExperts._add_expert_by_expert with ScaledMethod.expert, bit for bit, for the
+    router's weights and ids [T, k] and a rank holding experts first_expert onwards. An expert with more than
+    native_max_rows rows goes through int8_channel_gemm (AMX tiles as it would choose them), the others through
+    the native kernel."""
     isa = native.default_isa()
     return native.extension().moe_grouped_int8(
-        x.contiguous(), flat_weights.float().contiguous(), choices.contiguous(), counts, top_k, w13, w13_scale, w2,
-        w2_scale, group_size, native_max_rows, native.isa_index(isa), native.int8_tiles(isa))
+        x.contiguous(), topk_weights.float().contiguous(), topk_ids.long().contiguous(), first_expert, w13, w13_scale,
+        w2, w2_scale, group_size, native_max_rows, native.isa_index(isa), native.int8_tiles(isa))
 
 
 def moe_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, w13: torch.Tensor,
@@ -125,6 +125,12 @@ def moe_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Ten
 
     return ext.moe_experts(x.contiguous(), topk_weights, topk_ids, w13.contiguous(), contiguous_scales(w13_scales),
                            w2.contiguous(), contiguous_scales(w2_scales), group_size, native.isa_index(isa))
+
+
+def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """A router's logits [T, E] from fp32 rows [T, H] (where fused_ops_native): the native kernel for a decode's
+    rows, torch's GEMM for a prefill's (the rule is the extension's, which the native stack's router follows too)."""
+    return native.extension().router_logits(x.contiguous(), weight.contiguous(), native.isa_index(None))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

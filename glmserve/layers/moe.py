@@ -22,7 +22,7 @@ ExpertFn = Callable[[nn.Module, torch.Tensor, int], torch.Tensor]
 
 class TopkRouter(nn.Module):
     """Sigmoid scores in fp32; the correction bias only chooses experts, the unbiased scores weight them
-    (on fp32 rows two native calls: the logits' product and kernels.router_topk)."""
+    (on fp32 rows two native calls: kernels.router_logits and kernels.router_topk)."""
 
     def __init__(self, hidden: int, num_experts: int, top_k: int, n_group: int, topk_group: int,
                  norm_topk_prob: bool, routed_scaling_factor: float):
@@ -37,7 +37,7 @@ class TopkRouter(nn.Module):
         """x: [T, H] → (weights [T, k] fp32, expert ids [T, k])."""
         x = x.float()
         native = kernels.fused_ops_native(x, self.weight)
-        logits = kernels.linear(x, self.weight) if native else F.linear(x, self.weight)
+        logits = kernels.router_logits(x, self.weight) if native else F.linear(x, self.weight)
         return kernels.router_topk(logits, self.e_score_correction_bias, self.top_k, self.n_group, self.topk_group,
                                    self.norm_topk_prob, self.routed_scaling_factor)
 
@@ -117,7 +117,7 @@ class FusedExperts(nn.Module):
         top_k = ids.shape[1]
         if x.device.type == "cpu" and ids.numel() <= self.MAX_CHOICES_ONE_BY_ONE:
             return self._one_by_one(x, weights, ids, expert_fn)
-        choices, counts = self.sort_choices(ids.flatten())
+        choices, counts = self._sort_choices(ids.flatten())
         if allow_grouped_mm and self._prefer_grouped_mm(x, counts, choices.numel()):
             grouped_x = x.index_select(0, choices // top_k)  # (index_select: ~5x faster than x[...] on CPU)
             return self._combine(self._grouped_mm(grouped_x, counts), choices, weights)
@@ -126,7 +126,7 @@ class FusedExperts(nn.Module):
         grouped_out = self._expert_loop(x.index_select(0, choices // top_k), counts.tolist(), expert_fn)
         return self._combine(grouped_out, choices, weights)
 
-    def sort_choices(self, flat_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _sort_choices(self, flat_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The (token, k) choices this rank computes, as flat indices sorted by expert, and how many rows each
         of its experts gets."""
         held = len(self.expert_ids)

@@ -1,7 +1,7 @@
 """The small fused kernels equal their torch references: RMSNorm (with and without the residual add), QK-norm +
-partial RoPE, SiLU(gate) * up, the GLM-4.5 router's top-k, argmax over the vocabulary (first maximum on ties, NaN
-counting as the maximum), the rows of a quantized embedding table. These ops have one native code path for every ISA
-(fused_step.cpp is compiled with the common flags), so each runs natively and on the torch fallback."""
+partial RoPE, SiLU(gate) * up, the GLM-4.5 router's logits and top-k, argmax over the vocabulary (first maximum on
+ties, NaN counting as the maximum), the rows of a quantized embedding table. These ops have one native code path for
+every ISA (fused_step.cpp is compiled with the common flags), so each runs natively and on the torch fallback."""
 
 import pytest
 import torch
@@ -99,6 +99,18 @@ def test_router_topk_equals_reference(tokens, experts, top_k, n_group, topk_grou
     ref_weights, ref_ids = kernels.router_topk_reference(logits, *args)
     assert ids.dtype == torch.int64 and torch.equal(ids, ref_ids)
     torch.testing.assert_close(weights, ref_weights, rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("rows", [1, 16, 127, 128, 300])
+def test_router_logits_take_torchs_gemm_from_128_rows(rows):
+    """The router's product: the native kernel below 128 rows, torch's GEMM (the same bits as F.linear) from there."""
+    if native.extension() is None:
+        pytest.skip("no native extension here")
+    gen = torch.Generator().manual_seed(rows)
+    x, weight = torch.randn(rows, 512, generator=gen), torch.randn(16, 512, generator=gen)
+    got = kernels.router_logits(x, weight)
+    torch.testing.assert_close(got, torch.nn.functional.linear(x, weight), rtol=1e-5, atol=1e-4)
+    assert torch.equal(got, torch.nn.functional.linear(x, weight) if rows >= 128 else kernels.linear(x, weight))
 
 
 def test_router_group_limit_changes_the_choice():

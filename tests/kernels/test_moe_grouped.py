@@ -48,6 +48,15 @@ def int8_isa(request, monkeypatch) -> str:
     return request.param
 
 
+def _grouped(layer: FusedExperts, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    return kernels.moe_grouped_int8(x, weights, ids, layer.expert_ids.start, layer.w13, layer.w13_scale, layer.w2,
+                                    layer.w2_scale, layer.w13.group_size, THRESHOLD)
+
+
+def _python_loop(layer: FusedExperts, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    return layer.grouped_forward(x, weights, ids, layer.quant_method.expert, allow_grouped_mm=False)
+
+
 @pytest.mark.parametrize("tiles", [False, True])
 @pytest.mark.parametrize("hidden,inter", [(96, 40), (200, 136), (1100, 48)])
 def test_one_call_gives_the_python_loops_bits(int8_isa, tiles, hidden, inter, monkeypatch):
@@ -57,13 +66,22 @@ def test_one_call_gives_the_python_loops_bits(int8_isa, tiles, hidden, inter, mo
     layer = _experts(hidden, inter)
     weights, ids = _routing(torch.Generator().manual_seed(hidden + inter))
     x = torch.randn(TOKENS, hidden, generator=torch.Generator().manual_seed(1))
-    choices, counts = layer.sort_choices(ids.flatten())
-    assert counts.tolist() == [80, 80, THRESHOLD, 48, 0, 27, 27, 26]
+    assert torch.bincount(ids.flatten(), minlength=EXPERTS).tolist() == [80, 80, THRESHOLD, 48, 0, 27, 27, 26]
     assert kernels.moe_grouped_int8_native(x, layer.w13)
-    got = kernels.moe_grouped_int8(x, weights.view(-1), choices, counts, TOP_K, layer.w13, layer.w13_scale, layer.w2,
-                                   layer.w2_scale, layer.w13.group_size, THRESHOLD)
-    want = layer.grouped_forward(x, weights, ids, layer.quant_method.expert, allow_grouped_mm=False)
-    assert torch.equal(got, want)
+    assert torch.equal(_grouped(layer, x, weights, ids), _python_loop(layer, x, weights, ids))
+
+
+def test_a_rank_adds_only_its_own_experts(int8_isa):
+    """Expert parallel: this rank holds the model's experts 4-11 of 16, so of the router's choices (0-7) only 4-7
+    are its own, computed as its local 0-3."""
+    layer = _experts(96, 40)
+    layer.num_experts, layer.expert_ids = 16, range(4, 12)
+    weights, ids = _routing(torch.Generator().manual_seed(5))
+    x = torch.randn(TOKENS, 96)
+    got = _grouped(layer, x, weights, ids)
+    assert torch.equal(got, _python_loop(layer, x, weights, ids))
+    layer.expert_ids = range(0, 8)  # the same weights as experts 0-7: another sum
+    assert not torch.equal(got, _grouped(layer, x, weights, ids))
 
 
 def test_a_prefill_takes_the_one_call(int8_isa, monkeypatch):
@@ -77,15 +95,11 @@ def test_a_prefill_takes_the_one_call(int8_isa, monkeypatch):
     monkeypatch.setattr(kernels, "moe_grouped_int8", lambda *a: calls.append(1) or grouped(*a))
     got = layer(x, weights, ids)
     assert calls == [1]
-    assert torch.equal(got, layer.grouped_forward(x, weights, ids, layer.quant_method.expert, allow_grouped_mm=False))
+    assert torch.equal(got, _python_loop(layer, x, weights, ids))
 
 
-def test_bad_counts_are_refused(int8_isa):
+def test_mismatched_routing_is_refused(int8_isa):
     layer = _experts(96, 40)
     weights, ids = _routing(torch.Generator().manual_seed(4))
-    x = torch.randn(TOKENS, 96)
-    choices, counts = layer.sort_choices(ids.flatten())
-    counts[0] += 1  # one more row than there are choices
-    with pytest.raises(RuntimeError, match="counts add up to more than the choices"):
-        kernels.moe_grouped_int8(x, weights.view(-1), choices, counts, TOP_K, layer.w13, layer.w13_scale, layer.w2,
-                                 layer.w2_scale, layer.w13.group_size, THRESHOLD)
+    with pytest.raises(RuntimeError, match="both \\[T, k\\]"):
+        _grouped(layer, torch.randn(TOKENS, 96), weights[:, :3], ids)

@@ -160,7 +160,7 @@ def test_experts_added_one_by_one_equal_the_grouped_rows_combined(held):
     ids = torch.stack([torch.randperm(7, generator=gen)[:3] for _ in range(40)])
     ids[ids == 5] = 7  # expert 5: no rows
     weights = torch.rand(40, 3, generator=gen)
-    choices, counts = experts.sort_choices(ids.flatten())
+    choices, counts = experts._sort_choices(ids.flatten())
     assert 0 in counts.tolist() and (choices.numel() < ids.numel()) == (held.start > 0)
     fn = experts.quant_method.expert
     got = experts._add_expert_by_expert(x, weights, choices, counts.tolist(), fn)

@@ -117,7 +117,7 @@ at::Tensor attention(const DecoderLayer& layer, const at::Tensor& h, const at::T
 at::Tensor mlp(const DecoderLayer& layer, const at::Tensor& h, int64_t isa) {
   at::Tensor dense = layer.down(silu_and_mul(layer.gate_up(h, isa)), isa);
   if (!layer.moe) return dense;
-  const at::Tensor logits = linear(h, layer.router_weight, c10::nullopt, 0, c10::nullopt, isa);
+  const at::Tensor logits = router_logits(h, layer.router_weight, isa);
   const auto [weights, ids] = router_topk(logits, layer.router_bias, layer.top_k, layer.n_group, layer.topk_group,
                                           layer.renormalize, layer.routed_scaling_factor);
   const at::Tensor routed = moe_experts(h, weights, ids, layer.w13, layer.w13_scales, layer.w2, layer.w2_scales,

@@ -35,47 +35,51 @@ void add_weighted_rows(at::Tensor& out, const at::Tensor& y, const std::vector<i
                    });
 }
 
+// The flat (token, k) choices of this rank's experts (ids first_expert .. first_expert + experts - 1), grouped by
+// expert in the order they come: FusedExperts.sort_choices' stable argsort, as a counting sort.
+std::vector<std::vector<int64_t>> choices_by_expert(const at::Tensor& ids, int64_t first_expert, int64_t experts) {
+  std::vector<std::vector<int64_t>> by_expert(experts);
+  const int64_t* id = ids.data_ptr<int64_t>();
+  for (int64_t c = 0; c < ids.numel(); ++c) {
+    const int64_t local = id[c] - first_expert;
+    if (local >= 0 && local < experts) by_expert[local].push_back(c);
+  }
+  return by_expert;
+}
+
 }  // namespace
 
-// x [T, H] fp32; flat_weights [T * k] fp32 (routing weights, token-major); choices int64 [n]: flat (token, k)
-// indices sorted by expert; counts int64 [E]: each expert's run of choices. An expert with more than
+// x [T, H] fp32; topk_weights fp32 and topk_ids int64 [T, k], the router's; this rank holds experts first_expert
+// onwards (w13 [E, 2I, H], w2 [E, H, I]; another rank's choices add nothing here). An expert with more than
 // native_max_rows rows multiplies through int8_channel_gemm (AMX tiles where `tiles` and tiles_beat_int_mm), one
 // with fewer through the native kernel (`linear`), as ScaledMethod's products choose.
-at::Tensor moe_grouped_int8(const at::Tensor& x, const at::Tensor& flat_weights, const at::Tensor& choices,
-                            const at::Tensor& counts, int64_t top_k, const at::Tensor& w13,
-                            const at::Tensor& w13_scale, const at::Tensor& w2, const at::Tensor& w2_scale,
-                            int64_t group_size, int64_t native_max_rows, int64_t isa, bool tiles) {
+at::Tensor moe_grouped_int8(const at::Tensor& x, const at::Tensor& topk_weights, const at::Tensor& topk_ids,
+                            int64_t first_expert, const at::Tensor& w13, const at::Tensor& w13_scale,
+                            const at::Tensor& w2, const at::Tensor& w2_scale, int64_t group_size,
+                            int64_t native_max_rows, int64_t isa, bool tiles) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
               "glmserve kernels: moe_grouped_int8 takes contiguous fp32 [T, H] rows");
   TORCH_CHECK(w13.dim() == 3 && w2.dim() == 3 && w13.scalar_type() == at::kChar && w2.scalar_type() == at::kChar &&
                   w13.size(0) == w2.size(0) && w13.size(2) == x.size(1) && w2.size(1) == x.size(1) &&
                   w13.size(1) == 2 * w2.size(2),
               "glmserve kernels: moe_grouped_int8 takes int8 w13 [E, 2I, H] and w2 [E, H, I]");
-  TORCH_CHECK(counts.dim() == 1 && counts.scalar_type() == at::kLong && counts.size(0) == w13.size(0) &&
-                  choices.dim() == 1 && choices.scalar_type() == at::kLong && choices.is_contiguous(),
-              "glmserve kernels: moe_grouped_int8 takes int64 choices [n] and counts [E]");
-  TORCH_CHECK(flat_weights.dim() == 1 && flat_weights.scalar_type() == at::kFloat && flat_weights.is_contiguous() &&
-                  flat_weights.size(0) == x.size(0) * top_k,
-              "glmserve kernels: moe_grouped_int8 takes fp32 routing weights [T * k]");
-  const at::Tensor count = counts.contiguous();
-  const int64_t experts = w13.size(0), hidden = x.size(1), inter = w2.size(2), n = choices.size(0);
-  const int64_t* choice = choices.data_ptr<int64_t>();
-  const float* routing = flat_weights.data_ptr<float>();
+  TORCH_CHECK(topk_ids.dim() == 2 && topk_ids.scalar_type() == at::kLong && topk_ids.is_contiguous() &&
+                  topk_ids.sizes() == topk_weights.sizes() && topk_weights.scalar_type() == at::kFloat &&
+                  topk_weights.is_contiguous() && topk_ids.size(0) == x.size(0),
+              "glmserve kernels: moe_grouped_int8 takes contiguous fp32 weights and int64 ids, both [T, k]");
+  const int64_t experts = w13.size(0), hidden = x.size(1), inter = w2.size(2), top_k = topk_ids.size(1);
+  const float* routing = topk_weights.data_ptr<float>();
   at::Tensor out = at::zeros_like(x);
-  int64_t start = 0;
+  const auto by_expert = choices_by_expert(topk_ids, first_expert, experts);
   for (int64_t e = 0; e < experts; ++e) {
-    const int64_t rows = count.data_ptr<int64_t>()[e];
+    const int64_t rows = static_cast<int64_t>(by_expert[e].size());
     if (rows == 0) continue;
-    TORCH_CHECK(rows > 0 && start + rows <= n, "glmserve kernels: the counts add up to more than the choices");
     std::vector<int64_t> tokens(rows);
     std::vector<float> weights(rows);
     for (int64_t r = 0; r < rows; ++r) {
-      const int64_t c = choice[start + r];
-      TORCH_CHECK(c >= 0 && c < flat_weights.size(0), "glmserve kernels: choice ", c, " is out of range");
-      tokens[r] = c / top_k;
-      weights[r] = routing[c];
+      tokens[r] = by_expert[e][r] / top_k;
+      weights[r] = routing[by_expert[e][r]];
     }
-    start += rows;
     const at::Tensor token_rows = at::from_blob(tokens.data(), {rows}, at::kLong);
     at::Tensor y;
     if (rows > native_max_rows) {

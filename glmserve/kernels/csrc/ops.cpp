@@ -187,6 +187,16 @@ at::Tensor linear(const at::Tensor& x_in, const at::Tensor& w_in, const c10::opt
 
 bool tiles_beat_int_mm(int64_t rows, int64_t k) { return k <= 1024 || rows >= 256; }
 
+// A router's logits [T, E] from fp32 rows [T, H] and its fp32 weight [E, H]: the native kernel for a decode's rows,
+// torch's GEMM (oneDNN) from kRouterGemmRows, where the native kernel, which walks the few weight rows once per
+// block of activation rows, was 1.3-2.5x slower (bench-57m, bench-528m and Air router shapes, 2 threads).
+constexpr int64_t kRouterGemmRows = 128;
+
+at::Tensor router_logits(const at::Tensor& x, const at::Tensor& w, int64_t isa) {
+  if (x.size(0) >= kRouterGemmRows) return at::linear(x, w);
+  return linear(x, w, c10::nullopt, 0, c10::nullopt, isa);
+}
+
 // x [M, K] fp32 @ W.T (+ bias) for an int8 W [N, K] with one scale per row, as torch's int8 GEMM (at::_int_mm,
 // oneDNN, blocked for cache) or, with `tiles`, int8_gemm_amx.cpp's AMX GEMM, over x quantized as the integer
 // kernels quantize it (the tiles scale their own sums, in the same steps). Its int32 sums are
@@ -535,6 +545,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "x @ W.T (+ bias) for per-channel int8 W through torch's int8 GEMM or AMX tiles, as "
         "int8_channel_gemm_reference (x[rows] with rows)", no_gil);
   m.def("tiles_beat_int_mm", &glmserve::tiles_beat_int_mm, "whether AMX tiles beat _int_mm on rows x k inputs");
+  m.def("router_logits", &glmserve::router_logits, "a router's fp32 logits: the native kernel or torch's GEMM",
+        no_gil);
   m.def("moe_grouped_int8", &glmserve::moe_grouped_int8,
         "a prefill chunk's routed experts with per-channel int8 weights, as FusedExperts._add_expert_by_expert",
         no_gil);

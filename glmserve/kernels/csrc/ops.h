@@ -14,6 +14,7 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& topk_weights, cons
                        const at::Tensor& w13, const c10::optional<at::Tensor>& w13_scales, const at::Tensor& w2,
                        const c10::optional<at::Tensor>& w2_scales, int64_t group_size, int64_t isa);
 bool tiles_beat_int_mm(int64_t rows, int64_t k);
+at::Tensor router_logits(const at::Tensor& x, const at::Tensor& w, int64_t isa);
 at::Tensor int8_channel_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
                              const c10::optional<at::Tensor>& bias, int64_t isa, bool tiles,
                              const c10::optional<at::Tensor>& rows);
@@ -38,9 +39,9 @@ std::tuple<at::Tensor, at::Tensor> router_topk(const at::Tensor& logits, const a
 at::Tensor embed_rows(const at::Tensor& table, const at::Tensor& scales, int64_t group_size, const at::Tensor& ids);
 
 // moe_grouped.cpp
-at::Tensor moe_grouped_int8(const at::Tensor& x, const at::Tensor& flat_weights, const at::Tensor& choices,
-                            const at::Tensor& counts, int64_t top_k, const at::Tensor& w13,
-                            const at::Tensor& w13_scale, const at::Tensor& w2, const at::Tensor& w2_scale,
-                            int64_t group_size, int64_t native_max_rows, int64_t isa, bool tiles);
+at::Tensor moe_grouped_int8(const at::Tensor& x, const at::Tensor& topk_weights, const at::Tensor& topk_ids,
+                            int64_t first_expert, const at::Tensor& w13, const at::Tensor& w13_scale,
+                            const at::Tensor& w2, const at::Tensor& w2_scale, int64_t group_size,
+                            int64_t native_max_rows, int64_t isa, bool tiles);
 
 }  // namespace glmserve

@@ -120,9 +120,8 @@ class ScaledMethod(QuantMethod):
         if prefill_gemm.wants_gemm(layer.w13, group, ids.numel() // layer.num_experts, layer.hidden):
             if (prefill_gemm.layout(layer.w13, group, layer.hidden) == "int8-channel"
                     and kernels.moe_grouped_int8_native(x, layer.w13)):
-                choices, counts = layer.sort_choices(ids.flatten())
-                return kernels.moe_grouped_int8(x, weights.view(-1), choices, counts, ids.shape[1], layer.w13,
-                                                layer.w13_scale, layer.w2, layer.w2_scale, group,
+                return kernels.moe_grouped_int8(x, weights, ids, layer.expert_ids.start, layer.w13, layer.w13_scale,
+                                                layer.w2, layer.w2_scale, group,
                                                 prefill_gemm.native_max_rows(layer.w13, group, layer.hidden))
             return layer.grouped_forward(x, weights, ids, self.expert, allow_grouped_mm=False)
         return kernels.moe_experts(x, weights, layer.local_ids(ids), layer.w13, layer.w13_scale, layer.w2,
