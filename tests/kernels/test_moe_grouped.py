@@ -43,7 +43,7 @@ def _routing(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.fixture(params=[isa for isa in native.INT8_ACTIVATION_ISAS if isa in native.available_isas()])
 def int8_isa(request, monkeypatch) -> str:
-    monkeypatch.setenv("GLMSERVE_KERNEL_ISA", request.param)
+    monkeypatch.setattr(native, "default_isa", lambda: request.param)  # (cached: GLMSERVE_KERNEL_ISA is read once)
     monkeypatch.setattr(prefill_gemm, "native_max_rows", lambda weight, group_size, k: THRESHOLD)
     return request.param
 
