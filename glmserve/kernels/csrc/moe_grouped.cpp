@@ -36,7 +36,7 @@ void add_weighted_rows(at::Tensor& out, const at::Tensor& y, const std::vector<i
 }
 
 // The flat (token, k) choices of this rank's experts (ids first_expert .. first_expert + experts - 1), grouped by
-// expert in the order they come: FusedExperts.sort_choices' stable argsort, as a counting sort.
+// expert in the order they come: FusedExperts._sort_choices' stable argsort, as a counting sort.
 std::vector<std::vector<int64_t>> choices_by_expert(const at::Tensor& ids, int64_t first_expert, int64_t experts) {
   std::vector<std::vector<int64_t>> by_expert(experts);
   const int64_t* id = ids.data_ptr<int64_t>();
