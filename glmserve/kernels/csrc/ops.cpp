@@ -189,7 +189,7 @@ bool tiles_beat_int_mm(int64_t rows, int64_t k) { return k <= 1024 || rows >= 25
 
 // A router's logits [T, E] from fp32 rows [T, H] and its fp32 weight [E, H]: the native kernel for a decode's rows,
 // torch's GEMM (oneDNN) from kRouterGemmRows, where the native kernel, which walks the few weight rows once per
-// block of activation rows, was 1.3-2.5x slower (bench-57m, bench-528m and Air router shapes, 2 threads).
+// block of activation rows, was the slower on every router shape measured (BENCHMARKS.md, session 30).
 constexpr int64_t kRouterGemmRows = 128;
 
 at::Tensor router_logits(const at::Tensor& x, const at::Tensor& w, int64_t isa) {
