@@ -17,7 +17,7 @@ namespace avx512 {
 struct V {
   using F = __m512;
   static constexpr int kWidth = 16, kTileRows = 4, kTileCols = 4;
-  static constexpr bool kNonTemporalStreams = false;  // not yet measured here against prefetcht1
+  static constexpr bool kNonTemporalStreams = true;  // gemm_impl.h; BENCHMARKS.md, session 31
   static F zero() { return _mm512_setzero_ps(); }
   static F load(const float* p) { return _mm512_loadu_ps(p); }
   static F set1(float v) { return _mm512_set1_ps(v); }

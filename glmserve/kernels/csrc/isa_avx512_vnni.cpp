@@ -20,8 +20,17 @@ namespace avx512_vnni {
 constexpr int kTileRows = 4, kTileCols = 4;
 constexpr int kPerRowTileRows = 4;  // gemm_tile_per_row's rows: it holds only int32 sums
 // A tile's NR weight rows are contiguous, and so are the next tiles': while a tile is read, a later one is
-// prefetched into L2, NR cache lines per vector step (gemm.h's kPrefetchAheadBytes), as the float path does
-// (gemm_impl.h); into L1 (prefetcht0) the int4 GEMVs read memory slower (BENCHMARKS.md).
+// prefetched, NR cache lines per vector step (gemm.h's kPrefetchAheadBytes), as the float path does (gemm_impl.h).
+// A product of one row tile (decode's GEMVs, an expert's few tokens) reads each line once, so it fetches them
+// non-temporally, as the AVX2 path does: the streamed weights then evict less of what the step keeps in L2 / L3.
+// More rows re-read each tile, which then goes to L2 (into L1 the int4 GEMVs read memory slower; BENCHMARKS.md).
+inline void prefetch_weights(const char* line, bool streaming) {
+  if (streaming) {
+    _mm_prefetch(line, _MM_HINT_NTA);
+  } else {
+    _mm_prefetch(line, _MM_HINT_T1);
+  }
+}
 
 // vpdpbusd multiplies unsigned bytes by signed ones: int8 weights are shifted to unsigned by +128 (an xor), int4
 // nibbles already are (q + 8); lane_bias takes the shift back out. Input k's weights sit at byte k (int8) or in
@@ -47,6 +56,7 @@ inline void gemm_tile(const GemmArgs& a, int64_t m0, int64_t n0, const ScaleWalk
   const float* s = a.scales + n0 * a.groups;
   const int64_t tiles_ahead = (kPrefetchAheadBytes + NR * row_bytes - 1) / (NR * row_bytes);
   const char* next_tile = reinterpret_cast<const char*>(w + tiles_ahead * NR * row_bytes);
+  const bool streaming = a.rows <= kTileRows;  // each tile read once
   // The scales likewise, one line a step.
   const char* next_scales = reinterpret_cast<const char*>(s + tiles_ahead * NR * a.groups);
   const int64_t scale_bytes = NR * a.groups * static_cast<int64_t>(sizeof(float));
@@ -68,7 +78,7 @@ inline void gemm_tile(const GemmArgs& a, int64_t m0, int64_t n0, const ScaleWalk
     const __mmask8 scales_left = static_cast<__mmask8>((1 << (a.groups - g0 < 4 ? a.groups - g0 : 4)) - 1);
     #pragma GCC unroll 16
     for (int r = 0; r < NR; ++r) {
-      _mm_prefetch(next_tile + 64 * (NR * v + r), _MM_HINT_T1);
+      prefetch_weights(next_tile + 64 * (NR * v + r), streaming);
       // Masked loads only at a row's end: on AMD Zen they cost several times a plain load.
       const uint8_t* wp = w + r * row_bytes + 64 * v;
       const __m512i wv = bytes == ~0ULL ? _mm512_loadu_si512(wp) : _mm512_maskz_loadu_epi8(bytes, wp);
@@ -142,6 +152,7 @@ inline void gemm_tile_per_row(const GemmArgs& a, int64_t m0, int64_t n0) {
   for (int m = 0; m < MB; ++m) q[m] = qx.q + (m0 + m) * qx.ld_q;
   const int64_t tiles_ahead = (kPrefetchAheadBytes + NR * row_bytes - 1) / (NR * row_bytes);
   const char* next_tile = reinterpret_cast<const char*>(w[0] + tiles_ahead * NR * row_bytes);
+  const bool streaming = a.rows <= kPerRowTileRows;  // each tile read once
   __m512i acc[MB][NR];
   #pragma GCC unroll 16
   for (int m = 0; m < MB; ++m)
@@ -154,7 +165,7 @@ inline void gemm_tile_per_row(const GemmArgs& a, int64_t m0, int64_t n0) {
     for (int m = 0; m < MB; ++m) qv[m] = _mm512_loadu_si512(q[m] + 64 * v);
     #pragma GCC unroll 16
     for (int r = 0; r < NR; ++r) {
-      _mm_prefetch(next_tile + 64 * (NR * v + r), _MM_HINT_T1);
+      prefetch_weights(next_tile + 64 * (NR * v + r), streaming);
       const uint8_t* wp = w[r] + 64 * v;
       // Masked loads only at a row's end: on AMD Zen they cost several times a plain load.
       const __m512i wv = bytes == ~0ULL ? _mm512_loadu_si512(wp) : _mm512_maskz_loadu_epi8(bytes, wp);
