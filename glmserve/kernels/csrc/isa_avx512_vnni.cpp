@@ -24,7 +24,8 @@ constexpr int kPerRowTileRows = 4;  // gemm_tile_per_row's rows: it holds only i
 // A product of one row tile (decode's GEMVs, an expert's few tokens) reads each line once, so it fetches them
 // non-temporally, as the AVX2 path does: the streamed weights then evict less of what the step keeps in L2 / L3.
 // More rows re-read each tile, which then goes to L2 (into L1 the int4 GEMVs read memory slower; BENCHMARKS.md).
-inline void prefetch_weights(const char* line, bool streaming) {
+// Forced inline: left to GCC 12, the kernels lost every weight prefetch (none in the objects).
+__attribute__((always_inline)) inline void prefetch_weights(const char* line, bool streaming) {
   if (streaming) {
     _mm_prefetch(line, _MM_HINT_NTA);
   } else {
