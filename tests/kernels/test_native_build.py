@@ -119,3 +119,36 @@ def test_the_build_lock_is_held_across_processes_and_freed_when_its_holder_dies(
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the kernel freed it with its holder
     finally:
         holder.kill()
+
+
+def _functions_disassembled(library: str, namespace: str, name: str) -> dict[str, str]:
+    """Each defined function `glmserve::NAMESPACE::NAME<...>` of the built library, by its demangled name, as
+    objdump disassembles it."""
+    symbols = subprocess.run(["nm", "-C", "-S", "--defined-only", library], capture_output=True, text=True,
+                             check=True).stdout
+    functions = {}
+    for line in symbols.splitlines():
+        parts = line.split(maxsplit=3)
+        if len(parts) == 4 and parts[3].startswith(f"void glmserve::{namespace}::{name}<"):
+            start, size = int(parts[0], 16), int(parts[1], 16)
+            functions[parts[3]] = subprocess.run(
+                ["objdump", "-d", "--no-show-raw-insn", f"--start-address={start}", f"--stop-address={start + size}",
+                 library], capture_output=True, text=True, check=True).stdout
+    return functions
+
+
+@pytest.mark.parametrize("namespace, name", [("avx512_vnni", "gemm_tile_per_row"), ("avx512_vnni", "gemm_tile"),
+                                             ("avx512", "gemm_tile"), ("avx2", "gemm_tile"),
+                                             ("avx2_int", "gemm")])
+def test_weight_streaming_kernels_keep_their_prefetches(namespace, name):
+    """A decode product streams its weights through prefetches placed ahead of the tile it reads, non-temporal ones
+    for a single row tile: nothing checks them but the machine code, and GCC 12 once dropped every one from the VNNI
+    tiles (a plain `inline` helper), which halved a 16-row lm_head's speed without changing a bit of its output."""
+    ext = native.extension()
+    if ext is None or not (shutil.which("nm") and shutil.which("objdump")):
+        pytest.skip("no native extension, or no binutils to read it")
+    functions = _functions_disassembled(ext.__file__, namespace, name)
+    if not functions:
+        pytest.skip(f"this build has no {namespace} kernels (a compiler without the ISA)")
+    for function, code in functions.items():
+        assert "prefetchnta" in code, f"{function}: no non-temporal weight prefetch"
