@@ -143,7 +143,7 @@ def _functions_disassembled(library: str, namespace: str, name: str) -> dict[str
 def test_weight_streaming_kernels_keep_their_prefetches(namespace, name):
     """A decode product streams its weights through prefetches placed ahead of the tile it reads, non-temporal ones
     for a single row tile: nothing checks them but the machine code, and GCC 12 once dropped every one from the VNNI
-    tiles (a plain `inline` helper), which halved a 16-row lm_head's speed without changing a bit of its output."""
+    tiles (a plain `inline` helper), which made a 16-row lm_head 1.6x slower without changing a bit of its output."""
     ext = native.extension()
     if ext is None or not (shutil.which("nm") and shutil.which("objdump")):
         pytest.skip("no native extension, or no binutils to read it")
