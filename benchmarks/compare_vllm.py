@@ -9,7 +9,8 @@ vLLM lives in its own virtual environment (it is not a glmserve dependency; ../s
 it installs here); without it the script says so and exits 0. Both servers start once and stay up; each
 measurement sends a batch of b requests at once (`/v1/completions`, random token-id prompts, greedy, EOS ignored,
 prefix caching off in both) and takes BENCH.md's decode rate b * (output_len - 1) / (full run - max_tokens=1 run).
-The engines alternate per repetition; medians of the undisturbed runs; both servers' greedy tokens are compared
+The engines alternate per repetition, each measurement (serving runs too) first waiting up to --quiet-wait
+seconds for the other server to go quiet; medians of the undisturbed runs; both servers' greedy tokens are compared
 (vLLM's `return_token_ids`, which glmserve also serves). Then `glmserve bench serve` drives each server with
 --serve-prompts requests at --serve-concurrency (TPOT, TTFT, throughput; the same prompts for both).
 """
@@ -29,7 +30,7 @@ from pathlib import Path
 
 from glmserve.bench.checkpoints import prepare_checkpoint
 from glmserve.bench.engines import ServerEngine
-from glmserve.bench.host import OtherLoad, cpu_name, exclusive_lock, glmserve_revision, write_results
+from glmserve.bench.host import OtherLoad, cpu_name, exclusive_lock, glmserve_revision, wait_quiet, write_results
 from glmserve.bench.offline import BENCH_CACHE, add_measurement_args, measure_batch, random_prompts
 from glmserve.config import QUANTIZATION_METHODS
 from glmserve.testing.server import Server, free_port, start_peer_server, start_server
@@ -54,6 +55,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cpu-lock", type=Path, help="hold this file's flock: shared while the servers start, exclusive "
                    "while they are measured")
     add_measurement_args(p, num_iters=5)
+    # The other server is idle but not quiet at first: vLLM's engine keeps about a third of a core busy for a second
+    # or two after its last request, which an engine measured right after it would pay for. So every measurement
+    # waits for quiet (the other server included) by default.
+    p.set_defaults(quiet_wait=15.0)
     p.add_argument("--vllm-memory-fraction", type=float, default=0.3,
                    help="vLLM's --gpu-memory-utilization, which on CPU is the share of the NUMA node's memory it "
                         "reserves (its default 0.92 fails when anything else holds memory)")
@@ -149,6 +154,7 @@ def serving_runs(args, directory: Path, names: list[str], servers: list[Server],
         order = list(zip(names, servers))
         for name, server in order if rep % 2 == 0 else order[::-1]:
             out = logs / f"serve-{name}-{rep}.json"
+            wait_quiet(args.max_other_load, args.quiet_wait)
             command = [sys.executable, "-m", "glmserve", "bench", "serve", "--base-url", server.url, "--model",
                        SERVED_NAME, "--tokenizer", str(directory), "--endpoint", "/v1/completions",
                        "--random-input-len", str(args.input_len), "--random-output-len", str(args.output_len),
