@@ -36,9 +36,10 @@ from glmserve import kernels
 # native kernel is as fast or faster: a tile's dequantization is paid once per call whatever the rows, int4 and fp8
 # tiles take several int16 passes to build, and the native int8 kernel already runs VNNI. Crossovers measured at
 # 2 threads with the native kernels on both threads (benchmarks/prefill_gemm.py, bench-57m / bench-528m / Air
-# shapes; BENCHMARKS.md, session 16 merged): fp8 32-64 rows, int8 in groups 128-512, int8 per channel 128-256
-# (bench-57m's small products stay native to 2048: the expert path decides per expert), int4 1024-2048.
-GEMM_MIN_ROWS = {"int8-channel": 256, "int8-group": 256, "int4": 1024, "fp8": 64}
+# shapes; BENCHMARKS.md, session 16 merged): fp8 32-64 rows, int8 in groups 128-512, int4 1024-2048. Int8 per
+# channel, re-measured in session 32 against today's quantizer and GEMM path: from 128 rows on every expert and
+# attention shape (at 64 rows the shapes disagree).
+GEMM_MIN_ROWS = {"int8-channel": 128, "int8-group": 256, "int4": 1024, "fp8": 64}
 # With AMX int8 tiles (kernels.native.int8_tiles) the per-channel GEMM beats the native kernel from 32-64 rows on
 # every bench and Air shape measured (and torch's _int_mm does too on that CPU).
 GEMM_MIN_ROWS_WITH_TILES = {"int8-channel": 64}
