@@ -15,6 +15,7 @@
 #include "int8_gemm_amx.h"
 #include "isa.h"
 #include "ops.h"
+#include "silu.h"
 
 namespace glmserve {
 
@@ -301,12 +302,11 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& topk_weights, cons
   for (int64_t e = 0; e < experts; ++e) first[e + 1] = first[e] + counts[e];
   std::vector<int64_t> filled(first.begin(), first.end() - 1);
   const int64_t assigned = first[experts];
-  at::Tensor xg = at::empty({assigned, hidden}, x.options());
+  std::vector<int64_t> row_token(assigned);
   for (int64_t i = 0; i < tokens * top_k; ++i)
     if (id[i] >= 0) {
       slot_row[i] = filled[id[i]]++;
-      std::memcpy(xg.data_ptr<float>() + slot_row[i] * hidden, x.data_ptr<float>() + (i / top_k) * hidden,
-                  hidden * sizeof(float));
+      row_token[slot_row[i]] = i / top_k;
     }
 
   const IsaKernels& table = kernels_for(isa);
@@ -314,13 +314,25 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& topk_weights, cons
   const GemmFn fn13 = (q8_13 ? table.gemm_q8 : table.gemm)[v13.type];
   const GemmFn fn2 = (q8_2 ? table.gemm_q8 : table.gemm)[v2.type];
   QuantizedX qx13, qx2;
-  if (q8_13) qx13 = quantize_x(table, v13, xg.data_ptr<float>(), hidden, assigned);
+  // A q8 kernel reads only the quantized rows, quantized in parallel from their tokens' rows where they lie; the
+  // fp32 rows are gathered into experts' blocks only for a float product (a serial copy of top_k rows a token).
+  at::Tensor xg;
+  if (q8_13) {
+    qx13 = quantize_x(table, v13, x.data_ptr<float>(), hidden, assigned, row_token.data());
+  } else {
+    xg = at::empty({assigned, hidden}, x.options());
+    for (int64_t r = 0; r < assigned; ++r)
+      std::memcpy(xg.data_ptr<float>() + r * hidden, x.data_ptr<float>() + row_token[r] * hidden,
+                  hidden * sizeof(float));
+  }
   const auto* w13_bytes = static_cast<const uint8_t*>(w13.data_ptr());
   const auto* w2_bytes = static_cast<const uint8_t*>(w2.data_ptr());
   const float* s13 = is_scaled(v13.type) ? w13_scales->data_ptr<float>() : nullptr;
   const float* s2 = is_scaled(v2.type) ? w2_scales->data_ptr<float>() : nullptr;
 
-  // Gate and up of the same rows in one task, so SiLU(gate) * up is formed while both are in cache.
+  // Gate and up of the same rows in one task, so SiLU(gate) * up is formed while both are in cache, in vector lanes
+  // where the CPU runs AVX2 (rather than glibc's expf, one call per value).
+  static const bool avx2 = cpu_runs_isa(1);
   at::Tensor gate = at::empty({assigned, inter}, x.options()), up = at::empty({assigned, inter}, x.options());
   const std::vector<ExpertTask> tasks13 = expert_tasks(counts, inter);
   at::parallel_for(0, static_cast<int64_t>(tasks13.size()), 1, [&](int64_t begin, int64_t end) {
@@ -331,7 +343,7 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& topk_weights, cons
       const float* s = s13 ? s13 + task.expert * 2 * inter * v13.groups : nullptr;
       float* g = gate.data_ptr<float>() + row0 * inter;
       float* u = up.data_ptr<float>() + row0 * inter;
-      const float* xe = xg.data_ptr<float>() + row0 * hidden;
+      const float* xe = q8_13 ? nullptr : xg.data_ptr<float>() + row0 * hidden;
       const QuantizedRows expert_qx = q8_13 ? qx13.from_row(row0) : QuantizedRows{};
       GemmArgs args = gemm_args(v13, w, s, xe, hidden, rows, g, inter);
       args.qx = q8_13 ? &expert_qx : nullptr;
@@ -340,11 +352,15 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& topk_weights, cons
       args.scales = s ? s + inter * v13.groups : nullptr;
       args.y = u;
       fn13(args, task.begin, task.end);
-      for (int64_t r = 0; r < rows; ++r)
-        for (int64_t c = task.begin; c < task.end; ++c) {
-          const float a = g[r * inter + c];
-          g[r * inter + c] = a / (1.f + std::exp(-a)) * u[r * inter + c];
+      for (int64_t r = 0; r < rows; ++r) {
+        float* gr = g + r * inter;
+        const float* ur = u + r * inter;
+        if (avx2) {
+          silu_mul_avx2(gr + task.begin, ur + task.begin, task.end - task.begin, gr + task.begin);
+          continue;
         }
+        for (int64_t c = task.begin; c < task.end; ++c) gr[c] = gr[c] / (1.f + std::exp(-gr[c])) * ur[c];
+      }
     }
   });
 

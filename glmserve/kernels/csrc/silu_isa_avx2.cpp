@@ -18,17 +18,20 @@ namespace avx2_silu {
 
 }  // namespace avx2_silu
 
-void silu_and_mul_rows_avx2(const float* x, int64_t rows, int64_t inter, float* out) {
+void silu_mul_avx2(const float* gate, const float* up, int64_t n, float* out) {
   using V = avx2_silu::Avx2Lanes;
+  int64_t c = 0;
+  for (; c + 8 <= n; c += 8) {
+    const __m256 g = V::load(gate + c), e = V::exp(V::sub(V::zero(), g));
+    V::store(out + c, V::mul(_mm256_div_ps(g, V::add(V::set1(1.f), e)), V::load(up + c)));
+  }
+  for (; c < n; ++c) out[c] = gate[c] / (1.f + std::exp(-gate[c])) * up[c];
+}
+
+void silu_and_mul_rows_avx2(const float* x, int64_t rows, int64_t inter, float* out) {
   for (int64_t r = 0; r < rows; ++r) {
-    const float *gate = x + r * 2 * inter, *up = gate + inter;
-    float* y = out + r * inter;
-    int64_t c = 0;
-    for (; c + 8 <= inter; c += 8) {
-      const __m256 g = V::load(gate + c), e = V::exp(V::sub(V::zero(), g));
-      V::store(y + c, V::mul(_mm256_div_ps(g, V::add(V::set1(1.f), e)), V::load(up + c)));
-    }
-    for (; c < inter; ++c) y[c] = gate[c] / (1.f + std::exp(-gate[c])) * up[c];
+    const float* gate = x + r * 2 * inter;
+    silu_mul_avx2(gate, gate + inter, inter, out + r * inter);
   }
 }
 
