@@ -101,6 +101,12 @@ void qk_norm_rope_(at::Tensor qkv, const at::Tensor& cos, const at::Tensor& sin,
   });
 }
 
+void silu_mul(const float* gate, const float* up, int64_t n, float* out) {
+  static const bool avx2 = cpu_runs_isa(1);
+  if (avx2) return silu_mul_avx2(gate, up, n, out);
+  for (int64_t c = 0; c < n; ++c) out[c] = gate[c] / (1.f + std::exp(-gate[c])) * up[c];
+}
+
 // x [T, 2I] (gate then up) -> silu(gate) * up [T, I].
 at::Tensor silu_and_mul(const at::Tensor& x) {
   check_rows(x, "silu_and_mul");
@@ -109,12 +115,10 @@ at::Tensor silu_and_mul(const at::Tensor& x) {
   at::Tensor out = at::empty({x.size(0), inter}, x.options());
   const float* xp = x.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  static const bool avx2 = cpu_runs_isa(1);
   at::parallel_for(0, x.size(0), grain(inter), [&](int64_t begin, int64_t end) {
-    if (avx2) return silu_and_mul_rows_avx2(xp + begin * 2 * inter, end - begin, inter, op + begin * inter);
     for (int64_t r = begin; r < end; ++r) {
-      const float *gate = xp + r * 2 * inter, *up = gate + inter;
-      for (int64_t c = 0; c < inter; ++c) op[r * inter + c] = gate[c] / (1.f + std::exp(-gate[c])) * up[c];
+      const float* gate = xp + r * 2 * inter;
+      silu_mul(gate, gate + inter, inter, op + r * inter);
     }
   });
   return out;

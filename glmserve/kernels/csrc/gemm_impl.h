@@ -111,8 +111,8 @@ template <int T>
 void gemm(const GemmArgs& a, int64_t n_begin, int64_t n_end) {
   int64_t n = n_begin;
   // One activation row (a decode GEMV) walks one weight row at a time: a thread then reads a single sequential
-  // stream rather than a tile's kTileCols rows side by side, which read slower on every shape measured (BENCHMARKS.md,
-  // session 32), as the VNNI int8 GEMV found.
+  // stream rather than a tile's kTileCols rows side by side, which read slower or level on every shape measured
+  // (BENCHMARKS.md, session 32), as the VNNI int8 GEMV found.
   if (a.rows == 1) {
     for (; n < n_end; ++n) gemm_columns<T, 1>(a, n);
     return;

@@ -15,7 +15,6 @@
 #include "int8_gemm_amx.h"
 #include "isa.h"
 #include "ops.h"
-#include "silu.h"
 
 namespace glmserve {
 
@@ -330,9 +329,7 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& topk_weights, cons
   const float* s13 = is_scaled(v13.type) ? w13_scales->data_ptr<float>() : nullptr;
   const float* s2 = is_scaled(v2.type) ? w2_scales->data_ptr<float>() : nullptr;
 
-  // Gate and up of the same rows in one task, so SiLU(gate) * up is formed while both are in cache, in vector lanes
-  // where the CPU runs AVX2 (rather than glibc's expf, one call per value).
-  static const bool avx2 = cpu_runs_isa(1);
+  // Gate and up of the same rows in one task, so SiLU(gate) * up is formed while both are in cache.
   at::Tensor gate = at::empty({assigned, inter}, x.options()), up = at::empty({assigned, inter}, x.options());
   const std::vector<ExpertTask> tasks13 = expert_tasks(counts, inter);
   at::parallel_for(0, static_cast<int64_t>(tasks13.size()), 1, [&](int64_t begin, int64_t end) {
@@ -352,15 +349,9 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& topk_weights, cons
       args.scales = s ? s + inter * v13.groups : nullptr;
       args.y = u;
       fn13(args, task.begin, task.end);
-      for (int64_t r = 0; r < rows; ++r) {
-        float* gr = g + r * inter;
-        const float* ur = u + r * inter;
-        if (avx2) {
-          silu_mul_avx2(gr + task.begin, ur + task.begin, task.end - task.begin, gr + task.begin);
-          continue;
-        }
-        for (int64_t c = task.begin; c < task.end; ++c) gr[c] = gr[c] / (1.f + std::exp(-gr[c])) * ur[c];
-      }
+      for (int64_t r = 0; r < rows; ++r)
+        silu_mul(g + r * inter + task.begin, u + r * inter + task.begin, task.end - task.begin,
+                 g + r * inter + task.begin);
     }
   });
 

@@ -33,6 +33,8 @@ void qk_norm_rope_(at::Tensor qkv, const at::Tensor& cos, const at::Tensor& sin,
                    const c10::optional<at::Tensor>& q_weight, const c10::optional<at::Tensor>& k_weight,
                    int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim, int64_t rotary_dim, double eps);
 at::Tensor silu_and_mul(const at::Tensor& x);
+// out[c] = silu(gate[c]) * up[c] for n values (out may be gate), in AVX2 lanes where the CPU runs AVX2.
+void silu_mul(const float* gate, const float* up, int64_t n, float* out);
 std::tuple<at::Tensor, at::Tensor> router_topk(const at::Tensor& logits, const at::Tensor& bias, int64_t top_k,
                                                int64_t n_group, int64_t topk_group, bool renormalize,
                                                double scale);

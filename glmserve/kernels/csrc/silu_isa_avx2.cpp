@@ -28,13 +28,6 @@ void silu_mul_avx2(const float* gate, const float* up, int64_t n, float* out) {
   for (; c < n; ++c) out[c] = gate[c] / (1.f + std::exp(-gate[c])) * up[c];
 }
 
-void silu_and_mul_rows_avx2(const float* x, int64_t rows, int64_t inter, float* out) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* gate = x + r * 2 * inter;
-    silu_mul_avx2(gate, gate + inter, inter, out + r * inter);
-  }
-}
-
 }  // namespace glmserve
 
 #pragma GCC pop_options
