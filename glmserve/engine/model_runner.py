@@ -23,7 +23,7 @@ from glmserve.engine.lora_manager import LoRAManager
 from glmserve.engine.mtp_proposer import MTPProposer
 from glmserve.engine.pipeline import PipelineStage
 from glmserve.engine.rejection_sampler import RejectionSampler
-from glmserve.engine.sampler import Sampler, SamplingBatch
+from glmserve.engine.sampler import Sampler, SamplingBatch, argmax_rows, plain_argmax
 from glmserve.engine.token_bitmask import apply_token_bitmask
 from glmserve.layers.attention import (
     AttentionMetadata,
@@ -225,6 +225,10 @@ class ModelRunner:
             hidden = hidden.index_select(0, torch.tensor(rows, device=self.device))
         logits = self.model.compute_logits(hidden)
         requests = [chunks[i].request for i in sampling]
+        if mask is None and plain_argmax(requests):
+            for i, token in zip(sampling, argmax_rows(logits).tolist()):
+                sampled[i] = [token]
+            return sampled, logprobs
         _apply_grammar_bitmask(logits, mask)
         batch = SamplingBatch.build(requests, logits.shape[-1], self.device)
         out = self.sampler(logits, batch)

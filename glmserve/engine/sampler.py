@@ -55,6 +55,17 @@ def argmax_rows(x: Tensor) -> Tensor:
     return best * _ARGMAX_BLOCK + within.argmax(dim=-1)
 
 
+def plain_argmax(requests: list[Request]) -> bool:
+    """Whether every row's next token is the argmax of its raw logits: greedy, no penalties, no logprobs asked, past
+    min_tokens. A decode step of such rows needs no SamplingBatch (building one took longer than the argmax)."""
+    for r in requests:
+        p = r.sampling_params
+        if not (p.greedy and p.logprobs is None and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0
+                and p.repetition_penalty == 1.0 and r.num_output_tokens >= p.min_tokens):
+            return False
+    return True
+
+
 @dataclass(slots=True)
 class SamplingBatch:
     """Per-row sampling parameters as tensors. A None field means no row uses that operation."""

@@ -6,7 +6,14 @@ import math
 import pytest
 import torch
 
-from glmserve.engine.sampler import Sampler, SamplingBatch, apply_penalties, apply_sampling_masks, argmax_rows
+from glmserve.engine.sampler import (
+    Sampler,
+    SamplingBatch,
+    apply_penalties,
+    apply_sampling_masks,
+    argmax_rows,
+    plain_argmax,
+)
 from glmserve.types import Request, SamplingParams
 
 CPU = torch.device("cpu")
@@ -80,6 +87,35 @@ def run_steps(sampler, rows_and_requests, steps=8):
     logits = torch.stack([row for row, _ in rows_and_requests])
     requests = [r for _, r in rows_and_requests]
     return [sample(sampler, logits, requests).token_ids.tolist() for _ in range(steps)]
+
+
+PLAIN = dict(temperature=0.0, top_k=3, top_p=0.5, min_p=0.2, seed=4, stop_token_ids=[7])  # none of these matter
+NOT_PLAIN = [
+    dict(temperature=0.7),
+    dict(temperature=0.0, logprobs=0),
+    dict(temperature=0.0, presence_penalty=0.5),
+    dict(temperature=0.0, frequency_penalty=-0.5),
+    dict(temperature=0.0, repetition_penalty=1.2),
+    dict(temperature=0.0, min_tokens=3, eos=(5,)),  # 2 output tokens below: min_tokens still masks the stop ids
+]
+
+
+@pytest.mark.parametrize("params", NOT_PLAIN)
+def test_plain_argmax_only_where_the_sampler_would_take_the_argmax_of_raw_logits(params):
+    """The runner skips the SamplingBatch where plain_argmax says so; it must agree with the batch's own view."""
+    params = dict(params)
+    eos = params.pop("eos", ())
+    plain = [make_request(f"p{i}", output=(1, 2), **PLAIN) for i in range(2)]
+    other = make_request("x", output=(1, 2), eos=eos, **params)
+
+    def takes_raw_argmax(requests):
+        batch = SamplingBatch.build(requests, 50, CPU)
+        return batch.temperature is None and not batch.edits_logits and batch.max_num_logprobs is None
+
+    assert plain_argmax(plain) and takes_raw_argmax(plain)
+    assert not plain_argmax(plain + [other]) and not takes_raw_argmax(plain + [other])
+    reached = make_request("m", output=(1, 2, 3), eos=(5,), temperature=0.0, min_tokens=3)
+    assert plain_argmax([reached]) and takes_raw_argmax([reached])
 
 
 def test_same_seed_same_tokens_whatever_the_batch():

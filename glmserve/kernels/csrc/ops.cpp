@@ -146,8 +146,11 @@ QuantizedX quantize_x(const IsaKernels& table, const WeightView& v, const float*
 // Enough rows per task that a task's work outweighs handing it out.
 int64_t grain_for(int64_t k, int64_t rows) { return std::max<int64_t>(1, 32768 / (k * rows * kRowsPerTask)); }
 
+// (Looked at before converting: a conversion is a dispatched op even where it changes nothing, and a decode step
+// makes dozens of these calls.)
 c10::optional<at::Tensor> contiguous_fp32(const c10::optional<at::Tensor>& t) {
-  return t ? c10::optional<at::Tensor>(t->to(at::kFloat).contiguous()) : c10::nullopt;
+  if (!t || (t->scalar_type() == at::kFloat && t->is_contiguous())) return t;
+  return t->to(at::kFloat).contiguous();
 }
 
 }  // namespace
@@ -158,7 +161,8 @@ at::Tensor linear(const at::Tensor& x_in, const at::Tensor& w_in, const c10::opt
                   int64_t group_size, const c10::optional<at::Tensor>& bias_in, int64_t isa) {
   TORCH_CHECK(x_in.dim() >= 1 && x_in.scalar_type() == at::kFloat, "glmserve kernels: x must be fp32 [..., K]");
   TORCH_CHECK(w_in.dim() == 2, "glmserve kernels: weights must be [N, K]");
-  const at::Tensor x = x_in.reshape({-1, x_in.size(-1)}).contiguous(), w = w_in.contiguous();
+  const at::Tensor x = (x_in.dim() == 2 ? x_in : x_in.reshape({-1, x_in.size(-1)})).contiguous();
+  const at::Tensor w = w_in.contiguous();
   const c10::optional<at::Tensor> scales = contiguous_fp32(scales_in), bias = contiguous_fp32(bias_in);
   const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
   const WeightView v = view_weight(w, scales, k, group_size, n, w.size(1));
