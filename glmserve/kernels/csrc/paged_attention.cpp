@@ -17,7 +17,9 @@ namespace glmserve {
 namespace {
 
 constexpr int64_t kTasksPerThread = 4;  // enough tasks that uneven ones still balance
-constexpr int64_t kMinSplitKeys = 512;  // a task's keys outweigh its setup and its share of the reduction
+// Keys a range holds at least. A decode step reads its few hundred keys from memory (the weights before it evicted
+// them), so splitting them over the threads pays from short contexts on (BENCHMARKS.md, session 33).
+constexpr int64_t kMinSplitKeys = 64;
 constexpr int64_t kRowsPerTask = 128;   // query rows (queries x heads of a KV head) a prefill task keeps in cache
 // Query rows of every KV head together up to which one task takes them all (it reads whole cache rows; impl.h).
 constexpr int64_t kRowsAllHeads = 512;
@@ -101,7 +103,7 @@ void paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::T
       total_work += keys * count * heads;
     }
   }
-  const int64_t wanted_tasks = kTasksPerThread * at::get_num_threads();
+  const int64_t threads = at::get_num_threads(), wanted_tasks = kTasksPerThread * threads;
   std::vector<AttentionTask> tasks;
   std::vector<int64_t> first_task;  // per (query block, KV heads): its tasks are first_task[i]..first_task[i + 1]
   int64_t partial_rows = 0;
@@ -109,12 +111,16 @@ void paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::T
     const int64_t head_rows = block.count * group;
     const int64_t heads_per_task = head_rows * kv_heads <= kRowsAllHeads ? kv_heads : 1;
     const int64_t rows = head_rows * heads_per_task;
-    int64_t split = std::max(kMinSplitKeys, (total_work + wanted_tasks - 1) / wanted_tasks / rows);
-    split = (split + 31) / 32 * 32;  // whole tiles of the kernel's keys
+    const int64_t target = std::max(kMinSplitKeys, (total_work + wanted_tasks - 1) / wanted_tasks / rows);
+    int64_t splits = std::max<int64_t>(1, block.keys / target);
+    if (splits > threads) splits -= splits % threads;  // at::parallel_for hands each thread an equal run of tasks
     for (int64_t h = 0; h < kv_heads; h += heads_per_task) {
       first_task.push_back(static_cast<int64_t>(tasks.size()));
-      for (int64_t k0 = 0; k0 < block.keys; k0 += split) {
-        tasks.push_back({block.seq, h, heads_per_task, k0, std::min(k0 + split, block.keys),
+      for (int64_t s = 0; s < splits; ++s) {
+        // Even ranges, cut at whole tiles of the kernel's keys (32).
+        const int64_t k0 = s * block.keys / splits / 32 * 32;
+        const int64_t k1 = s + 1 == splits ? block.keys : (s + 1) * block.keys / splits / 32 * 32;
+        tasks.push_back({block.seq, h, heads_per_task, k0, k1,
                          starts[block.seq] + block.first, block.count,
                          lens[block.seq] - (starts[block.seq + 1] - starts[block.seq]) + block.first,
                          nullptr, nullptr, nullptr});
