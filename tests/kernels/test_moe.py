@@ -8,7 +8,7 @@ from kernel_cases import FORMATS, make_weight
 from test_linear import activation_block, activation_step
 
 from glmserve import kernels
-from glmserve.kernels import dequantize
+from glmserve.kernels import dequantize, native
 
 
 def expert_stack(fmt, experts, rows, cols, group_size, gen):
@@ -98,3 +98,30 @@ def test_native_moe_rejects_scales_for_fewer_experts():
     with pytest.raises(RuntimeError, match=r"scales must be contiguous fp32 \[experts, rows, 2\]"):
         kernels.moe_experts(torch.randn(1, 64), torch.rand(1, 1), torch.tensor([[2]]), w13, s13[:2], w2, s2, 32,
                             isa=isa)
+
+
+@pytest.mark.parametrize("isa", native.available_isas())  # a native op only: the decoder stack's
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("tokens", [1, 2, 3, 7])
+def test_the_block_with_its_shared_expert_gives_the_bits_of_its_parts(fmt, tokens, isa):
+    """moe_block (the decoder stack's MoE layer: the shared expert's products run in the routed experts' parallel
+    regions) equals moe_experts plus the shared expert through linear and silu_and_mul, bit for bit; shared
+    widths that are not whole tiles or tasks."""
+    ext = native.extension()
+    gen = torch.Generator().manual_seed(tokens + 7 * FORMATS.index(fmt))
+    experts, top_k, hidden, inter, shared_inter, group_size = 9, 3, 70, 38, 42, 32
+    w13, s13 = expert_stack(fmt, experts, 2 * inter, hidden, group_size, gen)
+    w2, s2 = expert_stack(fmt, experts, hidden, inter, group_size, gen)
+    gate_up, gate_up_scales = make_weight(fmt, 2 * shared_inter, hidden, group_size, gen)
+    down, down_scales = make_weight(fmt, hidden, shared_inter, group_size, gen)
+    x = torch.randn(tokens, hidden, generator=gen)
+    topk_ids = torch.randint(0, experts - 2, (tokens, top_k), generator=gen)
+    topk_weights = torch.rand(tokens, top_k, generator=gen)
+    index = native.isa_index(isa)
+    routed = kernels.moe_experts(x, topk_weights, topk_ids, w13, s13, w2, s2, group_size, isa=isa)
+    shared = kernels.linear(kernels.silu_and_mul(kernels.linear(x, gate_up, gate_up_scales, group_size, isa=isa)),
+                            down, down_scales, group_size, isa=isa)
+    block = ext.moe_block(x, topk_weights, topk_ids, w13, s13, w2, s2, group_size,
+                          ext.LinearWeights(gate_up, gate_up_scales, None, group_size),
+                          ext.LinearWeights(down, down_scales, None, group_size), index)
+    assert torch.equal(block, routed + shared), (block - (routed + shared)).abs().max()

@@ -15,17 +15,6 @@
 namespace glmserve {
 namespace {
 
-// One product's weight as `linear` takes it (any layout of kernels/reference.py).
-struct LinearWeights {
-  at::Tensor weight;
-  c10::optional<at::Tensor> scales, bias;
-  int64_t group_size = 0;
-
-  at::Tensor operator()(const at::Tensor& x, int64_t isa) const {
-    return linear(x, weight, scales, group_size, bias, isa);
-  }
-};
-
 // One decoder layer: attention (QKV, QK-norm + partial RoPE, the paged cache, o_proj) and its MLP, dense or MoE
 // (router, routed experts, shared expert). Field names follow the modules of model/glm4_moe.py.
 struct DecoderLayer {
@@ -115,14 +104,12 @@ at::Tensor attention(const DecoderLayer& layer, const at::Tensor& h, const at::T
 }
 
 at::Tensor mlp(const DecoderLayer& layer, const at::Tensor& h, int64_t isa) {
-  at::Tensor dense = layer.down(silu_and_mul(layer.gate_up(h, isa)), isa);
-  if (!layer.moe) return dense;
+  if (!layer.moe) return layer.down(silu_and_mul(layer.gate_up(h, isa)), isa);
   const at::Tensor logits = router_logits(h, layer.router_weight, isa);
   const auto [weights, ids] = router_topk(logits, layer.router_bias, layer.top_k, layer.n_group, layer.topk_group,
                                           layer.renormalize, layer.routed_scaling_factor);
-  const at::Tensor routed = moe_experts(h, weights, ids, layer.w13, layer.w13_scales, layer.w2, layer.w2_scales,
-                                        layer.expert_group_size, isa);
-  return routed.add_(dense);
+  return moe_block(h, weights, ids, layer.w13, layer.w13_scales, layer.w2, layer.w2_scales, layer.expert_group_size,
+                   &layer.gate_up, &layer.down, isa);
 }
 
 class DecoderStack {

@@ -9,6 +9,7 @@
 #include <limits>
 #include <string>
 #include <tuple>
+#include <optional>
 #include <vector>
 
 #include "gemm.h"
@@ -275,11 +276,52 @@ std::vector<ExpertTask> expert_tasks(const std::vector<int64_t>& counts, int64_t
   return tasks;
 }
 
+// One of the shared expert's products over all of a block's rows, as `linear` runs it: its kernel, arguments and
+// quantized rows, handed out in tasks of `task_rows` output rows (a multiple of kRowsPerTask: whole tiles, as
+// linear's threads' ranges are, so that each output gets linear's bits).
+struct SharedProduct {
+  at::Tensor w;
+  c10::optional<at::Tensor> scales, bias;
+  GemmFn fn;
+  GemmArgs args;
+  QuantizedX qx;
+  int64_t n, task_rows, tasks;
+
+  SharedProduct(const IsaKernels& table, const LinearWeights& weights, const float* x, int64_t k, int64_t rows,
+                float* y, int64_t task_rows)
+      : w(weights.weight.contiguous()), scales(contiguous_fp32(weights.scales)), bias(contiguous_fp32(weights.bias)) {
+    TORCH_CHECK(w.dim() == 2, "glmserve kernels: weights must be [N, K]");
+    n = w.size(0);
+    const WeightView v = view_weight(w, scales, k, weights.group_size, n, w.size(1));
+    TORCH_CHECK(!bias || bias->numel() == n, "glmserve kernels: bias must be [N]");
+    args = gemm_args(v, w.data_ptr(), is_scaled(v.type) ? scales->data_ptr<float>() : nullptr, x, k, rows, y, n);
+    args.bias = bias ? bias->data_ptr<float>() : nullptr;
+    fn = table.gemm[v.type];
+    if (takes_q8(table, v)) {
+      qx = quantize_x(table, v, x, k, rows);
+      args.qx = &qx.rows;
+      fn = table.gemm_q8[v.type];
+    }
+    this->task_rows = task_rows;
+    tasks = (n + task_rows - 1) / task_rows;
+  }
+  SharedProduct(const SharedProduct&) = delete;  // args.qx points into qx
+
+  void run(int64_t task) const { fn(args, task * task_rows, std::min((task + 1) * task_rows, n)); }
+};
+
 }  // namespace
 
 at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& topk_weights, const at::Tensor& topk_ids,
                        const at::Tensor& w13, const c10::optional<at::Tensor>& w13_scales, const at::Tensor& w2,
                        const c10::optional<at::Tensor>& w2_scales, int64_t group_size, int64_t isa) {
+  return moe_block(x, topk_weights, topk_ids, w13, w13_scales, w2, w2_scales, group_size, nullptr, nullptr, isa);
+}
+
+at::Tensor moe_block(const at::Tensor& x, const at::Tensor& topk_weights, const at::Tensor& topk_ids,
+                     const at::Tensor& w13, const c10::optional<at::Tensor>& w13_scales, const at::Tensor& w2,
+                     const c10::optional<at::Tensor>& w2_scales, int64_t group_size, const LinearWeights* shared_gate_up,
+                     const LinearWeights* shared_down, int64_t isa) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "glmserve kernels: x must be "
               "contiguous fp32 [T, H]");
   TORCH_CHECK(w13.dim() == 3 && w2.dim() == 3 && w13.is_contiguous() && w2.is_contiguous() &&
@@ -333,11 +375,34 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& topk_weights, cons
   const float* s13 = is_scaled(v13.type) ? w13_scales->data_ptr<float>() : nullptr;
   const float* s2 = is_scaled(v2.type) ? w2_scales->data_ptr<float>() : nullptr;
 
+  // The shared expert's gate_up runs in the routed gate/up phase and its down in the down phase, as tasks after the
+  // routed ones: the block then takes two parallel regions, not four.
+  TORCH_CHECK((shared_gate_up == nullptr) == (shared_down == nullptr),
+              "glmserve kernels: a shared expert has both gate_up and down");
+  std::optional<SharedProduct> shared1, shared2;
+  at::Tensor shared_gate_up_out, shared_act, shared_out;
+  int64_t shared_inter = 0;
+  if (shared_gate_up != nullptr) {
+    shared_inter = shared_gate_up->weight.size(0) / 2;
+    shared_gate_up_out = at::empty({tokens, 2 * shared_inter}, x.options());
+    shared_act = at::empty({tokens, shared_inter}, x.options());
+    shared_out = at::empty({tokens, hidden}, x.options());
+    // (A routed gate/up task reads kRowsPerTask rows of gate and of up: a shared task as many, so that the
+    // threads' equal runs of tasks are equal work.)
+    shared1.emplace(table, *shared_gate_up, x.data_ptr<float>(), hidden, tokens, shared_gate_up_out.data_ptr<float>(),
+                    2 * kRowsPerTask);
+  }
+
   // Gate and up of the same rows in one task, so SiLU(gate) * up is formed while both are in cache.
   at::Tensor gate = at::empty({assigned, inter}, x.options()), up = at::empty({assigned, inter}, x.options());
   const std::vector<ExpertTask> tasks13 = expert_tasks(counts, inter);
-  at::parallel_for(0, static_cast<int64_t>(tasks13.size()), 1, [&](int64_t begin, int64_t end) {
+  const int64_t routed13 = static_cast<int64_t>(tasks13.size());
+  at::parallel_for(0, routed13 + (shared1 ? shared1->tasks : 0), 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
+      if (t >= routed13) {
+        shared1->run(t - routed13);
+        continue;
+      }
       const ExpertTask& task = tasks13[t];
       const int64_t row0 = first[task.expert], rows = counts[task.expert];
       const uint8_t* w = w13_bytes + task.expert * 2 * inter * v13.row_bytes;
@@ -360,10 +425,23 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& topk_weights, cons
   });
 
   if (q8_2) qx2 = quantize_x(table, v2, gate.data_ptr<float>(), inter, assigned);
+  if (shared1) {  // silu_and_mul's rows
+    const float* gu = shared_gate_up_out.data_ptr<float>();
+    for (int64_t r = 0; r < tokens; ++r)
+      silu_mul(gu + r * 2 * shared_inter, gu + r * 2 * shared_inter + shared_inter, shared_inter,
+               shared_act.data_ptr<float>() + r * shared_inter);
+    shared2.emplace(table, *shared_down, shared_act.data_ptr<float>(), shared_inter, tokens,
+                    shared_out.data_ptr<float>(), kRowsPerTask);
+  }
   at::Tensor down = at::empty({assigned, hidden}, x.options());
   const std::vector<ExpertTask> tasks2 = expert_tasks(counts, hidden);
-  at::parallel_for(0, static_cast<int64_t>(tasks2.size()), 1, [&](int64_t begin, int64_t end) {
+  const int64_t routed2 = static_cast<int64_t>(tasks2.size());
+  at::parallel_for(0, routed2 + (shared2 ? shared2->tasks : 0), 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
+      if (t >= routed2) {
+        shared2->run(t - routed2);
+        continue;
+      }
       const ExpertTask& task = tasks2[t];
       const int64_t row0 = first[task.expert];
       GemmArgs args = gemm_args(v2, w2_bytes + task.expert * hidden * v2.row_bytes,
@@ -390,6 +468,7 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& topk_weights, cons
         for (int64_t c = 0; c < hidden; ++c) dst[c] += scale * src[c];
       }
   });
+  if (shared2) out.add_(shared_out);  // after the routed sum, as the modules add the shared expert's output
   return out;
 }
 
@@ -564,6 +643,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("amx_int8_ready", &glmserve::amx_int8_ready, "whether this CPU has AMX int8 tiles this process may use");
   m.def("moe_experts", &glmserve::moe_experts, "the routed experts of one MoE block, as moe_experts_reference",
         no_gil);
+  m.def("moe_block",
+        [](const at::Tensor& x, const at::Tensor& topk_weights, const at::Tensor& topk_ids, const at::Tensor& w13,
+           const c10::optional<at::Tensor>& w13_scales, const at::Tensor& w2,
+           const c10::optional<at::Tensor>& w2_scales, int64_t group_size, const glmserve::LinearWeights& gate_up,
+           const glmserve::LinearWeights& down, int64_t isa) {
+          return glmserve::moe_block(x, topk_weights, topk_ids, w13, w13_scales, w2, w2_scales, group_size, &gate_up,
+                                     &down, isa);
+        },
+        "an MoE block with its shared expert (the decoder stack's), as moe_experts(...) + its SwiGLU", no_gil);
   m.def("rms_norm_residual", &glmserve::rms_norm_residual, "(RMSNorm(x + residual) * weight, x + residual)", no_gil);
   m.def("argmax", &glmserve::argmax_rows, "each row's first maximum (NaN counts as the maximum)", no_gil);
   m.def("rms_norm", &glmserve::rms_norm, "RMSNorm(x) * weight", no_gil);

@@ -10,9 +10,28 @@ namespace glmserve {
 // ops.cpp
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& scales,
                   int64_t group_size, const c10::optional<at::Tensor>& bias, int64_t isa);
+
+// One product's weight as `linear` takes it (any layout of kernels/reference.py).
+struct LinearWeights {
+  at::Tensor weight;
+  c10::optional<at::Tensor> scales, bias;
+  int64_t group_size = 0;
+
+  at::Tensor operator()(const at::Tensor& x, int64_t isa) const {
+    return linear(x, weight, scales, group_size, bias, isa);
+  }
+};
+
 at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& topk_weights, const at::Tensor& topk_ids,
                        const at::Tensor& w13, const c10::optional<at::Tensor>& w13_scales, const at::Tensor& w2,
                        const c10::optional<at::Tensor>& w2_scales, int64_t group_size, int64_t isa);
+// An MoE block: moe_experts plus, where given, the shared expert's SwiGLU (gate_up [2I, H], down [H, I]) added to it,
+// its products run in the routed experts' two parallel regions; the same bits as moe_experts(...).add_(
+// down(silu_and_mul(gate_up(x)))) with `linear`.
+at::Tensor moe_block(const at::Tensor& x, const at::Tensor& topk_weights, const at::Tensor& topk_ids,
+                     const at::Tensor& w13, const c10::optional<at::Tensor>& w13_scales, const at::Tensor& w2,
+                     const c10::optional<at::Tensor>& w2_scales, int64_t group_size, const LinearWeights* shared_gate_up,
+                     const LinearWeights* shared_down, int64_t isa);
 bool tiles_beat_int_mm(int64_t rows, int64_t k);
 at::Tensor router_logits(const at::Tensor& x, const at::Tensor& w, int64_t isa);
 at::Tensor int8_channel_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
