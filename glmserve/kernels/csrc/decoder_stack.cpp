@@ -148,7 +148,7 @@ class DecoderStack {
 
 void bind_decoder_stack(pybind11::module& m) {
   namespace py = pybind11;
-  py::class_<LinearWeights>(m, "LinearWeights")
+  py::class_<LinearWeights>(m, "LinearWeights", py::module_local())  // (two builds may share a process: A/B runs)
       .def(py::init<at::Tensor, c10::optional<at::Tensor>, c10::optional<at::Tensor>, int64_t>(), py::arg("weight"),
            py::arg("scales"), py::arg("bias"), py::arg("group_size"));
   py::class_<DecoderLayer>(m, "DecoderLayer")
