@@ -7,9 +7,9 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <string>
 #include <tuple>
-#include <optional>
 #include <vector>
 
 #include "gemm.h"
@@ -289,9 +289,9 @@ struct SharedProduct {
 
   SharedProduct(const IsaKernels& table, const LinearWeights& weights, const float* x, int64_t k, int64_t rows,
                 float* y, int64_t task_rows)
-      : w(weights.weight.contiguous()), scales(contiguous_fp32(weights.scales)), bias(contiguous_fp32(weights.bias)) {
+      : w(weights.weight.contiguous()), scales(contiguous_fp32(weights.scales)), bias(contiguous_fp32(weights.bias)),
+        n(w.size(0)), task_rows(task_rows), tasks((n + task_rows - 1) / task_rows) {
     TORCH_CHECK(w.dim() == 2, "glmserve kernels: weights must be [N, K]");
-    n = w.size(0);
     const WeightView v = view_weight(w, scales, k, weights.group_size, n, w.size(1));
     TORCH_CHECK(!bias || bias->numel() == n, "glmserve kernels: bias must be [N]");
     args = gemm_args(v, w.data_ptr(), is_scaled(v.type) ? scales->data_ptr<float>() : nullptr, x, k, rows, y, n);
@@ -302,8 +302,6 @@ struct SharedProduct {
       args.qx = &qx.rows;
       fn = table.gemm_q8[v.type];
     }
-    this->task_rows = task_rows;
-    tasks = (n + task_rows - 1) / task_rows;
   }
   SharedProduct(const SharedProduct&) = delete;  // args.qx points into qx
 
@@ -383,6 +381,7 @@ at::Tensor moe_block(const at::Tensor& x, const at::Tensor& topk_weights, const 
   at::Tensor shared_gate_up_out, shared_act, shared_out;
   int64_t shared_inter = 0;
   if (shared_gate_up != nullptr) {
+    TORCH_CHECK(shared_gate_up->weight.size(0) % 2 == 0, "glmserve kernels: a shared gate_up is [2I, H], gate first");
     shared_inter = shared_gate_up->weight.size(0) / 2;
     shared_gate_up_out = at::empty({tokens, 2 * shared_inter}, x.options());
     shared_act = at::empty({tokens, shared_inter}, x.options());
