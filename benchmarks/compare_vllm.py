@@ -100,6 +100,10 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--startup-timeout", type=float, default=600.0)
     p.add_argument("--vllm-memory-fraction", type=float, default=0.3, help="as in compare_vllm.py")
     p.add_argument("--cpu-lock", type=Path, help="hold this file's exclusive flock around each engine's runs")
+    p.add_argument("--max-other-load", type=float, default=0.1,
+                   help="before each repetition, wait until other processes use at most this many cores ...")
+    p.add_argument("--quiet-wait", type=float, default=15.0,
+                   help="... or this many seconds have passed (a stopped server's processes take a moment to go)")
     p.add_argument("--output-json", type=Path)
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from compare_vllm import SERVED_NAME, add_run_flags, start_glmserve, start_vllm, vllm_version
 
 from glmserve.bench.checkpoints import SHAPES, prepare_checkpoint
-from glmserve.bench.host import OtherLoad, cpu_name, exclusive_lock, glmserve_revision, write_results
+from glmserve.bench.host import OtherLoad, cpu_name, exclusive_lock, glmserve_revision, wait_quiet, write_results
 from glmserve.bench.offline import BENCH_CACHE
 from glmserve.testing.lora import TARGETS, write_random_adapter
 
@@ -114,6 +114,7 @@ def measure(engine: str, args, checkpoint: Path, cases: dict, server, logs: Path
         bench_serve(args, server.url, checkpoint, adapters, logs / "warm.json", args.concurrency, 8)
     runs: dict[str, list[dict]] = {case: [] for case in cases}
     for rep in range(args.reps):
+        wait_quiet(args.max_other_load, args.quiet_wait, [server.process.pid])
         for case, adapters in cases.items():
             run = bench_serve(args, server.url, checkpoint, adapters, logs / f"{engine}-{rep}-{len(adapters)}.json",
                               args.num_prompts, args.output_len)

@@ -37,7 +37,7 @@ import jsonschema
 from compare_vllm import SERVED_NAME, add_run_flags, start_glmserve, start_vllm, vllm_version
 
 from glmserve.bench.checkpoints import prepare_checkpoint
-from glmserve.bench.host import OtherLoad, exclusive_lock, glmserve_revision, write_results
+from glmserve.bench.host import OtherLoad, exclusive_lock, glmserve_revision, wait_quiet, write_results
 from glmserve.bench.metrics import calculate_metrics
 from glmserve.bench.offline import BENCH_CACHE
 from glmserve.bench.request import RequestFuncOutput, send_request
@@ -131,11 +131,12 @@ def run_case(case: str, url: str, args, tag: str) -> dict:
     return result
 
 
-def measure(engine: str, args, url: str) -> dict:
+def measure(engine: str, args, url: str, server_pid: int) -> dict:
     """A warm-up (every path run once, its schema never reused), then --reps repetitions of the cases in order."""
     run_case("mixed", url, args, "warm-up")
     runs: dict[str, list[dict]] = {case: [] for case in CASES}
     for rep in range(args.reps):
+        wait_quiet(args.max_other_load, args.quiet_wait, [server_pid])
         for case in CASES:
             # "new schema" cases get titles never sent before; "repeated" ones reuse the previous case's titles.
             tag = f"{engine}-rep{rep}-{'single' if case.startswith('1 ') else 'batch'}"
@@ -168,7 +169,7 @@ def run_engine(engine: str, args, checkpoint: Path, logs: Path) -> dict:
         startup_s = time.perf_counter() - t0
         try:
             load = OtherLoad([server.process.pid])
-            cases = measure(engine, args, server.url)
+            cases = measure(engine, args, server.url, server.process.pid)
             return {"startup_s": round(startup_s, 1), "other_processes_cores": round(load.cores(), 2),
                     "load_average_before": load_before, "load_average_after": os.getloadavg(), "cases": cases}
         except (RuntimeError, KeyError, httpx.HTTPError) as e:  # the engine refused or died: its log says why
