@@ -154,6 +154,40 @@ c10::optional<at::Tensor> contiguous_fp32(const c10::optional<at::Tensor>& t) {
   return t->to(at::kFloat).contiguous();
 }
 
+// One product set up once, as `linear` and an MoE block's shared expert run it: the weight in its kernel's view, the
+// kernel (a q8 one over x's rows quantized here, where the ISA has one for this layout), and its output rows handed
+// out in tasks of `task_rows` (a multiple of kRowsPerTask: whole tiles, so an output's bits do not depend on how the
+// tasks are grouped).
+struct Product {
+  at::Tensor w;
+  c10::optional<at::Tensor> scales, bias;
+  GemmFn fn;
+  GemmArgs args;
+  QuantizedX qx;
+  int64_t n, task_rows, tasks;
+
+  Product(const IsaKernels& table, const LinearWeights& weights, const float* x, int64_t k, int64_t rows, float* y,
+          int64_t task_rows)
+      : w(weights.weight.contiguous()), scales(contiguous_fp32(weights.scales)), bias(contiguous_fp32(weights.bias)),
+        n(w.size(0)), task_rows(task_rows), tasks((n + task_rows - 1) / task_rows) {
+    TORCH_CHECK(w.dim() == 2, "glmserve kernels: weights must be [N, K]");
+    const WeightView v = view_weight(w, scales, k, weights.group_size, n, w.size(1));
+    TORCH_CHECK(!bias || bias->numel() == n, "glmserve kernels: bias must be [N]");
+    args = gemm_args(v, w.data_ptr(), is_scaled(v.type) ? scales->data_ptr<float>() : nullptr, x, k, rows, y, n);
+    args.bias = bias ? bias->data_ptr<float>() : nullptr;
+    fn = table.gemm[v.type];
+    if (takes_q8(table, v)) {
+      qx = quantize_x(table, v, x, k, rows);
+      args.qx = &qx.rows;
+      fn = table.gemm_q8[v.type];
+    }
+  }
+  Product(const Product&) = delete;  // args.qx points into qx
+
+  // Output rows of tasks [begin, end).
+  void run(int64_t begin, int64_t end) const { fn(args, begin * task_rows, std::min(end * task_rows, n)); }
+};
+
 }  // namespace
 
 // x [..., K] of any strides, as F.linear takes it, -> [..., N]: the reshapes and copies are done here rather than in
@@ -163,30 +197,15 @@ at::Tensor linear(const at::Tensor& x_in, const at::Tensor& w_in, const c10::opt
   TORCH_CHECK(x_in.dim() >= 1 && x_in.scalar_type() == at::kFloat, "glmserve kernels: x must be fp32 [..., K]");
   TORCH_CHECK(w_in.dim() == 2, "glmserve kernels: weights must be [N, K]");
   const at::Tensor x = (x_in.dim() == 2 ? x_in : x_in.reshape({-1, x_in.size(-1)})).contiguous();
-  const at::Tensor w = w_in.contiguous();
-  const c10::optional<at::Tensor> scales = contiguous_fp32(scales_in), bias = contiguous_fp32(bias_in);
-  const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
-  const WeightView v = view_weight(w, scales, k, group_size, n, w.size(1));
-  if (bias) TORCH_CHECK(bias->numel() == n, "glmserve kernels: bias must be [N]");
+  const int64_t m = x.size(0), k = x.size(1);
   std::vector<int64_t> out_sizes = x_in.sizes().vec();
-  out_sizes.back() = n;
+  out_sizes.back() = w_in.size(0);
   at::Tensor y = at::empty(out_sizes, x.options());
-  if (m == 0 || n == 0) return y;
-  GemmArgs args = gemm_args(v, w.data_ptr(), is_scaled(v.type) ? scales->data_ptr<float>() : nullptr,
-                            x.data_ptr<float>(), k, m, y.data_ptr<float>(), n);
-  args.bias = bias ? bias->data_ptr<float>() : nullptr;
-  const IsaKernels& table = kernels_for(isa);
-  GemmFn fn = table.gemm[v.type];
-  QuantizedX qx;
-  if (takes_q8(table, v)) {
-    qx = quantize_x(table, v, args.x, k, m);
-    args.qx = &qx.rows;
-    fn = table.gemm_q8[v.type];
-  }
-  const int64_t tasks = (n + kRowsPerTask - 1) / kRowsPerTask;
-  at::parallel_for(0, tasks, grain_for(k, m), [&](int64_t begin, int64_t end) {
-    fn(args, begin * kRowsPerTask, std::min(end * kRowsPerTask, n));
-  });
+  const Product product(kernels_for(isa), {w_in, scales_in, bias_in, group_size}, x.data_ptr<float>(), k, m,
+                        y.data_ptr<float>(), kRowsPerTask);
+  if (m == 0 || product.n == 0) return y;
+  at::parallel_for(0, product.tasks, grain_for(k, m),
+                   [&](int64_t begin, int64_t end) { product.run(begin, end); });
   return y;
 }
 
@@ -276,38 +295,6 @@ std::vector<ExpertTask> expert_tasks(const std::vector<int64_t>& counts, int64_t
   return tasks;
 }
 
-// One of the shared expert's products over all of a block's rows, as `linear` runs it: its kernel, arguments and
-// quantized rows, handed out in tasks of `task_rows` output rows (a multiple of kRowsPerTask: whole tiles, as
-// linear's threads' ranges are, so that each output gets linear's bits).
-struct SharedProduct {
-  at::Tensor w;
-  c10::optional<at::Tensor> scales, bias;
-  GemmFn fn;
-  GemmArgs args;
-  QuantizedX qx;
-  int64_t n, task_rows, tasks;
-
-  SharedProduct(const IsaKernels& table, const LinearWeights& weights, const float* x, int64_t k, int64_t rows,
-                float* y, int64_t task_rows)
-      : w(weights.weight.contiguous()), scales(contiguous_fp32(weights.scales)), bias(contiguous_fp32(weights.bias)),
-        n(w.size(0)), task_rows(task_rows), tasks((n + task_rows - 1) / task_rows) {
-    TORCH_CHECK(w.dim() == 2, "glmserve kernels: weights must be [N, K]");
-    const WeightView v = view_weight(w, scales, k, weights.group_size, n, w.size(1));
-    TORCH_CHECK(!bias || bias->numel() == n, "glmserve kernels: bias must be [N]");
-    args = gemm_args(v, w.data_ptr(), is_scaled(v.type) ? scales->data_ptr<float>() : nullptr, x, k, rows, y, n);
-    args.bias = bias ? bias->data_ptr<float>() : nullptr;
-    fn = table.gemm[v.type];
-    if (takes_q8(table, v)) {
-      qx = quantize_x(table, v, x, k, rows);
-      args.qx = &qx.rows;
-      fn = table.gemm_q8[v.type];
-    }
-  }
-  SharedProduct(const SharedProduct&) = delete;  // args.qx points into qx
-
-  void run(int64_t task) const { fn(args, task * task_rows, std::min((task + 1) * task_rows, n)); }
-};
-
 }  // namespace
 
 at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& topk_weights, const at::Tensor& topk_ids,
@@ -377,14 +364,13 @@ at::Tensor moe_block(const at::Tensor& x, const at::Tensor& topk_weights, const 
   // routed ones: the block then takes two parallel regions, not four.
   TORCH_CHECK((shared_gate_up == nullptr) == (shared_down == nullptr),
               "glmserve kernels: a shared expert has both gate_up and down");
-  std::optional<SharedProduct> shared1, shared2;
+  std::optional<Product> shared1, shared2;
   at::Tensor shared_gate_up_out, shared_act, shared_out;
   int64_t shared_inter = 0;
   if (shared_gate_up != nullptr) {
     TORCH_CHECK(shared_gate_up->weight.size(0) % 2 == 0, "glmserve kernels: a shared gate_up is [2I, H], gate first");
     shared_inter = shared_gate_up->weight.size(0) / 2;
     shared_gate_up_out = at::empty({tokens, 2 * shared_inter}, x.options());
-    shared_act = at::empty({tokens, shared_inter}, x.options());
     shared_out = at::empty({tokens, hidden}, x.options());
     // (A routed gate/up task reads kRowsPerTask rows of gate and of up: a shared task as many, so that the
     // threads' equal runs of tasks are equal work.)
@@ -399,7 +385,7 @@ at::Tensor moe_block(const at::Tensor& x, const at::Tensor& topk_weights, const 
   at::parallel_for(0, routed13 + (shared1 ? shared1->tasks : 0), 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       if (t >= routed13) {
-        shared1->run(t - routed13);
+        shared1->run(t - routed13, t - routed13 + 1);
         continue;
       }
       const ExpertTask& task = tasks13[t];
@@ -424,11 +410,8 @@ at::Tensor moe_block(const at::Tensor& x, const at::Tensor& topk_weights, const 
   });
 
   if (q8_2) qx2 = quantize_x(table, v2, gate.data_ptr<float>(), inter, assigned);
-  if (shared1) {  // silu_and_mul's rows
-    const float* gu = shared_gate_up_out.data_ptr<float>();
-    for (int64_t r = 0; r < tokens; ++r)
-      silu_mul(gu + r * 2 * shared_inter, gu + r * 2 * shared_inter + shared_inter, shared_inter,
-               shared_act.data_ptr<float>() + r * shared_inter);
+  if (shared1) {
+    shared_act = silu_and_mul(shared_gate_up_out);
     shared2.emplace(table, *shared_down, shared_act.data_ptr<float>(), shared_inter, tokens,
                     shared_out.data_ptr<float>(), kRowsPerTask);
   }
@@ -438,7 +421,7 @@ at::Tensor moe_block(const at::Tensor& x, const at::Tensor& topk_weights, const 
   at::parallel_for(0, routed2 + (shared2 ? shared2->tasks : 0), 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       if (t >= routed2) {
-        shared2->run(t - routed2);
+        shared2->run(t - routed2, t - routed2 + 1);
         continue;
       }
       const ExpertTask& task = tasks2[t];
