@@ -72,11 +72,13 @@ def test_a_node_killed_under_load_fails_the_server_instead_of_hanging(checkpoint
     all within seconds (a dead peer fails the next collective at once; no step timeout is waited out).
 
     One CI run (the whole suite on 2 cores) saw node 0 wait out the step timeout instead; about 100 kills here
-    never did. The likely cause is in gloo's tcp pair (pytorch/gloo transport/tcp/pair.cc): a send whose write
-    meets the just-reset connection stays queued without an error, and the error gloo then signals on reading the
-    reset reaches the sends still pending but not the queued one, whose wait runs to its timeout. The step timeout
-    is the fallback for such a wait, so a first kill that ended by gloo's timeout is tried once more; a second
-    slow one fails the test."""
+    never did. The cause is in gloo's tcp pair (pytorch/gloo transport/tcp/pair.cc): a send whose write meets the
+    just-reset connection stays queued without an error, and the error gloo then signals on reading the reset
+    reaches the sends still pending but not the queued one, whose wait runs to its timeout. Two gloo processes show
+    it without glmserve: rank 1 posts a recv, rank 0 SIGKILLs it and sends to it ~7 ms later; now and then that
+    send's wait ends only by "Timed out waiting ... for send operation to complete". The step timeout is the
+    fallback for such a wait, so a first kill that ended by gloo's timeout is tried once more; a second slow one
+    fails the test."""
     for attempt in (1, 2):
         failed_after, node0_log = _kill_node_1_under_load(checkpoint, tmp_path / f"attempt{attempt}")
         if failed_after < 10:
