@@ -125,3 +125,9 @@ def test_the_block_with_its_shared_expert_gives_the_bits_of_its_parts(fmt, token
                           ext.LinearWeights(gate_up, gate_up_scales, None, group_size),
                           ext.LinearWeights(down, down_scales, None, group_size), index)
     assert torch.equal(block, routed + shared), (block - (routed + shared)).abs().max()
+    if fmt == FORMATS[0] and tokens == 1:  # a shared down of the wrong width is refused, not written past the rows
+        wide, wide_scales = make_weight(fmt, hidden + 1, shared_inter, group_size, gen)
+        with pytest.raises(RuntimeError, match="shared down"):
+            ext.moe_block(x, topk_weights, topk_ids, w13, s13, w2, s2, group_size,
+                          ext.LinearWeights(gate_up, gate_up_scales, None, group_size),
+                          ext.LinearWeights(wide, wide_scales, None, group_size), index)

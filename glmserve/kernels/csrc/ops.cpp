@@ -369,6 +369,9 @@ at::Tensor moe_block(const at::Tensor& x, const at::Tensor& topk_weights, const 
   int64_t shared_inter = 0;
   if (shared_gate_up != nullptr) {
     TORCH_CHECK(shared_gate_up->weight.size(0) % 2 == 0, "glmserve kernels: a shared gate_up is [2I, H], gate first");
+    // (Its K is checked by the products; the down's N sizes the rows it writes into shared_out.)
+    TORCH_CHECK(shared_down->weight.dim() == 2 && shared_down->weight.size(0) == hidden,
+                "glmserve kernels: a shared down is [H, I]");
     shared_inter = shared_gate_up->weight.size(0) / 2;
     shared_gate_up_out = at::empty({tokens, 2 * shared_inter}, x.options());
     shared_out = at::empty({tokens, hidden}, x.options());
